@@ -1,0 +1,597 @@
+# cython: freethreading_compatible = False
+"""Cython framing codec: the incremental decoder and the frame writers.
+
+Same Python API as `pycodec` (the reference); the server's hot path uses the
+C-level parts declared in `_codec.pxd` (cursor reads, `FrameSink`, `WriteBuffer`).
+"""
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_AsUTF8AndSize
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from libc.string cimport memcpy, memmove
+
+from . import frames as F
+from .errors import FrameTooLarge, MalformedFrame, UnknownFrameType, ProtocolError
+from .protocol import DEFAULT_MAX_FRAME
+
+cdef extern from "Python.h":
+    int PyBUF_READ
+
+cdef enum:
+    SCRATCH_SIZE = 262144     # one shared read buffer per process
+    SMALL_PENDING = 16384     # incomplete frames up to this size are re-read via scratch
+    WRITE_INITIAL = 256
+
+# All connections read into this one buffer and parse in place; only the bytes
+# of an incomplete frame are copied out. An idle connection holds no read buffer.
+cdef bytearray _scratch = bytearray(SCRATCH_SIZE)
+cdef object _scratch_view = memoryview(_scratch)
+cdef unsigned char *_scratch_ptr = <unsigned char *>PyByteArray_AS_STRING(_scratch)
+
+
+# -- cursor ---------------------------------------------------------------------
+
+cdef inline int _truncated() except -1:
+    raise MalformedFrame("truncated field")
+
+cdef int cur_u8(Cursor *c, uint8_t *out) except -1:
+    if c.end - c.p < 1:
+        _truncated()
+    out[0] = c.p[0]
+    c.p += 1
+    return 0
+
+cdef int cur_u16(Cursor *c, uint16_t *out) except -1:
+    if c.end - c.p < 2:
+        _truncated()
+    out[0] = sb_load16(c.p)
+    c.p += 2
+    return 0
+
+cdef int cur_u32(Cursor *c, uint32_t *out) except -1:
+    if c.end - c.p < 4:
+        _truncated()
+    out[0] = sb_load32(c.p)
+    c.p += 4
+    return 0
+
+cdef int cur_u64(Cursor *c, uint64_t *out) except -1:
+    if c.end - c.p < 8:
+        _truncated()
+    out[0] = sb_load64(c.p)
+    c.p += 8
+    return 0
+
+cdef int cur_bytes8(Cursor *c, const char **p, Py_ssize_t *n, Py_ssize_t min_len) except -1:
+    cdef uint8_t k
+    cur_u8(c, &k)
+    if k < min_len:
+        raise MalformedFrame("empty id")
+    if c.end - c.p < k:
+        _truncated()
+    p[0] = <const char *>c.p
+    n[0] = k
+    c.p += k
+    return 0
+
+cdef inline str _utf8(const char *p, Py_ssize_t n):
+    try:
+        return PyUnicode_DecodeUTF8(p, n, NULL)
+    except UnicodeDecodeError:
+        raise MalformedFrame("string is not UTF-8") from None
+
+cdef str cur_str8(Cursor *c, Py_ssize_t min_len):
+    cdef const char *p
+    cdef Py_ssize_t n
+    cur_bytes8(c, &p, &n, min_len)
+    return _utf8(p, n)
+
+cdef str cur_str16(Cursor *c, Py_ssize_t max_len):
+    cdef uint16_t n
+    cur_u16(c, &n)
+    if n > max_len:
+        raise MalformedFrame("string too long")
+    if c.end - c.p < n:
+        _truncated()
+    cdef const char *p = <const char *>c.p
+    c.p += n
+    return _utf8(p, n)
+
+cdef int cur_done(Cursor *c) except -1:
+    if c.p != c.end:
+        raise MalformedFrame("trailing bytes in frame")
+    return 0
+
+
+cdef bytes _rest(Cursor *c):
+    cdef bytes out = PyBytes_FromStringAndSize(<const char *>c.p, c.end - c.p)
+    c.p = c.end
+    return out
+
+
+cdef object _decode(uint8_t ftype, uint8_t flags, const unsigned char *body, Py_ssize_t n):
+    cdef Cursor c
+    cdef uint8_t b8
+    cdef uint16_t a16, k
+    cdef uint32_t a32, b32, c32
+    cdef uint64_t a64, b64, c64
+    cdef str s1, s2
+    c.p = body
+    c.end = body + n
+    if ftype == FT_SEND:
+        cur_u64(&c, &a64)
+        s1 = cur_str8(&c, 1)
+        frame = F.Send(a64, s1, _rest(&c))
+    elif ftype == FT_DELIVER:
+        cur_u64(&c, &a64)
+        cur_u64(&c, &b64)
+        s1 = cur_str8(&c, 1)
+        s2 = cur_str8(&c, 0)
+        frame = F.Deliver(a64, b64, s1, s2, _rest(&c))
+    elif ftype == FT_ACK:
+        cur_u64(&c, &a64)
+        cur_u64(&c, &b64)
+        cur_u64(&c, &c64)
+        frame = F.Ack(a64, b64, c64)
+    elif ftype == FT_RECEIVED:
+        cur_u16(&c, &k)
+        if k > MAX_RECEIVED_IDS:
+            raise MalformedFrame("too many ids in RECEIVED")
+        ids = []
+        for _ in range(k):
+            cur_u64(&c, &a64)
+            ids.append(a64)
+        frame = F.Received(tuple(ids))
+    elif ftype == FT_PING or ftype == FT_PONG:
+        cur_u64(&c, &a64)
+        frame = F.Ping(a64) if ftype == FT_PING else F.Pong(a64)
+    elif ftype == FT_HELLO:
+        cur_u16(&c, &a16)
+        s1 = cur_str16(&c, MAX_TOKEN_LENGTH)
+        s2 = cur_str8(&c, 1)
+        cur_u64(&c, &a64)
+        frame = F.Hello(a16, s1, s2, a64)
+    elif ftype == FT_WELCOME:
+        cur_u16(&c, &a16)
+        cur_u64(&c, &a64)
+        s1 = cur_str8(&c, 1)
+        s2 = cur_str8(&c, 1)
+        cur_u32(&c, &a32)
+        cur_u32(&c, &b32)
+        cur_u32(&c, &c32)
+        cur_u64(&c, &b64)
+        frame = F.Welcome(a16, a64, s1, s2, a32, b32, c32, b64)
+    elif ftype == FT_ERROR:
+        cur_u16(&c, &a16)
+        cur_u64(&c, &a64)
+        frame = F.Error(a16, a64, cur_str16(&c, 65535), bool(flags & FLAG_FATAL))
+    elif ftype == FT_GOAWAY:
+        cur_u16(&c, &a16)
+        cur_u32(&c, &a32)
+        frame = F.Goaway(a16, a32, cur_str16(&c, 65535))
+    else:
+        raise UnknownFrameType(f"unknown frame type 0x{ftype:02x}")
+    cur_done(&c)
+    return frame
+
+
+def decode_body(int ftype, int flags, body):
+    """Decode one frame body (any bytes-like object) into a `frames` object."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
+    try:
+        return _decode(<uint8_t>ftype, <uint8_t>flags, <const unsigned char *>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+# -- writing --------------------------------------------------------------------
+
+cdef class WriteBuffer:
+    """Growable output buffer. Frames are appended with their length prefix
+    back-filled; the batch is taken once per flush."""
+
+    def __cinit__(self):
+        self.data = NULL
+        self.length = 0
+        self.capacity = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.data)
+
+    def __len__(self):
+        return self.length
+
+    cdef int reserve(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t need = self.length + extra
+        cdef Py_ssize_t cap
+        cdef unsigned char *p
+        if need <= self.capacity:
+            return 0
+        cap = self.capacity * 2 if self.capacity else WRITE_INITIAL
+        while cap < need:
+            cap *= 2
+        p = <unsigned char *>PyMem_Realloc(self.data, cap)
+        if p == NULL:
+            raise MemoryError()
+        self.data = p
+        self.capacity = cap
+        return 0
+
+    cdef Py_ssize_t begin_frame(self, uint8_t ftype, uint8_t flags) except -1:
+        cdef Py_ssize_t start = self.length
+        self.reserve(HEADER_SIZE)
+        self.data[start + 4] = ftype
+        self.data[start + 5] = flags
+        self.length += HEADER_SIZE
+        return start
+
+    cdef int end_frame(self, Py_ssize_t start) except -1:
+        sb_store32(self.data + start, <uint32_t>(self.length - start - LENGTH_SIZE))
+        return 0
+
+    cdef int put_u8(self, uint8_t v) except -1:
+        self.reserve(1)
+        self.data[self.length] = v
+        self.length += 1
+        return 0
+
+    cdef int put_u16(self, uint16_t v) except -1:
+        self.reserve(2)
+        sb_store16(self.data + self.length, v)
+        self.length += 2
+        return 0
+
+    cdef int put_u32(self, uint32_t v) except -1:
+        self.reserve(4)
+        sb_store32(self.data + self.length, v)
+        self.length += 4
+        return 0
+
+    cdef int put_u64(self, uint64_t v) except -1:
+        self.reserve(8)
+        sb_store64(self.data + self.length, v)
+        self.length += 8
+        return 0
+
+    cdef int put_raw(self, const char *p, Py_ssize_t n) except -1:
+        self.reserve(n)
+        memcpy(self.data + self.length, p, n)
+        self.length += n
+        return 0
+
+    cdef int put_id(self, str s, bint allow_empty) except -1:
+        cdef Py_ssize_t n
+        cdef const char *p = PyUnicode_AsUTF8AndSize(s, &n)
+        if n > MAX_ID_LENGTH or (n == 0 and not allow_empty):
+            raise ValueError(f"id must be 1..{MAX_ID_LENGTH} bytes of UTF-8: {s!r}")
+        self.put_u8(<uint8_t>n)
+        return self.put_raw(p, n)
+
+    cdef int put_text16(self, str s, Py_ssize_t max_len) except -1:
+        cdef Py_ssize_t n
+        cdef const char *p = PyUnicode_AsUTF8AndSize(s, &n)
+        if n > max_len:
+            raise ValueError("string too long")
+        self.put_u16(<uint16_t>n)
+        return self.put_raw(p, n)
+
+    cdef int write_ack(self, uint64_t client_id, uint64_t msg_id, uint64_t ts) except -1:
+        cdef Py_ssize_t start
+        self.reserve(HEADER_SIZE + 24)
+        start = self.begin_frame(FT_ACK, 0)
+        sb_store64(self.data + self.length, client_id)
+        sb_store64(self.data + self.length + 8, msg_id)
+        sb_store64(self.data + self.length + 16, ts)
+        self.length += 24
+        return self.end_frame(start)
+
+    cdef int write_deliver(self, uint64_t msg_id, uint64_t ts, str sender, str sender_device,
+                           const char *payload, Py_ssize_t n) except -1:
+        cdef Py_ssize_t start
+        self.reserve(HEADER_SIZE + 18 + n + 64)
+        start = self.begin_frame(FT_DELIVER, 0)
+        self.put_u64(msg_id)
+        self.put_u64(ts)
+        self.put_id(sender, False)
+        self.put_id(sender_device, True)
+        self.put_raw(payload, n)
+        return self.end_frame(start)
+
+    cdef int write_error(self, uint16_t code, uint64_t ref, str reason, bint fatal) except -1:
+        cdef Py_ssize_t start = self.begin_frame(FT_ERROR, FLAG_FATAL if fatal else 0)
+        self.put_u16(code)
+        self.put_u64(ref)
+        self.put_text16(reason[:1000], 65535)
+        return self.end_frame(start)
+
+    cdef int write_u64_frame(self, uint8_t ftype, uint64_t v) except -1:
+        cdef Py_ssize_t start = self.begin_frame(ftype, 0)
+        self.put_u64(v)
+        return self.end_frame(start)
+
+    cdef bytes take_bytes(self):
+        cdef bytes out = PyBytes_FromStringAndSize(<const char *>self.data, self.length)
+        self.length = 0
+        if self.capacity > 65536:      # don't keep a burst's buffer on an idle connection
+            PyMem_Free(self.data)
+            self.data = NULL
+            self.capacity = 0
+        return out
+
+    def take(self):
+        """The buffered bytes, leaving the buffer empty."""
+        return self.take_bytes()
+
+    def getvalue(self):
+        return PyBytes_FromStringAndSize(<const char *>self.data, self.length)
+
+    def clear(self):
+        self.length = 0
+
+
+cdef int _encode_into(WriteBuffer buf, object frame) except -1:
+    cdef Py_buffer view
+    cdef Py_ssize_t start
+    t = type(frame)
+    if t is F.Send:
+        start = buf.begin_frame(FT_SEND, 0)
+        buf.put_u64(frame.client_id)
+        buf.put_id(frame.to, False)
+        PyObject_GetBuffer(frame.payload, &view, PyBUF_SIMPLE)
+        try:
+            buf.put_raw(<const char *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+    elif t is F.Deliver:
+        PyObject_GetBuffer(frame.payload, &view, PyBUF_SIMPLE)
+        try:
+            buf.write_deliver(frame.msg_id, frame.timestamp_ms, frame.sender, frame.sender_device,
+                              <const char *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return 0
+    elif t is F.Ack:
+        return buf.write_ack(frame.client_id, frame.msg_id, frame.timestamp_ms)
+    elif t is F.Received:
+        if len(frame.msg_ids) > MAX_RECEIVED_IDS:
+            raise ValueError("too many ids in one RECEIVED frame")
+        start = buf.begin_frame(FT_RECEIVED, 0)
+        buf.put_u16(len(frame.msg_ids))
+        for i in frame.msg_ids:
+            buf.put_u64(i)
+    elif t is F.Ping:
+        return buf.write_u64_frame(FT_PING, frame.nonce)
+    elif t is F.Pong:
+        return buf.write_u64_frame(FT_PONG, frame.nonce)
+    elif t is F.Hello:
+        start = buf.begin_frame(FT_HELLO, 0)
+        buf.put_u16(frame.version)
+        buf.put_text16(frame.token, MAX_TOKEN_LENGTH)
+        buf.put_id(frame.device, False)
+        buf.put_u64(frame.resume_after)
+    elif t is F.Welcome:
+        start = buf.begin_frame(FT_WELCOME, 0)
+        buf.put_u16(frame.version)
+        buf.put_u64(frame.session_id)
+        buf.put_id(frame.user, False)
+        buf.put_id(frame.device, False)
+        buf.put_u32(frame.max_frame)
+        buf.put_u32(frame.max_payload)
+        buf.put_u32(frame.ping_interval_ms)
+        buf.put_u64(frame.server_time_ms)
+    elif t is F.Error:
+        start = buf.begin_frame(FT_ERROR, FLAG_FATAL if frame.fatal else 0)
+        buf.put_u16(frame.code)
+        buf.put_u64(frame.ref)
+        buf.put_text16(frame.reason, 65535)
+    elif t is F.Goaway:
+        start = buf.begin_frame(FT_GOAWAY, 0)
+        buf.put_u16(frame.code)
+        buf.put_u32(frame.reconnect_ms)
+        buf.put_text16(frame.reason, 65535)
+    else:
+        raise TypeError(f"not a frame: {frame!r}")
+    return buf.end_frame(start)
+
+
+def encode_into(WriteBuffer buf, frame):
+    """Append `frame` (a `frames` object) to `buf`."""
+    cdef Py_ssize_t mark = buf.length
+    try:
+        _encode_into(buf, frame)
+    except BaseException:
+        buf.length = mark      # never leave half a frame behind
+        raise
+
+
+def encode(frame):
+    """`frame` as wire bytes."""
+    cdef WriteBuffer buf = WriteBuffer()
+    _encode_into(buf, frame)
+    return buf.getvalue()
+
+
+# -- decoding -------------------------------------------------------------------
+
+cdef class FrameSink:
+    cdef int on_frame(self, uint8_t ftype, uint8_t flags, const unsigned char *body, Py_ssize_t n) except -1:
+        raise NotImplementedError
+
+
+cdef class Decoder:
+    """Incremental frame decoder for `asyncio.BufferedProtocol`.
+
+    `get_buffer()` hands out a shared scratch buffer (or, for a large frame
+    that spans reads, this connection's own buffer); `buffer_updated(n)`
+    parses every complete frame in place and gives each to the sink. Only the
+    bytes of an incomplete frame are copied out, so an idle connection holds
+    no read buffer at all. Frame bodies are views valid only during the call.
+    """
+
+    def __init__(self, sink, Py_ssize_t max_frame=DEFAULT_MAX_FRAME):
+        self.set_sink(sink)
+        self.max_frame = max_frame
+        self._own = None
+        self._own_len = 0
+        self._scratch_off = -1
+        self._stopped = False
+        self._failed = None
+
+    @property
+    def buffered(self):
+        """Bytes of an incomplete frame held for the next read."""
+        return self._own_len
+
+    def set_sink(self, sink):
+        """Frames after the current one go to `sink` (a FrameSink or a callable)."""
+        self._sink = sink
+        self._fast_sink = sink if isinstance(sink, FrameSink) else None
+
+    def stop(self):
+        """Dispatch no more frames; what is left stays buffered (see `take_buffered`)."""
+        self._stopped = True
+
+    def resume(self):
+        self._stopped = False
+
+    def take_buffered(self):
+        """Bytes received but not dispatched, for handing the connection on."""
+        if self._own is None:
+            return b""
+        data = bytes(self._own[:self._own_len])
+        self._own = None
+        self._own_len = 0
+        return data
+
+    def get_buffer(self, Py_ssize_t sizehint=-1):
+        cdef Py_ssize_t need
+        cdef unsigned char *own
+        if self._own_len == 0:
+            self._scratch_off = 0
+            return _scratch_view
+        need = 0
+        own = <unsigned char *>PyByteArray_AS_STRING(self._own)
+        if self._own_len >= LENGTH_SIZE:
+            need = LENGTH_SIZE + <Py_ssize_t>sb_load32(own)   # checked against max_frame when kept
+        if need <= SMALL_PENDING:
+            # re-read through scratch: move the few pending bytes to its front
+            memcpy(_scratch_ptr, own, self._own_len)
+            self._scratch_off = self._own_len
+            self._own = None
+            self._own_len = 0
+            return _scratch_view[self._scratch_off:]
+        # a large frame spans reads: read straight into our own buffer, sized to it
+        if len(self._own) < max(need, self._own_len + 4096):
+            grown = bytearray(max(need, self._own_len + 4096))
+            memcpy(PyByteArray_AS_STRING(grown), own, self._own_len)
+            self._own = grown
+        self._scratch_off = -1
+        return memoryview(self._own)[self._own_len:]
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        """Parse what the last read added; returns the number of frames dispatched."""
+        cdef Py_ssize_t total, used
+        if self._scratch_off >= 0:
+            total = self._scratch_off + nbytes
+            self._scratch_off = -1
+            used = self._parse(_scratch_ptr, total)
+            if used < total:
+                self._keep(_scratch_ptr + used, total - used)
+        else:
+            if self._own is None:
+                raise RuntimeError("buffer_updated() without get_buffer()")
+            self._own_len += nbytes
+            used = self._parse(<unsigned char *>PyByteArray_AS_STRING(self._own), self._own_len)
+            self._consume_own(used)
+        return self._count
+
+    def feed(self, data):
+        """Parse `data` (for callers that are not BufferedProtocols). Returns frames dispatched."""
+        cdef Py_buffer view
+        cdef Py_ssize_t used
+        cdef unsigned char *own
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if self._own_len == 0:
+                used = self._parse(<const unsigned char *>view.buf, view.len)
+                if used < view.len:
+                    self._keep(<const unsigned char *>view.buf + used, view.len - used)
+            else:
+                self._append_own(<const unsigned char *>view.buf, view.len)
+                used = self._parse(<unsigned char *>PyByteArray_AS_STRING(self._own), self._own_len)
+                self._consume_own(used)
+        finally:
+            PyBuffer_Release(&view)
+        return self._count
+
+    cdef int _append_own(self, const unsigned char *p, Py_ssize_t n) except -1:
+        cdef Py_ssize_t cap = len(self._own)
+        if self._own_len + n > cap:
+            grown = bytearray(max(self._own_len + n, cap * 2))
+            memcpy(PyByteArray_AS_STRING(grown), PyByteArray_AS_STRING(self._own), self._own_len)
+            self._own = grown
+        memcpy(PyByteArray_AS_STRING(self._own) + self._own_len, p, n)
+        self._own_len += n
+        return 0
+
+    cdef int _consume_own(self, Py_ssize_t used) except -1:
+        cdef char *own
+        if used == 0:
+            return 0
+        self._own_len -= used
+        if self._own_len == 0:
+            self._own = None          # idle: hold no read buffer
+        else:
+            own = PyByteArray_AS_STRING(self._own)
+            memmove(own, own + used, self._own_len)
+        return 0
+
+    cdef int _keep(self, const unsigned char *p, Py_ssize_t n) except -1:
+        # Copy an incomplete frame out of a buffer we are about to lose. Its
+        # header (if present) was already checked against max_frame by _parse.
+        self._own = bytearray(max(n, 256))
+        memcpy(PyByteArray_AS_STRING(self._own), p, n)
+        self._own_len = n
+        return 0
+
+    cdef Py_ssize_t _parse(self, const unsigned char *buf, Py_ssize_t n) except -1:
+        cdef Py_ssize_t pos = 0
+        cdef uint32_t length
+        cdef uint8_t ftype
+        self._count = 0
+        if self._failed is not None:
+            raise self._failed
+        try:
+            while not self._stopped and n - pos >= LENGTH_SIZE:
+                length = sb_load32(buf + pos)
+                if length > <uint32_t>self.max_frame:
+                    raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+                if length < MIN_FRAME:
+                    raise MalformedFrame(f"frame length {length} is below the minimum of {MIN_FRAME}")
+                if n - pos < LENGTH_SIZE + 1:
+                    break
+                ftype = buf[pos + LENGTH_SIZE]
+                if ftype == 0 or ftype > FT_LAST:
+                    raise UnknownFrameType(f"unknown frame type 0x{ftype:02x}")
+                if n - pos - LENGTH_SIZE < <Py_ssize_t>length:
+                    break
+                self._count += 1
+                self._dispatch(ftype, buf[pos + 5], buf + pos + HEADER_SIZE, length - 2)
+                pos += LENGTH_SIZE + length
+        except BaseException as exc:
+            self._failed = exc
+            raise
+        return pos
+
+    cdef int _dispatch(self, uint8_t ftype, uint8_t flags, const unsigned char *body, Py_ssize_t n) except -1:
+        if self._fast_sink is not None:
+            return self._fast_sink.on_frame(ftype, flags, body, n)
+        view = PyMemoryView_FromMemory(<char *>body, n, PyBUF_READ)
+        try:
+            self._sink(ftype, flags, view)
+        finally:
+            view.release()
+        return 0

@@ -1,0 +1,48 @@
+"""Typed protocol errors. Every one carries the wire error code it maps to, so
+a connection can answer ERROR(code) and close without guessing."""
+from .protocol import ErrorCode
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection answers ERROR and closes."""
+
+    code = ErrorCode.MALFORMED_FRAME
+
+    def __init__(self, reason: str, code: ErrorCode | None = None):
+        super().__init__(reason)
+        if code is not None:
+            self.code = code
+
+    @property
+    def reason(self) -> str:
+        return self.args[0]
+
+
+class MalformedFrame(ProtocolError):
+    code = ErrorCode.MALFORMED_FRAME
+
+
+class FrameTooLarge(ProtocolError):
+    code = ErrorCode.FRAME_TOO_LARGE
+
+
+class UnknownFrameType(ProtocolError):
+    code = ErrorCode.UNKNOWN_FRAME_TYPE
+
+
+class UnexpectedFrame(ProtocolError):
+    code = ErrorCode.UNEXPECTED_FRAME
+
+
+class ServerError(Exception):
+    """An ERROR frame received by a client."""
+
+    def __init__(self, code: int, reason: str, ref: int = 0):
+        try:
+            name = ErrorCode(code).name
+        except ValueError:
+            name = f"code {code}"
+        super().__init__(f"{name}: {reason}")
+        self.code = code
+        self.reason = reason
+        self.ref = ref

@@ -1,0 +1,82 @@
+"""Decoded frames as plain objects, shared by the Cython and pure-Python codecs.
+
+These are for the general Python API (client SDK, tests, tools). The server's
+hot path never builds them: it reads fields straight out of the read buffer.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class Hello:
+    version: int
+    token: str
+    device: str
+    resume_after: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Welcome:
+    version: int
+    session_id: int
+    user: str
+    device: str
+    max_frame: int
+    max_payload: int
+    ping_interval_ms: int
+    server_time_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class Send:
+    client_id: int
+    to: str
+    payload: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class Ack:
+    client_id: int
+    msg_id: int
+    timestamp_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class Deliver:
+    msg_id: int
+    timestamp_ms: int
+    sender: str
+    sender_device: str
+    payload: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class Received:
+    msg_ids: tuple
+
+
+@dataclass(slots=True, frozen=True)
+class Ping:
+    nonce: int
+
+
+@dataclass(slots=True, frozen=True)
+class Pong:
+    nonce: int
+
+
+@dataclass(slots=True, frozen=True)
+class Error:
+    code: int
+    ref: int
+    reason: str
+    fatal: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class Goaway:
+    code: int
+    reconnect_ms: int
+    reason: str
+
+
+ALL = (Hello, Welcome, Send, Ack, Deliver, Received, Ping, Pong, Error, Goaway)

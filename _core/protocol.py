@@ -1,0 +1,66 @@
+"""Wire protocol constants (see docs/PROTOCOL.md): one place, shared by both codecs.
+
+The Cython codec mirrors these values as `cdef enum`s in `_codec.pxd`;
+tests/test_codec.py checks that the two never drift apart.
+"""
+from enum import IntEnum
+
+PROTOCOL_VERSION = 1
+
+#: u32 length prefix, then u8 type and u8 flags. The length counts type+flags+body.
+LENGTH_SIZE = 4
+HEADER_SIZE = 6
+#: smallest legal value of the length field (type + flags, empty body)
+MIN_FRAME = 2
+
+#: Defaults the server advertises in WELCOME (values of the length field).
+DEFAULT_MAX_FRAME = 65536
+#: Before HELLO is accepted only this much is allowed: a stranger can't make us buffer more.
+PRE_AUTH_MAX_FRAME = 4096
+#: DELIVER adds at most this much around a payload (ids, sender, device), so a
+#: payload of max_frame - DELIVER_OVERHEAD always fits in a DELIVER frame.
+DELIVER_OVERHEAD = 2 + 8 + 8 + 1 + 255 + 1 + 255
+
+MAX_ID_LENGTH = 255          # user and device ids: 1..255 bytes of UTF-8
+MAX_TOKEN_LENGTH = 1024
+MAX_RECEIVED_IDS = 4096      # ids in one RECEIVED frame
+
+
+class FrameType(IntEnum):
+    HELLO = 0x01
+    WELCOME = 0x02
+    SEND = 0x03
+    ACK = 0x04
+    DELIVER = 0x05
+    RECEIVED = 0x06
+    PING = 0x07
+    PONG = 0x08
+    ERROR = 0x09
+    GOAWAY = 0x0A
+
+
+#: ERROR flag: the server closes the connection after this frame.
+FLAG_FATAL = 0x01
+
+
+class ErrorCode(IntEnum):
+    MALFORMED_FRAME = 1
+    FRAME_TOO_LARGE = 2
+    UNKNOWN_FRAME_TYPE = 3
+    UNEXPECTED_FRAME = 4
+    UNSUPPORTED_VERSION = 5
+    AUTH_FAILED = 10
+    TOKEN_EXPIRED = 11
+    HELLO_TIMEOUT = 12
+    BAD_RECIPIENT = 20
+    PAYLOAD_TOO_LARGE = 21
+    RATE_LIMITED = 22
+    QUOTA_EXCEEDED = 23
+    STORAGE_FULL = 24
+    INTERNAL = 50
+
+
+class GoawayCode(IntEnum):
+    SHUTTING_DOWN = 1
+    REPLACED = 2
+    DRAINING = 3

@@ -1,0 +1,49 @@
+"""Build the Cython extensions of `_core`.
+
+Set SWITCHBOARD_DEBUG=1 for a debug build: annotated HTML, line tracing,
+`-O0 -g`, and the SWITCHBOARD_DEBUG C macro that turns on invariant checks
+(they compile to nothing in a release build).
+"""
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("SWITCHBOARD_DEBUG", "") not in ("", "0")
+
+MODULES = ["_codec", "_routing"]
+
+macros = [("SWITCHBOARD_DEBUG", "1" if DEBUG else "0")]
+if DEBUG:
+    macros += [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
+    cflags = ["-O0", "-g3", "-UNDEBUG"]
+else:
+    cflags = ["-O2"]
+
+extensions = [
+    Extension(
+        f"_core.{name}",
+        [f"_core/{name}.pyx"],
+        include_dirs=["_core/includes"],
+        define_macros=macros,
+        extra_compile_args=cflags,
+    )
+    for name in MODULES
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        annotate=DEBUG,
+        force=True,
+        compiler_directives={
+            "boundscheck": DEBUG,
+            "wraparound": False,
+            "cdivision": True,
+            "linetrace": DEBUG,
+            "profile": False,
+            "embedsignature": True,
+        },
+    ),
+)
