@@ -34,6 +34,14 @@ class UnexpectedFrame(ProtocolError):
     code = ErrorCode.UNEXPECTED_FRAME
 
 
+class StoreError(Exception):
+    """A store refused an append; the sender gets ERROR(code) and nothing is lost."""
+
+    def __init__(self, reason: str, code: ErrorCode = ErrorCode.STORAGE_FULL):
+        super().__init__(reason)
+        self.code = code
+
+
 class ServerError(Exception):
     """An ERROR frame received by a client."""
 

@@ -1,0 +1,39 @@
+from libc.stdint cimport uint8_t, uint64_t
+from ._codec cimport FrameSink, WriteBuffer
+
+
+cdef class SessionCore(FrameSink):
+    cdef readonly str user
+    cdef readonly str device
+    cdef readonly uint64_t session_id
+    cdef readonly WriteBuffer out
+    cdef readonly bint closed
+    cdef object _write           # callable(bytes): the transport's write
+    cdef object _close           # callable(): close the transport after the last flush
+    cdef RouteCore _core
+    cdef dict _dedup             # client message id -> (msg_id, ts) for this device
+    cdef bint _queued            # already in the core's flush list this loop turn
+    cdef bint _close_after_flush
+
+    cdef int _mark(self) except -1
+
+
+cdef class RouteCore:
+    cdef dict _sessions          # user -> list of SessionCore (one per online device)
+    cdef dict _dedup_tables      # (user, device) -> dict, survives reconnects
+    cdef list _dirty
+    cdef bint _flush_scheduled
+    cdef object _loop
+    cdef readonly object store
+    cdef uint64_t _last_id
+    cdef public Py_ssize_t max_payload
+    cdef public Py_ssize_t dedup_window
+    cdef readonly uint64_t messages_routed
+    cdef readonly uint64_t messages_delivered_live
+    cdef readonly uint64_t duplicates_dropped
+
+    cdef uint64_t _next_id(self, uint64_t now_ms)
+    cdef int route(self, SessionCore sender, uint64_t client_id, const char *to, Py_ssize_t to_len,
+                   const char *payload, Py_ssize_t n) except -1
+    cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1
+    cdef int _schedule(self, SessionCore s) except -1

@@ -1,0 +1,62 @@
+"""The embeddable router: sessions in, messages routed, no sockets.
+
+An embedding server authenticates a client its own way, then
+`open_session(user, device, write, close)` and feeds the client's protocol
+bytes to a decoder whose sink is the returned session. The router answers
+through `write(bytes)` once per event-loop turn.
+"""
+import itertools
+import os
+
+from _core._routing import RouteCore, SessionCore as Session, now_ms
+from _core import frames
+from _core.protocol import DEFAULT_MAX_FRAME, DELIVER_OVERHEAD, GoawayCode
+
+from .store import MemoryStore, OfflineStore
+
+
+class Router(RouteCore):
+    """Routes 1:1 messages between sessions; hands everything to the offline store first."""
+
+    def __init__(self, store: OfflineStore | None = None, *, loop=None,
+                 max_frame: int = DEFAULT_MAX_FRAME, dedup_window: int = 4096):
+        super().__init__(store if store is not None else MemoryStore(), loop=loop,
+                         max_payload=max_frame - DELIVER_OVERHEAD, dedup_window=dedup_window)
+        self.max_frame = max_frame
+        self._session_ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 24)
+
+    def open_session(self, user: str, device: str, write, close, *,
+                     resume_after: int = 0, welcome: frames.Welcome | None = None) -> Session:
+        """Register an authenticated device and queue its backlog.
+
+        `write(bytes)` sends to the client, `close()` closes its transport.
+        A second session of the same user and device replaces the first (GOAWAY
+        REPLACED). If `welcome` is given it is written before the backlog.
+        `resume_after` is the highest message id the client has already
+        processed: those are consumed instead of delivered again.
+        """
+        for old in self.sessions_of(user):
+            if old.device == device:
+                old.goaway(GoawayCode.REPLACED, 0, "replaced by a newer connection of this device")
+                self._detach(old)
+        session = Session(self, user, device, next(self._session_ids), write, close)
+        if welcome is not None:
+            session.write_frame(welcome)
+        if resume_after:
+            self.store.consume_through(user, resume_after)
+        for m in self.store.pending(user):
+            session.deliver(m.msg_id, m.timestamp_ms, m.sender, m.sender_device, m.payload)
+        self._attach(session)
+        return session
+
+    def close_session(self, session: Session) -> None:
+        """The device went away; undelivered messages stay in the store."""
+        self._detach(session)
+
+    def goaway_all(self, code: int, reason: str, reconnect_ms: int = 0) -> None:
+        """Tell every session to go away (and when to come back), then close it."""
+        for s in self.all_sessions():
+            s.goaway(code, reconnect_ms, reason)
+
+
+__all__ = ["Router", "Session", "now_ms"]
