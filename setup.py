@@ -36,7 +36,6 @@ setup(
         extensions,
         language_level=3,
         annotate=DEBUG,
-        force=True,
         compiler_directives={
             "boundscheck": DEBUG,
             "wraparound": False,

@@ -5,6 +5,7 @@ An embedding server authenticates a client its own way, then
 bytes to a decoder whose sink is the returned session. The router answers
 through `write(bytes)` once per event-loop turn.
 """
+import dataclasses
 import itertools
 import os
 
@@ -41,7 +42,7 @@ class Router(RouteCore):
                 self._detach(old)
         session = Session(self, user, device, next(self._session_ids), write, close)
         if welcome is not None:
-            session.write_frame(welcome)
+            session.write_frame(dataclasses.replace(welcome, session_id=session.session_id))
         if resume_after:
             self.store.consume_through(user, resume_after)
         for m in self.store.pending(user):

@@ -1,0 +1,258 @@
+"""The `switchboard` command: serve, token, send, recv, chat.
+
+Client commands take --host/--port (same defaults as serve) and either
+--token T or --data-dir D (a token is derived from the server secret there,
+for use on the server's own machine).
+"""
+import argparse
+import asyncio
+import json
+import sys
+
+from . import __version__
+from .config import DEFAULT_HOST, DEFAULT_PORT, GatewayConfig, default_data_dir
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A clear, one-line error for the user; exit status 1."""
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+    return parse
+
+
+def _add_endpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"gateway address (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gateway TCP port (default {DEFAULT_PORT})")
+
+
+def _add_identity(p: argparse.ArgumentParser, device: str) -> None:
+    _add_endpoint(p)
+    p.add_argument("--as", dest="user", metavar="USER", help="the user to act as (required without --token)")
+    p.add_argument("--token", help="a token from `switchboard token issue`")
+    p.add_argument("--data-dir", default=None,
+                   help="derive a token from the server secret in this directory "
+                        f"(default: $SWITCHBOARD_DATA_DIR or ./{default_data_dir()})")
+    p.add_argument("--device", default=device, help=f"device id (default {device})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switchboard", description="Switchboard messaging gateway.")
+    parser.add_argument("--version", action="version", version=f"switchboard {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+
+    p = verbs.add_parser("serve", help="run a gateway", description="Run a gateway until SIGTERM/SIGINT.")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"listen address (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port, 0 picks one (default {DEFAULT_PORT})")
+    p.add_argument("--data-dir", default=None,
+                   help=f"where the server secret and data live (default: $SWITCHBOARD_DATA_DIR or ./{default_data_dir()})")
+    p.add_argument("--workers", type=_positive(int), default=1, help="worker processes (this release: 1)")
+    p.add_argument("--hello-timeout", type=_positive(float), default=GatewayConfig.hello_timeout,
+                   help="seconds a new connection has to complete HELLO (default %(default)s)")
+    p.add_argument("--max-frame", type=_positive(int), default=GatewayConfig.max_frame,
+                   help="largest frame after WELCOME, in bytes (default %(default)s)")
+    p.add_argument("--max-pending", type=_positive(int), default=GatewayConfig.max_pending_per_recipient,
+                   help="undelivered messages kept per recipient (default %(default)s)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    p = verbs.add_parser("token", help="issue tokens", description="Issue tokens from the server secret.")
+    tverbs = p.add_subparsers(dest="token_verb", metavar="ACTION", required=True)
+    t = tverbs.add_parser("issue", help="print a token for USER")
+    t.add_argument("user", metavar="USER")
+    t.add_argument("--device", default="", help="bind the token to one device id (default: any device)")
+    t.add_argument("--ttl", type=_positive(float), default=86400.0, help="seconds until it expires (default 86400)")
+    t.add_argument("--data-dir", default=None, help="server data directory holding the secret")
+
+    p = verbs.add_parser("send", help="send one message and wait for the server ACK",
+                         description="Send TEXT and print the server message id once it is stored.")
+    _add_identity(p, "cli-send")
+    p.add_argument("--to", required=True, metavar="USER", help="recipient user id")
+    p.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds to wait for the ACK (default 10)")
+    p.add_argument("text", metavar="TEXT")
+
+    p = verbs.add_parser("recv", help="print delivered messages as JSON lines and ack them",
+                         description="Print delivered messages as JSON lines (from, id, text, ts, device) "
+                                     "and acknowledge them.")
+    _add_identity(p, "main")
+    p.add_argument("--count", type=_positive(int), default=None, help="exit after N messages")
+    p.add_argument("--timeout", type=_positive(float), default=None,
+                   help="give up after S seconds (exit 1 if --count was not reached)")
+
+    p = verbs.add_parser("chat", help="interactive chat",
+                         description="Type lines to send them; '/to USER' switches recipient; Ctrl-D quits.")
+    _add_identity(p, "main")
+    p.add_argument("--to", metavar="USER", help="first recipient")
+    return parser
+
+
+def _token_for(args) -> str:
+    if args.token:
+        return args.token
+    if not args.user:
+        raise CliError("give --as USER (with a data dir holding the server secret) or --token T")
+    from .auth import TokenAuthority, load_secret
+    data_dir = args.data_dir or default_data_dir()
+    try:
+        secret = load_secret(data_dir)
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    return TokenAuthority(secret).issue(args.user, args.device, ttl=3600)
+
+
+async def _connect(args):
+    from .client import Client, ServerError
+    client = Client(args.host, args.port, _token_for(args), args.device, reconnect=False)
+    try:
+        await client.connect()
+    except ServerError as exc:
+        raise CliError(f"server refused the session: {exc}") from None
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise CliError(f"cannot connect to {args.host}:{args.port}: {exc.strerror or exc}") from None
+    if args.user and client.welcome.user != args.user:
+        await client.close()
+        raise CliError(f"the token is for {client.welcome.user!r}, not {args.user!r}")
+    return client
+
+
+async def _send(args) -> int:
+    from .client import ServerError
+    client = await _connect(args)
+    try:
+        result = await client.send(args.to, args.text, timeout=args.timeout)
+    except ServerError as exc:
+        raise CliError(f"not sent: {exc}") from None
+    except asyncio.TimeoutError:
+        raise CliError(f"no ACK within {args.timeout:g} s: the message may or may not be stored") from None
+    finally:
+        await client.close()
+    print(result.id)
+    return 0
+
+
+def _json_line(m) -> str:
+    try:
+        body = {"text": m.payload.decode("utf-8")}
+    except UnicodeDecodeError:
+        import base64
+        body = {"payload_b64": base64.b64encode(m.payload).decode("ascii")}
+    return json.dumps({"from": m.sender, "device": m.sender_device, "id": m.id, "ts": m.timestamp_ms, **body},
+                      ensure_ascii=False)
+
+
+async def _recv(args) -> int:
+    from .client import ConnectionClosed
+    client = await _connect(args)
+    got = 0
+    loop = asyncio.get_running_loop()
+    deadline = None if args.timeout is None else loop.time() + args.timeout
+    try:
+        while args.count is None or got < args.count:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise asyncio.TimeoutError
+            msg = await client.recv(timeout=left)
+            print(_json_line(msg), flush=True)
+            await client.ack(msg)
+            got += 1
+    except asyncio.TimeoutError:
+        if args.count is not None:
+            raise CliError(f"timed out after {args.timeout:g} s with {got} of {args.count} messages") from None
+    except ConnectionClosed as exc:
+        raise CliError(f"connection closed: {exc}") from None
+    finally:
+        await client.close()
+    return 0
+
+
+async def _chat(args) -> int:
+    from .client import ConnectionClosed, ServerError
+    client = await _connect(args)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    peer = args.to
+    me = client.welcome.user
+    print(f"connected as {me}. Type a message and press Enter; '/to USER' picks the recipient; Ctrl-D quits.",
+          flush=True)
+
+    async def show_incoming():
+        async for m in client:
+            print(f"[{m.sender}] {m.text}", flush=True)
+            await client.ack(m)
+
+    incoming = loop.create_task(show_incoming())
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            text = line.decode("utf-8", errors="replace").rstrip("\n")
+            if text.startswith("/to "):
+                peer = text[4:].strip() or peer
+                print(f"now talking to {peer}", flush=True)
+                continue
+            if not text:
+                continue
+            if not peer:
+                print("pick a recipient first: /to USER", flush=True)
+                continue
+            try:
+                await client.send(peer, text, timeout=10)
+            except (ServerError, asyncio.TimeoutError) as exc:
+                print(f"! not sent: {exc or 'timeout'}", flush=True)
+            except ConnectionClosed as exc:
+                raise CliError(f"connection closed: {exc}") from None
+    finally:
+        incoming.cancel()
+        await client.close()
+    return 0
+
+
+def _serve(args) -> int:
+    from .server import run
+    cfg = GatewayConfig(host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(),
+                        workers=args.workers, hello_timeout=args.hello_timeout, max_frame=args.max_frame,
+                        max_pending_per_recipient=args.max_pending, log_level=args.log_level)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return run(cfg)
+
+
+def _token(args) -> int:
+    from .auth import TokenAuthority, load_or_create_secret
+    try:
+        secret = load_or_create_secret(args.data_dir or default_data_dir())
+        print(TokenAuthority(secret).issue(args.user, args.device, ttl=args.ttl))
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.verb == "serve":
+            return _serve(args)
+        if args.verb == "token":
+            return _token(args)
+        import uvloop
+        runner = {"send": _send, "recv": _recv, "chat": _chat}[args.verb]
+        return uvloop.run(runner(args))
+    except CliError as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130

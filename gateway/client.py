@@ -1,0 +1,291 @@
+"""asyncio client SDK: connect, send (-> server message id), iterate over
+delivered messages, ack, and reconnect with resume.
+
+Each message reaches the application once: DELIVERs at or below the highest
+id already handed out are dropped (ids increase within a recipient's stream),
+and `resume_after` tells the server what was already processed.
+"""
+import asyncio
+import itertools
+import os
+import random
+from dataclasses import dataclass
+
+from _core import frames
+from _core.codec import Decoder, decode_body, encode
+from _core.errors import ProtocolError, ServerError
+from _core.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ErrorCode
+
+__all__ = ["Client", "Message", "SendResult", "ServerError", "ConnectionClosed"]
+
+_FATAL_AUTH = {ErrorCode.AUTH_FAILED, ErrorCode.TOKEN_EXPIRED, ErrorCode.UNSUPPORTED_VERSION}
+
+
+class ConnectionClosed(ConnectionError):
+    """The connection ended and the client is not (or no longer) reconnecting."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int
+    timestamp_ms: int
+    sender: str
+    sender_device: str
+    payload: bytes
+
+    @property
+    def text(self) -> str:
+        return self.payload.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    client_id: int
+    id: int
+    timestamp_ms: int
+
+
+class _Protocol(asyncio.BufferedProtocol):
+    def __init__(self, client: "Client"):
+        self.client = client
+        self.transport = None
+        self.decoder = Decoder(self._frame, DEFAULT_MAX_FRAME * 256)
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes):
+        try:
+            self.decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self.client._protocol_error(exc)
+            self.transport.abort()
+
+    def _frame(self, ftype, flags, body):
+        self.client._on_frame(self, decode_body(ftype, flags, body))
+
+    def connection_lost(self, exc):
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        self.client._on_lost(self, exc)
+
+
+class Client:
+    """A device's connection to a Switchboard gateway.
+
+    ``async with Client(host, port, token, device="phone") as c:`` connects and
+    completes HELLO/WELCOME; ``await c.send("bob", b"hi")`` returns once the
+    server has stored the message; ``async for m in c`` yields delivered
+    messages, which the application acknowledges with ``await c.ack(m)``.
+    With ``reconnect=True`` a lost connection is re-established with backoff;
+    unacknowledged sends are retried with their client ids (the server drops
+    duplicates) and delivery resumes where it stopped.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 7400, token: str = "", device: str = "main",
+                 *, reconnect: bool = True, resume_after: int = 0, connect_timeout: float = 10.0,
+                 max_backoff: float = 5.0):
+        self.host, self.port, self.token, self.device = host, port, token, device
+        self.reconnect = reconnect
+        self.connect_timeout = connect_timeout
+        self.max_backoff = max_backoff
+        self.welcome: frames.Welcome | None = None
+        self._proto: _Protocol | None = None
+        self._welcome_fut: asyncio.Future | None = None
+        self._ids = itertools.count(int.from_bytes(os.urandom(7), "big"))
+        self._unacked: dict[int, tuple[asyncio.Future, bytes]] = {}   # client id -> (future, frame)
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._seen_hwm = resume_after      # highest msg id handed to the application
+        self._acked_hwm = resume_after     # highest msg id the application acknowledged
+        self._pongs: dict[int, asyncio.Future] = {}
+        self._closed = False
+        self._fatal: BaseException | None = None
+        self._reconnect_task: asyncio.Task | None = None
+        self._reconnect_hint = 0.0
+        self.reconnects = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def connect(self) -> frames.Welcome:
+        await asyncio.wait_for(self._open(), self.connect_timeout)
+        return self.welcome
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._welcome_fut = loop.create_future()
+        _, proto = await loop.create_connection(lambda: _Protocol(self), self.host, self.port)
+        self._proto = proto
+        proto.transport.write(encode(frames.Hello(PROTOCOL_VERSION, self.token, self.device, self._acked_hwm)))
+        self.welcome = await self._welcome_fut
+        for _, data in self._unacked.values():      # retries keep their client ids
+            proto.transport.write(data)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
+            await self._proto.lost
+        self._fail_all(ConnectionClosed("client closed"))
+
+    async def __aenter__(self):
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._proto is not None and self.welcome is not None and not self._proto.lost.done()
+
+    # -- sending -----------------------------------------------------------------
+    async def send(self, to: str, payload: bytes | str, timeout: float | None = None) -> SendResult:
+        """Send and wait for the server's ACK (the message is stored)."""
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        self._check_usable()
+        client_id = next(self._ids)
+        data = encode(frames.Send(client_id, to, payload))
+        fut = asyncio.get_running_loop().create_future()
+        self._unacked[client_id] = (fut, data)
+        if self.connected:
+            self._proto.transport.write(data)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        finally:
+            self._unacked.pop(client_id, None)
+
+    async def ping(self, timeout: float | None = 10.0) -> float:
+        """Round trip time in seconds."""
+        self._check_usable()
+        loop = asyncio.get_running_loop()
+        nonce = next(self._ids)
+        fut = self._pongs[nonce] = loop.create_future()
+        start = loop.time()
+        self._proto.transport.write(encode(frames.Ping(nonce)))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pongs.pop(nonce, None)
+        return loop.time() - start
+
+    # -- receiving ---------------------------------------------------------------
+    async def recv(self, timeout: float | None = None) -> Message:
+        """The next delivered message (not yet acknowledged)."""
+        if self._inbox.empty():
+            self._check_usable()
+        item = await asyncio.wait_for(self._inbox.get(), timeout)
+        if isinstance(item, BaseException):
+            self._inbox.put_nowait(item)
+            raise item
+        return item
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.recv()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+
+    async def ack(self, *messages: Message | int) -> None:
+        """Tell the server these messages were processed: it drops them (and, later, tells the sender)."""
+        ids = [m.id if isinstance(m, Message) else int(m) for m in messages]
+        if not ids:
+            return
+        self._acked_hwm = max(self._acked_hwm, max(ids))
+        if self.connected:
+            for i in range(0, len(ids), 4096):
+                self._proto.transport.write(encode(frames.Received(tuple(ids[i:i + 4096]))))
+
+    # -- frame handling ------------------------------------------------------------
+    def _on_frame(self, proto, frame) -> None:
+        t = type(frame)
+        if t is frames.Deliver:
+            if frame.msg_id <= self._seen_hwm:
+                if frame.msg_id <= self._acked_hwm:    # processed already: let the server drop it
+                    proto.transport.write(encode(frames.Received((frame.msg_id,))))
+                return
+            self._seen_hwm = frame.msg_id
+            self._inbox.put_nowait(Message(frame.msg_id, frame.timestamp_ms, frame.sender,
+                                           frame.sender_device, frame.payload))
+        elif t is frames.Ack:
+            entry = self._unacked.get(frame.client_id)
+            if entry is not None and not entry[0].done():
+                entry[0].set_result(SendResult(frame.client_id, frame.msg_id, frame.timestamp_ms))
+        elif t is frames.Welcome:
+            if self._welcome_fut is not None and not self._welcome_fut.done():
+                self._welcome_fut.set_result(frame)
+        elif t is frames.Pong:
+            fut = self._pongs.get(frame.nonce)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif t is frames.Error:
+            err = ServerError(frame.code, frame.reason, frame.ref)
+            entry = self._unacked.get(frame.ref) if frame.ref else None
+            if entry is not None and not frame.fatal:
+                if not entry[0].done():
+                    entry[0].set_exception(err)
+            elif frame.fatal:
+                if self._welcome_fut is not None and not self._welcome_fut.done():
+                    self._welcome_fut.set_exception(err)
+                if frame.code in _FATAL_AUTH:
+                    self._fatal = err
+        elif t is frames.Goaway:
+            self._reconnect_hint = frame.reconnect_ms / 1000
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        if self._welcome_fut is not None and not self._welcome_fut.done():
+            self._welcome_fut.set_exception(exc)
+
+    def _on_lost(self, proto, exc) -> None:
+        if proto is not self._proto:
+            return
+        if self._welcome_fut is not None and not self._welcome_fut.done():
+            self._welcome_fut.set_exception(ConnectionClosed(f"connection lost before WELCOME: {exc}"))
+        for fut in self._pongs.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed("connection lost"))
+        if self._closed:
+            return
+        if self.reconnect and self._fatal is None and self.welcome is not None:
+            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect_loop())
+        else:
+            self._closed = True
+            self._fail_all(self._fatal or ConnectionClosed(f"connection lost: {exc}"))
+
+    async def _reconnect_loop(self) -> None:
+        delay = max(self._reconnect_hint, 0.05)
+        self._reconnect_hint = 0.0
+        while not self._closed:
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            try:
+                await asyncio.wait_for(self._open(), self.connect_timeout)
+                self.reconnects += 1
+                return
+            except ServerError as exc:
+                if exc.code in _FATAL_AUTH:
+                    self._closed = True
+                    self._fail_all(exc)
+                    return
+            except (OSError, asyncio.TimeoutError, ConnectionClosed):
+                pass
+            delay = min(delay * 2, self.max_backoff)
+
+    def _check_usable(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        if self._closed:
+            raise ConnectionClosed("client is closed")
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for fut, _ in self._unacked.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._inbox.put_nowait(exc if isinstance(exc, ConnectionClosed) else ConnectionClosed(str(exc)))
