@@ -1,0 +1,87 @@
+"""Real gateway processes for end-to-end tests.
+
+`gateway_proc` starts `python -m gateway serve --port 0` in a fresh data dir and
+waits for its "listening on" line (a real readiness signal, not a sleep); it is
+stopped by PID at teardown.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+READY = re.compile(r"listening on tcp://([\d.]+):(\d+)")
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen
+    host: str
+    port: int
+    data_dir: Path
+    output: list = field(default_factory=list)
+
+    def token(self, user: str, device: str = "", ttl: float = 3600, now: float | None = None) -> str:
+        from gateway.auth import TokenAuthority, load_secret
+        return TokenAuthority(load_secret(self.data_dir)).issue(user, device, ttl=ttl, now=now)
+
+    def client(self, user: str, device: str = "main", **kw):
+        from gateway.client import Client
+        return Client(self.host, self.port, self.token(user), device, **kw)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_gateway(data_dir: Path, *args: str, env: dict | None = None, timeout: float = 20.0) -> GatewayProcess:
+    cmd = [sys.executable, "-m", "gateway", "serve", "--port", "0", "--data-dir", str(data_dir), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = READY.search(line)
+        if m:
+            return GatewayProcess(proc, m.group(1), int(m.group(2)), data_dir, lines)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("gateway did not start:\n" + "".join(lines))
+
+
+@pytest.fixture
+def gateway_factory(tmp_path):
+    started = []
+
+    def factory(*args, env=None, data_dir=None):
+        gw = start_gateway(data_dir or tmp_path / f"data{len(started)}", *args, env=env)
+        started.append(gw)
+        return gw
+
+    yield factory
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture
+def gateway_proc(gateway_factory):
+    return gateway_factory("--hello-timeout", "1")
