@@ -421,6 +421,31 @@ cdef class FrameSink:
         raise NotImplementedError
 
 
+cdef class SendCounter(FrameSink):
+    """Counts frames and reads each SEND's fields the way the router does
+    (client id, recipient, payload span) without building objects: the
+    decode path of the server, minus routing. For benchmarks and tests."""
+
+    cdef public Py_ssize_t frames
+    cdef public Py_ssize_t sends
+    cdef public Py_ssize_t payload_bytes
+
+    cdef int on_frame(self, uint8_t ftype, uint8_t flags, const unsigned char *body, Py_ssize_t n) except -1:
+        cdef Cursor c
+        cdef uint64_t client_id
+        cdef const char *to
+        cdef Py_ssize_t to_len
+        self.frames += 1
+        if ftype == FT_SEND:
+            c.p = body
+            c.end = body + n
+            cur_u64(&c, &client_id)
+            cur_bytes8(&c, &to, &to_len, 1)
+            self.sends += 1
+            self.payload_bytes += c.end - c.p
+        return 0
+
+
 cdef class Decoder:
     """Incremental frame decoder for `asyncio.BufferedProtocol`.
 

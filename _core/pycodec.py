@@ -192,6 +192,28 @@ def encode(frame) -> bytes:
     return _HEADER.pack(len(body) + 2, ftype, flags) + body
 
 
+class SendCounter:
+    """Counts frames and reads each SEND's fields (client id, recipient,
+    payload span) without building objects. For benchmarks and tests."""
+
+    def __init__(self):
+        self.frames = self.sends = self.payload_bytes = 0
+
+    def __call__(self, ftype, flags, body):
+        self.frames += 1
+        if ftype == FrameType.SEND:
+            if len(body) < 9:
+                raise MalformedFrame("truncated field")
+            to_len = body[8]
+            if to_len < 1:
+                raise MalformedFrame("empty id")
+            if len(body) < 9 + to_len:
+                raise MalformedFrame("truncated field")
+            _U64.unpack_from(body, 0)
+            self.sends += 1
+            self.payload_bytes += len(body) - 9 - to_len
+
+
 class Decoder:
     """Incremental frame decoder for `asyncio.BufferedProtocol`.
 

@@ -161,7 +161,7 @@ async def run_load(target, port, data_dir, pairs, window, size, duration):
     cpu = cpu_seconds(SERVER_PID[0]) - cpu0
     # drain: every ACKed message must arrive exactly once
     deadline = time.monotonic() + 10
-    while stats.delivered < stats.acked and time.monotonic() < deadline:
+    while (stats.acked < stats.sent or stats.delivered < stats.sent) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     for p in senders + recipients:
         p.transport.close()
@@ -172,8 +172,8 @@ async def run_load(target, port, data_dir, pairs, window, size, duration):
         "duration_s": round(elapsed, 2), "msgs_per_s": round(delivered_at_stop / elapsed),
         "p50_ms": round(pct(0.50), 3), "p99_ms": round(pct(0.99), 3), "p999_ms": round(pct(0.999), 3),
         "server_cpu_pct": round(100 * cpu / elapsed, 1),
-        "acked": stats.acked, "delivered": stats.delivered, "duplicates": stats.dupes,
-        "exactly_once": stats.acked == stats.delivered and stats.dupes == 0,
+        "sent": stats.sent, "acked": stats.acked, "delivered": stats.delivered, "duplicates": stats.dupes,
+        "exactly_once": stats.sent == stats.acked == stats.delivered and stats.dupes == 0,
     }
 
 
