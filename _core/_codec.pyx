@@ -229,6 +229,9 @@ cdef class WriteBuffer:
         return start
 
     cdef int end_frame(self, Py_ssize_t start) except -1:
+        if SWITCHBOARD_DEBUG:
+            if start < 0 or start + HEADER_SIZE > self.length or self.length > self.capacity:
+                raise AssertionError(f"end_frame: start={start} length={self.length} capacity={self.capacity}")
         sb_store32(self.data + start, <uint32_t>(self.length - start - LENGTH_SIZE))
         return 0
 
@@ -577,6 +580,9 @@ cdef class Decoder:
     cdef int _keep(self, const unsigned char *p, Py_ssize_t n) except -1:
         # Copy an incomplete frame out of a buffer we are about to lose. Its
         # header (if present) was already checked against max_frame by _parse.
+        if SWITCHBOARD_DEBUG:
+            if n >= LENGTH_SIZE and not self._stopped and n >= LENGTH_SIZE + <Py_ssize_t>sb_load32(p):
+                raise AssertionError("a complete frame was left unparsed")
         self._own = bytearray(max(n, 256))
         memcpy(PyByteArray_AS_STRING(self._own), p, n)
         self._own_len = n
@@ -606,6 +612,9 @@ cdef class Decoder:
                 self._count += 1
                 self._dispatch(ftype, buf[pos + 5], buf + pos + HEADER_SIZE, length - 2)
                 pos += LENGTH_SIZE + length
+                if SWITCHBOARD_DEBUG:
+                    if pos > n:
+                        raise AssertionError(f"decoder overran its buffer: pos={pos} n={n}")
         except BaseException as exc:
             self._failed = exc
             raise
