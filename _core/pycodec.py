@@ -221,6 +221,8 @@ class Decoder:
     `buffer_updated(n)` parses every complete frame and calls
     `sink(ftype, flags, body)` for each; `body` is a view valid only during
     the call. Bytes of an incomplete frame are kept for the next read.
+    The buffer is never resized while a view of it may be alive: it is
+    replaced when it must grow, and compacted in place.
     """
 
     def __init__(self, sink, max_frame: int = DEFAULT_MAX_FRAME):
@@ -228,7 +230,8 @@ class Decoder:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._len = 0         # bytes of data at the front of _buf
-        self._failed = None   # the ProtocolError that stopped this decoder
+        self._failed = None   # the exception that stopped this decoder
+        self._stopped = False
 
     @property
     def buffered(self) -> int:
@@ -237,11 +240,28 @@ class Decoder:
     def set_sink(self, sink) -> None:
         self._sink = sink
 
-    def get_buffer(self, sizehint: int = -1) -> memoryview:
-        want = max(sizehint, _READ_CHUNK) if sizehint and sizehint > 0 else _READ_CHUNK
+    def stop(self) -> None:
+        """Dispatch no more frames; what is left stays buffered (see `take_buffered`)."""
+        self._stopped = True
+
+    def resume(self) -> None:
+        self._stopped = False
+
+    def take_buffered(self) -> bytes:
+        """Bytes received but not dispatched, for handing the connection on."""
+        data = bytes(self._buf[:self._len])
+        self._buf = bytearray()
+        self._len = 0
+        return data
+
+    def _room(self, want: int) -> None:
         if len(self._buf) - self._len < want:
-            del self._buf[self._len:]
-            self._buf.extend(bytes(want))
+            grown = bytearray(self._len + want)
+            grown[:self._len] = self._buf[:self._len]
+            self._buf = grown
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        self._room(max(sizehint, _READ_CHUNK) if sizehint and sizehint > 0 else _READ_CHUNK)
         return memoryview(self._buf)[self._len:]
 
     def buffer_updated(self, nbytes: int) -> int:
@@ -251,8 +271,8 @@ class Decoder:
     def feed(self, data) -> int:
         """Copy `data` in and parse it (for callers that are not BufferedProtocols)."""
         n = len(data)
-        del self._buf[self._len:]
-        self._buf += data
+        self._room(n)
+        self._buf[self._len:self._len + n] = data
         self._len += n
         return self._parse()
 
@@ -264,7 +284,7 @@ class Decoder:
         count = 0
         view = memoryview(buf)
         try:
-            while self._len - pos >= LENGTH_SIZE:
+            while not self._stopped and self._len - pos >= LENGTH_SIZE:
                 length = _U32.unpack_from(buf, pos)[0]
                 if length > self.max_frame:
                     raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
@@ -286,17 +306,15 @@ class Decoder:
                     self._sink(ftype, flags, body)
                 finally:
                     body.release()
-        except Exception as exc:
-            from .errors import ProtocolError
-            if isinstance(exc, ProtocolError):
-                self._failed = exc
-            view.release()
+        except BaseException as exc:
+            self._failed = exc
             raise
-        view.release()
-        # compact once per batch
-        if pos:
-            del buf[:pos]
-            self._len -= pos
+        finally:
+            view.release()
+        if pos:   # compact once per batch, in place (same-size slice assignment never resizes)
+            rest = self._len - pos
+            buf[:rest] = buf[pos:self._len]
+            self._len = rest
         if self._len == 0 and len(buf) > _READ_CHUNK:
-            buf.clear()
+            self._buf = bytearray()      # a burst's buffer is not kept on an idle connection
         return count

@@ -39,6 +39,7 @@ class Router(RouteCore):
         for old in self.sessions_of(user):
             if old.device == device:
                 old.goaway(GoawayCode.REPLACED, 0, "replaced by a newer connection of this device")
+                old.flush()          # write the GOAWAY and close now, before it stops being routed to
                 self._detach(old)
         session = Session(self, user, device, next(self._session_ids), write, close)
         if welcome is not None:

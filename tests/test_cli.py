@@ -1,0 +1,174 @@
+"""The `switchboard` console script, run as a real subprocess against a real gateway."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.auth import AuthError, TokenAuthority, load_secret
+from _core.protocol import ErrorCode
+
+SWITCHBOARD = Path(sys.executable).parent / "switchboard"
+
+
+def sb(*args, input=None, timeout=20, cwd=None):
+    env = {k: v for k, v in os.environ.items() if k != "SWITCHBOARD_DATA_DIR"}
+    env["PYTHONIOENCODING"] = "utf-8"
+    return subprocess.run([str(SWITCHBOARD), *map(str, args)], input=input, capture_output=True,
+                          text=True, encoding="utf-8", timeout=timeout, env=env, cwd=cwd)
+
+
+def endpoint(gw):
+    return ["--port", gw.port, "--host", gw.host, "--data-dir", gw.data_dir]
+
+
+def test_console_script_is_installed():
+    assert SWITCHBOARD.exists(), SWITCHBOARD
+
+
+def test_token_issue(tmp_path):
+    d = tmp_path / "data"
+    r = sb("token", "issue", "alice", "--data-dir", d)
+    assert r.returncode == 0, r.stderr
+    tok = r.stdout.strip()
+    authority = TokenAuthority(load_secret(d))
+    assert authority.verify(tok, "any") == ("alice", "any")
+    assert authority.verify(tok, "phone") == ("alice", "phone")
+    with pytest.raises(AuthError):
+        TokenAuthority(os.urandom(32)).verify(tok, "any")
+
+    r = sb("token", "issue", "alice", "--device", "phone", "--ttl", "60", "--data-dir", d)
+    assert r.returncode == 0, r.stderr
+    bound = r.stdout.strip()
+    assert authority.verify(bound, "phone") == ("alice", "phone")     # same secret, reused
+    with pytest.raises(AuthError) as ei:
+        authority.verify(bound, "laptop")
+    assert ei.value.code == ErrorCode.AUTH_FAILED
+    with pytest.raises(AuthError) as ei:
+        authority.verify(bound, "phone", now=time.time() + 120)
+    assert ei.value.code == ErrorCode.TOKEN_EXPIRED
+
+
+def test_send_then_recv(gateway_proc):
+    gw = gateway_proc
+    text = "hello bob \u2713"
+    r = sb("send", "--as", "alice", "--to", "bob", text, *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+    msg_id = int(r.stdout.strip())
+
+    r = sb("recv", "--as", "bob", "--count", "1", "--timeout", "5", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1, r.stdout
+    m = json.loads(lines[0])
+    assert (m["from"], m["text"], m["id"]) == ("alice", text, msg_id)
+    assert m["device"] == "cli-send"
+    assert isinstance(m["ts"], int) and abs(m["ts"] - time.time() * 1000) < 60_000
+
+    # it was acked: nothing left
+    r = sb("recv", "--as", "bob", "--count", "1", "--timeout", "1", *endpoint(gw))
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert "timed out" in r.stderr
+
+
+def test_send_with_issued_token(gateway_proc):
+    gw = gateway_proc
+    tok = sb("token", "issue", "dave", "--data-dir", gw.data_dir).stdout.strip()
+    r = sb("send", "--token", tok, "--to", "erin", "via token", "--port", gw.port, "--host", gw.host)
+    assert r.returncode == 0, r.stderr
+    msg_id = int(r.stdout.strip())
+    r = sb("recv", "--as", "erin", "--count", "1", "--timeout", "5", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert (m["from"], m["text"], m["id"]) == ("dave", "via token", msg_id)
+
+
+def test_send_nothing_listening(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    tok = TokenAuthority(os.urandom(32)).issue("alice")
+    r = sb("send", "--token", tok, "--to", "bob", "hi", "--port", port, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "cannot connect" in r.stderr, r.stderr
+    assert str(port) in r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_send_with_garbage_token(gateway_proc):
+    gw = gateway_proc
+    r = sb("send", "--token", "garbage", "--to", "bob", "hi", "--port", gw.port, "--host", gw.host)
+    assert r.returncode != 0
+    assert "AUTH_FAILED" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_recv_without_count_prints_what_arrived(gateway_proc):
+    gw = gateway_proc
+    ids = []
+    for text in ("first", "second"):
+        r = sb("send", "--as", "alice", "--to", "bob", text, *endpoint(gw))
+        assert r.returncode == 0, r.stderr
+        ids.append(int(r.stdout))
+    r = sb("recv", "--as", "bob", "--timeout", "1.5", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(m["id"], m["text"]) for m in got] == list(zip(ids, ["first", "second"]))
+    r = sb("recv", "--as", "bob", "--timeout", "1", *endpoint(gw))
+    assert (r.returncode, r.stdout) == (0, "")
+
+
+VERB_FLAGS = {
+    "send": ["--host", "--port", "--token", "--data-dir", "--as", "--to", "--timeout", "--device"],
+    "recv": ["--host", "--port", "--token", "--data-dir", "--as", "--count", "--timeout", "--device"],
+    "chat": ["--host", "--port", "--token", "--data-dir", "--as", "--to", "--device"],
+    "serve": ["--host", "--port", "--data-dir", "--workers", "--hello-timeout", "--max-frame"],
+}
+
+
+def test_help():
+    r = sb("--help")
+    assert r.returncode == 0, r.stderr
+    for verb in ("serve", "token", "send", "recv", "chat"):
+        assert verb in r.stdout
+    for verb, flags in VERB_FLAGS.items():
+        r = sb(verb, "--help")
+        assert r.returncode == 0, (verb, r.stderr)
+        missing = [f for f in flags if f not in r.stdout]
+        assert not missing, (verb, missing)
+    r = sb("token", "--help")
+    assert r.returncode == 0 and "issue" in r.stdout
+    r = sb("token", "issue", "--help")
+    assert r.returncode == 0
+    assert all(f in r.stdout for f in ("--device", "--ttl", "--data-dir"))
+
+
+def test_serve_multi_worker_refused(tmp_path):
+    r = sb("serve", "--workers", "2", "--port", "0", "--data-dir", tmp_path / "d", timeout=15)
+    assert r.returncode != 0
+    assert "workers" in r.stderr and "not supported" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "listening" not in r.stdout
+
+
+def test_chat(gateway_proc):
+    gw = gateway_proc
+    r = sb("chat", "--as", "alice", "--to", "bob", *endpoint(gw),
+           input="hello from chat\n/to carol\nhi carol\n")
+    assert r.returncode == 0, r.stderr
+    assert "connected as alice" in r.stdout
+    r = sb("recv", "--as", "bob", "--count", "1", "--timeout", "5", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert (m["from"], m["text"]) == ("alice", "hello from chat")
+    r = sb("recv", "--as", "carol", "--count", "1", "--timeout", "5", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["from"], json.loads(r.stdout)["text"]) == ("alice", "hi carol")

@@ -1,0 +1,356 @@
+"""End-to-end behaviour of a real gateway process, mostly through the client SDK."""
+import asyncio
+import collections
+import os
+import socket
+import time
+
+import pytest
+
+from _core import frames as F
+from _core.protocol import ErrorCode, GoawayCode
+from _core.pycodec import Decoder, decode_body, encode
+from gateway.client import Client, ServerError
+
+MAX_FRAME = 65536
+MAX_PAYLOAD = 65536 - 530          # PROTOCOL.md: max_frame - DELIVER_OVERHEAD
+
+
+class Raw:
+    """A blocking TCP client speaking raw frames (for what the SDK hides)."""
+
+    def __init__(self, gw, timeout: float = 5.0):
+        self.sock = socket.create_connection((gw.host, gw.port), timeout=timeout)
+        self.frames = collections.deque()
+        self.decoder = Decoder(lambda t, f, b: self.frames.append(decode_body(t, f, b)), 1 << 24)
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.closed = True
+        else:
+            self.decoder.feed(data)
+
+    def frame(self):
+        while not self.frames:
+            assert not self.closed, "server closed the connection while a frame was expected"
+            self._read()
+        return self.frames.popleft()
+
+    def until_eof(self):
+        try:
+            while not self.closed:
+                self._read()
+        except (socket.timeout, TimeoutError):
+            pass
+        out = list(self.frames)
+        self.frames.clear()
+        return out, self.closed
+
+    def hello(self, token: str, device: str = "raw", resume_after: int = 0) -> F.Welcome:
+        self.send(encode(F.Hello(1, token, device, resume_after)))
+        w = self.frame()
+        assert isinstance(w, F.Welcome), w
+        return w
+
+    def close(self):
+        self.sock.close()
+
+
+async def recv_n(client: Client, n: int, timeout: float = 5.0, ack: bool = True):
+    out = []
+    for _ in range(n):
+        m = await client.recv(timeout=timeout)
+        out.append(m)
+        if ack:
+            await client.ack(m)
+    return out
+
+
+async def next_is_marker(gw, sender: Client, recipient: Client, to: str):
+    """Send a fresh marker: the recipient's next message must be it (nothing else pending)."""
+    marker = b"marker-" + os.urandom(6)
+    sent = await sender.send(to, marker, timeout=5)
+    m = await recipient.recv(timeout=5)
+    assert (m.id, m.payload) == (sent.id, marker), f"unexpected message before the marker: {m}"
+    await recipient.ack(m)
+
+
+# -- basics ------------------------------------------------------------------------
+
+def test_exchange_both_ways_and_welcome(gateway_proc):
+    gw = gateway_proc
+
+    async def main():
+        before = time.time() * 1000
+        async with gw.client("alice") as alice, gw.client("bob", device="phone") as bob:
+            for c, user, device in ((alice, "alice", "main"), (bob, "bob", "phone")):
+                w = c.welcome
+                assert (w.version, w.user, w.device) == (1, user, device)
+                assert (w.max_frame, w.max_payload) == (MAX_FRAME, MAX_PAYLOAD)
+                assert w.session_id != 0
+                assert w.ping_interval_ms > 0
+                assert before - 60_000 < w.server_time_ms < time.time() * 1000 + 60_000
+            assert alice.welcome.session_id != bob.welcome.session_id
+
+            a1 = await alice.send("bob", "hello bob", timeout=5)
+            m = await bob.recv(timeout=5)
+            assert (m.id, m.sender, m.sender_device, m.text) == (a1.id, "alice", "main", "hello bob")
+            assert m.timestamp_ms == a1.timestamp_ms
+            await bob.ack(m)
+
+            b1 = await bob.send("alice", b"\x00hi alice\xff", timeout=5)
+            m = await alice.recv(timeout=5)
+            assert (m.id, m.sender, m.sender_device, m.payload) == (b1.id, "bob", "phone", b"\x00hi alice\xff")
+            await alice.ack(m)
+            assert b1.id > a1.id
+            assert a1.id >> 22 == pytest.approx(a1.timestamp_ms, abs=1000)   # id ~ acceptance time in ms
+
+            empty = await alice.send("bob", b"", timeout=5)
+            m = await bob.recv(timeout=5)
+            assert (m.id, m.payload) == (empty.id, b"")
+    asyncio.run(main())
+
+
+def test_offline_recipient_gets_stored_messages_in_order(gateway_proc):
+    gw = gateway_proc
+
+    async def main():
+        async with gw.client("alice") as alice:
+            acks = [await alice.send("bob", f"offline {i}", timeout=5) for i in range(3)]
+            assert len({a.id for a in acks}) == 3
+            async with gw.client("bob") as bob:
+                got = await recv_n(bob, 3)
+                assert [(m.id, m.text, m.sender) for m in got] == \
+                    [(a.id, f"offline {i}", "alice") for i, a in enumerate(acks)]
+                assert [m.timestamp_ms for m in got] == [a.timestamp_ms for a in acks]
+                await next_is_marker(gw, alice, bob, "bob")
+    asyncio.run(main())
+
+
+def test_order_preserved_500_messages(gateway_proc):
+    gw = gateway_proc
+    n = 500
+
+    async def main():
+        async with gw.client("alice") as alice, gw.client("bob") as bob:
+            acks = await asyncio.gather(*(alice.send("bob", f"m{i}", timeout=10) for i in range(n)))
+            ids = [a.id for a in acks]
+            assert all(x < y for x, y in zip(ids, ids[1:])), "ACKed ids not increasing in send order"
+            got = await recv_n(bob, n)
+            assert [m.text for m in got] == [f"m{i}" for i in range(n)]
+            assert [m.id for m in got] == ids
+    asyncio.run(main())
+
+
+def test_unacked_is_redelivered_acked_is_not(gateway_proc):
+    gw = gateway_proc
+
+    async def main():
+        async with gw.client("alice") as alice:
+            s1 = await alice.send("bob", "first", timeout=5)
+            s2 = await alice.send("bob", "second", timeout=5)
+            async with gw.client("bob") as bob:
+                m1, m2 = await recv_n(bob, 2, ack=False)
+                assert (m1.id, m2.id) == (s1.id, s2.id)
+                await bob.ack(m1)
+                await bob.ping(timeout=5)       # the RECEIVED was processed before the PONG
+            async with gw.client("bob", resume_after=0) as bob2:
+                m = await bob2.recv(timeout=5)
+                assert (m.id, m.text) == (s2.id, "second")
+                await bob2.ack(m)
+                await next_is_marker(gw, alice, bob2, "bob")
+    asyncio.run(main())
+
+
+def test_resume_after_skips_processed_messages(gateway_proc):
+    gw = gateway_proc
+
+    async def main():
+        async with gw.client("alice") as alice:
+            sent = [await alice.send("bob", f"r{i}", timeout=5) for i in range(3)]
+            async with gw.client("bob", resume_after=sent[0].id) as bob:
+                got = await recv_n(bob, 2, ack=False)
+                assert [(m.id, m.text) for m in got] == [(sent[1].id, "r1"), (sent[2].id, "r2")]
+                await bob.ping(timeout=5)
+            # resume_after consumed the first one on the server: a fresh start (0) does not get it
+            async with gw.client("bob", device="other") as bob2:
+                got = await recv_n(bob2, 2)
+                assert [m.id for m in got] == [sent[1].id, sent[2].id]
+                await next_is_marker(gw, alice, bob2, "bob")
+    asyncio.run(main())
+
+
+def test_duplicate_client_message_id_is_stored_once(gateway_proc):
+    gw = gateway_proc
+    r = Raw(gw)
+    try:
+        r.hello(gw.token("alice"), device="raw")
+        frame = encode(F.Send(777, "bob", b"only once"))
+        r.send(frame)
+        a1 = r.frame()
+        r.send(frame)
+        a2 = r.frame()
+        assert isinstance(a1, F.Ack) and isinstance(a2, F.Ack)
+        assert a1.client_id == 777
+        assert a2 == a1                      # the original ACK: same msg_id and timestamp
+        # same id, different payload and recipient: still the original ACK, nothing stored
+        r.send(encode(F.Send(777, "carol", b"something else")))
+        assert r.frame() == a1
+        r.send(encode(F.Send(778, "bob", b"marker")))
+        marker = r.frame()
+        assert isinstance(marker, F.Ack) and marker.client_id == 778 and marker.msg_id > a1.msg_id
+    finally:
+        r.close()
+
+    async def main():
+        async with gw.client("bob") as bob:
+            got = await recv_n(bob, 2)
+            assert [(m.id, m.payload, m.sender_device) for m in got] == \
+                [(a1.msg_id, b"only once", "raw"), (marker.msg_id, b"marker", "raw")]
+        async with gw.client("carol") as carol, gw.client("alice", device="sdk") as alice:
+            await next_is_marker(gw, alice, carol, "carol")
+    asyncio.run(main())
+
+
+def test_sdk_reconnect_does_not_show_a_message_twice(gateway_proc):
+    gw = gateway_proc
+
+    async def main():
+        async with gw.client("alice") as alice:
+            bob = gw.client("bob", reconnect=True)
+            await bob.connect()
+            try:
+                s1 = await alice.send("bob", "one", timeout=5)
+                m1 = await bob.recv(timeout=5)
+                assert (m1.id, m1.text) == (s1.id, "one")
+                old = bob._proto
+                old.transport.abort()                          # not acked
+                await asyncio.wait_for(asyncio.shield(old.lost), 5)
+                s2 = await alice.send("bob", "two", timeout=5)
+                m2 = await bob.recv(timeout=10)
+                assert (m2.id, m2.text) == (s2.id, "two"), "message 1 was handed out twice"
+                await asyncio.wait_for(asyncio.shield(bob._reconnect_task), 5)
+                assert bob.reconnects == 1
+                assert bob.connected and bob._proto is not old
+                await bob.ack(m2)
+                await bob.ping(timeout=5)
+            finally:
+                await bob.close()
+            # message 1 is still held by the server (it was never acked): the server did
+            # redeliver it on the reconnect, the SDK dropped the duplicate
+            async with gw.client("bob", device="fresh") as fresh:
+                m = await fresh.recv(timeout=5)
+                assert (m.id, m.text) == (s1.id, "one")
+                await fresh.ack(m)
+                await next_is_marker(gw, alice, fresh, "bob")
+    asyncio.run(main())
+
+
+def test_second_connection_of_same_device_replaces_the_first(gateway_proc):
+    gw = gateway_proc
+    first = Raw(gw, timeout=3)
+    other_device = Raw(gw, timeout=3)
+    second = Raw(gw, timeout=3)
+    try:
+        first.hello(gw.token("carol"), device="phone")
+        other_device.hello(gw.token("carol"), device="laptop")
+        w2 = second.hello(gw.token("carol"), device="phone")
+        assert (w2.user, w2.device) == ("carol", "phone")
+        frames, closed = first.until_eof()
+        assert len(frames) == 1 and isinstance(frames[0], F.Goaway), frames
+        assert (GoawayCode(frames[0].code), frames[0].reconnect_ms) == (GoawayCode.REPLACED, 0)
+        assert closed, "replaced connection was not closed"
+        # the new connection and the user's other device carry on
+        for r, nonce in ((second, 1), (other_device, 2)):
+            r.send(encode(F.Ping(nonce)))
+            assert r.frame() == F.Pong(nonce)
+    finally:
+        for r in (first, other_device, second):
+            r.close()
+
+
+def test_ping_pong(gateway_proc):
+    gw = gateway_proc
+
+    async def main():
+        async with gw.client("alice") as alice:
+            for _ in range(3):
+                rtt = await alice.ping(timeout=5)
+                assert 0 <= rtt < 5
+    asyncio.run(main())
+    r = Raw(gw)
+    try:
+        r.hello(gw.token("alice"), device="raw")
+        r.send(encode(F.Ping(0xDEADBEEFCAFEF00D)) + encode(F.Ping(0)))
+        assert [r.frame(), r.frame()] == [F.Pong(0xDEADBEEFCAFEF00D), F.Pong(0)]
+        r.send(encode(F.Pong(5)))                 # the server ignores PONGs it receives
+        r.send(encode(F.Ping(6)))
+        assert r.frame() == F.Pong(6)
+    finally:
+        r.close()
+
+
+def test_payload_too_large(gateway_proc):
+    gw = gateway_proc
+
+    async def main():
+        async with gw.client("alice") as alice, gw.client("bob") as bob:
+            mp = alice.welcome.max_payload
+            with pytest.raises(ServerError) as ei:
+                await alice.send("bob", b"x" * (mp + 1), timeout=5)
+            assert ei.value.code == ErrorCode.PAYLOAD_TOO_LARGE
+            assert ei.value.ref != 0
+            assert alice.connected
+            big = os.urandom(mp)                        # exactly the limit is fine
+            ok = await alice.send("bob", big, timeout=5)
+            m = await bob.recv(timeout=5)
+            assert (m.id, m.payload) == (ok.id, big)    # the rejected one was not stored
+            await bob.ack(m)
+            small = await alice.send("bob", "after", timeout=5)
+            m = await bob.recv(timeout=5)
+            assert (m.id, m.text) == (small.id, "after")
+    asyncio.run(main())
+
+
+def test_pure_python_codec_server(gateway_factory):
+    gw = gateway_factory("--hello-timeout", "1", env={"SWITCHBOARD_CODEC": "python"})
+
+    async def main():
+        async with gw.client("alice") as alice, gw.client("bob") as bob:
+            assert (alice.welcome.max_frame, alice.welcome.max_payload) == (MAX_FRAME, MAX_PAYLOAD)
+            big = os.urandom(60 * 1024)
+            sent = [await alice.send("bob", "py 1", timeout=5),
+                    await alice.send("bob", big, timeout=5),
+                    await alice.send("bob", "py 3", timeout=5)]
+            got = await recv_n(bob, 3)
+            assert [(m.id, m.payload) for m in got] == list(zip([s.id for s in sent], [b"py 1", big, b"py 3"]))
+            back = await bob.send("alice", big[::-1], timeout=5)
+            m = await alice.recv(timeout=5)
+            assert (m.id, m.sender, m.payload) == (back.id, "bob", big[::-1])
+            assert await alice.ping(timeout=5) >= 0
+    asyncio.run(main())
+
+
+def test_large_payload_and_burst_of_small_messages(gateway_proc):
+    gw = gateway_proc
+    n = 1000
+    big = os.urandom(60 * 1024)
+    payloads = [f"small {i}".encode() for i in range(n)]
+    payloads.insert(n // 2, big)
+
+    async def main():
+        async with gw.client("alice") as alice, gw.client("bob") as bob:
+            acks = await asyncio.gather(*(alice.send("bob", p, timeout=15) for p in payloads))
+            got = await recv_n(bob, len(payloads), timeout=10)
+            assert [m.payload for m in got] == payloads
+            assert [m.id for m in got] == [a.id for a in acks]
+            await next_is_marker(gw, alice, bob, "bob")
+    asyncio.run(main())
