@@ -86,6 +86,8 @@ cdef class Decoder:
     cdef bint _stopped
     cdef object _failed
     cdef Py_ssize_t _count       # frames dispatched by the last parse
+    cdef object _owner           # the object whose memory is being parsed
+    cdef object _exporter        # lends frame bodies to Python sinks
 
     cdef Py_ssize_t _parse(self, const unsigned char *buf, Py_ssize_t n) except -1
     cdef int _keep(self, const unsigned char *p, Py_ssize_t n) except -1

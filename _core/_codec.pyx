@@ -6,14 +6,16 @@ C-level parts declared in `_codec.pxd` (cursor reads, `FrameSink`, `WriteBuffer`
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.bytearray cimport PyByteArray_AS_STRING
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE,
+                             PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES)
+from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_AsUTF8AndSize
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from libc.string cimport memcpy, memmove
 
 from . import frames as F
-from .errors import FrameTooLarge, MalformedFrame, UnknownFrameType, ProtocolError
+from .errors import BodyViewLeaked, FrameTooLarge, MalformedFrame, UnknownFrameType, ProtocolError
 from .protocol import DEFAULT_MAX_FRAME
 
 cdef extern from "Python.h":
@@ -26,9 +28,57 @@ cdef enum:
 
 # All connections read into this one buffer and parse in place; only the bytes
 # of an incomplete frame are copied out. An idle connection holds no read buffer.
-cdef bytearray _scratch = bytearray(SCRATCH_SIZE)
-cdef object _scratch_view = memoryview(_scratch)
-cdef unsigned char *_scratch_ptr = <unsigned char *>PyByteArray_AS_STRING(_scratch)
+cdef bytearray _scratch
+cdef object _scratch_view
+cdef unsigned char *_scratch_ptr
+
+
+cdef int _new_scratch() except -1:
+    # Also used to abandon a scratch buffer that a leaked view still points into.
+    global _scratch, _scratch_view, _scratch_ptr
+    _scratch = bytearray(SCRATCH_SIZE)
+    _scratch_view = memoryview(_scratch)
+    _scratch_ptr = <unsigned char *>PyByteArray_AS_STRING(_scratch)
+    return 0
+
+_new_scratch()
+
+
+cdef class _BodyExporter:
+    """Exports a frame body to Python sinks and counts the views of it, so a
+    view that outlives the callback (e.g. `body[:]` kept by the sink) is
+    caught instead of silently pointing at reused memory."""
+    cdef const char *ptr
+    cdef Py_ssize_t length
+    cdef Py_ssize_t itemsize
+    cdef int exports
+    cdef object owner       # pins the memory if a view leaked
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("frame bodies are read-only")
+        buffer.buf = <void *>self.ptr
+        buffer.obj = self
+        buffer.len = self.length
+        buffer.readonly = 1
+        buffer.itemsize = 1
+        buffer.format = NULL
+        if flags & PyBUF_FORMAT:
+            buffer.format = b"B"
+        buffer.ndim = 1
+        buffer.shape = NULL
+        buffer.strides = NULL
+        self.itemsize = 1
+        if flags & PyBUF_ND:
+            buffer.shape = &self.length
+        if flags & PyBUF_STRIDES == PyBUF_STRIDES:
+            buffer.strides = &self.itemsize
+        buffer.suboffsets = NULL
+        buffer.internal = NULL
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self.exports -= 1
 
 
 # -- cursor ---------------------------------------------------------------------
@@ -495,21 +545,22 @@ cdef class Decoder:
         return data
 
     def get_buffer(self, Py_ssize_t sizehint=-1):
+        # The pending bytes stay in _own until buffer_updated(): an event loop
+        # may call get_buffer() again without buffer_updated() (a read that
+        # hit EAGAIN), and another connection may have used scratch meanwhile.
         cdef Py_ssize_t need
         cdef unsigned char *own
         if self._own_len == 0:
             self._scratch_off = 0
-            return _scratch_view
+            return _scratch_view[0:]        # a fresh view: the caller may release it
         need = 0
         own = <unsigned char *>PyByteArray_AS_STRING(self._own)
         if self._own_len >= LENGTH_SIZE:
             need = LENGTH_SIZE + <Py_ssize_t>sb_load32(own)   # checked against max_frame when kept
-        if need <= SMALL_PENDING:
-            # re-read through scratch: move the few pending bytes to its front
+        if need <= SMALL_PENDING and self._own_len + SMALL_PENDING <= SCRATCH_SIZE:
+            # re-read through scratch: copy the few pending bytes to its front
             memcpy(_scratch_ptr, own, self._own_len)
             self._scratch_off = self._own_len
-            self._own = None
-            self._own_len = 0
             return _scratch_view[self._scratch_off:]
         # a large frame spans reads: read straight into our own buffer, sized to it
         if len(self._own) < max(need, self._own_len + 4096):
@@ -525,15 +576,21 @@ cdef class Decoder:
         if self._scratch_off >= 0:
             total = self._scratch_off + nbytes
             self._scratch_off = -1
+            self._owner = _scratch
             used = self._parse(_scratch_ptr, total)
+            # scratch held the pending bytes too: what is left replaces _own
+            self._own = None
+            self._own_len = 0
             if used < total:
                 self._keep(_scratch_ptr + used, total - used)
         else:
             if self._own is None:
                 raise RuntimeError("buffer_updated() without get_buffer()")
             self._own_len += nbytes
+            self._owner = self._own
             used = self._parse(<unsigned char *>PyByteArray_AS_STRING(self._own), self._own_len)
             self._consume_own(used)
+        self._owner = None
         return self._count
 
     def feed(self, data):
@@ -544,14 +601,17 @@ cdef class Decoder:
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             if self._own_len == 0:
+                self._owner = data
                 used = self._parse(<const unsigned char *>view.buf, view.len)
                 if used < view.len:
                     self._keep(<const unsigned char *>view.buf + used, view.len - used)
             else:
                 self._append_own(<const unsigned char *>view.buf, view.len)
+                self._owner = self._own
                 used = self._parse(<unsigned char *>PyByteArray_AS_STRING(self._own), self._own_len)
                 self._consume_own(used)
         finally:
+            self._owner = None
             PyBuffer_Release(&view)
         return self._count
 
@@ -621,11 +681,25 @@ cdef class Decoder:
         return pos
 
     cdef int _dispatch(self, uint8_t ftype, uint8_t flags, const unsigned char *body, Py_ssize_t n) except -1:
+        cdef _BodyExporter exp
         if self._fast_sink is not None:
             return self._fast_sink.on_frame(ftype, flags, body, n)
-        view = PyMemoryView_FromMemory(<char *>body, n, PyBUF_READ)
+        exp = self._exporter
+        if exp is None:
+            exp = self._exporter = _BodyExporter()
+        exp.ptr = <const char *>body
+        exp.length = n
+        view = PyMemoryView_FromObject(exp)
         try:
             self._sink(ftype, flags, view)
         finally:
             view.release()
+            if exp.exports:
+                # The sink kept a view derived from the body. Pin the memory it
+                # points into (and stop reusing it) so it stays valid, then fail loudly.
+                exp.owner = self._owner
+                self._exporter = None
+                if self._owner is _scratch:
+                    _new_scratch()
+                raise BodyViewLeaked("a frame body view outlived the sink call; copy it with bytes(body)")
         return 0

@@ -34,6 +34,11 @@ class UnexpectedFrame(ProtocolError):
     code = ErrorCode.UNEXPECTED_FRAME
 
 
+class BodyViewLeaked(RuntimeError):
+    """A sink kept a view of a frame body past its call: a bug in the sink.
+    Bodies are views valid only during the call; copy with bytes(body)."""
+
+
 class StoreError(Exception):
     """A store refused an append; the sender gets ERROR(code) and nothing is lost."""
 

@@ -299,7 +299,9 @@ class Decoder:
                 if end > self._len:
                     break
                 flags = buf[pos + LENGTH_SIZE + 1]
-                body = view[pos + HEADER_SIZE:end]
+                # The reference copies each body: a view a sink derives from it
+                # stays correct (the Cython codec detects such views instead).
+                body = memoryview(bytes(view[pos + HEADER_SIZE:end]))
                 pos = end
                 count += 1
                 try:

@@ -3,13 +3,11 @@ pure-Python reference (`_core.pycodec`), side by side.
 
 Every test that exercises the common API takes the `codec` fixture and runs
 once per implementation; the modules are imported directly (not through
-`_core.codec` and SWITCHBOARD_CODEC). Tests of the Cython-only part of the API
-(stop/resume/take_buffered, which pycodec does not have) are named
-`test_cython_*`.
+`_core.codec` and SWITCHBOARD_CODEC).
 
-Tests marked xfail(strict=True) pin down real codec bugs; each reason says
-what goes wrong. Never call `.release()` on the object `get_buffer()` returns
-in this process: see test_get_buffer_view_released_by_caller.
+The tests named after a failure mode (get_buffer without buffer_updated, a
+released get_buffer view, more than the scratch size held after stop) pin
+down bugs found and fixed in the Cython decoder.
 """
 import struct
 import subprocess
@@ -432,31 +430,6 @@ def test_body_view_is_invalid_after_the_call(codec, path):
     assert copies[0] == raw_of(codec.encode(first[0]))[0][2]
 
 
-@known_bug("cython", "A view derived from the body inside the sink (body[:], memoryview(body)) outlives "
-                     "body.release(): PyMemoryView_FromMemory has no owner, so the derived view keeps a raw "
-                     "pointer into the shared scratch buffer (or into a freed feed()/_own buffer) and silently "
-                     "shows other bytes later. pycodec keeps the bytes pinned instead (its next compaction "
-                     "fails with BufferError), which is loud and memory-safe.")
-def test_view_derived_from_body_never_shows_other_bytes(codec):
-    derived = []
-
-    def sink(ftype, flags, body):
-        derived.append((bytes(body), body[:]))
-
-    dec = codec.Decoder(sink)
-    try:
-        read_into(dec, codec.encode(F.Ping(0x1111111111111111)))
-        read_into(dec, codec.encode(F.Ping(0x2222222222222222)))
-    except BufferError:
-        pass        # pycodec refuses to move bytes a live view points at: acceptable
-    original, view = derived[0]
-    try:
-        now = bytes(view)
-    except ValueError:
-        return      # invalidated: acceptable
-    assert now == original
-
-
 # -- limits and malformed input ---------------------------------------------------
 
 @pytest.mark.parametrize("path", PATHS)
@@ -644,7 +617,17 @@ garbage = st.one_of(
     st.lists(st.tuples(_frame_types, st.integers(0, 255), st.binary(max_size=120),
                        st.one_of(st.just(0), st.just(0), st.integers(-3, 3))),
              max_size=16).map(_raw_frames).map(lambda b: b[:2000]),
+    # valid frames with a few bytes overwritten
+    st.tuples(st.lists(frames_st, max_size=8).map(lambda fs: b"".join(_codec.encode(f) for f in fs)[:2000]),
+              st.lists(st.tuples(st.integers(0, 1999), st.integers(0, 255)), max_size=3)).map(
+        lambda t: _flips(*t)),
 )
+
+
+def _flips(data, changes):
+    for at, value in changes:
+        data = _flip(data, at, value)
+    return data
 
 
 def _run(codec, chunks, path, max_frame):
@@ -673,7 +656,7 @@ def _run(codec, chunks, path, max_frame):
 
 
 @SETTINGS
-@given(data=garbage, max_frame=st.sampled_from([2, 64, 4096, DEFAULT_MAX_FRAME]), cut_data=st.data())
+@given(data=garbage, max_frame=st.sampled_from([2, 64, 4096] + [DEFAULT_MAX_FRAME] * 3), cut_data=st.data())
 def test_random_bytes_decode_or_protocol_error_and_codecs_agree(codec, data, max_frame, cut_data):
     cuts = cut_data.draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=10), label="cuts")
     chunks = split(data, cuts)
@@ -751,10 +734,6 @@ def test_sink_protocol_error_fails_the_decoder(codec):
     assert seen == [FrameType.PING]
 
 
-@known_bug("python", "pycodec advances `pos` before calling the sink but compacts its buffer only after "
-                     "the loop: when the sink raises a non-ProtocolError, the decoder is not marked failed "
-                     "and the already-dispatched frames stay in the buffer, so the next feed() dispatches "
-                     "them again (PING 1, 2 are delivered twice).")
 def test_no_frame_dispatched_twice_when_the_sink_raises(codec):
     seen = []
 
@@ -775,12 +754,6 @@ def test_no_frame_dispatched_twice_when_the_sink_raises(codec):
 
 # -- BufferedProtocol contract -----------------------------------------------------
 
-@known_bug("python", "pycodec.get_buffer() returns a slice of a memoryview of its resizable bytearray; "
-                     "asyncio (selector_events._read_ready__get_buffer keeps `buf`) and uvloop (holds a "
-                     "Py_buffer until after buffer_updated) still reference that view during "
-                     "buffer_updated(), so `del buf[:pos]` in _parse raises BufferError 'Existing exports "
-                     "of data: object cannot be re-sized' on the first complete frame.",
-           raises=BufferError)
 def test_buffer_updated_while_the_read_view_is_still_referenced(codec):
     """Like asyncio/uvloop: the view from get_buffer() is alive while buffer_updated() runs."""
     sink = Collector(decode_with=codec.decode_body)
@@ -794,13 +767,6 @@ def test_buffer_updated_while_the_read_view_is_still_referenced(codec):
     assert sink.decoded == frames
 
 
-@known_bug("cython", "Decoder.get_buffer() moves a pending partial frame to the front of the shared scratch "
-                     "buffer and forgets it (_own = None, _own_len = 0). If no buffer_updated() follows - "
-                     "libuv/uvloop call alloc (get_buffer) then get EAGAIN (nread == 0) after a read that "
-                     "filled the buffer, and asyncio's SSL path does so on SSLWantReadError - the next "
-                     "get_buffer() hands out scratch from offset 0 and the pending bytes are lost: the "
-                     "stream desyncs (here MalformedFrame 'frame length 0').",
-           raises=(AssertionError, ProtocolError))
 def test_get_buffer_without_buffer_updated_keeps_pending_bytes(codec):
     sink = Collector(decode_with=codec.decode_body)
     dec = codec.Decoder(sink)
@@ -813,6 +779,61 @@ def test_get_buffer_without_buffer_updated_keeps_pending_bytes(codec):
     assert sink.decoded == frames
 
 
+def test_uvloop_read_that_fills_the_read_buffer(codec):
+    import asyncio
+    import socket
+
+    import uvloop
+
+    frames = [F.Send(i, "bob", bytes([i % 256]) * 1000) for i in range(300)]
+    wire = encode_all(codec, frames)
+    first = 256 * 1024                       # ends in the middle of a frame
+    assert first not in frame_ends(wire)
+
+    class Proto(asyncio.BufferedProtocol):
+        def __init__(self):
+            self.sink = Collector(decode_with=codec.decode_body)
+            self.dec = codec.Decoder(self.sink)
+            self.received = 0
+            self.error = None
+
+        def get_buffer(self, sizehint):
+            return self.dec.get_buffer(sizehint)
+
+        def buffer_updated(self, nbytes):
+            self.received += nbytes
+            try:
+                self.dec.buffer_updated(nbytes)
+            except ProtocolError as exc:
+                self.error = exc
+
+    async def wait_for(cond):
+        for _ in range(500):
+            if cond():
+                return
+            await asyncio.sleep(0.01)
+
+    async def main():
+        ours, peer = socket.socketpair()
+        with ours, peer:
+            for s in (ours, peer):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            peer.setblocking(False)
+            assert peer.send(wire[:first]) == first      # queued before the loop reads anything
+            transport, proto = await asyncio.get_running_loop().connect_accepted_socket(Proto, ours)
+            await wait_for(lambda: proto.received >= first or proto.error)
+            peer.setblocking(True)
+            peer.sendall(wire[first:])
+            await wait_for(lambda: proto.received >= len(wire) or proto.error)
+            transport.close()
+            if proto.error:
+                raise proto.error
+            return proto.sink.decoded
+
+    assert uvloop.run(main()) == frames
+
+
 def _run_isolated(script):
     """Run a snippet in a fresh interpreter: used where a codec bug poisons
     process-wide state (the shared scratch view) or corrupts memory."""
@@ -821,11 +842,6 @@ def _run_isolated(script):
     return proc.returncode, proc.stdout + proc.stderr
 
 
-@known_bug("cython", "Decoder.get_buffer() returns the module-level `_scratch_view` object itself when "
-                     "nothing is pending. A caller that releases it (view.release(), `with "
-                     "dec.get_buffer() as v:`) releases the scratch view of the whole process: every "
-                     "later get_buffer() of every Decoder returns a released memoryview / raises "
-                     "ValueError 'operation forbidden on released memoryview object'.")
 def test_get_buffer_view_released_by_caller(codec):
     rc, out = _run_isolated(f"""
         from _core import {codec.__name__.rsplit('.', 1)[1]} as codec, frames as F
@@ -936,50 +952,164 @@ def test_writebuffer_many_frames_decode_back(codec, frames):
     assert len(wb) == 0
 
 
-# -- Cython only: stop / resume / take_buffered (pycodec has no such API) ------------
+# -- SendCounter: the Cython one is a cdef FrameSink (the server's dispatch path) ------
+
+def _expected_counts(frames):
+    sends = [f for f in frames if isinstance(f, F.Send)]
+    return len(frames), len(sends), sum(len(f.payload) for f in sends)
+
 
 @pytest.mark.parametrize("path", PATHS)
-def test_cython_stop_keeps_the_rest_buffered(path):
+@SETTINGS
+@given(frames=st.lists(frames_st, min_size=1, max_size=12), data=st.data())
+def test_send_counter_sink_with_rechunking(codec, path, frames, data):
+    wire = encode_all(codec, frames)
+    cuts = data.draw(st.lists(st.integers(1, len(wire) - 1), max_size=25), label="cuts")
+    counter = codec.SendCounter()
+    dec = codec.Decoder(counter)
+    total = sum(deliver(dec, chunk, path) for chunk in split(wire, cuts))
+    assert total == len(frames) and dec.buffered == 0
+    assert (counter.frames, counter.sends, counter.payload_bytes) == _expected_counts(frames)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_switch_from_callable_sink_to_frame_sink_mid_batch(codec, path):
+    """The gateway's HELLO sink is a Python callable; it hands over to the session
+    (a FrameSink in Cython) from inside the callback."""
+    counter = codec.SendCounter()
+    seen = []
+
+    def hello_sink(ftype, flags, body):
+        seen.append(codec.decode_body(ftype, flags, body))
+        dec.set_sink(counter)
+
+    dec = codec.Decoder(hello_sink)
+    rest = [F.Send(i, "bob", bytes(i)) for i in range(50)] + [F.Ping(1)]
+    assert deliver(dec, encode_all(codec, [F.Hello(1, "t", "d", 0)] + rest), path) == 52
+    assert seen == [F.Hello(1, "t", "d", 0)]
+    assert (counter.frames, counter.sends, counter.payload_bytes) == _expected_counts(rest)
+
+
+@pytest.mark.parametrize("body", [b"", bytes(8), bytes(8) + b"\x00", bytes(8) + b"\x05ab"])
+def test_send_counter_rejects_malformed_send(codec, body):
+    dec = codec.Decoder(codec.SendCounter())
+    with pytest.raises(MalformedFrame):
+        dec.feed(struct.pack("!IBB", len(body) + 2, FrameType.SEND, 0) + body)
+    with pytest.raises(MalformedFrame):          # a FrameSink error fails the decoder too
+        dec.feed(codec.encode(F.Ping(1)))
+
+
+@SETTINGS
+@given(data=garbage, cut_data=st.data())
+def test_random_bytes_into_send_counter_codecs_agree(codec, data, cut_data):
+    cuts = cut_data.draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=10), label="cuts")
+
+    def run(mod, chunks, path):
+        counter = mod.SendCounter()
+        dec = mod.Decoder(counter)
+        err = None
+        try:
+            for chunk in chunks:
+                deliver(dec, chunk, path)
+        except ProtocolError as exc:
+            err = type(exc)
+        return err, counter.frames, counter.sends, counter.payload_bytes
+
+    reference = run(OTHER[codec], [data], "feed")
+    assert run(codec, split(data, cuts), "feed") == reference
+    assert run(codec, split(data, cuts), "get_buffer") == reference
+
+
+# -- stop / resume / take_buffered ---------------------------------------------------
+
+@pytest.mark.parametrize("path", PATHS)
+def test_stop_keeps_the_rest_buffered(codec, path):
     frames = [F.Ping(1), F.Ping(2), F.Send(3, "bob", b"x" * 50)]
-    wire = encode_all(_codec, frames)
+    wire = encode_all(codec, frames)
     seen = []
 
     def sink(ftype, flags, body):
-        seen.append(_codec.decode_body(ftype, flags, body))
+        seen.append(codec.decode_body(ftype, flags, body))
         dec.stop()
 
-    dec = _codec.Decoder(sink)
+    dec = codec.Decoder(sink)
     assert deliver(dec, wire + wire[:5], path) == 1
-    rest = wire[len(_codec.encode(frames[0])):] + wire[:5]
+    rest = wire[len(codec.encode(frames[0])):] + wire[:5]
     assert dec.buffered == len(rest)
     assert dec.take_buffered() == rest
     assert dec.buffered == 0 and dec.take_buffered() == b""
     assert seen == frames[:1]
 
 
-def test_cython_resume_dispatches_what_was_held():
+@pytest.mark.parametrize("path", PATHS)
+def test_stopped_decoder_holds_later_reads(codec, path):
+    frames = [F.Ping(i) for i in range(1, 6)]
+    wire = encode_all(codec, frames)
+    dec = codec.Decoder(Collector())
+    dec.stop()
+    for chunk in split(wire, [3, 20, 40]):
+        assert deliver(dec, chunk, path) == 0
+    assert dec.buffered == len(wire)
+    assert dec.take_buffered() == wire
+
+
+def test_resume_dispatches_what_was_held(codec):
     frames = [F.Ping(1), F.Ping(2), F.Ping(3)]
     seen = []
-    dec = _codec.Decoder(lambda t, f, b: seen.append(_codec.decode_body(t, f, b)))
+    dec = codec.Decoder(lambda t, f, b: seen.append(codec.decode_body(t, f, b)))
     dec.stop()
-    assert dec.feed(encode_all(_codec, frames)) == 0
+    assert dec.feed(encode_all(codec, frames)) == 0
     dec.resume()
     assert dec.feed(b"") == 3
     assert seen == frames and dec.buffered == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="After stop(), Decoder keeps every later byte in _own; get_buffer() then sees a small "
-                     "first frame (need <= SMALL_PENDING) and memcpy()s all _own_len pending bytes into the "
-                     "256 KiB scratch buffer without checking the size: a heap overflow (SIGSEGV here) once "
-                     "more than 256 KiB is held, and an empty view when exactly 256 KiB is held.")
-def test_cython_get_buffer_after_stop_with_more_than_scratch_held():
-    rc, out = _run_isolated("""
-        from _core import _codec, frames as F
-        dec = _codec.Decoder(lambda t, f, b: None)
+def test_get_buffer_after_stop_with_more_than_256k_held(codec):
+    rc, out = _run_isolated(f"""
+        from _core import {codec.__name__.rsplit('.', 1)[1]} as codec, frames as F
+        dec = codec.Decoder(lambda t, f, b: None)
         dec.stop()
-        dec.feed(_codec.encode(F.Ping(1)) * 30000)    # 420 KB held while stopped
+        wire = codec.encode(F.Ping(1)) * 30000
+        dec.feed(wire)                                  # 420 KB held while stopped
         buf = dec.get_buffer(-1)
         assert len(buf) > 0, "empty read buffer"
+        del buf
+        assert dec.take_buffered() == wire
         print("OK")
     """)
     assert rc == 0 and "OK" in out, f"exit status {rc}: {out[-500:]}"
+
+
+def test_view_derived_from_body_never_shows_other_bytes(codec):
+    """A sink that keeps `body[:]` breaks the contract (bodies are valid only
+    during the call). The Cython codec fails the decoder with BodyViewLeaked
+    and pins the memory; the reference copies bodies. Either way the kept view
+    never shows bytes of a later read."""
+    from _core.errors import BodyViewLeaked
+    kept = []
+    dec = codec.Decoder(lambda t, f, body: kept.append(body[:]))
+    first = codec.encode(F.Send(1, "bob", b"A" * 64))
+    leaked = False
+    for path in ("buffered", "feed"):
+        try:
+            if path == "buffered":
+                buf = dec.get_buffer(-1)
+                buf[:len(first)] = first
+                del buf
+                dec.buffer_updated(len(first))
+            else:
+                dec.feed(bytes(first))
+        except BodyViewLeaked:
+            leaked = True
+            dec = codec.Decoder(lambda t, f, body: kept.append(body[:]))
+    assert leaked == (codec is _codec)
+    # other connections reuse the shared read buffer with different bytes
+    other = codec.Decoder(lambda t, f, body: None)
+    for _ in range(3):
+        data = codec.encode(F.Send(9, "eve", b"Z" * 64))
+        buf = other.get_buffer(-1)
+        buf[:len(data)] = data
+        del buf
+        other.buffer_updated(len(data))
+    expected = first[HEADER_SIZE:]
+    assert kept and all(bytes(v) == expected for v in kept)
