@@ -6,7 +6,7 @@ hot path never builds them: it reads fields straight out of the read buffer.
 from dataclasses import dataclass
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Hello:
     version: int
     token: str
@@ -14,7 +14,7 @@ class Hello:
     resume_after: int = 0
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Welcome:
     version: int
     session_id: int
@@ -26,21 +26,21 @@ class Welcome:
     server_time_ms: int
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Send:
     client_id: int
     to: str
     payload: bytes
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Ack:
     client_id: int
     msg_id: int
     timestamp_ms: int
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Deliver:
     msg_id: int
     timestamp_ms: int
@@ -49,22 +49,22 @@ class Deliver:
     payload: bytes
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Received:
     msg_ids: tuple
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Ping:
     nonce: int
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Pong:
     nonce: int
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Error:
     code: int
     ref: int
@@ -72,7 +72,7 @@ class Error:
     fatal: bool = False
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Goaway:
     code: int
     reconnect_ms: int
