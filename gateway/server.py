@@ -2,8 +2,9 @@
 import asyncio
 import os
 import random
+import shutil
 import signal
-import socket
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,7 +16,7 @@ from router import MemoryStore, Router
 
 from . import log
 from .auth import TokenAuthority, load_or_create_secret
-from .config import GatewayConfig
+from .config import DEFAULT_PORT, GatewayConfig, default_data_dir
 from .connection import Connection
 
 _log = log.get("switchboard.gateway")
@@ -88,16 +89,30 @@ class Gateway:
         _log.info("stopped")
 
 
+def _cli_name() -> str:
+    """How the user can invoke this same CLI: `switchboard` if that is on PATH,
+    else the path of the script that started us (e.g. .venv/bin/switchboard)."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "switchboard":
+        on_path = shutil.which("switchboard")
+        if on_path and os.path.realpath(on_path) == os.path.realpath(argv0):
+            return "switchboard"
+        return os.path.relpath(argv0)
+    return f"{os.path.relpath(sys.executable)} -m gateway"
+
+
 def banner(host: str, port: int, data_dir: str) -> str:
-    d = os.path.relpath(data_dir) if not os.path.isabs(data_dir) or data_dir.startswith(os.getcwd()) else data_dir
-    dd = "" if os.path.abspath(data_dir) == os.path.abspath("switchboard-data") else f" --data-dir {d}"
-    cli = "switchboard"
+    cli = _cli_name()
+    default_dir = os.path.abspath(data_dir) == os.path.abspath(default_data_dir())
+    dd = "" if default_dir else f" --data-dir {data_dir}"
+    pp = "" if port == DEFAULT_PORT else f" --port {port}"
     return (f"switchboard: listening on tcp://{host}:{port}\n"
-            f"  data dir: {os.path.abspath(data_dir)}\n"
+            f"  data dir:     {os.path.abspath(data_dir)}\n"
             f"  get a token:  {cli} token issue alice{dd}\n"
-            f"  receive:      {cli} recv --as bob --port {port}{dd}\n"
-            f"  send:         {cli} send --as alice --to bob 'hello' --port {port}{dd}\n"
-            f"  chat:         {cli} chat --as alice --to bob --port {port}{dd}\n")
+            f"  receive:      {cli} recv --as bob{pp}{dd}\n"
+            f"  send:         {cli} send --as alice --to bob 'hello'{pp}{dd}\n"
+            f"  chat:         {cli} chat --as alice --to bob{pp}{dd}\n"
+            f"  protocol:     docs/PROTOCOL.md; stop with Ctrl-C\n")
 
 
 def run(config: GatewayConfig) -> int:
