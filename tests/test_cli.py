@@ -172,3 +172,13 @@ def test_chat(gateway_proc):
     r = sb("recv", "--as", "carol", "--count", "1", "--timeout", "5", *endpoint(gw))
     assert r.returncode == 0, r.stderr
     assert (json.loads(r.stdout)["from"], json.loads(r.stdout)["text"]) == ("alice", "hi carol")
+
+
+def test_serve_logs_readable_lines(gateway_proc):
+    """The server's log lines carry a real timestamp and key=value fields (picologging
+    garbles some format specifiers, so this is checked on real output)."""
+    import re as _re
+    gateway_proc.stop()
+    text = "".join(gateway_proc.output) + gateway_proc.proc.stdout.read()
+    line = next(l for l in text.splitlines() if "logger=switchboard.gateway" in l)
+    assert _re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d level=INFO logger=switchboard\.gateway ", line), line
