@@ -16,52 +16,7 @@ MAX_FRAME = 65536
 MAX_PAYLOAD = 65536 - 530          # PROTOCOL.md: max_frame - DELIVER_OVERHEAD
 
 
-class Raw:
-    """A blocking TCP client speaking raw frames (for what the SDK hides)."""
-
-    def __init__(self, gw, timeout: float = 5.0):
-        self.sock = socket.create_connection((gw.host, gw.port), timeout=timeout)
-        self.frames = collections.deque()
-        self.decoder = Decoder(lambda t, f, b: self.frames.append(decode_body(t, f, b)), 1 << 24)
-        self.closed = False
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _read(self) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except ConnectionResetError:
-            data = b""
-        if not data:
-            self.closed = True
-        else:
-            self.decoder.feed(data)
-
-    def frame(self):
-        while not self.frames:
-            assert not self.closed, "server closed the connection while a frame was expected"
-            self._read()
-        return self.frames.popleft()
-
-    def until_eof(self):
-        try:
-            while not self.closed:
-                self._read()
-        except (socket.timeout, TimeoutError):
-            pass
-        out = list(self.frames)
-        self.frames.clear()
-        return out, self.closed
-
-    def hello(self, token: str, device: str = "raw", resume_after: int = 0) -> F.Welcome:
-        self.send(encode(F.Hello(1, token, device, resume_after)))
-        w = self.frame()
-        assert isinstance(w, F.Welcome), w
-        return w
-
-    def close(self):
-        self.sock.close()
+from rawclient import Raw  # noqa: E402
 
 
 async def recv_n(client: Client, n: int, timeout: float = 5.0, ack: bool = True):
