@@ -66,6 +66,9 @@ cdef class WriteBuffer:
     cdef int write_ack(self, uint64_t client_id, uint64_t msg_id, uint64_t ts) except -1
     cdef int write_deliver(self, uint64_t msg_id, uint64_t ts, str sender, str sender_device,
                            const char *payload, Py_ssize_t n) except -1
+    cdef int write_deliver_raw(self, uint64_t msg_id, uint64_t ts, const char *sender, Py_ssize_t sender_len,
+                               const char *device, Py_ssize_t device_len,
+                               const char *payload, Py_ssize_t n) except -1
     cdef int write_error(self, uint16_t code, uint64_t ref, str reason, bint fatal) except -1
     cdef int write_u64_frame(self, uint8_t ftype, uint64_t v) except -1
     cdef bytes take_bytes(self)

@@ -353,6 +353,25 @@ cdef class WriteBuffer:
         self.put_raw(payload, n)
         return self.end_frame(start)
 
+    cdef int write_deliver_raw(self, uint64_t msg_id, uint64_t ts, const char *sender, Py_ssize_t sender_len,
+                               const char *device, Py_ssize_t device_len,
+                               const char *payload, Py_ssize_t n) except -1:
+        """DELIVER from bytes already validated (e.g. read back from the log)."""
+        cdef Py_ssize_t start
+        cdef unsigned char *p
+        self.reserve(HEADER_SIZE + 18 + sender_len + device_len + n)
+        start = self.begin_frame(FT_DELIVER, 0)
+        p = self.data + self.length
+        sb_store64(p, msg_id)
+        sb_store64(p + 8, ts)
+        p[16] = <uint8_t>sender_len
+        memcpy(p + 17, sender, sender_len)
+        p[17 + sender_len] = <uint8_t>device_len
+        memcpy(p + 18 + sender_len, device, device_len)
+        memcpy(p + 18 + sender_len + device_len, payload, n)
+        self.length += 18 + sender_len + device_len + n
+        return self.end_frame(start)
+
     cdef int write_error(self, uint16_t code, uint64_t ref, str reason, bint fatal) except -1:
         cdef Py_ssize_t start = self.begin_frame(FT_ERROR, FLAG_FATAL if fatal else 0)
         self.put_u16(code)

@@ -1,5 +1,6 @@
 from libc.stdint cimport uint8_t, uint64_t
 from ._codec cimport FrameSink, WriteBuffer
+from ._log cimport LogCore
 
 
 cdef class SessionCore(FrameSink):
@@ -16,6 +17,7 @@ cdef class SessionCore(FrameSink):
     cdef bint _close_after_flush
 
     cdef int _mark(self) except -1
+    cdef int _release(self, bytes data, bint close) except -1
 
 
 cdef class RouteCore:
@@ -25,6 +27,7 @@ cdef class RouteCore:
     cdef bint _flush_scheduled
     cdef object _loop
     cdef readonly object store
+    cdef LogCore _log            # the store, when it is the Cython log: appends skip Python
     cdef uint64_t _last_id
     cdef public Py_ssize_t max_payload
     cdef public Py_ssize_t dedup_window

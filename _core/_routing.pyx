@@ -15,6 +15,7 @@ from ._codec cimport (Cursor, cur_u64, cur_u16, cur_bytes8, cur_done, sb_load64,
                       SWITCHBOARD_DEBUG)
 from ._codec import encode_into
 from .errors import UnexpectedFrame, MalformedFrame, StoreError
+from ._log cimport LogCore
 from .protocol import ErrorCode, FrameType
 
 
@@ -52,8 +53,8 @@ cdef class SessionCore(FrameSink):
         cdef uint16_t count
         cdef const char *to
         cdef Py_ssize_t to_len
-        if self.closed:
-            return 0
+        if self.closed or self._close_after_flush:
+            return 0        # going away: nothing more is read from this session
         c.p = body
         c.end = body + n
         if ftype == FT_SEND:
@@ -91,6 +92,11 @@ cdef class SessionCore(FrameSink):
             self._core._schedule(self)
         return 0
 
+    def wake(self):
+        """Output was written into `out` directly: flush it this loop turn."""
+        if self.out.length:
+            self._mark()
+
     def write_frame(self, frame):
         """Queue any protocol frame (a `_core.frames` object) for the next flush."""
         if not self.closed:
@@ -123,12 +129,18 @@ cdef class SessionCore(FrameSink):
         self._mark()
 
     def flush(self):
-        """Write what is buffered now (normally done once per loop turn)."""
-        if self.out.length and not self.closed:
-            self._write(self.out.take_bytes())
-        if self._close_after_flush and not self.closed:
+        """Write what is buffered now, bypassing the store's commit (no ACKs may be pending)."""
+        self._release(self.out.take_bytes() if self.out.length else None, self._close_after_flush)
+
+    cdef int _release(self, bytes data, bint close) except -1:
+        if self.closed:
+            return 0
+        if data is not None:
+            self._write(data)
+        if close:
             self.closed = True
             self._close()
+        return 0
 
     def _detach(self):
         self.closed = True
@@ -146,7 +158,9 @@ cdef class RouteCore:
 
     def __init__(self, store, *, loop=None, Py_ssize_t max_payload=64512, Py_ssize_t dedup_window=4096):
         self._sessions = {}
-        self._dedup_tables = {}
+        # client ids seen per device; a durable store hands back what it recovered
+        self._dedup_tables = dict(getattr(store, "recovered_dedup", None) or {})
+        self._log = store if isinstance(store, LogCore) else None
         self._dirty = []
         self._flush_scheduled = False
         self._loop = loop
@@ -186,9 +200,13 @@ cdef class RouteCore:
             raise MalformedFrame("recipient is not UTF-8") from None
         ts = _now_ms()
         msg_id = self._next_id(ts)
-        body = PyBytes_FromStringAndSize(payload, n)     # the one copy: into the store
         try:
-            self.store.append(recipient, msg_id, ts, sender.user, sender.device, body)
+            if self._log is not None:     # the payload's one copy: into the mapped log
+                self._log.append_message(recipient, msg_id, ts, client_id, sender.user, sender.device,
+                                         payload, n)
+            else:
+                self.store.append(recipient, msg_id, ts, sender.user, sender.device,
+                                  PyBytes_FromStringAndSize(payload, n))
         except StoreError as exc:
             sender.error(exc.code, str(exc), client_id, False)
             return 0
@@ -208,8 +226,12 @@ cdef class RouteCore:
 
     cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1:
         cdef Py_ssize_t i
-        if count:
-            self.store.consume(session.user, [sb_load64(ids + 8 * i) for i in range(count)])
+        if not count:
+            return 0
+        id_list = [sb_load64(ids + 8 * i) for i in range(count)]
+        if self._log is not None:
+            return self._log.consume_ids(session.user, id_list)
+        self.store.consume(session.user, id_list)
         return 0
 
     cdef int _schedule(self, SessionCore s) except -1:
@@ -223,16 +245,27 @@ cdef class RouteCore:
         return 0
 
     def flush(self):
-        """Commit the store (group commit), then write every dirty session once."""
+        """Once per loop turn: take every dirty session's output, and write it
+        when the store says this turn's appends are durable (group commit)."""
         cdef SessionCore s
         cdef list dirty = self._dirty
+        cdef list batch = []
         self._dirty = []
         self._flush_scheduled = False
-        self.store.commit()
         for s in dirty:
             s._queued = False
+            if s.closed:
+                continue
+            batch.append((s, s.out.take_bytes() if s.out.length else None, s._close_after_flush))
+        if batch:
+            self.store.commit(self._release_batch, batch)
+
+    def _release_batch(self, list batch):
+        cdef SessionCore s
+        for item in batch:
+            s = (<tuple>item)[0]
             try:
-                s.flush()
+                s._release((<tuple>item)[1], (<tuple>item)[2])
             except Exception:
                 s.closed = True     # its transport is gone; the connection's close path detaches it
 
@@ -251,7 +284,12 @@ cdef class RouteCore:
         s._dedup = table
 
     def _detach(self, SessionCore s):
+        """The session's connection is gone."""
         s.closed = True
+        self._unroute(s)
+
+    def _unroute(self, SessionCore s):
+        """Route nothing more to `s` (its queued output is still written)."""
         online = self._sessions.get(s.user)
         if online is not None and s in online:
             online.remove(s)

@@ -32,6 +32,15 @@ def _positive(kind):
     return parse
 
 
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 64M)") from None
+
+
 def _add_endpoint(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"gateway address (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gateway TCP port (default {DEFAULT_PORT})")
@@ -64,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest frame after WELCOME, in bytes (default %(default)s)")
     p.add_argument("--max-pending", type=_positive(int), default=GatewayConfig.max_pending_per_recipient,
                    help="undelivered messages kept per recipient (default %(default)s)")
+    p.add_argument("--store", choices=["log", "memory"], default=GatewayConfig.store,
+                   help="where undelivered messages live: the durable log (default) or memory")
+    p.add_argument("--durability", choices=["always", "interval", "never"], default=GatewayConfig.durability,
+                   help="always: fsync before ACKs (group commit); interval: fsync every "
+                        "--flush-interval-ms; never: kernel writeback. A killed process loses "
+                        "nothing ACKed in any mode (default %(default)s)")
+    p.add_argument("--flush-interval-ms", type=_positive(int), default=GatewayConfig.flush_interval_ms,
+                   help="fsync period for --durability interval (default %(default)s)")
+    p.add_argument("--segment-size", type=_size, default=GatewayConfig.segment_size,
+                   help="log segment file size, e.g. 64M (default 64M)")
+    p.add_argument("--message-ttl", type=_positive(float), default=GatewayConfig.message_ttl,
+                   help="seconds an undelivered message is kept (default 30 days)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     p = verbs.add_parser("token", help="issue tokens", description="Issue tokens from the server secret.")
@@ -223,7 +244,9 @@ def _serve(args) -> int:
     from .server import run
     cfg = GatewayConfig(host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(),
                         workers=args.workers, hello_timeout=args.hello_timeout, max_frame=args.max_frame,
-                        max_pending_per_recipient=args.max_pending, log_level=args.log_level)
+                        max_pending_per_recipient=args.max_pending, log_level=args.log_level,
+                        store=args.store, durability=args.durability, flush_interval_ms=args.flush_interval_ms,
+                        segment_size=args.segment_size, message_ttl=args.message_ttl)
     try:
         cfg.validate()
     except ValueError as exc:

@@ -35,6 +35,14 @@ class GatewayConfig:
     reconnect_spread_ms: int = 5_000
     backlog: int = 4096
     log_level: str = "INFO"
+    #: "log": the durable memory-mapped log (default); "memory": lost on restart (tests, benchmarks)
+    store: str = "log"
+    #: always (fsync before every ACK batch) | interval (fsync every flush_interval_ms) | never
+    durability: str = "interval"
+    flush_interval_ms: int = 1000
+    segment_size: int = 64 << 20
+    #: undelivered messages expire after this long (WhatsApp keeps them 30 days)
+    message_ttl: float = 30 * 86400
 
     def validate(self) -> None:
         if not (0 <= self.port <= 65535):
@@ -48,3 +56,12 @@ class GatewayConfig:
             raise ValueError("max frame must be between 1 KiB and 16 MiB")
         if not (64 <= self.pre_auth_max_frame <= self.max_frame):
             raise ValueError("pre-auth max frame must be between 64 bytes and max frame")
+        if self.store not in ("log", "memory"):
+            raise ValueError(f"store must be 'log' or 'memory', not {self.store!r}")
+        self.log_config().validate()
+
+    def log_config(self):
+        from _core.log import LogConfig
+        return LogConfig(segment_size=self.segment_size, durability=self.durability,
+                         interval_ms=self.flush_interval_ms, ttl_s=self.message_ttl,
+                         max_pending=self.max_pending_per_recipient, dedup_window=self.dedup_window)

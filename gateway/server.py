@@ -12,6 +12,7 @@ from pathlib import Path
 import uvloop
 
 from _core.protocol import ErrorCode, GoawayCode
+from _core.log import AppendLog
 from router import MemoryStore, Router
 
 from . import log
@@ -35,6 +36,7 @@ class Gateway:
         self.errors: Counter = Counter()
         self._server = None
         self._stopping = None
+        self.exit_code = 0
 
     @staticmethod
     def now_ms() -> int:
@@ -48,8 +50,14 @@ class Gateway:
         self.loop = asyncio.get_running_loop()
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.authority = TokenAuthority(load_or_create_secret(cfg.data_dir))
-        self.router = Router(MemoryStore(cfg.max_pending_per_recipient), loop=self.loop,
-                             max_frame=cfg.max_frame, dedup_window=cfg.dedup_window)
+        if cfg.store == "log":
+            store = AppendLog(Path(cfg.data_dir) / "log" / "shard-0000", cfg.log_config())
+            store.open()                     # recovery: before anyone is served
+            store.start(self.loop)
+            store.on_fatal = self._store_failed
+        else:
+            store = MemoryStore(cfg.max_pending_per_recipient)
+        self.router = Router(store, loop=self.loop, max_frame=cfg.max_frame, dedup_window=cfg.dedup_window)
         self._stopping = asyncio.Event()
         self._server = await self.loop.create_server(
             lambda: Connection(self), cfg.host, cfg.port, backlog=cfg.backlog, reuse_address=True)
@@ -57,6 +65,11 @@ class Gateway:
         host, port = sock.getsockname()[:2]
         _log.info("listening on tcp://%s:%d (pid %d)", host, port, os.getpid())
         return host, port
+
+    def _store_failed(self, exc: BaseException) -> None:
+        _log.critical("event=stopping reason=store_failed error=%r", exc)
+        self.exit_code = 3
+        self.request_stop()
 
     def request_stop(self) -> None:
         if self._stopping is not None:
@@ -83,7 +96,6 @@ class Gateway:
             await asyncio.sleep(0.02)
         for c in list(self.connections):
             c.transport.abort()
-        self.router.store.commit()
         self.router.store.close()
         self._server = None
         _log.info("stopped")
@@ -127,10 +139,10 @@ def run(config: GatewayConfig) -> int:
             loop.add_signal_handler(sig, gw.request_stop)
         print(banner(host, port, config.data_dir), flush=True)
         await gw.wait_stopped()
+        return gw.exit_code
 
     try:
-        uvloop.run(main())
+        return uvloop.run(main())
     except OSError as exc:
         _log.error("cannot start: %s", exc)
         return 1
-    return 0

@@ -38,16 +38,20 @@ class Router(RouteCore):
         """
         for old in self.sessions_of(user):
             if old.device == device:
+                # its queued ACKs, then the GOAWAY, go out with this turn's batch; then it closes
                 old.goaway(GoawayCode.REPLACED, 0, "replaced by a newer connection of this device")
-                old.flush()          # write the GOAWAY and close now, before it stops being routed to
-                self._detach(old)
+                self._unroute(old)
         session = Session(self, user, device, next(self._session_ids), write, close)
         if welcome is not None:
             session.write_frame(dataclasses.replace(welcome, session_id=session.session_id))
         if resume_after:
             self.store.consume_through(user, resume_after)
-        for m in self.store.pending(user):
-            session.deliver(m.msg_id, m.timestamp_ms, m.sender, m.sender_device, m.payload)
+        if hasattr(self.store, "write_pending_into"):      # straight from the log's mapping
+            self.store.write_pending_into(session.out, user, now_ms())
+            session.wake()
+        else:
+            for m in self.store.pending(user):
+                session.deliver(m.msg_id, m.timestamp_ms, m.sender, m.sender_device, m.payload)
         self._attach(session)
         return session
 

@@ -19,7 +19,7 @@ class StoredMessage(NamedTuple):
 
 class OfflineStore(Protocol):
     def append(self, recipient: str, msg_id: int, timestamp_ms: int,
-               sender: str, sender_device: str, payload: bytes) -> None:
+               sender: str, sender_device: str, payload: bytes, client_id: int = 0) -> None:
         """Keep a message until `recipient` acknowledges it. Raise StoreError to refuse."""
 
     def pending(self, recipient: str) -> Iterable[StoredMessage]:
@@ -31,8 +31,10 @@ class OfflineStore(Protocol):
     def consume_through(self, recipient: str, msg_id: int) -> int:
         """Drop every message up to and including `msg_id` (a client's resume point)."""
 
-    def commit(self) -> None:
-        """Make appends so far as durable as the store promises; called before ACKs go out."""
+    def commit(self, then, arg) -> None:
+        """Call `then(arg)` once appends so far are as durable as the store promises.
+        The router writes each loop turn's ACKs and DELIVERs from `then`;
+        calls complete in order."""
 
     def last_id(self) -> int:
         """The highest message id ever stored, so new ids keep increasing across restarts."""
@@ -52,7 +54,7 @@ class MemoryStore:
         self.max_pending = max_pending_per_recipient
         self._last_id = 0
 
-    def append(self, recipient, msg_id, timestamp_ms, sender, sender_device, payload):
+    def append(self, recipient, msg_id, timestamp_ms, sender, sender_device, payload, client_id=0):
         inbox = self._inboxes.get(recipient)
         if inbox is None:
             inbox = self._inboxes[recipient] = {}
@@ -91,8 +93,8 @@ class MemoryStore:
             return len(self._inboxes.get(recipient, ()))
         return sum(map(len, self._inboxes.values()))
 
-    def commit(self):
-        pass
+    def commit(self, then, arg):
+        then(arg)     # memory is as durable as it gets
 
     def last_id(self):
         return self._last_id

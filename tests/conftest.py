@@ -50,6 +50,8 @@ class GatewayProcess:
 
 
 def start_gateway(data_dir: Path, *args: str, env: dict | None = None, timeout: float = 20.0) -> GatewayProcess:
+    if "--segment-size" not in args:
+        args = ("--segment-size", "2M", *args)      # tests don't need 64 MiB of zeros per server
     cmd = [sys.executable, "-m", "gateway", "serve", "--port", "0", "--data-dir", str(data_dir), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})

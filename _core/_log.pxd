@@ -1,0 +1,76 @@
+# The memory-mapped append log: segments and the in-memory index over them.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from ._codec cimport WriteBuffer
+
+cdef enum:
+    SEGMENT_HEADER_SIZE = 64
+    RECORD_HEADER_SIZE = 12      # u32 length, u32 crc, u8 type, u8 flags, u16 reserved
+    RECORD_ALIGN = 8
+    REC_MESSAGE = 1
+    REC_CONSUME = 2
+    # MESSAGE: header, u32 payload_len, u64 msg_id, u64 ts, u64 client_id, 4 id lengths
+    MESSAGE_FIXED = 12 + 4 + 24 + 4
+    # CONSUME: header, u16 count, 2 id lengths
+    CONSUME_FIXED = 12 + 2 + 2
+    MAX_CONSUME_IDS = 4096
+
+
+ctypedef struct MsgView:
+    uint64_t msg_id
+    uint64_t ts
+    uint64_t client_id
+    const char *recipient
+    Py_ssize_t recipient_len
+    const char *recipient_device
+    Py_ssize_t recipient_device_len
+    const char *sender
+    Py_ssize_t sender_len
+    const char *sender_device
+    Py_ssize_t sender_device_len
+    const char *payload
+    Py_ssize_t payload_len
+
+
+cdef class Segment:
+    cdef unsigned char *base
+    cdef readonly Py_ssize_t size
+    cdef readonly Py_ssize_t end          # where the next record goes (8-aligned)
+    cdef readonly uint64_t segment_id
+    cdef readonly uint64_t nonce
+    cdef readonly int fd
+    cdef public object path
+    cdef public Py_ssize_t messages       # MESSAGE records held
+    cdef public Py_ssize_t live           # of those, unconsumed and indexed
+    cdef public uint64_t newest_ts
+    cdef public bint sealed
+    cdef public bint quarantined
+    cdef public bint dirty                # written since the last sync was requested
+
+    cdef uint32_t record_crc(self, Py_ssize_t off, Py_ssize_t length) noexcept nogil
+    cdef bint record_valid(self, Py_ssize_t off) noexcept nogil
+    cdef int seal_record(self, Py_ssize_t off, Py_ssize_t length) except -1
+
+
+cdef class LogCore:
+    cdef dict _inboxes            # recipient -> {msg_id: loc}, in msg_id order
+    cdef dict _segments           # segment id -> Segment
+    cdef Segment _active
+    cdef readonly uint64_t last_msg_id
+    cdef public Py_ssize_t max_pending
+    cdef public uint64_t ttl_ms
+    cdef public Py_ssize_t consume_reserve
+    cdef public bint storage_full
+    cdef readonly uint64_t appended
+    cdef readonly uint64_t consumed
+    cdef readonly uint64_t expired
+    cdef readonly uint64_t unrecorded_consumes
+    cdef readonly Py_ssize_t pending_total
+
+    cdef Py_ssize_t _place(self, Py_ssize_t length, bint is_message) except -1
+    cdef int append_message(self, str recipient, uint64_t msg_id, uint64_t ts, uint64_t client_id,
+                            str sender, str sender_device, const char *payload, Py_ssize_t n) except -1
+    cdef int consume_ids(self, str recipient, object ids) except -1
+    cdef int write_pending(self, WriteBuffer out, str recipient, uint64_t now_ms) except -1
+    cdef int _drop(self, dict inbox, uint64_t msg_id, object loc) except -1
+    cdef int _recover_message(self, Segment seg, Py_ssize_t off, MsgView *m, uint64_t now_ms,
+                              dict dedup, Py_ssize_t dedup_window) except -1

@@ -1,0 +1,555 @@
+"""The durable offline store: one append log per shard, a directory of fixed-size
+memory-mapped segment files (records and recovery scan in `_log.pyx`).
+
+Why it is built this way:
+- Segments are reserved (posix_fallocate) *and* zero-filled before they are
+  mapped: writing into a sparse mapping on a full disk kills the process with
+  SIGBUS, and the first write to an unwritten extent stalls for tens of ms.
+  A spare segment is prepared on a background thread before it is needed.
+- Records go into the mapping, which lives in the page cache: a killed process
+  (kill -9) loses nothing that was appended, in every durability mode.
+- Durability against a machine crash is the flush policy: `always` (group
+  commit: ACKs of a loop turn's appends go out after one fdatasync; while it
+  runs, the next turn's appends gather for the next one), `interval` (an
+  fdatasync every N ms: a crash loses at most that window), `never` (the
+  kernel's writeback, about 30 s).
+- A failed fdatasync is fatal (Linux reports a writeback error only once, so
+  a retry that "succeeds" proves nothing): the log refuses further work, ACKs
+  waiting on it are never sent, and the owner is told to stop; recovery on
+  restart keeps exactly the records whose CRCs check out.
+- Segments leave the log only from the front: a CONSUME record is never
+  deleted while the message it consumed is still on disk to come back.
+  Old sparse segments are compacted (live messages copied to the head) so one
+  long-offline recipient does not pin the disk.
+"""
+import collections
+import errno
+import os
+import secrets
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import picologging
+from ._log import LogCore, Segment, crc32c, crc32c_hardware
+from .errors import StoreError
+from .protocol import ErrorCode
+
+_log = picologging.getLogger("switchboard.log")
+
+MAGIC = b"SBSEG001"
+HEADER = struct.Struct("!8sQQQQI16s")        # 60 bytes, then the header's CRC32C
+HEADER_SIZE = 64
+FORMAT_VERSION = 1
+ZERO_CHUNK = 1 << 20
+DURABILITY_MODES = ("always", "interval", "never")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class LogConfig:
+    segment_size: int = 64 << 20
+    durability: str = "interval"
+    interval_ms: int = 1000
+    ttl_s: float = 30 * 86400
+    max_pending: int = 10_000
+    #: compact the front segment when fewer than this fraction of its messages are live
+    compact_below: float = 0.5
+    dedup_window: int = 4096
+    #: bytes kept free in the active segment for acknowledgements when the disk is full
+    consume_reserve: int = 256 << 10
+
+    def validate(self) -> None:
+        if self.durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {', '.join(DURABILITY_MODES)}, not {self.durability!r}")
+        if not (1 << 20 <= self.segment_size <= 1 << 31) or self.segment_size % 4096:
+            raise ValueError("segment size must be a multiple of 4096 between 1 MiB and 2 GiB")
+        if self.consume_reserve * 4 > self.segment_size:
+            raise ValueError("segment size must be at least 4x the consume reserve")
+        if self.interval_ms <= 0 or self.ttl_s <= 0 or self.max_pending <= 0:
+            raise ValueError("interval, ttl and max pending must be positive")
+
+
+@dataclass
+class RecoveryReport:
+    segments: int = 0
+    bytes_scanned: int = 0
+    seconds: float = 0.0
+    pending: int = 0
+    torn_tails: list = field(default_factory=list)       # (segment_id, start, stop) zeroed
+    corrupt: list = field(default_factory=list)          # (segment_id, regions) quarantined
+    bad_headers: list = field(default_factory=list)      # file names moved to quarantine/
+
+    @property
+    def seconds_per_gib(self) -> float:
+        return self.seconds / (self.bytes_scanned / (1 << 30)) if self.bytes_scanned else 0.0
+
+
+def segment_name(segment_id: int) -> str:
+    return f"{segment_id:020d}.seg"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Worker(threading.Thread):
+    """One thread for everything that blocks: fdatasync first, then file work
+    (reserving, zeroing, deleting segments), so a sync never waits long behind
+    a segment being prepared. Results come back on the event loop."""
+
+    def __init__(self, name: str):
+        super().__init__(name=name, daemon=True)
+        self._urgent = collections.deque()
+        self._background = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.loop = None
+
+    def submit(self, fn, done=None, urgent=False) -> None:
+        with self._cv:
+            (self._urgent if urgent else self._background).append((fn, done))
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self.is_alive():
+            self.join()
+
+    def run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._urgent and not self._background and not self._stopping:
+                    self._cv.wait()
+                if self._urgent:
+                    fn, done = self._urgent.popleft()
+                elif self._background:
+                    fn, done = self._background.popleft()
+                else:
+                    return
+            try:
+                result, exc = fn(self._yield_to_urgent), None
+            except BaseException as e:      # handed to the loop, never lost
+                result, exc = None, e
+            if done is not None and self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(done, result, exc)
+
+    def _yield_to_urgent(self) -> None:
+        """Long background jobs call this between steps: run pending syncs now."""
+        while True:
+            with self._cv:
+                if not self._urgent:
+                    return
+                fn, done = self._urgent.popleft()
+            try:
+                result, exc = fn(self._yield_to_urgent), None
+            except BaseException as e:
+                result, exc = None, e
+            if done is not None and self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(done, result, exc)
+
+
+class AppendLog(LogCore):
+    """The durable OfflineStore of one shard."""
+
+    def __init__(self, directory, config: LogConfig | None = None, *, fault: str | None = None):
+        config = config or LogConfig()
+        config.validate()
+        super().__init__(config.max_pending, int(config.ttl_s * 1000), config.consume_reserve)
+        self.directory = Path(directory)
+        self.config = config
+        self.loop = None
+        self.failed: BaseException | None = None
+        self.on_fatal = None                 # called with the exception when the log fails
+        self.recovered_dedup: dict = {}
+        self.report = RecoveryReport()
+        self._fault = fault if fault is not None else os.environ.get("SWITCHBOARD_LOG_FAULT", "")
+        self._worker = _Worker(f"log-{self.directory.name}")
+        self._spare: Segment | None = None
+        self._preparing = False
+        self._next_id = 1
+        self._waiting: list = []             # (then, arg) waiting for the sync in flight
+        self._sync_inflight = False
+        self._timer = None
+        self._maint = None
+        self._compact_pos = None
+        self._expiry_cursor: list = []
+        self.syncs = 0
+        self.sync_seconds = 0.0
+        self.stalls = 0                      # rolls that had to prepare a segment on the loop
+        self.last_full_error = None
+        self._closed = False
+
+    # -- files ----------------------------------------------------------------------
+    def _header(self, segment_id: int, nonce: int) -> bytes:
+        body = HEADER.pack(MAGIC, segment_id, nonce, self.config.segment_size, now_ms(), FORMAT_VERSION, b"")
+        return body + struct.pack("!I", crc32c(body))
+
+    def _create_segment(self, segment_id: int, pause=lambda: None) -> Segment:
+        """Reserve, zero-fill, header, fsync, rename, fsync dir, map, pre-fault."""
+        size = self.config.segment_size
+        final = self.directory / segment_name(segment_id)
+        tmp = self.directory / f".{segment_name(segment_id)}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if self._fault == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+            os.posix_fallocate(fd, 0, size)       # ENOSPC surfaces here, before anything is mapped
+            zeros = bytes(ZERO_CHUNK)
+            for off in range(0, size, ZERO_CHUNK):
+                os.pwrite(fd, zeros[:min(ZERO_CHUNK, size - off)], off)
+                pause()
+            nonce = secrets.randbits(64)
+            os.pwrite(fd, self._header(segment_id, nonce), 0)
+            os.fsync(fd)
+            os.rename(tmp, final)
+            _fsync_dir(self.directory)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        seg = Segment.map(str(final), fd, segment_id, nonce, size)
+        for off in range(0, size, 8 << 20):
+            seg.populate(off, 8 << 20)
+            pause()
+        return seg
+
+    def _close_segment(self, seg: Segment) -> None:
+        seg.close()
+        try:
+            os.close(seg.fd)
+        except OSError:
+            pass
+
+    def _retire(self, seg: Segment, quarantine: bool) -> None:
+        """Runs on the worker: unmap, close, delete (or move aside), fsync the dir."""
+        self._close_segment(seg)
+        path = Path(seg.path)
+        if quarantine:
+            qdir = self.directory / "quarantine"
+            qdir.mkdir(exist_ok=True)
+            os.rename(path, qdir / path.name)
+            _fsync_dir(qdir)
+        else:
+            os.unlink(path)
+        _fsync_dir(self.directory)
+
+    # -- recovery -------------------------------------------------------------------
+    def open(self) -> RecoveryReport:
+        """Scan every segment and rebuild the index (before the loop serves anyone)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stray in self.directory.glob(".*.seg.tmp"):
+            stray.unlink()
+        report = self.report
+        start = time.perf_counter()
+        now = now_ms()
+        paths = sorted(self.directory.glob("*.seg"))
+        good = []
+        for path in paths:
+            seg = self._open_existing(path, report)
+            if seg is not None:
+                good.append(seg)
+        for i, seg in enumerate(good):
+            self._add_segment(seg)
+            status, end, regions = self._apply_segment(seg, now, self.recovered_dedup, self.config.dedup_window)
+            report.bytes_scanned += end
+            last = i == len(good) - 1
+            if status == "torn" and last:
+                bad_start, bad_stop = regions[-1]
+                seg.zero(bad_start, bad_stop)
+                seg.set_end(bad_start)
+                os.fdatasync(seg.fd)
+                report.torn_tails.append((seg.segment_id, bad_start, bad_stop))
+                _log.warning("event=torn_tail segment=%d zeroed=%d-%d", seg.segment_id, bad_start, bad_stop)
+            elif status != "clean":
+                seg.quarantined = True
+                report.corrupt.append((seg.segment_id, regions))
+                _log.error("event=corrupt_segment segment=%d bad_regions=%s action=quarantine_after_compaction "
+                           "records_outside_the_bad_regions=served", seg.segment_id, regions)
+            seg.sealed = not last or seg.quarantined
+            self._next_id = seg.segment_id + 1
+        report.segments = len(good)
+        self._finish_recovery()
+        report.pending = self.pending_count()
+        report.seconds = time.perf_counter() - start
+        if good and not good[-1].sealed:
+            self._set_active(good[-1])
+        _log.info("event=recovered dir=%s segments=%d bytes=%d pending=%d seconds=%.3f s_per_gib=%.2f crc32c_hw=%s",
+                  self.directory, report.segments, report.bytes_scanned, report.pending, report.seconds,
+                  report.seconds_per_gib, crc32c_hardware())
+        return report
+
+    def _open_existing(self, path: Path, report: RecoveryReport) -> Segment | None:
+        try:
+            segment_id = int(path.stem)
+        except ValueError:
+            return None
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, HEADER_SIZE, 0)
+        reason = None
+        if len(raw) < HEADER_SIZE:
+            reason = "short file"
+        else:
+            magic, sid, nonce, hsize, _created, version, _ = HEADER.unpack_from(raw)
+            if magic != MAGIC or struct.unpack_from("!I", raw, 60)[0] != crc32c(raw[:60]):
+                reason = "bad header"
+            elif sid != segment_id or hsize != size or version != FORMAT_VERSION:
+                reason = f"header says id {sid} size {hsize} version {version}"
+        if reason is not None:
+            os.close(fd)
+            qdir = self.directory / "quarantine"
+            qdir.mkdir(exist_ok=True)
+            os.rename(path, qdir / path.name)
+            _fsync_dir(self.directory)
+            report.bad_headers.append(path.name)
+            _log.error("event=bad_segment_file file=%s reason=%r action=quarantined", path.name, reason)
+            return None
+        return Segment.map(str(path), fd, segment_id, nonce, size)
+
+    # -- running --------------------------------------------------------------------
+    def start(self, loop) -> None:
+        """Start the worker thread and the timers; call from the event loop."""
+        self.loop = loop
+        self._worker.loop = loop
+        self._worker.start()
+        if self.active is None:
+            self._roll_now()
+        self._prepare_spare()
+        if self.config.durability == "interval":
+            self._timer = loop.call_later(self.config.interval_ms / 1000, self._interval_sync)
+        self._maint = loop.call_later(1.0, self.maintain)
+
+    def _roll(self):
+        """Called by LogCore when the active segment is full."""
+        if self.failed is not None:
+            raise StoreError("storage failed; see the server log", ErrorCode.INTERNAL)
+        if self._spare is not None:
+            seg, self._spare = self._spare, None
+            self._install(seg)
+            self._prepare_spare()
+            return
+        self._roll_now()
+
+    def _roll_now(self) -> None:
+        # No spare ready (a burst outran the worker, or start-up): prepare on the loop.
+        self.stalls += 1
+        try:
+            seg = self._create_segment(self._take_id())
+        except OSError as exc:
+            self._storage_full(exc)
+            raise StoreError("storage full: cannot reserve a new log segment", ErrorCode.STORAGE_FULL) from None
+        self._install(seg)
+
+    def _take_id(self) -> int:
+        i = self._next_id
+        self._next_id += 1
+        return i
+
+    def _install(self, seg: Segment) -> None:
+        self._add_segment(seg)
+        self._set_active(seg)
+        if self.storage_full:
+            self.storage_full = False
+            _log.warning("event=storage_available segment=%d", seg.segment_id)
+
+    def _storage_full(self, exc: OSError) -> None:
+        self.last_full_error = exc
+        if not self.storage_full:
+            self.storage_full = True
+            _log.error("event=storage_full dir=%s error=%r senders_get=STORAGE_FULL reads_and_acks=served",
+                       self.directory, exc)
+
+    def _prepare_spare(self) -> None:
+        if self._spare is not None or self._preparing or self.loop is None or self._closed:
+            return
+        self._preparing = True
+        segment_id = self._take_id()
+        self._worker.submit(lambda pause: self._create_segment(segment_id, pause), self._spare_ready)
+
+    def _spare_ready(self, seg, exc) -> None:
+        self._preparing = False
+        if exc is not None:
+            if isinstance(exc, OSError):
+                self._storage_full(exc)
+            else:
+                _log.error("event=segment_prepare_failed error=%r", exc)
+            return
+        if self._closed:
+            self._close_segment(seg)
+            return
+        self._spare = seg
+        if self.storage_full:      # senders were refused: take the new space now
+            self._roll()
+
+    # -- durability -----------------------------------------------------------------
+    def commit(self, then, arg) -> None:
+        """Run `then(arg)` (write ACKs and DELIVERs) once this turn's appends are
+        as durable as the policy promises."""
+        if self.failed is not None:
+            return                        # never ACK what may not be on disk
+        if self.config.durability != "always" or self.loop is None:
+            then(arg)
+            return
+        if not self._sync_inflight and not self._dirty_segments(peek=True):
+            then(arg)
+            return
+        self._waiting.append((then, arg))
+        if not self._sync_inflight:
+            self._start_sync()
+
+    def _dirty_segments(self, peek=False) -> list:
+        dirty = [s for s in self.segments if s.dirty]
+        if not peek:
+            for s in dirty:
+                s.dirty = False
+        return dirty
+
+    def _start_sync(self) -> None:
+        segs = self._dirty_segments()
+        batch, self._waiting = self._waiting, []
+        self._sync_inflight = True
+        fault = self._fault
+
+        def sync(pause):
+            t = time.perf_counter()
+            for s in segs:
+                if fault == "eio":
+                    raise OSError(errno.EIO, f"Input/output error (injected) syncing {s.path}")
+                os.fdatasync(s.fd)
+            return time.perf_counter() - t
+
+        self._worker.submit(sync, lambda r, e: self._synced(batch, r, e), urgent=True)
+
+    def _synced(self, batch, seconds, exc) -> None:
+        self._sync_inflight = False
+        if exc is not None:
+            self._fail(exc)
+            return
+        self.syncs += 1
+        self.sync_seconds += seconds
+        for then, arg in batch:
+            then(arg)
+        if self._waiting:
+            self._start_sync()
+
+    def _interval_sync(self) -> None:
+        self._timer = None
+        if self._closed or self.failed is not None:
+            return
+        if not self._sync_inflight and self._dirty_segments(peek=True):
+            self._start_sync()
+        self._timer = self.loop.call_later(self.config.interval_ms / 1000, self._interval_sync)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = exc
+        self._waiting.clear()
+        _log.critical("event=log_sync_failed dir=%s error=%r action=stop_without_acking "
+                      "(a writeback error is reported once; retrying would hide lost data)", self.directory, exc)
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
+
+    def sync(self) -> None:
+        """Synchronous flush of everything (shutdown, tests)."""
+        for s in self._dirty_segments():
+            os.fdatasync(s.fd)
+
+    # -- maintenance ------------------------------------------------------------------
+    def maintain(self, expire_budget: int = 2000, compact_budget: int = 2000) -> None:
+        """Expire, delete consumed segments from the front, compact a sparse front
+        segment; bounded work per call so the loop never stalls."""
+        self._maint = None
+        if self._closed:
+            return
+        now = now_ms()
+        if not self._expiry_cursor:
+            self._expiry_cursor = self.recipients()
+        for _ in range(min(expire_budget, len(self._expiry_cursor))):
+            self.expire_prefix(self._expiry_cursor.pop(), now)
+        more = self._collect_front() or self._compact_front(compact_budget)
+        if self.storage_full and self._spare is None:
+            self._prepare_spare()
+        if self.loop is not None and not self._closed:
+            self._maint = self.loop.call_later(0 if more else 1.0, self.maintain)
+
+    def _collect_front(self) -> bool:
+        segs = self.segments
+        removed = False
+        for seg in segs:
+            if seg is self.active or seg.live > 0:
+                break
+            self._remove_segment(seg.segment_id)
+            quarantine = seg.quarantined
+            self._worker.submit(lambda pause, s=seg, q=quarantine: self._retire(s, q))
+            _log.info("event=segment_%s segment=%d", "quarantined" if quarantine else "deleted", seg.segment_id)
+            removed = True
+        return removed
+
+    def _compact_front(self, budget: int) -> bool:
+        segs = self.segments
+        if not segs or segs[0] is self.active:
+            return False
+        front = segs[0]
+        sparse = front.messages == 0 or front.live < self.config.compact_below * front.messages
+        if not (sparse or front.quarantined):
+            self._compact_pos = None
+            return False
+        if self._compact_pos is None or self._compact_pos[0] != front.segment_id:
+            self._compact_pos = (front.segment_id, HEADER_SIZE)
+        try:
+            nxt = self._compact_step(front, self._compact_pos[1], budget)
+        except StoreError:
+            return False                     # no room to copy into; try again later
+        if nxt < 0:
+            self._compact_pos = None
+            return True                      # done: the next call deletes it
+        self._compact_pos = (front.segment_id, nxt)
+        return True
+
+    # -- OfflineStore extras ------------------------------------------------------------
+    def pending(self, recipient):
+        from router.store import StoredMessage
+        out = []
+        now = now_ms()
+        for _msg_id, loc in self.pending_locations(recipient):
+            msg_id, ts, _cid, _r, sender, device, payload = self.read_message(loc)
+            if ts + self.ttl_ms > now:
+                out.append(StoredMessage(msg_id, ts, sender, device, payload))
+        return out
+
+    def stats(self) -> dict:
+        segs = self.segments
+        return {
+            "segments": len(segs), "bytes": sum(s.end for s in segs), "pending": self.pending_count(),
+            "appended": self.appended, "consumed": self.consumed, "expired": self.expired,
+            "syncs": self.syncs, "sync_seconds": self.sync_seconds, "stalls": self.stalls,
+            "storage_full": self.storage_full, "unrecorded_consumes": self.unrecorded_consumes,
+            "quarantined": sum(1 for s in segs if s.quarantined),
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for h in (self._timer, self._maint):
+            if h is not None:
+                h.cancel()
+        self._worker.stop()
+        if self.failed is None:
+            self.sync()
+        for seg in self.segments + ([self._spare] if self._spare is not None else []):
+            self._close_segment(seg)
