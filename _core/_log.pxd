@@ -51,8 +51,23 @@ cdef class Segment:
     cdef int seal_record(self, Py_ssize_t off, Py_ssize_t length) except -1
 
 
+cdef class Inbox:
+    cdef uint64_t *ids
+    cdef uint64_t *locs
+    cdef Py_ssize_t head
+    cdef Py_ssize_t tail
+    cdef Py_ssize_t cap
+    cdef Py_ssize_t live
+    cdef bint unsorted
+
+    cdef int push(self, uint64_t msg_id, uint64_t loc) except -1
+    cdef void _squeeze(self) noexcept
+    cdef Py_ssize_t find(self, uint64_t msg_id) noexcept
+    cdef uint64_t take(self, Py_ssize_t i) noexcept
+
+
 cdef class LogCore:
-    cdef dict _inboxes            # recipient -> {msg_id: loc}, in msg_id order
+    cdef dict _inboxes            # recipient -> Inbox
     cdef dict _segments           # segment id -> Segment
     cdef Segment _active
     cdef readonly uint64_t last_msg_id
@@ -67,10 +82,17 @@ cdef class LogCore:
     cdef readonly Py_ssize_t pending_total
 
     cdef Py_ssize_t _place(self, Py_ssize_t length, bint is_message) except -1
+    cdef Py_ssize_t _write_message(self, const char *rp, Py_ssize_t rl, uint64_t msg_id, uint64_t ts,
+                                   uint64_t client_id, const char *sp, Py_ssize_t sl, const char *sdp,
+                                   Py_ssize_t sdl, const char *payload, Py_ssize_t n) except -1
+    cdef Inbox _inbox(self, str recipient, bint create)
     cdef int append_message(self, str recipient, uint64_t msg_id, uint64_t ts, uint64_t client_id,
                             str sender, str sender_device, const char *payload, Py_ssize_t n) except -1
     cdef int consume_ids(self, str recipient, object ids) except -1
     cdef int write_pending(self, WriteBuffer out, str recipient, uint64_t now_ms) except -1
-    cdef int _drop(self, dict inbox, uint64_t msg_id, object loc) except -1
+    cdef const unsigned char *_record(self, uint64_t loc) except NULL
+    cdef int _dropped(self, uint64_t loc) except -1
+    cdef int _forget_if_empty(self, str recipient, Inbox inbox) except -1
+    cdef int _sort_inbox(self, Inbox inbox) except -1
     cdef int _recover_message(self, Segment seg, Py_ssize_t off, MsgView *m, uint64_t now_ms,
                               dict dedup, Py_ssize_t dedup_window) except -1

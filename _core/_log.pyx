@@ -13,6 +13,8 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_AsUTF8AndSize
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
+from libc.stdlib cimport qsort
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from posix.mman cimport mmap, munmap, madvise, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 
 from ._codec cimport sb_load16, sb_load32, sb_load64, sb_store16, sb_store32, sb_store64
@@ -274,6 +276,101 @@ cdef class Segment:
         return f"<Segment {self.segment_id} end={self.end}/{self.size} live={self.live}/{self.messages}>"
 
 
+cdef class Inbox:
+    """One recipient's unconsumed messages: parallel arrays of msg ids (ascending)
+    and log locations, 16 bytes per message. Consumed entries become tombstones
+    (location 0; a real location is never 0) and are squeezed out as they pile up."""
+
+    def __cinit__(self):
+        self.ids = NULL
+        self.locs = NULL
+        self.head = self.tail = self.cap = self.live = 0
+        self.unsorted = False
+
+    def __dealloc__(self):
+        PyMem_Free(self.ids)
+        PyMem_Free(self.locs)
+
+    def __len__(self):
+        return self.live
+
+    cdef int push(self, uint64_t msg_id, uint64_t loc) except -1:
+        cdef Py_ssize_t cap
+        cdef uint64_t *p
+        if self.tail == self.cap:
+            if self.head > 0 and self.live <= self.cap // 2:
+                self._squeeze()
+            if self.tail == self.cap:
+                cap = self.cap * 2 if self.cap else 4
+                p = <uint64_t *>PyMem_Realloc(self.ids, cap * sizeof(uint64_t))
+                if p == NULL:
+                    raise MemoryError()
+                self.ids = p
+                p = <uint64_t *>PyMem_Realloc(self.locs, cap * sizeof(uint64_t))
+                if p == NULL:
+                    raise MemoryError()
+                self.locs = p
+                self.cap = cap
+        if self.tail > self.head and msg_id <= self.ids[self.tail - 1]:
+            self.unsorted = True        # only recovery (compaction copies) does this
+        self.ids[self.tail] = msg_id
+        self.locs[self.tail] = loc
+        self.tail += 1
+        self.live += 1
+        return 0
+
+    cdef void _squeeze(self) noexcept:
+        cdef Py_ssize_t i, j = 0
+        for i in range(self.head, self.tail):
+            if self.locs[i] != 0:
+                self.ids[j] = self.ids[i]
+                self.locs[j] = self.locs[i]
+                j += 1
+        self.head = 0
+        self.tail = j
+
+    cdef Py_ssize_t find(self, uint64_t msg_id) noexcept:
+        cdef Py_ssize_t lo = self.head, hi = self.tail, mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.ids[mid] < msg_id:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.tail and self.ids[lo] == msg_id and self.locs[lo] != 0:
+            return lo
+        return -1
+
+    cdef uint64_t take(self, Py_ssize_t i) noexcept:
+        cdef uint64_t loc = self.locs[i]
+        self.locs[i] = 0
+        self.live -= 1
+        while self.head < self.tail and self.locs[self.head] == 0:
+            self.head += 1
+        if self.live == 0:
+            self.head = self.tail = 0
+        elif self.tail - self.head > 64 and self.live * 4 < self.tail - self.head:
+            self._squeeze()
+        return loc
+
+    def ids_list(self):
+        return [self.ids[i] for i in range(self.head, self.tail) if self.locs[i] != 0]
+
+    def items(self):
+        return [(self.ids[i], self.locs[i]) for i in range(self.head, self.tail) if self.locs[i] != 0]
+
+
+cdef int _cmp_entry(const void *a, const void *b) noexcept nogil:
+    cdef const uint64_t *x = <const uint64_t *>a
+    cdef const uint64_t *y = <const uint64_t *>b
+    # (id, sequence): equal ids keep scan order, so the last copy wins below
+    if x[0] != y[0]:
+        return -1 if x[0] < y[0] else 1
+    if x[2] != y[2]:
+        return -1 if x[2] < y[2] else 1
+    return 0
+
+
 cdef class LogCore:
     """The index and the record paths of the log. `_core.log.AppendLog` adds
     files, threads, durability, expiry and compaction around it."""
@@ -320,9 +417,8 @@ cdef class LogCore:
         cdef Segment a = self._active
         if a is not None and a.size - a.end >= need + (self.consume_reserve if is_message else 0):
             return a.end
-        if not is_message and a is not None and a.size - a.end >= need:
-            if self.storage_full:
-                return a.end             # use the reserve rather than fail
+        if not is_message and a is not None and a.size - a.end >= need and self.storage_full:
+            return a.end                 # use the reserve rather than fail
         try:
             self._roll()
         except StoreError:
@@ -336,22 +432,14 @@ cdef class LogCore:
             raise StoreError(f"record of {length} bytes does not fit in a segment", ErrorCode.INTERNAL)
         return a.end
 
-    cdef int append_message(self, str recipient, uint64_t msg_id, uint64_t ts, uint64_t client_id,
-                            str sender, str sender_device, const char *payload, Py_ssize_t n) except -1:
-        cdef Py_ssize_t rl, sl, sdl, off, length
-        cdef const char *rp = _utf8(recipient, &rl)
-        cdef const char *sp = _utf8(sender, &sl)
-        cdef const char *sdp = _utf8(sender_device, &sdl)
-        cdef unsigned char *r
-        cdef Segment a
-        inbox = self._inboxes.get(recipient)
-        if inbox is not None and len(<dict>inbox) >= self.max_pending:
-            raise StoreError(f"{recipient} has {len(<dict>inbox)} undelivered messages (the limit)",
-                             ErrorCode.QUOTA_EXCEEDED)
-        length = MESSAGE_FIXED + rl + sl + sdl + n
-        off = self._place(length, True)
-        a = self._active
-        r = a.base + off
+    cdef Py_ssize_t _write_message(self, const char *rp, Py_ssize_t rl, uint64_t msg_id, uint64_t ts,
+                                   uint64_t client_id, const char *sp, Py_ssize_t sl, const char *sdp,
+                                   Py_ssize_t sdl, const char *payload, Py_ssize_t n) except -1:
+        """Write one MESSAGE record into the active segment; returns its offset."""
+        cdef Py_ssize_t length = MESSAGE_FIXED + rl + sl + sdl + n
+        cdef Py_ssize_t off = self._place(length, True)
+        cdef Segment a = self._active
+        cdef unsigned char *r = a.base + off
         r[8] = REC_MESSAGE
         r[9] = 0
         r[10] = 0
@@ -366,16 +454,37 @@ cdef class LogCore:
         _put_id(r + 43 + rl + sl, sdp, sdl)
         memcpy(r + 44 + rl + sl + sdl, payload, n)  # the payload's one copy into the log
         a.seal_record(off, length)
-        if inbox is None:
-            inbox = self._inboxes[recipient] = {}
-        (<dict>inbox)[msg_id] = (a.segment_id << 32) | <uint64_t>off
         a.messages += 1
-        a.live += 1
         if ts > a.newest_ts:
             a.newest_ts = ts
         if msg_id > self.last_msg_id:
             self.last_msg_id = msg_id
         self.appended += 1
+        return off
+
+    cdef Inbox _inbox(self, str recipient, bint create):
+        inbox = self._inboxes.get(recipient)
+        if inbox is None and create:
+            inbox = self._inboxes[recipient] = Inbox()
+        return <Inbox>inbox
+
+    cdef int append_message(self, str recipient, uint64_t msg_id, uint64_t ts, uint64_t client_id,
+                            str sender, str sender_device, const char *payload, Py_ssize_t n) except -1:
+        cdef Py_ssize_t rl, sl, sdl, off
+        cdef const char *rp = _utf8(recipient, &rl)
+        cdef const char *sp = _utf8(sender, &sl)
+        cdef const char *sdp = _utf8(sender_device, &sdl)
+        cdef Inbox inbox = self._inbox(recipient, False)
+        if inbox is not None and inbox.live >= self.max_pending:
+            raise StoreError(f"{recipient} has {inbox.live} undelivered messages (the limit)",
+                             ErrorCode.QUOTA_EXCEEDED)
+        off = self._write_message(rp, rl, msg_id, ts, client_id, sp, sl, sdp, sdl, payload, n)
+        if inbox is None:
+            inbox = self._inbox(recipient, True)
+        inbox.push(msg_id, (self._active.segment_id << 32) | <uint64_t>off)
+        if inbox.unsorted:              # ids from the router only grow; other callers may not
+            self._sort_inbox(inbox)
+        self._active.live += 1
         self.pending_total += 1
         return 0
 
@@ -390,11 +499,16 @@ cdef class LogCore:
         finally:
             PyBuffer_Release(&view)
 
-    cdef int _drop(self, dict inbox, uint64_t msg_id, object loc) except -1:
-        cdef Segment seg = self._segments.get(<uint64_t>loc >> 32)
+    cdef int _dropped(self, uint64_t loc) except -1:
+        cdef Segment seg = self._segments.get(loc >> 32)
         if seg is not None:
             seg.live -= 1
         self.pending_total -= 1
+        return 0
+
+    cdef int _forget_if_empty(self, str recipient, Inbox inbox) except -1:
+        if inbox.live == 0:
+            del self._inboxes[recipient]
         return 0
 
     cdef int consume_ids(self, str recipient, object ids) except -1:
@@ -403,16 +517,17 @@ cdef class LogCore:
         cdef const char *rp
         cdef unsigned char *r
         cdef Segment a
-        inbox = self._inboxes.get(recipient)
+        cdef Inbox inbox = self._inbox(recipient, False)
+        cdef uint64_t msg_id
         if inbox is None:
             return 0
-        for msg_id in ids:
-            loc = (<dict>inbox).pop(msg_id, None)
-            if loc is not None:
-                self._drop(<dict>inbox, msg_id, loc)
-                removed.append(msg_id)
-        if not inbox:
-            del self._inboxes[recipient]
+        for oid in ids:
+            msg_id = oid
+            i = inbox.find(msg_id)
+            if i >= 0:
+                self._dropped(inbox.take(i))
+                removed.append(oid)
+        self._forget_if_empty(recipient, inbox)
         if not removed:
             return 0
         self.consumed += len(removed)
@@ -436,8 +551,8 @@ cdef class LogCore:
             _put_id(r + 14, rp, rl)
             r[15 + rl] = 0
             k = 16 + rl
-            for msg_id in chunk:
-                sb_store64(r + k, <uint64_t>msg_id)
+            for oid in chunk:
+                sb_store64(r + k, <uint64_t>oid)
                 k += 8
             a.seal_record(off, length)
         return 0
@@ -449,34 +564,39 @@ cdef class LogCore:
         return self.consumed - before
 
     def consume_through(self, str recipient, uint64_t msg_id):
-        inbox = self._inboxes.get(recipient)
-        if not inbox:
+        cdef Inbox inbox = self._inbox(recipient, False)
+        cdef Py_ssize_t i
+        if inbox is None:
             return 0
         ids = []
-        for i in inbox:
-            if i > msg_id:
+        for i in range(inbox.head, inbox.tail):
+            if inbox.ids[i] > msg_id:
                 break
-            ids.append(i)
+            if inbox.locs[i] != 0:
+                ids.append(inbox.ids[i])
         return self.consume(recipient, ids)
+
+    cdef const unsigned char *_record(self, uint64_t loc) except NULL:
+        cdef Segment seg = self._segments[loc >> 32]
+        return seg.base + _loc_off(loc)
 
     cdef int write_pending(self, WriteBuffer out, str recipient, uint64_t now_ms) except -1:
         cdef MsgView m
-        cdef Segment seg
-        cdef uint64_t loc
         cdef const unsigned char *r
-        inbox = self._inboxes.get(recipient)
-        if not inbox:
+        cdef Inbox inbox = self._inbox(recipient, False)
+        cdef Py_ssize_t i
+        if inbox is None:
             return 0
         expired = None
-        for msg_id, oloc in (<dict>inbox).items():
-            loc = oloc
-            seg = self._segments[loc >> 32]
-            r = seg.base + _loc_off(loc)
+        for i in range(inbox.head, inbox.tail):
+            if inbox.locs[i] == 0:
+                continue
+            r = self._record(inbox.locs[i])
             _parse_message(r, sb_load32(r), &m)
             if m.ts + self.ttl_ms <= now_ms:
                 if expired is None:
                     expired = []
-                expired.append(msg_id)
+                expired.append(m.msg_id)
                 continue
             out.write_deliver_raw(m.msg_id, m.ts, m.sender, m.sender_len, m.sender_device,
                                   m.sender_device_len, m.payload, m.payload_len)
@@ -490,58 +610,56 @@ cdef class LogCore:
         self.write_pending(out, recipient, now_ms)
 
     def _expire(self, str recipient, ids):
-        inbox = self._inboxes.get(recipient)
+        cdef Inbox inbox = self._inbox(recipient, False)
+        cdef Py_ssize_t i, n = 0
         if inbox is None:
             return 0
-        n = 0
         for msg_id in ids:
-            loc = inbox.pop(msg_id, None)
-            if loc is not None:
-                self._drop(<dict>inbox, msg_id, loc)
+            i = inbox.find(msg_id)
+            if i >= 0:
+                self._dropped(inbox.take(i))
                 n += 1
-        if not inbox:
-            del self._inboxes[recipient]
+        self._forget_if_empty(recipient, inbox)
         self.expired += n
         return n
 
     def expire_prefix(self, str recipient, uint64_t now_ms):
         """Drop the expired messages at the front of one inbox (ids grow with time)."""
         cdef MsgView m
-        cdef Segment seg
-        cdef uint64_t loc
         cdef const unsigned char *r
-        inbox = self._inboxes.get(recipient)
-        if not inbox:
+        cdef Inbox inbox = self._inbox(recipient, False)
+        cdef Py_ssize_t i
+        if inbox is None:
             return 0
         ids = []
-        for msg_id, oloc in inbox.items():
-            loc = oloc
-            seg = self._segments[loc >> 32]
-            r = seg.base + _loc_off(loc)
+        for i in range(inbox.head, inbox.tail):
+            if inbox.locs[i] == 0:
+                continue
+            r = self._record(inbox.locs[i])
             _parse_message(r, sb_load32(r), &m)
             if m.ts + self.ttl_ms > now_ms:
                 break
-            ids.append(msg_id)
+            ids.append(m.msg_id)
         return self._expire(recipient, ids) if ids else 0
 
     def read_message(self, uint64_t loc):
         """(msg_id, ts, client_id, recipient, sender, sender_device, payload) at `loc`."""
         cdef MsgView m
-        cdef Segment seg = self._segments[loc >> 32]
-        cdef const unsigned char *r = seg.base + _loc_off(loc)
+        cdef const unsigned char *r = self._record(loc)
         _parse_message(r, sb_load32(r), &m)
         return (m.msg_id, m.ts, m.client_id, _text(m.recipient, m.recipient_len),
                 _text(m.sender, m.sender_len), _text(m.sender_device, m.sender_device_len),
                 PyBytes_FromStringAndSize(m.payload, m.payload_len))
 
     def pending_locations(self, str recipient):
-        inbox = self._inboxes.get(recipient)
-        return list(inbox.items()) if inbox else []
+        cdef Inbox inbox = self._inbox(recipient, False)
+        return inbox.items() if inbox is not None else []
 
     def pending_count(self, recipient=None):
+        cdef Inbox inbox
         if recipient is not None:
-            inbox = self._inboxes.get(recipient)
-            return len(inbox) if inbox else 0
+            inbox = self._inbox(recipient, False)
+            return inbox.live if inbox is not None else 0
         return self.pending_total
 
     def recipients(self):
@@ -556,14 +674,13 @@ cdef class LogCore:
         status is 'clean', 'torn' (garbage after the last valid record, nothing
         valid after it) or 'corrupt' (a bad region with valid records after it);
         `end` is where appending may resume; bad_regions lists (start, stop)."""
-        cdef Py_ssize_t pos = SEGMENT_HEADER_SIZE, q, nz
+        cdef Py_ssize_t pos = SEGMENT_HEADER_SIZE, q, nz, i
         cdef uint32_t length
         cdef const unsigned char *r
         cdef MsgView m
         cdef uint16_t count
         cdef Py_ssize_t k, rl
-        cdef Segment owner
-        cdef uint64_t loc
+        cdef Inbox inbox
         status = "clean"
         regions = []
         while pos + RECORD_HEADER_SIZE <= seg.size:
@@ -577,16 +694,17 @@ cdef class LogCore:
                     count = sb_load16(r + 12)
                     rl = r[14]
                     recipient = _text(<const char *>r + 15, rl)
-                    inbox = self._inboxes.get(recipient)
+                    inbox = self._inbox(recipient, False)
                     k = 16 + rl + r[15 + rl]
-                    for _ in range(count):
-                        if inbox is not None:
-                            oloc = (<dict>inbox).pop(sb_load64(r + k), None)
-                            if oloc is not None:
-                                self._drop(<dict>inbox, 0, oloc)
-                        k += 8
-                    if inbox is not None and not inbox:
-                        del self._inboxes[recipient]
+                    if inbox is not None:
+                        if inbox.unsorted:
+                            self._sort_inbox(inbox)
+                        for _ in range(count):
+                            i = inbox.find(sb_load64(r + k))
+                            if i >= 0:
+                                self._dropped(inbox.take(i))
+                            k += 8
+                        self._forget_if_empty(recipient, inbox)
                 pos += _align(length)
                 continue
             if length == 0:
@@ -607,7 +725,7 @@ cdef class LogCore:
 
     cdef int _recover_message(self, Segment seg, Py_ssize_t off, MsgView *m, uint64_t now_ms,
                               dict dedup, Py_ssize_t dedup_window) except -1:
-        cdef Segment old
+        cdef Inbox inbox
         seg.messages += 1
         if m.msg_id > self.last_msg_id:
             self.last_msg_id = m.msg_id
@@ -624,27 +742,51 @@ cdef class LogCore:
         if m.ts + self.ttl_ms <= now_ms:
             self.expired += 1
             return 0
-        recipient = _text(m.recipient, m.recipient_len)
-        inbox = self._inboxes.get(recipient)
-        if inbox is None:
-            inbox = self._inboxes[recipient] = {}
-        prev = (<dict>inbox).get(m.msg_id)
-        if prev is not None:            # a copy made by compaction: the later one wins
-            self._drop(<dict>inbox, m.msg_id, prev)
-        (<dict>inbox)[m.msg_id] = (seg.segment_id << 32) | <uint64_t>off
+        inbox = self._inbox(_text(m.recipient, m.recipient_len), True)
+        inbox.push(m.msg_id, (seg.segment_id << 32) | <uint64_t>off)   # a compaction copy is sorted out later
         seg.live += 1
         self.pending_total += 1
         return 0
 
+    cdef int _sort_inbox(self, Inbox inbox) except -1:
+        """Order by id; of several copies of one message (compaction) the last scanned wins."""
+        cdef Py_ssize_t n = inbox.tail - inbox.head, i, j = 0
+        cdef uint64_t *e
+        if n <= 0:
+            inbox.unsorted = False
+            return 0
+        e = <uint64_t *>PyMem_Malloc(n * 3 * sizeof(uint64_t))
+        if e == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                e[3 * i] = inbox.ids[inbox.head + i]
+                e[3 * i + 1] = inbox.locs[inbox.head + i]
+                e[3 * i + 2] = i
+            qsort(e, n, 3 * sizeof(uint64_t), _cmp_entry)
+            for i in range(n):
+                if e[3 * i + 1] == 0:
+                    continue
+                if i + 1 < n and e[3 * (i + 1)] == e[3 * i] and e[3 * (i + 1) + 1] != 0:
+                    self._dropped(e[3 * i + 1])       # an older copy of the same message
+                    inbox.live -= 1
+                    continue
+                inbox.ids[j] = e[3 * i]
+                inbox.locs[j] = e[3 * i + 1]
+                j += 1
+            inbox.head = 0
+            inbox.tail = j
+            inbox.unsorted = False
+        finally:
+            PyMem_Free(e)
+        return 0
+
     def _finish_recovery(self):
         """Inboxes back in msg_id order (compaction copies are scanned late)."""
-        for recipient, inbox in list(self._inboxes.items()):
-            prev = 0
-            for i in inbox:
-                if i < prev:
-                    self._inboxes[recipient] = dict(sorted(inbox.items()))
-                    break
-                prev = i
+        cdef Inbox inbox
+        for inbox in self._inboxes.values():
+            if inbox.unsorted:
+                self._sort_inbox(inbox)
 
     # -- compaction -------------------------------------------------------------------
     def _compact_step(self, Segment seg, Py_ssize_t pos, Py_ssize_t budget):
@@ -653,9 +795,10 @@ cdef class LogCore:
         cdef uint32_t length
         cdef const unsigned char *r
         cdef MsgView m
-        cdef Py_ssize_t off, q
+        cdef Py_ssize_t off, q, i
         cdef Segment a
         cdef uint64_t here
+        cdef Inbox inbox
         while budget > 0 and pos + RECORD_HEADER_SIZE <= seg.end:
             r = seg.base + pos
             length = sb_load32(r)
@@ -669,18 +812,60 @@ cdef class LogCore:
             if r[8] == REC_MESSAGE:
                 _parse_message(r, length, &m)
                 here = (seg.segment_id << 32) | <uint64_t>pos
-                recipient = _text(m.recipient, m.recipient_len)
-                inbox = self._inboxes.get(recipient)
-                if inbox is not None and (<dict>inbox).get(m.msg_id) == here:
-                    off = self._place(length, True)
-                    a = self._active
-                    memcpy(a.base + off + 8, r + 8, length - 8)
-                    a.seal_record(off, length)
-                    (<dict>inbox)[m.msg_id] = (a.segment_id << 32) | <uint64_t>off
-                    a.messages += 1
-                    a.live += 1
-                    if m.ts > a.newest_ts:
-                        a.newest_ts = m.ts
-                    seg.live -= 1
+                inbox = self._inbox(_text(m.recipient, m.recipient_len), False)
+                if inbox is not None:
+                    i = inbox.find(m.msg_id)
+                    if i >= 0 and inbox.locs[i] == here:
+                        off = self._place(length, True)
+                        a = self._active
+                        memcpy(a.base + off + 8, r + 8, length - 8)
+                        a.seal_record(off, length)       # a new CRC: the place changed
+                        inbox.locs[i] = (a.segment_id << 32) | <uint64_t>off
+                        a.messages += 1
+                        a.live += 1
+                        if m.ts > a.newest_ts:
+                            a.newest_ts = m.ts
+                        seg.live -= 1
             pos += _align(length)
         return pos if pos + RECORD_HEADER_SIZE <= seg.end else -1
+
+
+# -- benchmark helpers (bench/): the C paths without Python call overhead ------------
+
+def bench_append(LogCore log, Py_ssize_t n, Py_ssize_t payload_size, uint64_t first_id, bint index=True):
+    """Append `n` messages for 64 recipients through the C path (with the index,
+    as the router does, or records only). Returns elapsed seconds."""
+    import time
+    cdef bytes payload = b"x" * payload_size
+    cdef const char *p = payload
+    cdef list recipients = [f"user{i:04d}" for i in range(64)]
+    cdef Py_ssize_t i, rl
+    cdef const char *rp
+    cdef uint64_t ts = <uint64_t>(time.time() * 1000)
+    t = time.perf_counter()
+    if index:
+        for i in range(n):
+            log.append_message(recipients[i & 63], first_id + i, ts, 0, "alice", "phone", p, payload_size)
+    else:
+        rp = _utf8(recipients[0], &rl)
+        for i in range(n):
+            log._write_message(rp, rl, first_id + i, ts, 0, "alice", 5, "phone", 5, p, payload_size)
+    return time.perf_counter() - t
+
+
+def bench_memcpy(Segment seg, Py_ssize_t n, Py_ssize_t record_size):
+    """The floor: memcpy of `n` records of `record_size` bytes into a resident
+    mapping (a segment's). Returns elapsed seconds."""
+    import time
+    cdef bytes src = b"r" * record_size
+    cdef const char *p = src
+    cdef Py_ssize_t i, off = SEGMENT_HEADER_SIZE, step = _align(record_size)
+    cdef Py_ssize_t limit = seg.size - step
+    t = time.perf_counter()
+    with nogil:
+        for i in range(n):
+            memcpy(seg.base + off, p, record_size)
+            off += step
+            if off > limit:
+                off = SEGMENT_HEADER_SIZE
+    return time.perf_counter() - t
