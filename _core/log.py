@@ -176,8 +176,9 @@ class AppendLog(LogCore):
         self.report = RecoveryReport()
         self._fault = fault if fault is not None else os.environ.get("SWITCHBOARD_LOG_FAULT", "")
         self._worker = _Worker(f"log-{self.directory.name}")
-        self._spare: Segment | None = None
-        self._preparing = False
+        self._spares = collections.deque()  # prepared segments, in id order
+        self._preparing = 0
+        self.spares_target = 2               # grows after a stall
         self._next_id = 1
         self._waiting: list = []             # (then, arg) waiting for the sync in flight
         self._sync_inflight = False
@@ -209,6 +210,10 @@ class AppendLog(LogCore):
             zeros = bytes(ZERO_CHUNK)
             for off in range(0, size, ZERO_CHUNK):
                 os.pwrite(fd, zeros[:min(ZERO_CHUNK, size - off)], off)
+                # a chunk at a time onto disk, so an ACK's fdatasync never queues
+                # behind 64 MiB of zeros (and the zeros are never written back later
+                # by an fdatasync meant for records)
+                os.fdatasync(fd)
                 pause()
             nonce = secrets.randbits(64)
             os.pwrite(fd, self._header(segment_id, nonce), 0)
@@ -327,8 +332,11 @@ class AppendLog(LogCore):
         self.loop = loop
         self._worker.loop = loop
         self._worker.start()
-        if self.active is None:
-            self._roll_now()
+        if self.active is None:               # before anyone is served: not a stall
+            try:
+                self._install(self._create_segment(self._take_id()))
+            except OSError as exc:
+                self._storage_full(exc)
         self._prepare_spare()
         if self.config.durability == "interval":
             self._timer = loop.call_later(self.config.interval_ms / 1000, self._interval_sync)
@@ -338,16 +346,18 @@ class AppendLog(LogCore):
         """Called by LogCore when the active segment is full."""
         if self.failed is not None:
             raise StoreError("storage failed; see the server log", ErrorCode.INTERNAL)
-        if self._spare is not None:
-            seg, self._spare = self._spare, None
-            self._install(seg)
+        if self._spares:
+            self._install(self._spares.popleft())
             self._prepare_spare()
             return
         self._roll_now()
 
     def _roll_now(self) -> None:
-        # No spare ready (a burst outran the worker, or start-up): prepare on the loop.
+        # No spare ready (a burst outran the worker): prepare one on the loop.
         self.stalls += 1
+        self.spares_target = min(self.spares_target + 1, 4)      # appends outran preparation: look further ahead
+        _log.warning("event=log_stall reason=no_spare_segment dir=%s spares_target=%d",
+                     self.directory, self.spares_target)
         try:
             seg = self._create_segment(self._take_id())
         except OSError as exc:
@@ -375,24 +385,31 @@ class AppendLog(LogCore):
                        self.directory, exc)
 
     def _prepare_spare(self) -> None:
-        if self._spare is not None or self._preparing or self.loop is None or self._closed:
+        """Keep SPARES segments prepared ahead: preparing one (about 0.1-0.2 s for
+        64 MiB here) can wait behind a long fdatasync."""
+        if self.loop is None or self._closed:
             return
-        self._preparing = True
-        segment_id = self._take_id()
-        self._worker.submit(lambda pause: self._create_segment(segment_id, pause), self._spare_ready)
+        while len(self._spares) + self._preparing < self.spares_target:
+            self._preparing += 1
+            segment_id = self._take_id()
+            self._worker.submit(lambda pause, i=segment_id: self._create_segment(i, pause), self._spare_ready)
 
     def _spare_ready(self, seg, exc) -> None:
-        self._preparing = False
+        self._preparing -= 1
         if exc is not None:
             if isinstance(exc, OSError):
                 self._storage_full(exc)
             else:
                 _log.error("event=segment_prepare_failed error=%r", exc)
             return
-        if self._closed:
-            self._close_segment(seg)
+        active = self.active
+        if self._closed or (active is not None and seg.segment_id < active.segment_id):
+            # a stall-path roll overtook it: segments must be used in id order
+            self._worker.submit(lambda pause, s=seg: self._retire(s, False))
+            if not self._closed:
+                self._prepare_spare()
             return
-        self._spare = seg
+        self._spares.append(seg)
         if self.storage_full:      # senders were refused: take the new space now
             self._roll()
 
@@ -469,7 +486,7 @@ class AppendLog(LogCore):
             os.fdatasync(s.fd)
 
     # -- maintenance ------------------------------------------------------------------
-    def maintain(self, expire_budget: int = 2000, compact_budget: int = 2000) -> None:
+    def maintain(self, expire_budget: int = 500, compact_budget: int = 500) -> None:
         """Expire, delete consumed segments from the front, compact a sparse front
         segment; bounded work per call so the loop never stalls."""
         self._maint = None
@@ -481,7 +498,7 @@ class AppendLog(LogCore):
         for _ in range(min(expire_budget, len(self._expiry_cursor))):
             self.expire_prefix(self._expiry_cursor.pop(), now)
         more = self._collect_front() or self._compact_front(compact_budget)
-        if self.storage_full and self._spare is None:
+        if self.storage_full and not self._spares:
             self._prepare_spare()
         if self.loop is not None and not self._closed:
             self._maint = self.loop.call_later(0 if more else 1.0, self.maintain)
@@ -551,5 +568,7 @@ class AppendLog(LogCore):
         self._worker.stop()
         if self.failed is None:
             self.sync()
-        for seg in self.segments + ([self._spare] if self._spare is not None else []):
+        for seg in self.segments:
             self._close_segment(seg)
+        while self._spares:                  # unused: leave no empty segments behind
+            self._retire(self._spares.popleft(), False)
