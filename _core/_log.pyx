@@ -668,6 +668,10 @@ cdef class LogCore:
     def last_id(self):
         return self.last_msg_id
 
+    def _raise_last_id(self, uint64_t floor):
+        if floor > self.last_msg_id:
+            self.last_msg_id = floor
+
     # -- recovery -------------------------------------------------------------------
     def _apply_segment(self, Segment seg, uint64_t now_ms, dict dedup, Py_ssize_t dedup_window):
         """Index every valid record of `seg`. Returns (status, end, bad_regions):

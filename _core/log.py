@@ -40,7 +40,9 @@ from .protocol import ErrorCode
 _log = picologging.getLogger("switchboard.log")
 
 MAGIC = b"SBSEG001"
-HEADER = struct.Struct("!8sQQQQI16s")        # 60 bytes, then the header's CRC32C
+HEADER = struct.Struct("!8sQQQQIQ8s")       # 60 bytes, then the header's CRC32C
+# fields: magic, segment id, nonce, size, created ms, format version, id floor
+# (the highest message id when the segment became active), reserved
 HEADER_SIZE = 64
 FORMAT_VERSION = 1
 ZERO_CHUNK = 1 << 20
@@ -193,8 +195,9 @@ class AppendLog(LogCore):
         self._closed = False
 
     # -- files ----------------------------------------------------------------------
-    def _header(self, segment_id: int, nonce: int) -> bytes:
-        body = HEADER.pack(MAGIC, segment_id, nonce, self.config.segment_size, now_ms(), FORMAT_VERSION, b"")
+    def _header(self, segment_id: int, nonce: int, id_floor: int = 0) -> bytes:
+        body = HEADER.pack(MAGIC, segment_id, nonce, self.config.segment_size, now_ms(), FORMAT_VERSION,
+                           id_floor, b"")
         return body + struct.pack("!I", crc32c(body))
 
     def _create_segment(self, segment_id: int, pause=lambda: None) -> Segment:
@@ -268,12 +271,20 @@ class AppendLog(LogCore):
             seg = self._open_existing(path, report)
             if seg is not None:
                 good.append(seg)
-        for i, seg in enumerate(good):
+        # After a crash the newest files may be prepared spares that never got a
+        # record: the segment being written when the process died is the last
+        # one holding data, and only there can a torn tail be repaired.
+        scans = []
+        for seg in good:
             self._add_segment(seg)
             status, end, regions = self._apply_segment(seg, now, self.recovered_dedup, self.config.dedup_window)
             report.bytes_scanned += end
-            last = i == len(good) - 1
-            if status == "torn" and last:
+            scans.append((seg, status, regions))
+            self._next_id = seg.segment_id + 1
+        data_last = max((i for i, (seg, status, _) in enumerate(scans)
+                         if status != "clean" or seg.end > HEADER_SIZE), default=-1)
+        for i, (seg, status, regions) in enumerate(scans):
+            if status == "torn" and i == data_last:
                 bad_start, bad_stop = regions[-1]
                 seg.zero(bad_start, bad_stop)
                 seg.set_end(bad_start)
@@ -285,14 +296,19 @@ class AppendLog(LogCore):
                 report.corrupt.append((seg.segment_id, regions))
                 _log.error("event=corrupt_segment segment=%d bad_regions=%s action=quarantine_after_compaction "
                            "records_outside_the_bad_regions=served", seg.segment_id, regions)
-            seg.sealed = not last or seg.quarantined
-            self._next_id = seg.segment_id + 1
+            seg.sealed = i != data_last or seg.quarantined
+        for seg, _, _ in scans[data_last + 1:]:      # empty, prepared: use them as spares
+            self._remove_segment(seg.segment_id)
+            seg.sealed = False
+            self._spares.append(seg)
         report.segments = len(good)
         self._finish_recovery()
         report.pending = self.pending_count()
         report.seconds = time.perf_counter() - start
-        if good and not good[-1].sealed:
-            self._set_active(good[-1])
+        if data_last >= 0 and not scans[data_last][0].sealed:
+            self._set_active(scans[data_last][0])
+        elif self._spares:
+            self._install(self._spares.popleft())
         _log.info("event=recovered dir=%s segments=%d bytes=%d pending=%d seconds=%.3f s_per_gib=%.2f crc32c_hw=%s",
                   self.directory, report.segments, report.bytes_scanned, report.pending, report.seconds,
                   report.seconds_per_gib, crc32c_hardware())
@@ -310,7 +326,7 @@ class AppendLog(LogCore):
         if len(raw) < HEADER_SIZE:
             reason = "short file"
         else:
-            magic, sid, nonce, hsize, _created, version, _ = HEADER.unpack_from(raw)
+            magic, sid, nonce, hsize, _created, version, id_floor, _ = HEADER.unpack_from(raw)
             if magic != MAGIC or struct.unpack_from("!I", raw, 60)[0] != crc32c(raw[:60]):
                 reason = "bad header"
             elif sid != segment_id or hsize != size or version != FORMAT_VERSION:
@@ -324,6 +340,7 @@ class AppendLog(LogCore):
             report.bad_headers.append(path.name)
             _log.error("event=bad_segment_file file=%s reason=%r action=quarantined", path.name, reason)
             return None
+        self._raise_last_id(id_floor)     # ids never go backwards, even after deletions
         return Segment.map(str(path), fd, segment_id, nonce, size)
 
     # -- running --------------------------------------------------------------------
@@ -371,6 +388,10 @@ class AppendLog(LogCore):
         return i
 
     def _install(self, seg: Segment) -> None:
+        # record the id floor in its header: when older segments are deleted,
+        # this is what keeps last_id() from going backwards
+        seg.write_header(self._header(seg.segment_id, seg.nonce, self.last_id()))
+        seg.dirty = True
         self._add_segment(seg)
         self._set_active(seg)
         if self.storage_full:
@@ -392,10 +413,19 @@ class AppendLog(LogCore):
         while len(self._spares) + self._preparing < self.spares_target:
             self._preparing += 1
             segment_id = self._take_id()
-            self._worker.submit(lambda pause, i=segment_id: self._create_segment(i, pause), self._spare_ready)
+            self._worker.submit(lambda pause, i=segment_id: self._prepare_on_worker(i, pause), self._spare_ready)
+
+    def _prepare_on_worker(self, segment_id: int, pause):
+        seg = self._create_segment(segment_id, pause)
+        if self._closed:                     # closed meanwhile: leave nothing behind
+            self._retire(seg, False)
+            return None
+        return seg
 
     def _spare_ready(self, seg, exc) -> None:
         self._preparing -= 1
+        if seg is None and exc is None:
+            return
         if exc is not None:
             if isinstance(exc, OSError):
                 self._storage_full(exc)
@@ -403,11 +433,13 @@ class AppendLog(LogCore):
                 _log.error("event=segment_prepare_failed error=%r", exc)
             return
         active = self.active
-        if self._closed or (active is not None and seg.segment_id < active.segment_id):
+        if self._closed:
+            self._retire(seg, False)
+            return
+        if active is not None and seg.segment_id < active.segment_id:
             # a stall-path roll overtook it: segments must be used in id order
             self._worker.submit(lambda pause, s=seg: self._retire(s, False))
-            if not self._closed:
-                self._prepare_spare()
+            self._prepare_spare()
             return
         self._spares.append(seg)
         if self.storage_full:      # senders were refused: take the new space now

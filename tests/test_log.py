@@ -1,0 +1,922 @@
+"""The durable offline store (_core/log.py, _core/_log.pyx) on real files:
+reopen, rollover, deletion and compaction of front segments, expiry, quota,
+torn tails, bit flips, stale bytes, a really full disk (tmpfs), injected
+sync failures and group commit. Crash tests with kill -9 are in test_log_crash.py."""
+import asyncio
+import errno
+import os
+import random
+import shutil
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from _core._codec import Decoder, WriteBuffer, decode_body
+from _core._log import crc32c
+from _core.errors import StoreError
+from _core.frames import Deliver
+from _core.log import HEADER, HEADER_SIZE, MAGIC, AppendLog, LogConfig, now_ms
+from _core.protocol import ErrorCode
+
+SEG = 1 << 20
+REC = struct.Struct("!IIBBH")          # length, crc, type, flags, reserved
+MSG_FIXED = struct.Struct("!IQQQ")     # payload length, msg_id, ts, client_id (after REC)
+REC_MESSAGE, REC_CONSUME = 1, 2
+
+
+def cfg(**kw) -> LogConfig:
+    kw.setdefault("segment_size", SEG)
+    kw.setdefault("consume_reserve", 64 << 10)
+    return LogConfig(**kw)
+
+
+class Ids:
+    """Router-shaped ids: (ms << 22) | seq, increasing."""
+
+    def __init__(self, ms: int | None = None):
+        self.ms = now_ms() if ms is None else ms
+        self.seq = 0
+
+    def __call__(self) -> int:
+        self.seq += 1
+        return (self.ms << 22) | self.seq
+
+
+@pytest.fixture
+def logs():
+    """Opens AppendLogs and closes every one at teardown (close is idempotent)."""
+    opened = []
+
+    def make(directory, config=None, **kw):
+        log = AppendLog(directory, config or cfg(), **kw)
+        opened.append(log)
+        return log
+
+    yield make
+    for log in opened:
+        log.close()
+
+
+def spare_ready(log) -> bool:
+    """A prepared spare segment has been handed to the log (the worker's result arrived)."""
+    return bool(log._spares)
+
+
+def seg_files(directory) -> list[Path]:
+    return sorted(Path(directory).glob("*.seg"))
+
+
+def pending_map(log) -> dict:
+    """{recipient: [StoredMessage...]} for every recipient with pending messages."""
+    return {r: log.pending(r) for r in log.recipients() if log.pending(r)}
+
+
+def bounded(limit: int, what: str):
+    """range(limit) for loops that stop on a condition; running out is a failure."""
+    yield from range(limit)
+    raise AssertionError(f"{what}: no result after {limit} steps")
+
+
+async def until(pred, timeout=10.0, what="condition"):
+    """Wait for the log's worker thread to make `pred` true (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def parse_segment(path) -> tuple[dict, list]:
+    """Read a segment file with this test's own reading of the format: the header
+    fields and the records [(offset, length, type, raw bytes)] up to the first
+    zero length. Every header and record CRC is checked here too."""
+    data = Path(path).read_bytes()
+    magic, sid, nonce, size, created, version, _id_floor, _ = HEADER.unpack_from(data)
+    assert magic == MAGIC and size == len(data) and version == 1
+    assert struct.unpack_from("!I", data, 60)[0] == crc32c(data[:60])
+    records = []
+    pos = HEADER_SIZE
+    while pos + REC.size <= len(data):
+        length, crc, rtype, flags, reserved = REC.unpack_from(data, pos)
+        if length == 0:
+            break
+        raw = data[pos:pos + length]
+        assert rtype in (REC_MESSAGE, REC_CONSUME) and flags == 0 and reserved == 0
+        assert crc == crc32c(raw[8:], crc32c(struct.pack("!QQQ", nonce, sid, pos))), f"crc at {pos}"
+        records.append((pos, length, rtype, raw))
+        pos += (length + 7) & ~7
+    return {"id": sid, "nonce": nonce, "size": size, "end": pos}, records
+
+
+def message_fields(raw: bytes) -> tuple:
+    """(msg_id, ts, client_id, recipient, sender, sender_device, payload) of a MESSAGE record."""
+    n, msg_id, ts, client_id = MSG_FIXED.unpack_from(raw, 12)
+    pos, ids = 40, []
+    for _ in range(4):
+        ln = raw[pos]
+        ids.append(raw[pos + 1:pos + 1 + ln].decode())
+        pos += 1 + ln
+    assert pos + n == len(raw)
+    return msg_id, ts, client_id, ids[0], ids[2], ids[3], raw[pos:]
+
+
+def patch(path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert os.pwrite(fd, data, offset) == len(data)
+    finally:
+        os.close(fd)
+
+
+def delivered(log, recipient, now=None) -> list[Deliver]:
+    """The DELIVER frames write_pending_into produces, decoded."""
+    out = WriteBuffer()
+    log.write_pending_into(out, recipient, now_ms() if now is None else now)
+    frames = []
+    dec = Decoder(lambda t, f, body: frames.append(decode_body(t, f, body)), 1 << 24)
+    dec.feed(out.take())
+    assert all(isinstance(f, Deliver) for f in frames)
+    return frames
+
+
+# -- crc32c -----------------------------------------------------------------------------------
+
+def test_crc32c_known_vector_and_chaining():
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"") == 0
+    assert crc32c(b"\x00" * 32) == 0x8A9136AA                 # RFC 3720 B.4 test vector
+    rng = random.Random(1)
+    for _ in range(50):
+        a, b = rng.randbytes(rng.randrange(0, 300)), rng.randbytes(rng.randrange(0, 300))
+        assert crc32c(b, crc32c(a)) == crc32c(a + b)
+        assert crc32c(memoryview(a + b)) == crc32c(bytearray(a + b))
+
+
+# -- reopen -----------------------------------------------------------------------------------
+
+def test_reopen_restores_pending_payloads_last_id_and_dedup(tmp_path, logs):
+    rng = random.Random(7)
+    nid = Ids()
+    recipients = ["alice", "bob", "carol", "dave-ü"]
+    sent = {r: [] for r in recipients}
+    dedup, cids = {}, {}
+    log = logs(tmp_path)
+    assert log.open().segments == 0
+    for i in range(400):
+        r = rng.choice(recipients)
+        mid = nid()
+        sender, device = rng.choice([("eve", "phone"), ("frank", "laptop"), ("eve", "")])
+        payload = rng.randbytes(rng.choice([0, 1, 7, 100, 3000]))
+        client_id = i + 1 if i % 4 else 0
+        log.append(r, mid, mid >> 22, sender, device, payload, client_id)
+        sent[r].append((mid, mid >> 22, sender, device, payload))
+        cids[mid] = client_id
+        if client_id:
+            dedup.setdefault((sender, device), {})[client_id] = (mid, mid >> 22)
+    last = max(m[0] for v in sent.values() for m in v)
+    # consume some: half of alice's, every third of bob's, all of carol's; unknown ids are ignored
+    gone = set(m[0] for m in sent["alice"][::2]) | set(m[0] for m in sent["bob"][::3]) \
+        | set(m[0] for m in sent["carol"])
+    assert log.consume("alice", [m[0] for m in sent["alice"][::2]] + [12345]) == len(sent["alice"][::2])
+    assert log.consume("bob", [m[0] for m in sent["bob"][::3]]) == len(sent["bob"][::3])
+    assert log.consume("carol", [m[0] for m in sent["carol"]]) == len(sent["carol"])
+    assert log.consume("nobody", [1, 2]) == 0
+    assert log.consume("alice", [sent["alice"][0][0]]) == 0       # already consumed
+    left = {r: [m for m in sent[r] if m[0] not in gone] for r in recipients}
+    left = {r: v for r, v in left.items() if v}
+    assert {r: [tuple(m) for m in v] for r, v in pending_map(log).items()} == left
+    log.close()
+    # the file, read with this test's own reading of the format (CRCs checked in parse_segment)
+    (path,) = seg_files(tmp_path)
+    _hdr, records = parse_segment(path)
+    messages = [message_fields(raw) for _o, _n, t, raw in records if t == REC_MESSAGE]
+    assert len(messages) == 400 and sum(t == REC_CONSUME for _o, _n, t, _r in records) == 3
+    by_id = {m[0]: m for m in messages}
+    for r, msgs in sent.items():
+        for mid, ts, sender, device, payload in msgs:
+            assert by_id[mid][1:] == (ts, cids[mid], r, sender, device, payload)
+
+    again = logs(tmp_path)
+    report = again.open()
+    assert report.pending == sum(map(len, left.values())) == again.pending_count()
+    assert not report.torn_tails and not report.corrupt and not report.bad_headers
+    got = pending_map(again)
+    assert {r: [tuple(m) for m in v] for r, v in got.items()} == left
+    for r, msgs in got.items():
+        assert [m.msg_id for m in msgs] == sorted(m.msg_id for m in msgs)
+        assert [(d.msg_id, d.timestamp_ms, d.sender, d.sender_device, bytes(d.payload))
+                for d in delivered(again, r)] == [tuple(m) for m in msgs]
+    assert again.last_id() == last
+    assert again.recovered_dedup == dedup
+
+    # consume_through: everything of dave's up to and including his third message
+    dave = left["dave-ü"]
+    assert again.consume_through("dave-ü", dave[2][0]) == 3
+    assert [m.msg_id for m in again.pending("dave-ü")] == [m[0] for m in dave[3:]]
+    assert again.consume_through("dave-ü", dave[2][0]) == 0
+    again.close()
+    third = logs(tmp_path)
+    third.open()
+    assert [m.msg_id for m in third.pending("dave-ü")] == [m[0] for m in dave[3:]]
+    assert third.pending_count() == report.pending - 3
+
+
+# -- rollover and deletion --------------------------------------------------------------------
+
+def test_rollover_and_consumed_front_segments_deleted(tmp_path, logs):
+    nid = Ids()
+    payload = bytes(range(256)) * 16              # 4 KiB: ~240 records per 1 MiB segment
+
+    async def main():
+        log = logs(tmp_path)
+        log.open()
+        log.start(asyncio.get_running_loop())
+        ids = []
+        for _ in bounded(2000, "four segments"):
+            if len(log.segments) >= 4:
+                break
+            if log.active.free < 2 * len(payload) + log.consume_reserve:
+                await until(lambda: spare_ready(log), what="spare segment")
+            mid = nid()
+            log.append(f"u{mid % 3}", mid, mid >> 22, "s", "d", payload)
+            ids.append(mid)
+            await asyncio.sleep(0)
+        assert log.stalls == 0                     # every roll found a prepared segment
+        on_disk = seg_files(tmp_path)
+        assert len(on_disk) >= 4
+        assert all(p.stat().st_size == SEG for p in on_disk)
+        assert sum(s.messages for s in log.segments) == len(ids)
+        for r in ("u0", "u1", "u2"):
+            log.consume(r, [i for i in ids if i % 3 == int(r[1])])
+        assert log.pending_count() == 0
+        active = log.active.segment_id
+        log.maintain()
+        await until(lambda: [p.name for p in seg_files(tmp_path)][0] >= f"{active:020d}.seg",
+                    what="front segments deleted")
+        assert len(seg_files(tmp_path)) < len(on_disk)
+        assert all(int(p.stem) >= active for p in seg_files(tmp_path))   # only the active one and spares
+        assert [s.segment_id for s in log.segments] == [active]
+        log.close()
+        return active
+
+    active = asyncio.run(main())
+    again = logs(tmp_path)
+    report = again.open()
+    assert report.pending == 0 and again.pending_count() == 0
+    assert all(s.segment_id >= active for s in again.segments)
+
+
+# -- compaction -------------------------------------------------------------------------------
+
+def test_compaction_moves_old_message_and_deletes_front_segment(tmp_path, logs):
+    nid = Ids()
+    old_payload = b"the one message nobody read " * 10
+
+    async def main():
+        log = logs(tmp_path)
+        log.open()
+        log.start(asyncio.get_running_loop())
+        old = nid()
+        log.append("sleeper", old, old >> 22, "s", "d", old_payload, 99)
+        first = log.active.segment_id
+        ids = []
+        for _ in bounded(2000, "three segments"):
+            if len(log.segments) >= 3:
+                break
+            if log.active.free < 4096 + log.consume_reserve:
+                await until(lambda: spare_ready(log), what="spare segment")
+            mid = nid()
+            log.append("busy", mid, mid >> 22, "s", "d", b"x" * 2000)
+            ids.append(mid)
+            await asyncio.sleep(0)
+        assert log.consume("busy", ids) == len(ids)
+        front = log.segments[0]
+        assert front.segment_id == first and front.live == 1 and front.messages > 100
+        front_file = tmp_path / f"{first:020d}.seg"
+        for _ in range(50):                        # bounded: each call copies at most 2000 records
+            log.maintain()
+            if first not in [s.segment_id for s in log.segments]:
+                break
+        assert first not in [s.segment_id for s in log.segments]
+        await until(lambda: not front_file.exists(), what="front segment file deleted")
+        (loc,) = [loc for _mid, loc in log.pending_locations("sleeper")]
+        assert loc >> 32 != first
+        assert [tuple(m) for m in log.pending("sleeper")] == [(old, old >> 22, "s", "d", old_payload)]
+        log.close()
+        return old
+
+    old = asyncio.run(main())
+    again = logs(tmp_path)
+    report = again.open()
+    assert report.pending == 1
+    assert [tuple(m) for m in again.pending("sleeper")] == [(old, old >> 22, "s", "d", old_payload)]
+    assert again.pending_count("busy") == 0
+
+
+# -- expiry -----------------------------------------------------------------------------------
+
+def test_expired_messages_are_not_delivered_or_recovered(tmp_path, logs):
+    ttl_s = 60
+    now = now_ms()
+    past = Ids(now - 2 * ttl_s * 1000)
+    fresh = Ids(now)
+    log = logs(tmp_path, cfg(ttl_s=ttl_s))
+    log.open()
+    stale_ids = [past() for _ in range(3)]
+    for mid in stale_ids:
+        log.append("bob", mid, mid >> 22, "s", "d", b"stale")
+    fresh_ids = [fresh() for _ in range(2)]
+    for mid in fresh_ids:
+        log.append("bob", mid, mid >> 22, "s", "d", b"fresh")
+    assert [m.msg_id for m in log.pending("bob")] == fresh_ids
+    assert [d.msg_id for d in delivered(log, "bob")] == fresh_ids
+    assert log.expired == 3                      # write_pending_into dropped them from the index
+    assert [mid for mid, _loc in log.pending_locations("bob")] == fresh_ids
+    # one that expires between the append and the delivery
+    later = Ids(now + 1)
+    mid = later()
+    log.append("carol", mid, now, "s", "d", b"soon stale")
+    assert delivered(log, "carol", now + ttl_s * 1000) == []
+    assert log.pending_count("carol") == 0
+    log.close()
+
+    again = logs(tmp_path, cfg(ttl_s=ttl_s))
+    report = again.open()
+    assert report.pending == 3 and again.expired == 3
+    assert [m.msg_id for m in again.pending("bob")] == fresh_ids
+    assert again.pending_count("carol") == 1      # not expired yet at recovery time
+    assert again.expire_prefix("carol", now + ttl_s * 1000) == 1
+    assert again.pending_count("carol") == 0
+
+
+# -- quota ------------------------------------------------------------------------------------
+
+def test_quota_per_recipient(tmp_path, logs):
+    nid = Ids()
+    log = logs(tmp_path, cfg(max_pending=3))
+    log.open()
+    bob = [nid() for _ in range(3)]
+    for mid in bob:
+        log.append("bob", mid, mid >> 22, "s", "d", b"hi")
+    with pytest.raises(StoreError) as e:
+        log.append("bob", nid(), now_ms(), "s", "d", b"one too many")
+    assert e.value.code == ErrorCode.QUOTA_EXCEEDED
+    assert [m.msg_id for m in log.pending("bob")] == bob
+    for _ in range(3):
+        mid = nid()
+        log.append("carol", mid, mid >> 22, "s", "d", b"unaffected")
+    assert log.pending_count("carol") == 3
+    assert log.consume("bob", [bob[0]]) == 1
+    mid = nid()
+    log.append("bob", mid, mid >> 22, "s", "d", b"room again")
+    assert [m.msg_id for m in log.pending("bob")] == bob[1:] + [mid]
+    with pytest.raises(StoreError) as e:
+        log.append("bob", nid(), now_ms(), "s", "d", b"full again")
+    assert e.value.code == ErrorCode.QUOTA_EXCEEDED
+    log.close()
+    again = logs(tmp_path, cfg(max_pending=3))
+    again.open()
+    assert [m.msg_id for m in again.pending("bob")] == bob[1:] + [mid]
+    with pytest.raises(StoreError) as e:
+        again.append("bob", nid(), now_ms(), "s", "d", b"still full after a restart")
+    assert e.value.code == ErrorCode.QUOTA_EXCEEDED
+
+
+# -- torn tails ---------------------------------------------------------------------------------
+
+def write_records(directory, logs, n=20, running=False, payload=b"p" * 300):
+    """n messages for 'bob' in a fresh log; returns their ids. Without `running`
+    the log never started (no spare segments) and is closed cleanly. With it, the
+    log runs on a loop with its spare segments prepared, and `directory` gets a
+    copy of its files taken while it runs: what a kill -9 leaves (the mapping's
+    writes are in the page cache, which the copy reads)."""
+    nid = Ids()
+    ids = [nid() for _ in range(n)]
+
+    async def run(log, live):
+        log.start(asyncio.get_running_loop())
+        for mid in ids:
+            log.append("bob", mid, mid >> 22, "s", "d", payload + mid.to_bytes(8, "big"))
+        await until(lambda: spare_ready(log) and len(seg_files(live)) >= 2, what="spare segment files")
+        shutil.copytree(live, directory)
+
+    if running:
+        live = Path(str(directory) + "-live")
+        log = logs(live)
+        log.open()
+        asyncio.run(run(log, live))
+    else:
+        log = logs(directory)
+        log.open()
+        for mid in ids:
+            log.append("bob", mid, mid >> 22, "s", "d", payload + mid.to_bytes(8, "big"))
+    log.close()
+    return ids
+
+
+def tear(path, damage: str) -> tuple[int, int]:
+    """Damage the last record of `path` as a kill mid-write would; returns (offset, end of record)."""
+    _hdr, records = parse_segment(path)
+    off, length, _t, raw = records[-1]
+    if damage == "length_never_written":          # body written, length (stored last) still zero
+        patch(path, off, b"\0\0\0\0")
+    elif damage == "body_cut_short":               # length and crc there, the body's end not
+        patch(path, off + length - 40, bytes(40))
+    elif damage == "half_a_record":                # only the first bytes of the body made it
+        patch(path, off, b"\0\0\0\0")
+        patch(path, off + 64, bytes(length - 64))
+    return off, off + length
+
+
+@pytest.mark.parametrize("damage", ["length_never_written", "body_cut_short", "half_a_record"])
+def test_torn_tail_is_zeroed_and_appending_resumes(tmp_path, logs, damage):
+    ids = write_records(tmp_path, logs)
+    (path,) = seg_files(tmp_path)
+    torn_at, torn_end = tear(path, damage)
+    log = logs(tmp_path)
+    report = log.open()
+    assert not report.corrupt and not report.bad_headers
+    ((sid, start, stop),) = report.torn_tails
+    assert (sid, start) == (1, torn_at) and torn_at < stop <= torn_end
+    assert [m.msg_id for m in log.pending("bob")] == ids[:-1]
+    assert [m.payload[-8:] for m in log.pending("bob")] == [i.to_bytes(8, "big") for i in ids[:-1]]
+    with open(path, "rb") as f:                   # zeroed on disk, not just in memory
+        f.seek(torn_at)
+        assert f.read(SEG - torn_at) == bytes(SEG - torn_at)
+    nid = Ids(now_ms() + 1)
+    new = [nid() for _ in range(5)]
+    for mid in new:
+        log.append("bob", mid, mid >> 22, "s", "d", b"after recovery")
+    _hdr, records = parse_segment(path)
+    assert records[len(ids) - 1][0] == torn_at    # appending resumed where the torn record was
+    log.close()
+    again = logs(tmp_path)
+    report = again.open()
+    assert not report.torn_tails and not report.corrupt
+    assert [m.msg_id for m in again.pending("bob")] == ids[:-1] + new
+
+
+def test_torn_tail_behind_prepared_spare_is_a_torn_tail(tmp_path, logs):
+    d = tmp_path / "crashed"
+    ids = write_records(d, logs, running=True)
+    first, *spares = seg_files(d)
+    assert spares and parse_segment(first)[0]["end"] > HEADER_SIZE
+    torn_at, _ = tear(first, "length_never_written")
+    log = logs(d)
+    report = log.open()
+    assert [m.msg_id for m in log.pending("bob")] == ids[:-1]     # holds today
+    assert report.corrupt == []
+    assert [(sid, start) for sid, start, _stop in report.torn_tails] == [(1, torn_at)]
+
+
+# -- bit flips --------------------------------------------------------------------------------
+
+def test_bit_flips_lose_only_the_damaged_record(tmp_path, logs):
+    pristine = tmp_path / "pristine"
+    rng = random.Random(20240611)
+    nid = Ids()
+    log = logs(pristine)
+    log.open()
+    ids = []
+    for i in range(300):
+        mid = nid()
+        log.append(f"r{i % 4}", mid, mid >> 22, "sender", "dev", rng.randbytes(rng.randrange(1, 600)), i + 1)
+        ids.append(mid)
+    expect = {m.msg_id: tuple(m) for r in log.recipients() for m in log.pending(r)}
+    assert sorted(expect) == ids
+    log.close()
+    (src,) = seg_files(pristine)
+    _hdr, records = parse_segment(src)
+    assert len(records) == 300
+
+    for case in range(30):
+        d = tmp_path / f"case{case}"
+        shutil.copytree(pristine, d)
+        k = rng.randrange(len(records) - 1)        # never the last record (that would be a torn tail)
+        off, length, _t, raw = records[k]
+        pos = off + rng.randrange(length)
+        bit = 1 << rng.randrange(8)
+        (path,) = seg_files(d)
+        patch(path, pos, bytes([raw[pos - off] ^ bit]))
+        victim = message_fields(raw)[0]
+        log = logs(d)
+        report = log.open()                         # never raises
+        assert [sid for sid, _regions in report.corrupt] == [1], f"case {case}: flip at {pos} not reported"
+        ((region,),) = [regions for _sid, regions in report.corrupt]
+        assert region == (off, records[k + 1][0])     # exactly the damaged record
+        assert log.pending_count() == len(ids) - 1
+        got = {m.msg_id: tuple(m) for r in log.recipients() for m in log.pending(r)}
+        assert victim not in got
+        assert got == {mid: m for mid, m in expect.items() if mid != victim}
+        log.close()
+
+    for case in range(8):                            # the 64-byte segment header
+        d = tmp_path / f"header{case}"
+        shutil.copytree(pristine, d)
+        (path,) = seg_files(d)
+        pos = rng.randrange(HEADER_SIZE)
+        byte = path.read_bytes()[pos]
+        patch(path, pos, bytes([byte ^ (1 << rng.randrange(8))]))
+        log = logs(d)
+        report = log.open()
+        assert report.bad_headers == [path.name]
+        assert (d / "quarantine" / path.name).exists() and not path.exists()
+        assert log.pending_count() == 0 and report.segments == 0
+        nmid = nid()
+        log.append("r0", nmid, nmid >> 22, "s", "d", b"the log still works")
+        assert [m.msg_id for m in log.pending("r0")] == [nmid]
+        log.close()
+
+
+# -- stale bytes --------------------------------------------------------------------------------
+
+def test_stale_record_bytes_never_pass_as_records(tmp_path, logs):
+    pristine = tmp_path / "pristine"
+    nid = Ids()
+    log = logs(pristine)
+    log.open()
+    big = b"B" * 200_000
+    for _ in bounded(10, "a second segment"):      # no start(): each roll makes the next file on the spot
+        if len(log.segments) >= 2:
+            break
+        mid = nid()
+        log.append("bob", mid, mid >> 22, "s", "d", big)
+    for _ in range(2):
+        mid = nid()
+        log.append("bob", mid, mid >> 22, "s", "d", b"small")
+    total = log.pending_count()
+    log.close()
+    first, second = seg_files(pristine)
+    _h1, rec1 = parse_segment(first)
+    h2, rec2 = parse_segment(second)
+    off, length, _t, raw = rec1[-1]                 # a 200 KB record deep in segment 1
+    assert off > h2["end"] + 64
+
+    def check(name, path_of, offset):
+        d = tmp_path / name
+        shutil.copytree(pristine, d)
+        target = path_of(d)
+        patch(target, offset, raw)
+        log = logs(d)
+        report = log.open()
+        seg = {s.segment_id: s for s in log.segments}[parse_segment(path_of(pristine))[0]["id"]]
+        assert not seg.valid_at(offset), f"{name}: copied record accepted"
+        assert log.pending_count() == total, name
+        ids = [m for m, _loc in log.pending_locations("bob")]
+        assert len(ids) == len(set(ids)) == total
+        return report, seg
+
+    # the same offset in the other file: the CRC covers that file's id and nonce
+    report, seg = check("other_file_same_offset", lambda d: seg_files(d)[1], off)
+    assert [(sid, start) for sid, start, _stop in report.torn_tails] == [(2, h2["end"])]
+    assert seg.first_nonzero(seg.end) == -1         # treated as a torn tail and zeroed
+    # the next free place in the other file, where a real record would go next
+    report, seg = check("other_file_at_end", lambda d: seg_files(d)[1], h2["end"])
+    assert [(sid, start) for sid, start, _stop in report.torn_tails] == [(2, h2["end"])]
+    # another offset in the same file (the tail of segment 1): the CRC covers the offset
+    report, seg = check("same_file_other_offset", lambda d: seg_files(d)[0], rec1[-1][0] + ((length + 7) & ~7))
+    assert not seg.valid_at(rec1[-1][0] + ((length + 7) & ~7))
+    # a whole segment file restored under a new id, its header rewritten consistently
+    d = tmp_path / "renamed_copy"
+    shutil.copytree(pristine, d)
+    data = bytearray(first.read_bytes())
+    h = list(HEADER.unpack_from(data))
+    h[1] = 3
+    data[:60] = HEADER.pack(*h)
+    data[60:64] = struct.pack("!I", crc32c(bytes(data[:60])))
+    (d / f"{3:020d}.seg").write_bytes(bytes(data))
+    log = logs(d)
+    report = log.open()
+    assert not report.bad_headers
+    assert log.pending_count() == total
+    assert [sid for sid, _s, _e in report.torn_tails] == [3]
+    assert log.segments[-1].first_nonzero(HEADER_SIZE) == -1
+
+
+# -- a really full disk -----------------------------------------------------------------------
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_enospc_on_a_full_tmpfs(small_tmpfs, logs):
+    d = small_tmpfs / "log"
+    nid = Ids()
+    config = lambda: cfg(max_pending=1_000_000)  # noqa: E731
+    payload = bytes(range(250)) * 4
+
+    async def fill():
+        log = logs(d, config())
+        log.open()
+        log.start(asyncio.get_running_loop())
+        ids, refused = [], 0
+
+        def settled():           # no reservation in flight, every file on disk is one of the log's
+            return not list(d.glob(".*.tmp")) and \
+                {int(p.stem) for p in seg_files(d)} == {s.segment_id for s in log.segments}
+
+        def free():
+            st = os.statvfs(d)
+            return st.f_bavail * st.f_frsize
+
+        full = False
+        for i in range(20_000):                      # 3 MiB of 1 KB messages is < 3100
+            for _ in bounded(100, "a settled full disk"):
+                mid = nid()
+                try:
+                    log.append(f"u{i % 7}", mid, mid >> 22, "s", "d", payload + mid.to_bytes(8, "big"))
+                    ids.append(mid)
+                    break
+                except StoreError as e:
+                    assert e.code == ErrorCode.STORAGE_FULL
+                    refused += 1
+                # Refused. The loop's reservation may have raced the worker's for the last free
+                # space (both fail), or a prepared segment may be on its way: the disk is really
+                # full only if the log holds every file and there is no room for another
+                # (checked on both sides: the worker may start or finish a reservation meanwhile).
+                if settled() and free() < SEG and settled():
+                    full = True
+                    break
+                await until(settled, what="reservations to finish")
+            if full:
+                break
+            if i % 20 == 0:
+                await asyncio.sleep(0)               # let spare segments arrive while there is room
+        assert full
+        assert refused and log.storage_full
+        assert isinstance(log.last_full_error, OSError) and log.last_full_error.errno == errno.ENOSPC
+        # acknowledgements still work: they are recorded in the reserved space
+        eaten = [i for i in ids if i % 7 == 0][:50]
+        by_recipient = {}
+        for i, mid in enumerate(ids):
+            if mid in eaten:
+                by_recipient.setdefault(f"u{i % 7}", []).append(mid)
+        assert sum(log.consume(r, v) for r, v in by_recipient.items()) == len(eaten)
+        assert log.unrecorded_consumes == 0
+        log.close()
+        return ids, set(eaten)
+
+    ids, eaten = asyncio.run(fill())
+    assert len(ids) > 1000
+    assert not list(d.glob(".*.tmp"))
+
+    async def drain():
+        log = logs(d, config())
+        report = log.open()                          # recovery on the full disk
+        assert not report.torn_tails and not report.corrupt
+        assert report.pending == len(ids) - len(eaten)
+        got = {m.msg_id: m.payload for r in log.recipients() for m in log.pending(r)}
+        assert got == {mid: payload + mid.to_bytes(8, "big") for mid in ids if mid not in eaten}
+        with pytest.raises(StoreError) as e:         # still full after a restart
+            mid = nid()
+            log.append("u1", mid, mid >> 22, "s", "d", payload)
+        assert e.value.code == ErrorCode.STORAGE_FULL
+        log.start(asyncio.get_running_loop())
+        for r in log.recipients():
+            log.consume(r, [mid for mid, _loc in log.pending_locations(r)])
+        assert log.pending_count() == 0 and log.unrecorded_consumes == 0
+        fresh = []
+        deadline = time.monotonic() + 10
+        while not fresh:                             # maintain() deletes the consumed segments,
+            assert time.monotonic() < deadline, "storage stayed full after everything was consumed"
+            log.maintain()                           # then a new segment can be reserved
+            await asyncio.sleep(0.01)
+            mid = nid()
+            try:
+                log.append("u1", mid, mid >> 22, "s", "d", b"room again")
+                fresh.append(mid)
+            except StoreError as e:
+                assert e.code == ErrorCode.STORAGE_FULL
+        assert not log.storage_full
+        for _ in range(200):
+            mid = nid()
+            log.append("u1", mid, mid >> 22, "s", "d", b"room again")
+            fresh.append(mid)
+        log.close()
+        return fresh
+
+    fresh = asyncio.run(drain())
+    log = logs(d, config())
+    log.open()
+    assert [m.msg_id for m in log.pending("u1")] == fresh
+    assert log.pending_count() == len(fresh)
+
+
+def test_injected_enospc_refuses_senders_but_serves_acks(tmp_path, logs):
+    nid = Ids()
+    log = logs(tmp_path)
+    log.open()
+    first = nid()
+    log.append("bob", first, first >> 22, "s", "d", b"made before the disk filled")  # creates segment 1
+    log.close()
+
+    async def main():
+        log = logs(tmp_path, fault="enospc")
+        log.open()
+        log.start(asyncio.get_running_loop())
+        await until(lambda: log.storage_full, what="the spare segment to fail")
+        ids = []
+        with pytest.raises(StoreError) as e:
+            for _ in range(2000):
+                mid = nid()
+                log.append("bob", mid, mid >> 22, "s", "d", b"z" * 1000)
+                ids.append(mid)
+        assert e.value.code == ErrorCode.STORAGE_FULL
+        assert 500 < len(ids) < 2000
+        assert log.consume("bob", [first] + ids) == len(ids) + 1
+        assert log.unrecorded_consumes == 0
+        assert not list(tmp_path.glob(".*.tmp"))
+        log.close()
+
+    asyncio.run(main())
+    again = logs(tmp_path)
+    again.open()
+    assert again.pending_count() == 0
+
+
+# -- durability ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("via", ["argument", "environment"])
+def test_injected_eio_on_sync_is_fatal_and_never_acks(tmp_path, logs, monkeypatch, via):
+    nid = Ids()
+    if via == "environment":
+        monkeypatch.setenv("SWITCHBOARD_LOG_FAULT", "eio")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        log = logs(tmp_path, cfg(durability="always"), **({"fault": "eio"} if via == "argument" else {}))
+        log.open()
+        fatal = loop.create_future()
+        log.on_fatal = fatal.set_result
+        log.start(loop)
+        acked = []
+        mid = nid()
+        log.append("bob", mid, mid >> 22, "s", "d", b"never acknowledged")
+        log.commit(acked.append, mid)
+        exc = await asyncio.wait_for(fatal, 10)
+        assert isinstance(exc, OSError) and exc.errno == errno.EIO
+        assert log.failed is exc
+        mid2 = nid()
+        log.append("bob", mid2, mid2 >> 22, "s", "d", b"after the failure")
+        log.commit(acked.append, mid2)
+        assert acked == [] and log.syncs == 0
+        log.close()
+
+    asyncio.run(main())
+
+
+def test_always_acks_only_after_a_sync_and_in_order(tmp_path, logs):
+    nid = Ids()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        log = logs(tmp_path, cfg(durability="always"))
+        log.open()
+        log.start(loop)
+        seen = []
+        done = loop.create_future()
+
+        def then(arg):
+            seen.append((arg, log.syncs))
+            if arg == 5:
+                done.set_result(None)
+
+        assert log.syncs == 0
+        for k in range(3):                           # one loop turn: the first sync starts
+            mid = nid()
+            log.append("bob", mid, mid >> 22, "s", "d", b"m")
+            log.commit(then, k)
+            assert seen == []                        # nothing before its sync
+        await asyncio.sleep(0)                       # a later turn, while the first sync may still run
+        for k in range(3, 6):
+            mid = nid()
+            log.append("bob", mid, mid >> 22, "s", "d", b"m")
+            log.commit(then, k)
+        await asyncio.wait_for(done, 10)
+        assert [a for a, _s in seen] == list(range(6))
+        assert all(s >= 1 for _a, s in seen)
+        assert [s for _a, s in seen] == sorted(s for _a, s in seen)
+        assert log.syncs <= 3                        # group commit: six commits, at most three syncs
+        # nothing new written and no sync running: the commit is answered at once
+        immediate = []
+        log.commit(immediate.append, "now")
+        assert immediate == ["now"]
+        log.close()
+
+    asyncio.run(main())
+
+
+def test_never_and_interval_ack_at_once(tmp_path, logs):
+    nid = Ids()
+
+    async def main():
+        for mode in ("never", "interval"):
+            log = logs(tmp_path / mode, cfg(durability=mode, interval_ms=20))
+            log.open()
+            log.start(asyncio.get_running_loop())
+            mid = nid()
+            log.append("bob", mid, mid >> 22, "s", "d", b"m")
+            acked = []
+            log.commit(acked.append, 1)
+            assert acked == [1]
+            if mode == "interval":
+                await until(lambda: log.syncs >= 1, what="the interval sync")
+            log.close()
+
+    asyncio.run(main())
+
+
+# -- bugs found ---------------------------------------------------------------------------------
+
+def test_consumes_stick_after_a_burst_outruns_the_spare(tmp_path, logs):
+    """Regression: a spare prepared before a stall must not be installed after the
+    segment the stall made (it has a lower id; recovery scans in id order, so
+    CONSUME records in it would be applied before the messages they consume)."""
+    nid = Ids()
+
+    async def main():
+        log = logs(tmp_path, cfg(max_pending=100_000))
+        log.open()
+        log.start(asyncio.get_running_loop())
+        ids = []
+
+        def put():
+            mid = nid()
+            log.append("bob", mid, mid >> 22, "s", "d", b"x" * 1000)
+            ids.append(mid)
+
+        for _ in bounded(2000, "a second segment"):  # one loop turn: the spares are not ready yet
+            if len(log.segments) >= 2:
+                break
+            put()
+        assert log.stalls >= 1                        # a segment was made on the loop, overtaking the spare
+        await until(lambda: spare_ready(log), what="the spare segment")
+        active = log.active
+        for _ in bounded(2000, "the next segment"):  # fill it: a prepared spare takes over
+            if log.active is not active:
+                break
+            put()
+        keep = ids[-1]
+        assert log.consume("bob", ids[:-1]) == len(ids) - 1
+        assert [m.msg_id for m in log.pending("bob")] == [keep]
+        log.close()
+        return keep
+
+    keep = asyncio.run(main())
+    again = logs(tmp_path, cfg(max_pending=100_000))
+    again.open()
+    assert [m.msg_id for m in again.pending("bob")] == [keep]
+
+
+def test_last_id_survives_deleting_consumed_segments(tmp_path, logs):
+    nid = Ids()
+
+    async def main():
+        log = logs(tmp_path, cfg(max_pending=100_000))
+        log.open()
+        log.start(asyncio.get_running_loop())
+        ids = []
+        for _ in bounded(100_000, "segment 1 filled"):   # fill segment 1 up to the reserve
+            if log.active.free < log.consume_reserve + 200:
+                break
+            mid = nid()
+            log.append("bob", mid, mid >> 22, "s", "d", b"x" * 16)
+            ids.append(mid)
+        await until(lambda: spare_ready(log), what="the spare segment")
+        log.consume("bob", ids)                      # > 64 KiB of CONSUME records: rolls to segment 2
+        assert log.active.segment_id != 1 and log.last_id() == ids[-1]
+        log.maintain()
+        await until(lambda: not (tmp_path / f"{1:020d}.seg").exists(), what="segment 1 deleted")
+        log.close()
+        return ids[-1]
+
+    last = asyncio.run(main())
+    again = logs(tmp_path, cfg(max_pending=100_000))
+    again.open()
+    assert again.last_id() == last
+
+
+def test_close_leaves_no_unused_spare_segments(tmp_path, logs):
+    async def main():
+        log = logs(tmp_path)
+        log.open()
+        log.start(asyncio.get_running_loop())        # makes segment 1, asks the worker for spares
+        mid = Ids()()
+        log.append("bob", mid, mid >> 22, "s", "d", b"m")
+        log.close()                                  # while the spares are being prepared
+        return log.segments[0].segment_id
+
+    first = asyncio.run(main())
+    assert [p.name for p in seg_files(tmp_path)] == [f"{first:020d}.seg"]
