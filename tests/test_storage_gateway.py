@@ -1,0 +1,84 @@
+"""Storage failures as a user of the gateway sees them."""
+import asyncio
+import os
+import subprocess
+
+import pytest
+
+from _core.protocol import ErrorCode
+from gateway.client import ConnectionClosed, ServerError
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 6 MiB filesystem, so ENOSPC is the kernel's, not a simulation."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_refuses_sends_clearly_and_keeps_delivering(gateway_factory, small_disk):
+    gw = gateway_factory("--segment-size", "1M", "--max-pending", "1000000", data_dir=small_disk / "data")
+    payload = b"x" * 8000
+
+    async def main():
+        async with gw.client("alice", "phone") as alice:
+            stored = []
+            for _ in range(2000):                      # bounded: 6 MiB can't hold 2000 x 8 KB
+                try:
+                    stored.append((await alice.send("bob", payload, timeout=10)).id)
+                except ServerError as exc:
+                    assert exc.code == ErrorCode.STORAGE_FULL, exc
+                    assert "storage full" in exc.reason
+                    break
+            else:
+                pytest.fail("the disk never filled up")
+            assert len(stored) > 10
+            # the session is still usable, and what was stored is delivered intact
+            await alice.ping()
+            async with gw.client("bob", "phone") as bob:
+                got = [await bob.recv(timeout=10) for _ in stored]
+                assert [m.id for m in got] == stored
+                assert all(m.payload == payload for m in got)
+                await bob.ack(*got)
+                await bob.ping()
+            return stored
+
+    stored = asyncio.run(main())
+    assert gw.alive()
+    # after a restart on the same full disk nothing was lost or resurrected
+    assert gw.stop() == 0
+    gw2 = gateway_factory("--segment-size", "1M", data_dir=small_disk / "data")
+
+    async def after():
+        async with gw2.client("bob", "phone") as bob:
+            await bob.ping()
+            with pytest.raises(asyncio.TimeoutError):
+                await bob.recv(timeout=0.01)
+    asyncio.run(after())
+    assert stored
+
+
+def test_failed_fsync_stops_the_server_without_acking(gateway_factory):
+    """A writeback error is reported once; the server must not ACK what may not be
+    on disk, and stops so that recovery decides what survived."""
+    gw = gateway_factory("--durability", "always", env={"SWITCHBOARD_LOG_FAULT": "eio"})
+
+    async def main():
+        alice = gw.client("alice", "phone", reconnect=False)
+        # the first sync fails: whether that is the one before WELCOME or before the
+        # ACK, the client is never told anything was stored
+        with pytest.raises((ConnectionClosed, ServerError)):
+            await alice.connect()
+            await alice.send("bob", "never acknowledged", timeout=10)
+        await alice.close()
+    asyncio.run(main())
+    assert gw.proc.wait(10) == 3
+    out = "".join(gw.output) + gw.proc.stdout.read()
+    assert "event=log_sync_failed" in out
