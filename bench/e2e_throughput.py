@@ -186,7 +186,9 @@ def main():
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--targets", default="echo,switchboard")
+    ap.add_argument("--targets", default="echo,switchboard",
+                    help="comma list of: echo, switchboard (durable log), switchboard-memory")
+    ap.add_argument("--durability", default="interval", choices=["always", "interval", "never"])
     ap.add_argument("--json", help="also write results here")
     args = ap.parse_args()
     args.size = max(args.size, 8)
@@ -196,13 +198,16 @@ def main():
             if target == "echo":
                 proc, port = start([sys.executable, "bench/echo_server.py"])
             else:
+                store = "memory" if target.endswith("-memory") else "log"
                 proc, port = start([sys.executable, "-m", "gateway", "serve", "--port", "0",
                                     "--data-dir", data_dir, "--log-level", "WARNING",
-                                    "--max-pending", str(10**6)])
+                                    "--max-pending", str(10**6), "--store", store,
+                                    "--durability", args.durability])
             SERVER_PID[0] = proc.pid
             try:
-                r = uvloop.run(run_load(target, port, data_dir, args.pairs, args.window, args.size,
-                                        min(args.duration, 60)))
+                r = uvloop.run(run_load("echo" if target == "echo" else "switchboard", port, data_dir,
+                                        args.pairs, args.window, args.size, min(args.duration, 60)))
+                r["target"] = target if target == "echo" else f"{target} ({args.durability})"
             finally:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -211,9 +216,10 @@ def main():
                     proc.kill()
         results.append(r)
         print(json.dumps(r), flush=True)
-    if len(results) == 2:
-        base, sb = results
-        print(f"switchboard / echo baseline: {sb['msgs_per_s'] / max(base['msgs_per_s'], 1):.2f}x")
+    if results and results[0]["target"] == "echo":
+        base = results[0]
+        for r in results[1:]:
+            print(f"{r['target']} / echo baseline: {r['msgs_per_s'] / max(base['msgs_per_s'], 1):.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
