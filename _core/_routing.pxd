@@ -28,6 +28,8 @@ cdef class RouteCore:
     cdef object _loop
     cdef readonly object store
     cdef LogCore _log            # the store, when it is the Cython log: appends skip Python
+    cdef object _local_log       # sharded store: recipient -> its shard's log if local, else None
+    cdef object _log_for
     cdef uint64_t _last_id
     cdef public Py_ssize_t max_payload
     cdef public Py_ssize_t dedup_window
@@ -38,5 +40,7 @@ cdef class RouteCore:
     cdef uint64_t _next_id(self, uint64_t now_ms)
     cdef int route(self, SessionCore sender, uint64_t client_id, const char *to, Py_ssize_t to_len,
                    const char *payload, Py_ssize_t n) except -1
+    cdef int route_remote(self, SessionCore sender, uint64_t client_id, str recipient,
+                          const char *payload, Py_ssize_t n) except -1
     cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1
     cdef int _schedule(self, SessionCore s) except -1

@@ -161,6 +161,9 @@ cdef class RouteCore:
         # client ids seen per device; a durable store hands back what it recovered
         self._dedup_tables = dict(getattr(store, "recovered_dedup", None) or {})
         self._log = store if isinstance(store, LogCore) else None
+        # a worker's sharded store: the log of the recipient's shard, or None if another worker owns it
+        self._local_log = getattr(store, "local_log", None)
+        self._log_for = getattr(store, "log_for", None)
         self._dirty = []
         self._flush_scheduled = False
         self._loop = loop
@@ -200,10 +203,16 @@ cdef class RouteCore:
             raise MalformedFrame("recipient is not UTF-8") from None
         ts = _now_ms()
         msg_id = self._next_id(ts)
+        cdef LogCore log = self._log
+        if self._local_log is not None:
+            found = self._local_log(recipient)
+            if found is None:
+                return self.route_remote(sender, client_id, recipient, payload, n)
+            log = <LogCore>found
         try:
-            if self._log is not None:     # the payload's one copy: into the mapped log
-                self._log.append_message(recipient, msg_id, ts, client_id, sender.user, sender.device,
-                                         payload, n)
+            if log is not None:           # the payload's one copy: into the mapped log
+                log.append_message(recipient, msg_id, ts, client_id, sender.user, sender.device,
+                                   payload, n)
             else:
                 self.store.append(recipient, msg_id, ts, sender.user, sender.device,
                                   PyBytes_FromStringAndSize(payload, n))
@@ -228,10 +237,20 @@ cdef class RouteCore:
         cdef Py_ssize_t i
         if not count:
             return 0
+        cdef LogCore log = self._log
         id_list = [sb_load64(ids + 8 * i) for i in range(count)]
-        if self._log is not None:
-            return self._log.consume_ids(session.user, id_list)
+        if self._log_for is not None:
+            log = <LogCore>self._log_for(session.user)
+        if log is not None:
+            return log.consume_ids(session.user, id_list)
         self.store.consume(session.user, id_list)
+        return 0
+
+    cdef int route_remote(self, SessionCore sender, uint64_t client_id, str recipient,
+                          const char *payload, Py_ssize_t n) except -1:
+        """The recipient's shard belongs to another worker (see gateway/worker.py)."""
+        sender.error(ErrorCode.UNAVAILABLE, f"{recipient} is served by another worker, not reachable from here",
+                     client_id, False)
         return 0
 
     cdef int _schedule(self, SessionCore s) except -1:

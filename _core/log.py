@@ -46,6 +46,7 @@ HEADER = struct.Struct("!8sQQQQIQ8s")       # 60 bytes, then the header's CRC32C
 HEADER_SIZE = 64
 FORMAT_VERSION = 1
 ZERO_CHUNK = 1 << 20
+MIN_SEGMENT = 1 << 20
 DURABILITY_MODES = ("always", "interval", "never")
 
 
@@ -162,47 +163,151 @@ class _Worker(threading.Thread):
                 self.loop.call_soon_threadsafe(done, result, exc)
 
 
+class GroupCommit:
+    """The durability policy over a set of segments (one log, or all the shard
+    logs of a worker): `commit(then, arg)` runs `then(arg)` once the appends made
+    so far are as durable as the mode promises. In `always` mode fdatasync runs
+    on the worker thread; commits that arrive meanwhile wait for the next one, so
+    the batch grows with the load."""
+
+    def __init__(self, worker: "_Worker", durability: str, interval_ms: int, dirty_segments, name: str,
+                 fault: str = ""):
+        self.worker = worker
+        self.durability = durability
+        self.interval_ms = interval_ms
+        self.dirty_segments = dirty_segments
+        self.name = name
+        self.fault = fault
+        self.loop = None
+        self.failed: BaseException | None = None
+        self.on_fatal = None
+        self.syncs = 0
+        self.sync_seconds = 0.0
+        self._waiting: list = []
+        self._inflight = False
+        self._timer = None
+        self._stopped = False
+
+    def start(self, loop) -> None:
+        self.loop = loop
+        if self.durability == "interval":
+            self._timer = loop.call_later(self.interval_ms / 1000, self._interval_sync)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def commit(self, then, arg) -> None:
+        if self.failed is not None:
+            return                        # never ACK what may not be on disk
+        if self.durability != "always" or self.loop is None:
+            then(arg)
+            return
+        if not self._inflight and not self.dirty_segments(peek=True):
+            then(arg)
+            return
+        self._waiting.append((then, arg))
+        if not self._inflight:
+            self._start_sync()
+
+    def _start_sync(self) -> None:
+        segs = self.dirty_segments()
+        batch, self._waiting = self._waiting, []
+        self._inflight = True
+        fault = self.fault
+
+        def sync(pause):
+            t = time.perf_counter()
+            for s in segs:
+                if fault == "eio":
+                    raise OSError(errno.EIO, f"Input/output error (injected) syncing {s.path}")
+                os.fdatasync(s.fd)
+            return time.perf_counter() - t
+
+        self.worker.submit(sync, lambda r, e: self._synced(batch, r, e), urgent=True)
+
+    def _synced(self, batch, seconds, exc) -> None:
+        self._inflight = False
+        if exc is not None:
+            self._fail(exc)
+            return
+        self.syncs += 1
+        self.sync_seconds += seconds
+        for then, arg in batch:
+            then(arg)
+        if self._waiting:
+            self._start_sync()
+
+    def _interval_sync(self) -> None:
+        self._timer = None
+        if self._stopped or self.failed is not None:
+            return
+        if not self._inflight and self.dirty_segments(peek=True):
+            self._start_sync()
+        self._timer = self.loop.call_later(self.interval_ms / 1000, self._interval_sync)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = exc
+        self._waiting.clear()
+        _log.critical("event=log_sync_failed dir=%s error=%r action=stop_without_acking "
+                      "(a writeback error is reported once; retrying would hide lost data)", self.name, exc)
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
+
+
 class AppendLog(LogCore):
     """The durable OfflineStore of one shard."""
 
-    def __init__(self, directory, config: LogConfig | None = None, *, fault: str | None = None):
+    def __init__(self, directory, config: LogConfig | None = None, *, fault: str | None = None,
+                 worker: "_Worker | None" = None, committer: GroupCommit | None = None, lazy: bool = False):
+        """`worker` and `committer` are shared when one process holds several
+        logs (one per shard); `lazy` creates the first segment on first append."""
         config = config or LogConfig()
         config.validate()
         super().__init__(config.max_pending, int(config.ttl_s * 1000), config.consume_reserve)
         self.directory = Path(directory)
         self.config = config
         self.loop = None
-        self.failed: BaseException | None = None
-        self.on_fatal = None                 # called with the exception when the log fails
         self.recovered_dedup: dict = {}
         self.report = RecoveryReport()
         self._fault = fault if fault is not None else os.environ.get("SWITCHBOARD_LOG_FAULT", "")
-        self._worker = _Worker(f"log-{self.directory.name}")
+        self._own_worker = worker is None
+        self._worker = worker or _Worker(f"log-{self.directory.name}")
+        self._own_committer = committer is None
+        self.committer = committer or GroupCommit(self._worker, config.durability, config.interval_ms,
+                                                  self._dirty_segments, str(self.directory), self._fault)
+        self.lazy = lazy
         self._spares = collections.deque()  # prepared segments, in id order
         self._preparing = 0
         self.spares_target = 2               # grows after a stall
         self._next_id = 1
-        self._waiting: list = []             # (then, arg) waiting for the sync in flight
-        self._sync_inflight = False
-        self._timer = None
         self._maint = None
         self._compact_pos = None
         self._expiry_cursor: list = []
-        self.syncs = 0
-        self.sync_seconds = 0.0
         self.stalls = 0                      # rolls that had to prepare a segment on the loop
+        self.cold_starts = 0                 # first segments of lazy logs, made on first append
         self.last_full_error = None
         self._closed = False
 
     # -- files ----------------------------------------------------------------------
-    def _header(self, segment_id: int, nonce: int, id_floor: int = 0) -> bytes:
-        body = HEADER.pack(MAGIC, segment_id, nonce, self.config.segment_size, now_ms(), FORMAT_VERSION,
+    def _header(self, segment_id: int, nonce: int, id_floor: int = 0, size: int = 0) -> bytes:
+        body = HEADER.pack(MAGIC, segment_id, nonce, size or self.config.segment_size, now_ms(), FORMAT_VERSION,
                            id_floor, b"")
         return body + struct.pack("!I", crc32c(body))
 
-    def _create_segment(self, segment_id: int, pause=lambda: None) -> Segment:
+    def _next_size(self) -> int:
+        """Segments start at 1 MiB and double up to the configured size: an idle
+        shard costs little disk, a busy one soon gets full-size segments."""
+        newest = self._spares[-1] if self._spares else self.active
+        if newest is None:
+            return min(MIN_SEGMENT, self.config.segment_size)
+        return min(self.config.segment_size, max(MIN_SEGMENT, newest.size * 2))
+
+    def _create_segment(self, segment_id: int, pause=lambda: None, size: int | None = None) -> Segment:
         """Reserve, zero-fill, header, fsync, rename, fsync dir, map, pre-fault."""
-        size = self.config.segment_size
+        size = size or self.config.segment_size
         final = self.directory / segment_name(segment_id)
         tmp = self.directory / f".{segment_name(segment_id)}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -219,7 +324,7 @@ class AppendLog(LogCore):
                 os.fdatasync(fd)
                 pause()
             nonce = secrets.randbits(64)
-            os.pwrite(fd, self._header(segment_id, nonce), 0)
+            os.pwrite(fd, self._header(segment_id, nonce, size=size), 0)
             os.fsync(fd)
             os.rename(tmp, final)
             _fsync_dir(self.directory)
@@ -345,18 +450,21 @@ class AppendLog(LogCore):
 
     # -- running --------------------------------------------------------------------
     def start(self, loop) -> None:
-        """Start the worker thread and the timers; call from the event loop."""
+        """Start the worker thread (if this log owns it), the durability policy (if
+        it owns that) and maintenance; call from the event loop."""
         self.loop = loop
-        self._worker.loop = loop
-        self._worker.start()
-        if self.active is None:               # before anyone is served: not a stall
+        if self._own_worker:
+            self._worker.loop = loop
+            self._worker.start()
+        if self.active is None and not self.lazy:     # before anyone is served: not a stall
             try:
-                self._install(self._create_segment(self._take_id()))
+                self._install(self._create_segment(self._take_id(), size=self._next_size()))
             except OSError as exc:
                 self._storage_full(exc)
-        self._prepare_spare()
-        if self.config.durability == "interval":
-            self._timer = loop.call_later(self.config.interval_ms / 1000, self._interval_sync)
+        if self.active is not None:
+            self._prepare_spare()
+        if self._own_committer:
+            self.committer.start(loop)
         self._maint = loop.call_later(1.0, self.maintain)
 
     def _roll(self):
@@ -370,17 +478,21 @@ class AppendLog(LogCore):
         self._roll_now()
 
     def _roll_now(self) -> None:
-        # No spare ready (a burst outran the worker): prepare one on the loop.
-        self.stalls += 1
-        self.spares_target = min(self.spares_target + 1, 4)      # appends outran preparation: look further ahead
-        _log.warning("event=log_stall reason=no_spare_segment dir=%s spares_target=%d",
-                     self.directory, self.spares_target)
+        # No spare ready: a log's first segment (lazy), or a burst outran the worker.
+        if self.active is None:
+            self.cold_starts += 1
+        else:
+            self.stalls += 1
+            self.spares_target = min(self.spares_target + 1, 4)  # appends outran preparation: look further ahead
+            _log.warning("event=log_stall reason=no_spare_segment dir=%s spares_target=%d",
+                         self.directory, self.spares_target)
         try:
-            seg = self._create_segment(self._take_id())
+            seg = self._create_segment(self._take_id(), size=self._next_size())
         except OSError as exc:
             self._storage_full(exc)
             raise StoreError("storage full: cannot reserve a new log segment", ErrorCode.STORAGE_FULL) from None
         self._install(seg)
+        self._prepare_spare()
 
     def _take_id(self) -> int:
         i = self._next_id
@@ -390,7 +502,7 @@ class AppendLog(LogCore):
     def _install(self, seg: Segment) -> None:
         # record the id floor in its header: when older segments are deleted,
         # this is what keeps last_id() from going backwards
-        seg.write_header(self._header(seg.segment_id, seg.nonce, self.last_id()))
+        seg.write_header(self._header(seg.segment_id, seg.nonce, self.last_id(), seg.size))
         seg.dirty = True
         self._add_segment(seg)
         self._set_active(seg)
@@ -413,10 +525,14 @@ class AppendLog(LogCore):
         while len(self._spares) + self._preparing < self.spares_target:
             self._preparing += 1
             segment_id = self._take_id()
-            self._worker.submit(lambda pause, i=segment_id: self._prepare_on_worker(i, pause), self._spare_ready)
+            size = min(self.config.segment_size, max(MIN_SEGMENT, 2 * (self._spares[-1].size if self._spares
+                                                                       else self.active.size if self.active
+                                                                       else MIN_SEGMENT // 2)))
+            self._worker.submit(lambda pause, i=segment_id, n=size: self._prepare_on_worker(i, n, pause),
+                                self._spare_ready)
 
-    def _prepare_on_worker(self, segment_id: int, pause):
-        seg = self._create_segment(segment_id, pause)
+    def _prepare_on_worker(self, segment_id: int, size: int, pause):
+        seg = self._create_segment(segment_id, pause, size)
         if self._closed:                     # closed meanwhile: leave nothing behind
             self._retire(seg, False)
             return None
@@ -449,17 +565,23 @@ class AppendLog(LogCore):
     def commit(self, then, arg) -> None:
         """Run `then(arg)` (write ACKs and DELIVERs) once this turn's appends are
         as durable as the policy promises."""
-        if self.failed is not None:
-            return                        # never ACK what may not be on disk
-        if self.config.durability != "always" or self.loop is None:
-            then(arg)
-            return
-        if not self._sync_inflight and not self._dirty_segments(peek=True):
-            then(arg)
-            return
-        self._waiting.append((then, arg))
-        if not self._sync_inflight:
-            self._start_sync()
+        self.committer.commit(then, arg)
+
+    @property
+    def failed(self):
+        return self.committer.failed
+
+    @property
+    def on_fatal(self):
+        return self.committer.on_fatal
+
+    @on_fatal.setter
+    def on_fatal(self, fn):
+        self.committer.on_fatal = fn
+
+    @property
+    def syncs(self):
+        return self.committer.syncs
 
     def _dirty_segments(self, peek=False) -> list:
         dirty = [s for s in self.segments if s.dirty]
@@ -467,50 +589,6 @@ class AppendLog(LogCore):
             for s in dirty:
                 s.dirty = False
         return dirty
-
-    def _start_sync(self) -> None:
-        segs = self._dirty_segments()
-        batch, self._waiting = self._waiting, []
-        self._sync_inflight = True
-        fault = self._fault
-
-        def sync(pause):
-            t = time.perf_counter()
-            for s in segs:
-                if fault == "eio":
-                    raise OSError(errno.EIO, f"Input/output error (injected) syncing {s.path}")
-                os.fdatasync(s.fd)
-            return time.perf_counter() - t
-
-        self._worker.submit(sync, lambda r, e: self._synced(batch, r, e), urgent=True)
-
-    def _synced(self, batch, seconds, exc) -> None:
-        self._sync_inflight = False
-        if exc is not None:
-            self._fail(exc)
-            return
-        self.syncs += 1
-        self.sync_seconds += seconds
-        for then, arg in batch:
-            then(arg)
-        if self._waiting:
-            self._start_sync()
-
-    def _interval_sync(self) -> None:
-        self._timer = None
-        if self._closed or self.failed is not None:
-            return
-        if not self._sync_inflight and self._dirty_segments(peek=True):
-            self._start_sync()
-        self._timer = self.loop.call_later(self.config.interval_ms / 1000, self._interval_sync)
-
-    def _fail(self, exc: BaseException) -> None:
-        self.failed = exc
-        self._waiting.clear()
-        _log.critical("event=log_sync_failed dir=%s error=%r action=stop_without_acking "
-                      "(a writeback error is reported once; retrying would hide lost data)", self.directory, exc)
-        if self.on_fatal is not None:
-            self.on_fatal(exc)
 
     def sync(self) -> None:
         """Synchronous flush of everything (shutdown, tests)."""
@@ -585,7 +663,7 @@ class AppendLog(LogCore):
         return {
             "segments": len(segs), "bytes": sum(s.end for s in segs), "pending": self.pending_count(),
             "appended": self.appended, "consumed": self.consumed, "expired": self.expired,
-            "syncs": self.syncs, "sync_seconds": self.sync_seconds, "stalls": self.stalls,
+            "syncs": self.committer.syncs, "sync_seconds": self.committer.sync_seconds, "stalls": self.stalls,
             "storage_full": self.storage_full, "unrecorded_consumes": self.unrecorded_consumes,
             "quarantined": sum(1 for s in segs if s.quarantined),
         }
@@ -594,13 +672,156 @@ class AppendLog(LogCore):
         if self._closed:
             return
         self._closed = True
-        for h in (self._timer, self._maint):
-            if h is not None:
-                h.cancel()
-        self._worker.stop()
+        if self._maint is not None:
+            self._maint.cancel()
+        if self._own_committer:
+            self.committer.stop()
+        if self._own_worker:
+            self._worker.stop()
         if self.failed is None:
             self.sync()
         for seg in self.segments:
             self._close_segment(seg)
         while self._spares:                  # unused: leave no empty segments behind
             self._retire(self._spares.popleft(), False)
+
+
+class ShardedLog:
+    """One worker process's offline store: an AppendLog per shard it owns (made
+    on the shard's first message), sharing one worker thread and one group
+    commit, so a loop turn's ACKs wait for a single round of fdatasyncs however
+    many shards it touched. Implements the OfflineStore interface by routing
+    each call to the recipient's shard."""
+
+    def __init__(self, root, config: LogConfig, shard_map, *, fault: str | None = None):
+        config.validate()
+        self.root = Path(root)
+        self.config = config
+        self.map = shard_map
+        self.fault = fault if fault is not None else os.environ.get("SWITCHBOARD_LOG_FAULT", "")
+        self._worker = _Worker("log")
+        self.committer = GroupCommit(self._worker, config.durability, config.interval_ms, self._dirty_segments,
+                                     str(self.root), self.fault)
+        self.logs: dict[int, AppendLog] = {}
+        self.recovered_dedup: dict = {}
+        self.loop = None
+        self.reports: dict[int, RecoveryReport] = {}
+
+    def _dir(self, shard: int) -> Path:
+        return self.root / f"shard-{shard:04d}"
+
+    def _new_log(self, shard: int) -> AppendLog:
+        lg = AppendLog(self._dir(shard), self.config, fault=self.fault, worker=self._worker,
+                       committer=self.committer, lazy=True)
+        self.reports[shard] = lg.open()
+        for key, table in lg.recovered_dedup.items():
+            self.recovered_dedup.setdefault(key, {}).update(table)
+        self.logs[shard] = lg
+        if self.loop is not None:
+            lg.start(self.loop)
+        return lg
+
+    def open(self) -> RecoveryReport:
+        """Recover every owned shard that has a log (before anyone is served)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        total = RecoveryReport()
+        for shard in self.map.owned_shards():
+            if self._dir(shard).is_dir():
+                r = self._new_log(shard).report
+                total.segments += r.segments
+                total.bytes_scanned += r.bytes_scanned
+                total.seconds += r.seconds
+                total.pending += r.pending
+                total.torn_tails += [(shard, *t) for t in r.torn_tails]
+                total.corrupt += [(shard, *c) for c in r.corrupt]
+                total.bad_headers += r.bad_headers
+        _log.info("event=recovered_shards dir=%s shards=%d segments=%d pending=%d seconds=%.3f",
+                  self.root, len(self.logs), total.segments, total.pending, total.seconds)
+        return total
+
+    def start(self, loop) -> None:
+        self.loop = loop
+        self._worker.loop = loop
+        self._worker.start()
+        for lg in self.logs.values():
+            lg.start(loop)
+        self.committer.start(loop)
+
+    def log_for(self, user: str) -> AppendLog:
+        shard = self.map.shard(user)
+        lg = self.logs.get(shard)
+        return lg if lg is not None else self._new_log(shard)
+
+    def local_log(self, user: str) -> AppendLog | None:
+        """The log of `user`'s shard if this worker owns it, else None."""
+        return self.log_for(user) if self.map.is_local(user) else None
+
+    def _dirty_segments(self, peek=False) -> list:
+        dirty = [s for lg in self.logs.values() for s in lg.segments if s.dirty]
+        if not peek:
+            for s in dirty:
+                s.dirty = False
+        return dirty
+
+    # -- OfflineStore -------------------------------------------------------------------
+    def append(self, recipient, msg_id, timestamp_ms, sender, sender_device, payload, client_id=0):
+        self.log_for(recipient).append(recipient, msg_id, timestamp_ms, sender, sender_device, payload, client_id)
+
+    def pending(self, recipient):
+        lg = self.logs.get(self.map.shard(recipient))
+        return lg.pending(recipient) if lg is not None else []
+
+    def write_pending_into(self, out, recipient, now):
+        lg = self.logs.get(self.map.shard(recipient))
+        if lg is not None:
+            lg.write_pending_into(out, recipient, now)
+
+    def consume(self, recipient, msg_ids):
+        lg = self.logs.get(self.map.shard(recipient))
+        return lg.consume(recipient, msg_ids) if lg is not None else 0
+
+    def consume_through(self, recipient, msg_id):
+        lg = self.logs.get(self.map.shard(recipient))
+        return lg.consume_through(recipient, msg_id) if lg is not None else 0
+
+    def pending_count(self, recipient=None):
+        if recipient is not None:
+            lg = self.logs.get(self.map.shard(recipient))
+            return lg.pending_count(recipient) if lg is not None else 0
+        return sum(lg.pending_count() for lg in self.logs.values())
+
+    def commit(self, then, arg) -> None:
+        self.committer.commit(then, arg)
+
+    @property
+    def failed(self):
+        return self.committer.failed
+
+    @property
+    def on_fatal(self):
+        return self.committer.on_fatal
+
+    @on_fatal.setter
+    def on_fatal(self, fn):
+        self.committer.on_fatal = fn
+
+    def last_id(self) -> int:
+        return max((lg.last_id() for lg in self.logs.values()), default=0)
+
+    def sync(self) -> None:
+        for lg in self.logs.values():
+            lg.sync()
+
+    def stats(self) -> dict:
+        per = [lg.stats() for lg in self.logs.values()]
+        out = {k: sum(p[k] for p in per) for k in ("segments", "bytes", "pending", "appended", "consumed",
+                                                     "expired", "stalls", "unrecorded_consumes", "quarantined")}
+        out.update(shards=len(self.logs), syncs=self.committer.syncs, sync_seconds=self.committer.sync_seconds,
+                   storage_full=any(p["storage_full"] for p in per))
+        return out
+
+    def close(self) -> None:
+        self.committer.stop()
+        for lg in self.logs.values():
+            lg.close()
+        self._worker.stop()

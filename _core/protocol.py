@@ -57,6 +57,8 @@ class ErrorCode(IntEnum):
     RATE_LIMITED = 22
     QUOTA_EXCEEDED = 23
     STORAGE_FULL = 24
+    #: the recipient's shard is briefly unreachable (its worker is restarting); retry
+    UNAVAILABLE = 25
     INTERNAL = 50
 
 

@@ -18,6 +18,8 @@ class GatewayConfig:
     port: int = DEFAULT_PORT
     data_dir: str = field(default_factory=default_data_dir)
     workers: int = 1
+    #: which worker this process is (0..workers-1); set by the supervisor
+    worker_index: int = 0
     #: a connection that has not completed HELLO by then gets ERROR HELLO_TIMEOUT
     hello_timeout: float = 10.0
     #: largest frame after WELCOME (value of the length field); advertised to clients

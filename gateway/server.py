@@ -12,8 +12,9 @@ from pathlib import Path
 import uvloop
 
 from _core.protocol import ErrorCode, GoawayCode
-from _core.log import AppendLog
+from _core.log import ShardedLog
 from router import MemoryStore, Router
+from router.sharding import DEFAULT_SHARDS, ShardMap, check_layout
 
 from . import log
 from .auth import TokenAuthority, load_or_create_secret
@@ -50,8 +51,10 @@ class Gateway:
         self.loop = asyncio.get_running_loop()
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.authority = TokenAuthority(load_or_create_secret(cfg.data_dir))
+        self.shards = ShardMap(DEFAULT_SHARDS, cfg.workers, cfg.worker_index)
         if cfg.store == "log":
-            store = AppendLog(Path(cfg.data_dir) / "log" / "shard-0000", cfg.log_config())
+            check_layout(cfg.data_dir, DEFAULT_SHARDS)
+            store = ShardedLog(Path(cfg.data_dir) / "log", cfg.log_config(), self.shards)
             store.open()                     # recovery: before anyone is served
             store.start(self.loop)
             store.on_fatal = self._store_failed
