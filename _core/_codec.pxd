@@ -83,6 +83,7 @@ cdef class Decoder:
     cdef object _sink            # Python callable(ftype, flags, memoryview) when not a FrameSink
     cdef FrameSink _fast_sink
     cdef public Py_ssize_t max_frame
+    cdef public int max_type
     cdef bytearray _own          # bytes of an incomplete frame between reads; None while idle
     cdef Py_ssize_t _own_len
     cdef Py_ssize_t _scratch_off # >= 0: the last get_buffer() handed out the shared scratch buffer

@@ -528,9 +528,10 @@ cdef class Decoder:
     no read buffer at all. Frame bodies are views valid only during the call.
     """
 
-    def __init__(self, sink, Py_ssize_t max_frame=DEFAULT_MAX_FRAME):
+    def __init__(self, sink, Py_ssize_t max_frame=DEFAULT_MAX_FRAME, int max_type=FT_LAST):
         self.set_sink(sink)
         self.max_frame = max_frame
+        self.max_type = max_type            # links between workers also carry the bus's frames
         self._own = None
         self._own_len = 0
         self._scratch_off = -1
@@ -684,7 +685,7 @@ cdef class Decoder:
                 if n - pos < LENGTH_SIZE + 1:
                     break
                 ftype = buf[pos + LENGTH_SIZE]
-                if ftype == 0 or ftype > FT_LAST:
+                if ftype == 0 or ftype > self.max_type:
                     raise UnknownFrameType(f"unknown frame type 0x{ftype:02x}")
                 if n - pos - LENGTH_SIZE < <Py_ssize_t>length:
                     break

@@ -3,6 +3,10 @@ from ._codec cimport FrameSink, WriteBuffer
 from ._log cimport LogCore
 
 
+cdef class RouteCore
+cdef class LinkCore
+
+
 cdef class SessionCore(FrameSink):
     cdef readonly str user
     cdef readonly str device
@@ -15,9 +19,22 @@ cdef class SessionCore(FrameSink):
     cdef dict _dedup             # client message id -> (msg_id, ts) for this device
     cdef bint _queued            # already in the core's flush list this loop turn
     cdef bint _close_after_flush
+    cdef public Py_ssize_t forwards_pending   # SENDs forwarded to other workers, not yet answered
+    cdef object _deferred_error               # a fatal ERROR waiting for those answers
 
     cdef int _mark(self) except -1
+    cdef int forward_done(self) except -1
     cdef int _release(self, bytes data, bint close) except -1
+
+
+cdef enum:
+    # inter-worker frames (the bus), in the same framing as the client protocol
+    LT_FWD = 0x41
+    LT_FWD_ACK = 0x42
+    LT_FWD_ERR = 0x43
+    LT_HANDOFF = 0x44
+    LT_LINK_HELLO = 0x45
+    LT_LAST = 0x45
 
 
 cdef class RouteCore:
@@ -36,11 +53,28 @@ cdef class RouteCore:
     cdef readonly uint64_t messages_routed
     cdef readonly uint64_t messages_delivered_live
     cdef readonly uint64_t duplicates_dropped
+    cdef readonly uint64_t forwarded
+    cdef dict _pending_fwd       # seq -> (sender session, client id, link)
+    cdef uint64_t _fwd_seq
+    cdef object _link_to
+    cdef object _owner_of
+    cdef object _is_local_fn
 
     cdef uint64_t _next_id(self, uint64_t now_ms)
     cdef int route(self, SessionCore sender, uint64_t client_id, const char *to, Py_ssize_t to_len,
                    const char *payload, Py_ssize_t n) except -1
     cdef int route_remote(self, SessionCore sender, uint64_t client_id, str recipient,
                           const char *payload, Py_ssize_t n) except -1
+    cdef int acked(self, SessionCore sender, uint64_t client_id, uint64_t msg_id, uint64_t ts) except -1
+    cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
+                            const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts) except -1
+    cdef int accept_forward(self, LinkCore link, uint64_t seq, str sender, str device, uint64_t client_id,
+                            str recipient, const char *payload, Py_ssize_t n) except -1
+    cdef bint _is_local(self, str recipient) except -1
     cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1
     cdef int _schedule(self, SessionCore s) except -1
+
+
+cdef class LinkCore(SessionCore):
+    cdef readonly int peer
+    cdef object _control

@@ -10,7 +10,7 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint16_t
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 
-from ._codec cimport (Cursor, cur_u64, cur_u16, cur_bytes8, cur_done, sb_load64,
+from ._codec cimport (Cursor, cur_u64, cur_u16, cur_bytes8, cur_done, cur_str16, sb_load64,
                       FT_SEND, FT_RECEIVED, FT_PING, FT_PONG, FT_GOAWAY, MAX_RECEIVED_IDS,
                       SWITCHBOARD_DEBUG)
 from ._codec import encode_into
@@ -46,6 +46,8 @@ cdef class SessionCore(FrameSink):
         self._queued = False
         self._close_after_flush = False
         self._dedup = None
+        self.forwards_pending = 0
+        self._deferred_error = None
 
     cdef int on_frame(self, uint8_t ftype, uint8_t flags, const unsigned char *body, Py_ssize_t n) except -1:
         cdef Cursor c
@@ -53,7 +55,7 @@ cdef class SessionCore(FrameSink):
         cdef uint16_t count
         cdef const char *to
         cdef Py_ssize_t to_len
-        if self.closed or self._close_after_flush:
+        if self.closed or self._close_after_flush or self._deferred_error is not None:
             return 0        # going away: nothing more is read from this session
         c.p = body
         c.end = body + n
@@ -86,6 +88,14 @@ cdef class SessionCore(FrameSink):
         finally:
             PyBuffer_Release(&view)
 
+    cdef int forward_done(self) except -1:
+        self.forwards_pending -= 1
+        if self.forwards_pending == 0 and self._deferred_error is not None:
+            code, reason, ref = self._deferred_error
+            self._deferred_error = None
+            self.error(code, reason, ref, True)
+        return 0
+
     cdef int _mark(self) except -1:
         if not self._queued:
             self._queued = True
@@ -111,8 +121,12 @@ cdef class SessionCore(FrameSink):
             self._mark()
 
     def error(self, int code, str reason, uint64_t ref=0, bint fatal=False):
-        """Queue an ERROR; a fatal one closes the session after the flush."""
+        """Queue an ERROR; a fatal one closes the session after the flush (after the
+        ACKs of SENDs still being stored on other workers, so none is lost)."""
         if self.closed:
+            return
+        if fatal and self.forwards_pending > 0:
+            self._deferred_error = (code, reason, ref)
             return
         self.out.write_error(code, ref, reason, fatal)
         if fatal:
@@ -161,6 +175,11 @@ cdef class RouteCore:
         # client ids seen per device; a durable store hands back what it recovered
         self._dedup_tables = dict(getattr(store, "recovered_dedup", None) or {})
         self._log = store if isinstance(store, LogCore) else None
+        self._pending_fwd = {}
+        self._fwd_seq = 0
+        self._link_to = None
+        self._owner_of = None
+        self._is_local_fn = None
         # a worker's sharded store: the log of the recipient's shard, or None if another worker owns it
         self._local_log = getattr(store, "local_log", None)
         self._log_for = getattr(store, "log_for", None)
@@ -182,16 +201,16 @@ cdef class RouteCore:
 
     cdef int route(self, SessionCore sender, uint64_t client_id, const char *to, Py_ssize_t to_len,
                    const char *payload, Py_ssize_t n) except -1:
+        """A SEND from a local session: store and deliver here, or forward it to
+        the worker owning the recipient's shard (which ACKs once it is stored)."""
         cdef uint64_t msg_id, ts
-        cdef SessionCore s
         cdef dict dedup = sender._dedup
         cdef str recipient
         if n > self.max_payload:
             sender.error(ErrorCode.PAYLOAD_TOO_LARGE,
                          f"payload of {n} bytes exceeds the limit of {self.max_payload}", client_id, False)
             return 0
-        key = client_id
-        seen = dedup.get(key)
+        seen = dedup.get(client_id)
         if seen is not None:
             # a retry (e.g. after reconnect): answer with the original ACK, deliver nothing
             self.duplicates_dropped += 1
@@ -201,37 +220,122 @@ cdef class RouteCore:
             recipient = PyUnicode_DecodeUTF8(to, to_len, NULL)
         except UnicodeDecodeError:
             raise MalformedFrame("recipient is not UTF-8") from None
-        ts = _now_ms()
-        msg_id = self._next_id(ts)
-        cdef LogCore log = self._log
-        if self._local_log is not None:
-            found = self._local_log(recipient)
-            if found is None:
-                return self.route_remote(sender, client_id, recipient, payload, n)
-            log = <LogCore>found
+        if self._local_log is not None and not self._is_local(recipient):
+            return self.route_remote(sender, client_id, recipient, payload, n)
         try:
-            if log is not None:           # the payload's one copy: into the mapped log
-                log.append_message(recipient, msg_id, ts, client_id, sender.user, sender.device,
-                                   payload, n)
-            else:
-                self.store.append(recipient, msg_id, ts, sender.user, sender.device,
-                                  PyBytes_FromStringAndSize(payload, n))
+            self.append_deliver(sender.user, sender.device, client_id, recipient, payload, n, &msg_id, &ts)
         except StoreError as exc:
             sender.error(exc.code, str(exc), client_id, False)
             return 0
+        return self.acked(sender, client_id, msg_id, ts)
+
+    cdef int acked(self, SessionCore sender, uint64_t client_id, uint64_t msg_id, uint64_t ts) except -1:
+        cdef dict dedup = sender._dedup
+        sender.out.write_ack(client_id, msg_id, ts)
+        sender._mark()
+        dedup[client_id] = (msg_id, ts)
+        if len(dedup) > self.dedup_window:
+            del dedup[next(iter(dedup))]
+        return 0
+
+    cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
+                            const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts) except -1:
+        """Store in the recipient's log (this worker owns it) and push to its online
+        devices. Raises StoreError (nothing stored) on quota or a full disk."""
+        cdef SessionCore s
+        cdef LogCore log = self._log
+        ts[0] = _now_ms()
+        msg_id[0] = self._next_id(ts[0])
+        if self._log_for is not None:
+            log = <LogCore>self._log_for(recipient)
+        if log is not None:               # the payload's one copy: into the mapped log
+            log.append_message(recipient, msg_id[0], ts[0], client_id, sender, sender_device, payload, n)
+        else:
+            self.store.append(recipient, msg_id[0], ts[0], sender, sender_device,
+                              PyBytes_FromStringAndSize(payload, n), client_id)
         online = self._sessions.get(recipient)
         if online is not None:
             for s in <list>online:
-                s.out.write_deliver(msg_id, ts, sender.user, sender.device, payload, n)
+                s.out.write_deliver(msg_id[0], ts[0], sender, sender_device, payload, n)
                 s._mark()
                 self.messages_delivered_live += 1
-        sender.out.write_ack(client_id, msg_id, ts)
-        sender._mark()
-        dedup[key] = (msg_id, ts)
-        if len(dedup) > self.dedup_window:
-            del dedup[next(iter(dedup))]
         self.messages_routed += 1
         return 0
+
+    cdef int route_remote(self, SessionCore sender, uint64_t client_id, str recipient,
+                          const char *payload, Py_ssize_t n) except -1:
+        """FWD to the owner of the recipient's shard over the bus; the ACK comes back
+        as FWD_ACK once the owner has stored (and, in `always` mode, synced) it."""
+        cdef LinkCore link = None
+        cdef uint64_t seq
+        cdef Py_ssize_t start
+        if self._link_to is not None:
+            found = self._link_to(self._owner_of(recipient))
+            if found is not None:
+                link = <LinkCore>found
+        if link is None or link.closed:
+            sender.error(ErrorCode.UNAVAILABLE, f"the worker serving {recipient} is restarting; retry",
+                         client_id, False)
+            return 0
+        self._fwd_seq += 1
+        seq = self._fwd_seq
+        self._pending_fwd[seq] = (sender, client_id, link)
+        sender.forwards_pending += 1
+        out = link.out
+        start = out.begin_frame(LT_FWD, 0)
+        out.put_u64(seq)
+        out.put_u64(client_id)
+        out.put_id(sender.user, False)
+        out.put_id(sender.device, True)
+        out.put_id(recipient, False)
+        out.put_raw(payload, n)
+        out.end_frame(start)
+        self.forwarded += 1
+        return link._mark()
+
+    cdef int accept_forward(self, LinkCore link, uint64_t seq, str sender, str device, uint64_t client_id,
+                            str recipient, const char *payload, Py_ssize_t n) except -1:
+        """A FWD from another worker: this worker owns the recipient's shard."""
+        cdef uint64_t msg_id, ts
+        cdef Py_ssize_t start
+        key = (sender, device)
+        table = self._dedup_tables.get(key)
+        if table is None:
+            table = self._dedup_tables[key] = {}
+        seen = (<dict>table).get(client_id)
+        out = link.out
+        if seen is not None:
+            msg_id = (<tuple>seen)[0]
+            ts = (<tuple>seen)[1]
+            self.duplicates_dropped += 1
+        else:
+            try:
+                self.append_deliver(sender, device, client_id, recipient, payload, n, &msg_id, &ts)
+            except StoreError as exc:
+                start = out.begin_frame(LT_FWD_ERR, 0)
+                out.put_u64(seq)
+                out.put_u16(exc.code)
+                out.put_text16(str(exc), 1000)
+                out.end_frame(start)
+                return link._mark()
+            (<dict>table)[client_id] = (msg_id, ts)
+            if len(<dict>table) > self.dedup_window:
+                del (<dict>table)[next(iter(<dict>table))]
+        start = out.begin_frame(LT_FWD_ACK, 0)
+        out.put_u64(seq)
+        out.put_u64(msg_id)
+        out.put_u64(ts)
+        out.end_frame(start)
+        return link._mark()
+
+    def fail_link(self, LinkCore link):
+        """A link broke: every SEND waiting on it gets UNAVAILABLE (the client
+        retries with the same id; the owner drops it if it had stored it)."""
+        cdef SessionCore sender
+        for seq in [k for k, v in self._pending_fwd.items() if (<tuple>v)[2] is link]:
+            sender, client_id, _ = self._pending_fwd.pop(seq)
+            sender.error(ErrorCode.UNAVAILABLE, "the recipient's worker went away; retry", client_id, False)
+            sender.forward_done()
 
     cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1:
         cdef Py_ssize_t i
@@ -246,12 +350,15 @@ cdef class RouteCore:
         self.store.consume(session.user, id_list)
         return 0
 
-    cdef int route_remote(self, SessionCore sender, uint64_t client_id, str recipient,
-                          const char *payload, Py_ssize_t n) except -1:
-        """The recipient's shard belongs to another worker (see gateway/worker.py)."""
-        sender.error(ErrorCode.UNAVAILABLE, f"{recipient} is served by another worker, not reachable from here",
-                     client_id, False)
-        return 0
+    cdef bint _is_local(self, str recipient) except -1:
+        return self._is_local_fn is None or self._is_local_fn(recipient)
+
+    def set_bus(self, link_to, owner_of, is_local):
+        """Route recipients on other workers' shards: `link_to(worker)` returns a
+        LinkCore or None; `owner_of(user)` and `is_local(user)` read the shard map."""
+        self._link_to = link_to
+        self._owner_of = owner_of
+        self._is_local_fn = is_local
 
     cdef int _schedule(self, SessionCore s) except -1:
         self._dirty.append(s)
@@ -325,3 +432,64 @@ cdef class RouteCore:
     def online_users(self):
         return len(self._sessions)
 
+
+
+cdef class LinkCore(SessionCore):
+    """One end of a connection to another worker. It is a session of the router
+    (an output buffer flushed per loop turn, after the group commit) whose frames
+    are the bus's: FWD in, FWD_ACK/FWD_ERR back; control frames (hand-off, hello)
+    go to a Python callback."""
+
+    def __init__(self, RouteCore core, int peer, write, close, control):
+        super().__init__(core, f"#worker{peer}", "", 0, write, close)
+        self.peer = peer
+        self._control = control
+
+    cdef int on_frame(self, uint8_t ftype, uint8_t flags, const unsigned char *body, Py_ssize_t n) except -1:
+        cdef Cursor c
+        cdef uint64_t seq, client_id, msg_id, ts
+        cdef const char *p
+        cdef Py_ssize_t k
+        cdef str sender, device, recipient
+        cdef RouteCore core = self._core
+        cdef SessionCore origin
+        cdef uint16_t code
+        if self.closed:
+            return 0
+        c.p = body
+        c.end = body + n
+        if ftype == LT_FWD:
+            cur_u64(&c, &seq)
+            cur_u64(&c, &client_id)
+            cur_bytes8(&c, &p, &k, 1)
+            sender = PyUnicode_DecodeUTF8(p, k, NULL)
+            cur_bytes8(&c, &p, &k, 0)
+            device = PyUnicode_DecodeUTF8(p, k, NULL)
+            cur_bytes8(&c, &p, &k, 1)
+            recipient = PyUnicode_DecodeUTF8(p, k, NULL)
+            return core.accept_forward(self, seq, sender, device, client_id, recipient,
+                                       <const char *>c.p, c.end - c.p)
+        if ftype == LT_FWD_ACK:
+            cur_u64(&c, &seq)
+            cur_u64(&c, &msg_id)
+            cur_u64(&c, &ts)
+            entry = core._pending_fwd.pop(seq, None)
+            if entry is not None:
+                origin = (<tuple>entry)[0]
+                if not origin.closed:
+                    core.acked(origin, (<tuple>entry)[1], msg_id, ts)
+                origin.forward_done()
+            return 0
+        if ftype == LT_FWD_ERR:
+            cur_u64(&c, &seq)
+            cur_u16(&c, &code)
+            reason = cur_str16(&c, 65535)
+            entry = core._pending_fwd.pop(seq, None)
+            if entry is not None:
+                origin = (<tuple>entry)[0]
+                origin.error(code, reason, (<tuple>entry)[1], False)
+                origin.forward_done()
+            return 0
+        view = PyBytes_FromStringAndSize(<const char *>body, n)
+        self._control(self, ftype, view)
+        return 0

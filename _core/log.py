@@ -402,6 +402,11 @@ class AppendLog(LogCore):
                 _log.error("event=corrupt_segment segment=%d bad_regions=%s action=quarantine_after_compaction "
                            "records_outside_the_bad_regions=served", seg.segment_id, regions)
             seg.sealed = i != data_last or seg.quarantined
+        for seg in good:
+            # nothing read back from the page cache is acknowledged again (as a
+            # deduplicated retry) until a sync has covered it: after a failed
+            # fsync and a restart, the page cache is not proof of anything
+            seg.dirty = True
         for seg, _, _ in scans[data_last + 1:]:      # empty, prepared: use them as spares
             self._remove_segment(seg.segment_id)
             seg.sealed = False

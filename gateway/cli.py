@@ -6,6 +6,7 @@ for use on the server's own machine).
 """
 import argparse
 import asyncio
+import os
 import json
 import sys
 
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port, 0 picks one (default {DEFAULT_PORT})")
     p.add_argument("--data-dir", default=None,
                    help=f"where the server secret and data live (default: $SWITCHBOARD_DATA_DIR or ./{default_data_dir()})")
-    p.add_argument("--workers", type=_positive(int), default=1, help="worker processes (this release: 1)")
+    p.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1,
+                   help="worker processes; users are sharded across them (default: number of cores, %(default)s)")
     p.add_argument("--hello-timeout", type=_positive(float), default=GatewayConfig.hello_timeout,
                    help="seconds a new connection has to complete HELLO (default %(default)s)")
     p.add_argument("--max-frame", type=_positive(int), default=GatewayConfig.max_frame,

@@ -110,8 +110,19 @@ class Client:
 
     # -- lifecycle ---------------------------------------------------------------
     async def connect(self) -> frames.Welcome:
-        await asyncio.wait_for(self._open(), self.connect_timeout)
+        await asyncio.wait_for(self._open_retrying(), self.connect_timeout)
         return self.welcome
+
+    async def _open_retrying(self) -> None:
+        delay = 0.02
+        while True:
+            try:
+                return await self._open()
+            except ServerError as exc:       # the user's worker is restarting: come back shortly
+                if exc.code != ErrorCode.UNAVAILABLE:
+                    raise
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.max_backoff)
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -229,7 +240,10 @@ class Client:
         elif t is frames.Error:
             err = ServerError(frame.code, frame.reason, frame.ref)
             entry = self._unacked.get(frame.ref) if frame.ref else None
-            if entry is not None and not frame.fatal:
+            if entry is not None and not frame.fatal and frame.code == ErrorCode.UNAVAILABLE:
+                # the recipient's worker is restarting: send again, same client id
+                asyncio.get_running_loop().call_later(0.05 + random.random() * 0.1, self._resend, frame.ref)
+            elif entry is not None and not frame.fatal:
                 if not entry[0].done():
                     entry[0].set_exception(err)
             elif frame.fatal:
@@ -239,6 +253,11 @@ class Client:
                     self._fatal = err
         elif t is frames.Goaway:
             self._reconnect_hint = frame.reconnect_ms / 1000
+
+    def _resend(self, client_id: int) -> None:
+        entry = self._unacked.get(client_id)
+        if entry is not None and not entry[0].done() and self.connected:
+            self._proto.transport.write(entry[1])
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         if self._welcome_fut is not None and not self._welcome_fut.done():
@@ -266,7 +285,7 @@ class Client:
         while not self._closed:
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
             try:
-                await asyncio.wait_for(self._open(), self.connect_timeout)
+                await asyncio.wait_for(self._open_retrying(), self.connect_timeout)
                 self.reconnects += 1
                 return
             except ServerError as exc:

@@ -17,7 +17,7 @@ class GatewayConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     data_dir: str = field(default_factory=default_data_dir)
-    workers: int = 1
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     #: which worker this process is (0..workers-1); set by the supervisor
     worker_index: int = 0
     #: a connection that has not completed HELLO by then gets ERROR HELLO_TIMEOUT
@@ -31,6 +31,8 @@ class GatewayConfig:
     max_pending_per_recipient: int = 10_000
     #: remembered client message ids per device, for dropping retried SENDs
     dedup_window: int = 4096
+    #: a worker that dies is restarted after this backoff (doubling per quick death)
+    restart_backoff: float = 0.1
     #: SIGTERM: how long connections get to finish before they are cut
     shutdown_grace: float = 5.0
     #: GOAWAY reconnect hints are spread uniformly over this many ms
@@ -49,9 +51,9 @@ class GatewayConfig:
     def validate(self) -> None:
         if not (0 <= self.port <= 65535):
             raise ValueError(f"port must be 0..65535, got {self.port}")
-        if self.workers != 1:
-            raise ValueError("--workers other than 1 is not supported yet: this release runs one "
-                             "worker process (multi-worker sharding is the next milestone)")
+        from router.sharding import DEFAULT_SHARDS
+        if not (1 <= self.workers <= DEFAULT_SHARDS):
+            raise ValueError(f"workers must be between 1 and {DEFAULT_SHARDS} (the number of shards)")
         if self.hello_timeout <= 0:
             raise ValueError("hello timeout must be positive")
         if not (1024 <= self.max_frame <= 16 * 1024 * 1024):

@@ -2,6 +2,7 @@
 every frame to the router session. The data path after HELLO never comes back
 to Python: decoder -> SessionCore.on_frame -> RouteCore.route (all Cython)."""
 import asyncio
+import os
 
 from _core import frames
 from _core.codec import Decoder, decode_body, encode
@@ -15,19 +16,24 @@ _log = log.get("switchboard.conn")
 
 
 class Connection(asyncio.BufferedProtocol):
-    __slots__ = ("gateway", "transport", "session", "decoder", "_hello_timer", "peer")
+    __slots__ = ("gateway", "transport", "session", "decoder", "_hello_timer", "peer", "handed_off",
+                 "_handoff")
 
-    def __init__(self, gateway):
+    def __init__(self, gateway, handed_off: bool = False):
         self.gateway = gateway
         self.transport = None
         self.session = None
         self.peer = None
         self.decoder = Decoder(self._hello_sink, gateway.config.pre_auth_max_frame)
         self._hello_timer = None
+        self.handed_off = handed_off     # came from another worker: must be ours
+        self._handoff = None             # (owner, HELLO bytes) once HELLO says another worker owns it
 
     # -- asyncio.BufferedProtocol ------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
+        if self.handed_off:
+            transport.pause_reading()        # the bytes the other worker read come first
         self.peer = transport.get_extra_info("peername")
         self.gateway.connections.add(self)
         self._hello_timer = self.gateway.loop.call_later(self.gateway.config.hello_timeout,
@@ -37,8 +43,19 @@ class Connection(asyncio.BufferedProtocol):
         return self.decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes):
+        self._input(self.decoder.buffer_updated, nbytes)
+
+    def feed_handed_off(self, data: bytes) -> None:
+        """Start a connection handed over by another worker with what it had read."""
+        self._input(self.decoder.feed, data)
+        if not self.transport.is_closing() and self._handoff is None:
+            self.transport.resume_reading()
+
+    def _input(self, parse, arg):
         try:
-            self.decoder.buffer_updated(nbytes)
+            parse(arg)
+            if self._handoff is not None:
+                self._hand_off()
         except ProtocolError as exc:
             self.gateway.count_error(exc.code)
             self.fail(exc.code, exc.reason)
@@ -71,6 +88,15 @@ class Connection(asyncio.BufferedProtocol):
             user, device = gw.authority.verify(hello.token, hello.device)
         except AuthError as exc:
             raise ProtocolError(str(exc), exc.code) from None
+        owner = gw.shards.owner(user)
+        if owner != gw.shards.me:
+            if self.handed_off or gw.bus is None:
+                raise ProtocolError(f"{user} is served by worker {owner}, which is not reachable from here",
+                                    ErrorCode.UNAVAILABLE)
+            # another worker owns this user: hand it the connection after this read
+            self._handoff = (owner, encode(hello))
+            self.decoder.stop()
+            return
         self._hello_timer.cancel()
         self._hello_timer = None
         cfg = gw.config
@@ -80,6 +106,21 @@ class Connection(asyncio.BufferedProtocol):
                                               resume_after=hello.resume_after, welcome=welcome)
         self.decoder.max_frame = cfg.max_frame
         self.decoder.set_sink(self.session)
+
+    def _hand_off(self) -> None:
+        owner, hello = self._handoff
+        gw = self.gateway
+        data = hello + self.decoder.take_buffered()
+        self.transport.pause_reading()
+        sock = self.transport.get_extra_info("socket")
+        fd = os.dup(sock.fileno())
+        if gw.bus.hand_off(owner, fd, data):
+            gw.handoffs_out += 1
+            self.transport.abort()           # our descriptor only: the owner holds the connection now
+        else:
+            self._handoff = None
+            gw.count_error(ErrorCode.UNAVAILABLE)
+            self.fail(ErrorCode.UNAVAILABLE, f"worker {owner} is restarting; reconnect shortly")
 
     def _hello_timed_out(self):
         self._hello_timer = None
@@ -98,6 +139,8 @@ class Connection(asyncio.BufferedProtocol):
         self.transport.pause_reading()
         if self.session is not None:
             self.session.error(code, reason, 0, True)   # after any ACKs already queued
+            # a peer worker that never answers must not keep this connection open
+            self.gateway.loop.call_later(self.gateway.config.shutdown_grace, self.transport.abort)
         else:
             self.transport.write(encode(frames.Error(code, 0, reason, True)))
             self.transport.close()

@@ -4,6 +4,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from router.sharding import DEFAULT_SHARDS, ShardMap, check_layout
 from . import log
 from .auth import TokenAuthority, load_or_create_secret
 from .config import DEFAULT_PORT, GatewayConfig, default_data_dir
+from .bus import LocalBus
 from .connection import Connection
 
 _log = log.get("switchboard.gateway")
@@ -38,6 +40,10 @@ class Gateway:
         self._server = None
         self._stopping = None
         self.exit_code = 0
+        self.bus = None
+        self.shards = None
+        self.handoffs_out = 0
+        self.handoffs_in = 0
 
     @staticmethod
     def now_ms() -> int:
@@ -46,7 +52,9 @@ class Gateway:
     def count_error(self, code: int) -> None:
         self.errors[ErrorCode(code).name] += 1
 
-    async def start(self) -> tuple[str, int]:
+    async def start(self, listen_sock=None, cluster: str | None = None) -> tuple[str, int]:
+        """Recover the stores, join the bus (several workers), then accept: on
+        `listen_sock` (shared by the supervisor's workers) or a socket of our own."""
         cfg = self.config
         self.loop = asyncio.get_running_loop()
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
@@ -62,12 +70,50 @@ class Gateway:
             store = MemoryStore(cfg.max_pending_per_recipient)
         self.router = Router(store, loop=self.loop, max_frame=cfg.max_frame, dedup_window=cfg.dedup_window)
         self._stopping = asyncio.Event()
-        self._server = await self.loop.create_server(
-            lambda: Connection(self), cfg.host, cfg.port, backlog=cfg.backlog, reuse_address=True)
+        if cfg.workers > 1:
+            self.bus = LocalBus(cluster or "solo", cfg.worker_index, cfg.workers, self.router, self.shards,
+                                self.adopt, self._bus_pressure)
+            self.bus.start(self.loop)
+        if listen_sock is not None:
+            self._server = await self.loop.create_server(lambda: Connection(self), sock=listen_sock,
+                                                         backlog=cfg.backlog)
+        else:
+            self._server = await self.loop.create_server(
+                lambda: Connection(self), cfg.host, cfg.port, backlog=cfg.backlog, reuse_address=True)
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
-        _log.info("listening on tcp://%s:%d (pid %d)", host, port, os.getpid())
+        _log.info("event=worker_ready worker=%d workers=%d listen=tcp://%s:%d pid=%d",
+                  cfg.worker_index, cfg.workers, host, port, os.getpid())
         return host, port
+
+    def adopt(self, fd: int, data: bytes) -> None:
+        """A connection handed over by another worker (its user is on our shards)."""
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        self.handoffs_in += 1
+
+        async def start():
+            try:
+                _, conn = await self.loop.connect_accepted_socket(lambda: Connection(self, handed_off=True), sock)
+            except OSError as exc:
+                _log.info("event=handoff_lost error=%r", exc)
+                sock.close()
+                return
+            conn.feed_handed_off(data)
+        self.loop.create_task(start())
+
+    def _bus_pressure(self, paused: bool) -> None:
+        """A link to another worker is backed up: stop reading clients until it drains."""
+        for c in self.connections:
+            if not c.transport.is_closing():
+                (c.transport.pause_reading if paused else c.transport.resume_reading)()
+
+    def parent_gone(self) -> None:
+        """The supervisor died: stop listening at once (so a new one can bind), then stop."""
+        _log.warning("event=supervisor_gone action=stop")
+        if self._server is not None:
+            self._server.close()
+        self.request_stop()
 
     def _store_failed(self, exc: BaseException) -> None:
         _log.critical("event=stopping reason=store_failed error=%r", exc)
@@ -99,6 +145,8 @@ class Gateway:
             await asyncio.sleep(0.02)
         for c in list(self.connections):
             c.transport.abort()
+        if self.bus is not None:
+            self.bus.close()
         self.router.store.close()
         self._server = None
         _log.info("stopped")
@@ -130,22 +178,33 @@ def banner(host: str, port: int, data_dir: str) -> str:
             f"  protocol:     docs/PROTOCOL.md; stop with Ctrl-C\n")
 
 
-def run(config: GatewayConfig) -> int:
-    """Run a gateway in this process until SIGTERM/SIGINT."""
+def run_worker(config: GatewayConfig, listen_sock, cluster: str, parent_fd: int, ready_fd: int = -1) -> int:
+    """One worker process (forked by the supervisor before any event loop exists)."""
     log.setup(config.log_level)
 
-    async def main() -> None:
+    async def main() -> int:
         gw = Gateway(config)
-        host, port = await gw.start()
+        await gw.start(listen_sock=listen_sock, cluster=cluster)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, gw.request_stop)
-        print(banner(host, port, config.data_dir), flush=True)
+
+        def parent_readable():
+            if not os.read(parent_fd, 1):         # EOF: the supervisor is gone
+                loop.remove_reader(parent_fd)
+                gw.parent_gone()
+        loop.add_reader(parent_fd, parent_readable)
+        if ready_fd >= 0:
+            os.write(ready_fd, b"r")
+            os.close(ready_fd)
         await gw.wait_stopped()
         return gw.exit_code
 
-    try:
-        return uvloop.run(main())
-    except OSError as exc:
-        _log.error("cannot start: %s", exc)
-        return 1
+    return uvloop.run(main())
+
+
+def run(config: GatewayConfig) -> int:
+    """`switchboard serve`: a supervisor and its workers, until SIGTERM/SIGINT."""
+    from .supervisor import Supervisor
+    log.setup(config.log_level)
+    return Supervisor(config).run()
