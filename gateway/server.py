@@ -149,7 +149,9 @@ class Gateway:
             self.bus.close()
         self.router.store.close()
         self._server = None
-        _log.info("stopped")
+        _log.info("event=worker_stopping worker=%d handoffs_in=%d handoffs_out=%d forwarded=%d routed=%d",
+                  self.config.worker_index, self.handoffs_in, self.handoffs_out, self.router.forwarded,
+                  self.router.messages_routed)
 
 
 def _cli_name() -> str:

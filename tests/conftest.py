@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ class GatewayProcess:
     port: int
     data_dir: Path
     output: list = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     def token(self, user: str, device: str = "", ttl: float = 3600, now: float | None = None) -> str:
         from gateway.auth import TokenAuthority, load_secret
@@ -38,7 +40,7 @@ class GatewayProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self, timeout: float = 10.0) -> int:
+    def stop(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -46,7 +48,21 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.reader is not None:
+            self.reader.join(5)
         return self.proc.returncode
+
+    @property
+    def text(self) -> str:
+        """Everything the server printed so far."""
+        return "".join(self.output)
+
+    def worker_pids(self) -> dict:
+        """worker index -> pid of its current process, from the supervisor's log."""
+        pids = {}
+        for m in re.finditer(r"event=worker_started worker=(\d+) pid=(\d+)", self.text):
+            pids[int(m.group(1))] = int(m.group(2))
+        return pids
 
 
 def start_gateway(data_dir: Path, *args: str, env: dict | None = None, timeout: float = 20.0) -> GatewayProcess:
@@ -64,10 +80,19 @@ def start_gateway(data_dir: Path, *args: str, env: dict | None = None, timeout: 
         lines.append(line)
         m = READY.search(line)
         if m:
-            return GatewayProcess(proc, m.group(1), int(m.group(2)), data_dir, lines)
+            gw = GatewayProcess(proc, m.group(1), int(m.group(2)), data_dir, lines)
+            gw.reader = threading.Thread(target=_drain, args=(proc, lines), daemon=True)
+            gw.reader.start()
+            return gw
     proc.kill()
     proc.wait()
     raise RuntimeError("gateway did not start:\n" + "".join(lines))
+
+
+def _drain(proc, lines: list) -> None:
+    """Keep reading the server's output so it never blocks on a full pipe."""
+    for line in proc.stdout:
+        lines.append(line)
 
 
 @pytest.fixture

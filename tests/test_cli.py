@@ -180,6 +180,6 @@ def test_serve_logs_readable_lines(gateway_proc):
     garbles some format specifiers, so this is checked on real output)."""
     import re as _re
     gateway_proc.stop()
-    text = "".join(gateway_proc.output) + gateway_proc.proc.stdout.read()
+    text = gateway_proc.text
     line = next(l for l in text.splitlines() if "logger=switchboard.gateway" in l)
     assert _re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d level=INFO logger=switchboard\.gateway ", line), line

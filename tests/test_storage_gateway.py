@@ -81,7 +81,7 @@ def test_failed_fsync_stops_the_worker_without_acking(gateway_factory):
         await alice.close()
     asyncio.run(main())
     gw.stop()
-    out = "".join(gw.output) + gw.proc.stdout.read()
+    out = gw.text
     assert "event=log_sync_failed" in out
     # the worker stopped itself with status 3 (whether the supervisor saw it before or
     # during its own shutdown)
