@@ -214,3 +214,45 @@ def test_sigterm_drains_with_jittered_goaway(gateway_factory):
     assert time.monotonic() - t0 < 15
     assert all(0 <= h <= 5000 for h in hints)
     assert len(set(hints)) > 1, "reconnect hints must be spread, not one value"
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS:")).split()[1])
+
+
+def test_slow_link_pauses_senders_and_memory_stays_bounded(gateway_factory):
+    """Freeze the recipient's worker (SIGSTOP): the link to it backs up, the
+    sending worker stops reading its clients instead of buffering without bound,
+    and once the worker runs again every message is stored and delivered."""
+    gw = gateway_factory("--workers", "2", "--max-pending", "100000")
+    sender, recipient = users_on(0, 2, 1, "bp-a")[0], users_on(1, 2, 1, "bp-b")[0]
+    pids = gw.worker_pids()
+    raw = Raw(gw, timeout=2)
+    raw.hello(gw.token(sender), "raw")
+    payload = b"p" * 60_000
+    before = _rss_kib(pids[0])
+    os.kill(pids[1], signal.SIGSTOP)
+    sent = 0
+    try:
+        for i in range(4000):                      # at most 240 MB offered; far more than the high water
+            try:
+                raw.send(encode(F.Send(i + 1, recipient, payload)))
+            except (TimeoutError, OSError):        # the server stopped reading us: backpressure
+                break
+            sent += 1
+        assert sent < 4000, "the sender was never paused"
+        grown_mib = (_rss_kib(pids[0]) - before) / 1024
+        assert grown_mib < 64, f"worker 0 grew by {grown_mib:.0f} MiB while the link was stuck"
+        assert "event=bus_paused" in gw.text
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+    raw.sock.settimeout(30)
+    acks = set()
+    while len(acks) < sent:
+        f = raw.frame()
+        if isinstance(f, F.Ack):
+            acks.add(f.client_id)
+    assert acks == set(range(1, sent + 1))
+    raw.close()
+    wait_for(lambda: "event=bus_resumed" in gw.text, "the bus to resume")
