@@ -1,7 +1,8 @@
-"""Routed 1:1 messages/s through one gateway worker, with a bare-uvloop echo
-baseline measured by the same load client in the same run.
+"""Routed 1:1 messages/s through the gateway (1, 2, 4... workers), with a
+bare-uvloop echo baseline measured by the same load client in the same run.
 
     python bench/e2e_throughput.py --pairs 100 --window 8 --size 32 --duration 5
+    python bench/e2e_throughput.py --targets echo,switchboard --workers 1,2,4 --clients 2
 
 Each pair is a sender and a recipient connection. Senders keep `window`
 SENDs in flight (a new one per ACK); recipients acknowledge DELIVERs with one
@@ -49,9 +50,17 @@ def start(cmd):
 
 
 def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of `pid` and its children (a supervisor and its workers)."""
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return total
+    return total + sum(cpu_seconds(c) for c in children)
 
 
 class Stats:
@@ -125,7 +134,7 @@ class Peer(asyncio.BufferedProtocol):
             raise SystemExit(f"server error: {decode_body(ftype, flags, body)}")
 
 
-async def run_load(target, port, data_dir, pairs, window, size, duration):
+async def connect_all(target, port, data_dir, pairs, window, size, first_pair=0):
     loop = asyncio.get_running_loop()
     stats = Stats()
     pad = b"x" * max(0, size - 8)
@@ -134,7 +143,7 @@ async def run_load(target, port, data_dir, pairs, window, size, duration):
     if target == "switchboard":
         from gateway.auth import TokenAuthority, load_secret
         authority = TokenAuthority(load_secret(data_dir))
-    for i in range(pairs):
+    for i in range(first_pair, first_pair + pairs):
         to = f"r{i}"
 
         def frame(ts, to=to, cid=[0]):
@@ -150,7 +159,11 @@ async def run_load(target, port, data_dir, pairs, window, size, duration):
             recipients.append(r)
     if authority:
         await asyncio.gather(*(p.welcome for p in senders + recipients))
-    cpu0 = cpu_seconds(SERVER_PID[0])
+    return stats, senders, recipients
+
+
+async def drive(stats, senders, recipients, window, duration):
+    """Run the load for `duration` seconds, then drain: every ACKed message must arrive."""
     t0 = time.perf_counter()
     for s in senders:
         s.send_more(window)
@@ -158,23 +171,78 @@ async def run_load(target, port, data_dir, pairs, window, size, duration):
     stats.stop = True
     elapsed = time.perf_counter() - t0
     delivered_at_stop = stats.delivered
-    cpu = cpu_seconds(SERVER_PID[0]) - cpu0
-    # drain: every ACKed message must arrive exactly once
     deadline = time.monotonic() + 10
     while (stats.acked < stats.sent or stats.delivered < stats.sent) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     for p in senders + recipients:
         p.transport.close()
-    lat = sorted(stats.latencies) or [0]
+    return {"elapsed": elapsed, "delivered_at_stop": delivered_at_stop, "sent": stats.sent, "acked": stats.acked,
+            "delivered": stats.delivered, "dupes": stats.dupes, "latencies": stats.latencies}
+
+
+def summarize(target, parts, cpu, elapsed, pairs, window, size):
+    lat = sorted(x for p in parts for x in p["latencies"]) or [0]
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6  # noqa: E731
+    sent, acked, delivered = (sum(p[k] for p in parts) for k in ("sent", "acked", "delivered"))
+    dupes = sum(p["dupes"] for p in parts)
     return {
         "target": target, "pairs": pairs, "window": window, "payload_bytes": size,
-        "duration_s": round(elapsed, 2), "msgs_per_s": round(delivered_at_stop / elapsed),
+        "duration_s": round(elapsed, 2), "msgs_per_s": round(sum(p["delivered_at_stop"] for p in parts) / elapsed),
         "p50_ms": round(pct(0.50), 3), "p99_ms": round(pct(0.99), 3), "p999_ms": round(pct(0.999), 3),
         "server_cpu_pct": round(100 * cpu / elapsed, 1),
-        "sent": stats.sent, "acked": stats.acked, "delivered": stats.delivered, "duplicates": stats.dupes,
-        "exactly_once": stats.sent == stats.acked == stats.delivered and stats.dupes == 0,
+        "sent": sent, "acked": acked, "delivered": delivered, "duplicates": dupes,
+        "exactly_once": sent == acked == delivered and dupes == 0,
     }
+
+
+async def run_load(target, port, data_dir, pairs, window, size, duration):
+    stats, senders, recipients = await connect_all(target, port, data_dir, pairs, window, size)
+    cpu0 = cpu_seconds(SERVER_PID[0])
+    part = await drive(stats, senders, recipients, window, duration)
+    cpu = cpu_seconds(SERVER_PID[0]) - cpu0
+    return summarize(target, [part], cpu, part["elapsed"], pairs, window, size)
+
+
+def client_part(args) -> None:
+    """One load process of several (--clients): connect, say ready, wait for go, run."""
+    async def main():
+        stats, senders, recipients = await connect_all(args.part_target, args.port, args.data_dir, args.pairs,
+                                                       args.window, args.size, args.first_pair)
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        part = await drive(stats, senders, recipients, args.window, args.duration)
+        print(json.dumps(part), flush=True)
+    uvloop.run(main())
+
+
+def run_multi(target, port, data_dir, args):
+    k = args.clients
+    share = [args.pairs // k + (1 if i < args.pairs % k else 0) for i in range(k)]
+    procs, first = [], 0
+    for n in share:
+        procs.append(subprocess.Popen(
+            [sys.executable, __file__, "--part-target", target, "--port", str(port), "--data-dir", data_dir,
+             "--pairs", str(n), "--first-pair", str(first), "--window", str(args.window), "--size", str(args.size),
+             "--duration", str(args.duration)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT))
+        first += n
+    try:
+        for p in procs:
+            if p.stdout.readline().strip() != "ready":
+                raise SystemExit("a load process failed to connect")
+        cpu0 = cpu_seconds(SERVER_PID[0])
+        t0 = time.perf_counter()
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        parts = [json.loads(p.stdout.readline()) for p in procs]
+        elapsed = max(p["elapsed"] for p in parts)
+        cpu = cpu_seconds(SERVER_PID[0]) - cpu0 - 0 * t0
+        return summarize(target, parts, cpu * elapsed / max(time.perf_counter() - t0, elapsed), elapsed,
+                         args.pairs, args.window, args.size)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 SERVER_PID = [0]
@@ -189,11 +257,23 @@ def main():
     ap.add_argument("--targets", default="echo,switchboard",
                     help="comma list of: echo, switchboard (durable log), switchboard-memory")
     ap.add_argument("--durability", default="interval", choices=["always", "interval", "never"])
+    ap.add_argument("--workers", default="1", help="comma list of gateway worker counts to measure")
+    ap.add_argument("--clients", type=int, default=1, help="load-generator processes")
     ap.add_argument("--json", help="also write results here")
+    # internal: one load process of several
+    ap.add_argument("--part-target", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--first-pair", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.size = max(args.size, 8)
+    args.duration = min(args.duration, 60)
+    if args.part_target:
+        return client_part(args)
     results = []
-    for target in args.targets.split(","):
+    runs = [("echo", None)] if "echo" in args.targets.split(",") else []
+    runs += [(t, int(w)) for t in args.targets.split(",") if t != "echo" for w in args.workers.split(",")]
+    for target, workers in runs:
         with tempfile.TemporaryDirectory() as data_dir:
             if target == "echo":
                 proc, port = start([sys.executable, "bench/echo_server.py"])
@@ -202,16 +282,20 @@ def main():
                 proc, port = start([sys.executable, "-m", "gateway", "serve", "--port", "0",
                                     "--data-dir", data_dir, "--log-level", "WARNING",
                                     "--max-pending", str(10**6), "--store", store,
-                                    "--durability", args.durability])
+                                    "--durability", args.durability, "--workers", str(workers)])
             SERVER_PID[0] = proc.pid
             try:
-                r = uvloop.run(run_load("echo" if target == "echo" else "switchboard", port, data_dir,
-                                        args.pairs, args.window, args.size, min(args.duration, 60)))
-                r["target"] = target if target == "echo" else f"{target} ({args.durability})"
+                kind = "echo" if target == "echo" else "switchboard"
+                if args.clients > 1:
+                    r = run_multi(kind, port, data_dir, args)
+                else:
+                    r = uvloop.run(run_load(kind, port, data_dir, args.pairs, args.window, args.size, args.duration))
+                r["target"] = target if target == "echo" else f"{target} ({args.durability}, {workers} workers)"
+                r["clients"] = args.clients
             finally:
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(10)
+                    proc.wait(15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
         results.append(r)
