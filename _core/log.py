@@ -257,7 +257,32 @@ class GroupCommit:
             self.on_fatal(exc)
 
 
-class AppendLog(LogCore):
+class _Committed:
+    """What a store that commits through a GroupCommit (`self.committer`) offers."""
+
+    def commit(self, then, arg) -> None:
+        """Run `then(arg)` (write ACKs and DELIVERs) once the appends so far are as
+        durable as the policy promises."""
+        self.committer.commit(then, arg)
+
+    @property
+    def failed(self):
+        return self.committer.failed
+
+    @property
+    def on_fatal(self):
+        return self.committer.on_fatal
+
+    @on_fatal.setter
+    def on_fatal(self, fn):
+        self.committer.on_fatal = fn
+
+    @property
+    def syncs(self):
+        return self.committer.syncs
+
+
+class AppendLog(_Committed, LogCore):
     """The durable OfflineStore of one shard."""
 
     def __init__(self, directory, config: LogConfig | None = None, *, fault: str | None = None,
@@ -567,27 +592,6 @@ class AppendLog(LogCore):
             self._roll()
 
     # -- durability -----------------------------------------------------------------
-    def commit(self, then, arg) -> None:
-        """Run `then(arg)` (write ACKs and DELIVERs) once this turn's appends are
-        as durable as the policy promises."""
-        self.committer.commit(then, arg)
-
-    @property
-    def failed(self):
-        return self.committer.failed
-
-    @property
-    def on_fatal(self):
-        return self.committer.on_fatal
-
-    @on_fatal.setter
-    def on_fatal(self, fn):
-        self.committer.on_fatal = fn
-
-    @property
-    def syncs(self):
-        return self.committer.syncs
-
     def _dirty_segments(self, peek=False) -> list:
         dirty = [s for s in self.segments if s.dirty]
         if not peek:
@@ -691,7 +695,7 @@ class AppendLog(LogCore):
             self._retire(self._spares.popleft(), False)
 
 
-class ShardedLog:
+class ShardedLog(_Committed):
     """One worker process's offline store: an AppendLog per shard it owns (made
     on the shard's first message), sharing one worker thread and one group
     commit, so a loop turn's ACKs wait for a single round of fdatasyncs however
@@ -794,21 +798,6 @@ class ShardedLog:
             lg = self.logs.get(self.map.shard(recipient))
             return lg.pending_count(recipient) if lg is not None else 0
         return sum(lg.pending_count() for lg in self.logs.values())
-
-    def commit(self, then, arg) -> None:
-        self.committer.commit(then, arg)
-
-    @property
-    def failed(self):
-        return self.committer.failed
-
-    @property
-    def on_fatal(self):
-        return self.committer.on_fatal
-
-    @on_fatal.setter
-    def on_fatal(self, fn):
-        self.committer.on_fatal = fn
 
     def last_id(self) -> int:
         return max((lg.last_id() for lg in self.logs.values()), default=0)

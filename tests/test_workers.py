@@ -15,6 +15,7 @@ from _core.protocol import GoawayCode
 from _core.pycodec import encode
 from conftest import start_gateway
 from rawclient import Raw
+from storm import assert_exactly_once_in_order, run_storm
 from router.sharding import shard_of
 
 
@@ -105,35 +106,6 @@ def test_handoff_carries_bytes_already_read(gateway_factory):
     assert handed > 0, gw.text
 
 
-async def _storm(gw, sender, recipient, n, on_acked):
-    a = gw.client(sender, "phone", max_backoff=0.3)
-    b = gw.client(recipient, "phone", max_backoff=0.3)
-    await a.connect()
-    await b.connect()
-    acked, seen = {}, []
-
-    async def send_all():
-        sem = asyncio.Semaphore(32)
-
-        async def one(i):
-            async with sem:
-                r = await a.send(recipient, f"m{i}", timeout=60)
-                acked[r.id] = f"m{i}"
-                on_acked(len(acked))
-        await asyncio.gather(*(one(i) for i in range(n)))
-
-    async def receive_all():
-        while len(seen) < n:
-            m = await b.recv(timeout=60)
-            seen.append(m.text)
-            await b.ack(m)
-
-    await asyncio.wait_for(asyncio.gather(send_all(), receive_all()), 120)
-    await a.close()
-    await b.close()
-    return acked, seen, a.reconnects + b.reconnects
-
-
 @pytest.mark.parametrize("victim", ["recipient's worker", "sender's worker"])
 def test_kill_9_of_a_worker_during_a_storm(gateway_factory, victim):
     """The supervisor restarts the worker, it recovers its shards' logs, clients
@@ -150,11 +122,9 @@ def test_kill_9_of_a_worker_during_a_storm(gateway_factory, victim):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    acked, seen, reconnects = asyncio.run(_storm(gw, sender, recipient, n, on_acked))
+    acked, seen, reconnects = asyncio.run(run_storm(gw, sender, recipient, n, on_acked))
     assert killed and reconnects >= 1
-    assert len(acked) == n
-    assert sorted(seen, key=lambda t: int(t[1:])) == [f"m{i}" for i in range(n)]
-    assert len(set(seen)) == n
+    assert_exactly_once_in_order(acked, seen, n)
     # the supervisor started a new process for that worker
     assert gw.worker_pids()[worker] != killed[0]
     assert re.search(rf"event=worker_exited worker={worker} pid={killed[0]} status=-9", gw.text)
