@@ -20,6 +20,8 @@ cdef enum:
     MAX_TOKEN_LENGTH = 1024
     MAX_RECEIVED_IDS = 4096
     FLAG_FATAL = 0x01
+    FLAG_SEND_ONLY = 0x01
+    FLAG_MIRROR = 0x02
 
 cdef enum FrameType:
     FT_HELLO = 0x01
@@ -32,7 +34,9 @@ cdef enum FrameType:
     FT_PONG = 0x08
     FT_ERROR = 0x09
     FT_GOAWAY = 0x0A
-    FT_LAST = 0x0A
+    FT_RECEIPT = 0x0B
+    FT_READ = 0x0C
+    FT_LAST = 0x0C
 
 ctypedef struct Cursor:
     const unsigned char *p
@@ -69,6 +73,11 @@ cdef class WriteBuffer:
     cdef int write_deliver_raw(self, uint64_t msg_id, uint64_t ts, const char *sender, Py_ssize_t sender_len,
                                const char *device, Py_ssize_t device_len,
                                const char *payload, Py_ssize_t n) except -1
+    cdef int write_deliver_ex(self, uint64_t msg_id, uint64_t ts, const char *sender, Py_ssize_t sender_len,
+                              const char *device, Py_ssize_t device_len, const char *peer, Py_ssize_t peer_len,
+                              uint64_t origin, const char *payload, Py_ssize_t n) except -1
+    cdef int write_receipt_raw(self, uint64_t rid, uint8_t kind, uint64_t msg_id, const char *by, Py_ssize_t by_len,
+                               const char *device, Py_ssize_t device_len, uint64_t ts) except -1
     cdef int write_error(self, uint16_t code, uint64_t ref, str reason, bint fatal) except -1
     cdef int write_u64_frame(self, uint8_t ftype, uint64_t v) except -1
     cdef bytes take_bytes(self)

@@ -167,7 +167,7 @@ cdef object _decode(uint8_t ftype, uint8_t flags, const unsigned char *body, Py_
     cdef uint16_t a16, k
     cdef uint32_t a32, b32, c32
     cdef uint64_t a64, b64, c64
-    cdef str s1, s2
+    cdef str s1, s2, s3
     c.p = body
     c.end = body + n
     if ftype == FT_SEND:
@@ -179,7 +179,30 @@ cdef object _decode(uint8_t ftype, uint8_t flags, const unsigned char *body, Py_
         cur_u64(&c, &b64)
         s1 = cur_str8(&c, 1)
         s2 = cur_str8(&c, 0)
-        frame = F.Deliver(a64, b64, s1, s2, _rest(&c))
+        s3 = ""
+        c64 = 0
+        if flags & FLAG_MIRROR:
+            s3 = cur_str8(&c, 1)
+            cur_u64(&c, &c64)
+        frame = F.Deliver(a64, b64, s1, s2, _rest(&c), s3, c64)
+    elif ftype == FT_RECEIPT:
+        cur_u64(&c, &a64)
+        cur_u8(&c, &b8)
+        cur_u64(&c, &b64)
+        s1 = cur_str8(&c, 1)
+        s2 = cur_str8(&c, 0)
+        cur_u64(&c, &c64)
+        frame = F.Receipt(a64, b8, b64, s1, s2, c64)
+    elif ftype == FT_READ:
+        s1 = cur_str8(&c, 1)
+        cur_u16(&c, &k)
+        if k > MAX_RECEIVED_IDS:
+            raise MalformedFrame("too many ids in READ")
+        ids = []
+        for _ in range(k):
+            cur_u64(&c, &a64)
+            ids.append(a64)
+        frame = F.Read(s1, tuple(ids))
     elif ftype == FT_ACK:
         cur_u64(&c, &a64)
         cur_u64(&c, &b64)
@@ -202,7 +225,7 @@ cdef object _decode(uint8_t ftype, uint8_t flags, const unsigned char *body, Py_
         s1 = cur_str16(&c, MAX_TOKEN_LENGTH)
         s2 = cur_str8(&c, 1)
         cur_u64(&c, &a64)
-        frame = F.Hello(a16, s1, s2, a64)
+        frame = F.Hello(a16, s1, s2, a64, bool(flags & FLAG_SEND_ONLY))
     elif ftype == FT_WELCOME:
         cur_u16(&c, &a16)
         cur_u64(&c, &a64)
@@ -372,6 +395,40 @@ cdef class WriteBuffer:
         self.length += 18 + sender_len + device_len + n
         return self.end_frame(start)
 
+    cdef int write_deliver_ex(self, uint64_t msg_id, uint64_t ts, const char *sender, Py_ssize_t sender_len,
+                              const char *device, Py_ssize_t device_len, const char *peer, Py_ssize_t peer_len,
+                              uint64_t origin, const char *payload, Py_ssize_t n) except -1:
+        """DELIVER from stored bytes; with a peer, the MIRROR form (peer, origin id)."""
+        cdef Py_ssize_t start
+        if peer_len == 0:
+            return self.write_deliver_raw(msg_id, ts, sender, sender_len, device, device_len, payload, n)
+        self.reserve(HEADER_SIZE + 27 + sender_len + device_len + peer_len + n)
+        start = self.begin_frame(FT_DELIVER, FLAG_MIRROR)
+        self.put_u64(msg_id)
+        self.put_u64(ts)
+        self.put_u8(<uint8_t>sender_len)
+        self.put_raw(sender, sender_len)
+        self.put_u8(<uint8_t>device_len)
+        self.put_raw(device, device_len)
+        self.put_u8(<uint8_t>peer_len)
+        self.put_raw(peer, peer_len)
+        self.put_u64(origin)
+        self.put_raw(payload, n)
+        return self.end_frame(start)
+
+    cdef int write_receipt_raw(self, uint64_t rid, uint8_t kind, uint64_t msg_id, const char *by, Py_ssize_t by_len,
+                               const char *device, Py_ssize_t device_len, uint64_t ts) except -1:
+        cdef Py_ssize_t start = self.begin_frame(FT_RECEIPT, 0)
+        self.put_u64(rid)
+        self.put_u8(kind)
+        self.put_u64(msg_id)
+        self.put_u8(<uint8_t>by_len)
+        self.put_raw(by, by_len)
+        self.put_u8(<uint8_t>device_len)
+        self.put_raw(device, device_len)
+        self.put_u64(ts)
+        return self.end_frame(start)
+
     cdef int write_error(self, uint16_t code, uint64_t ref, str reason, bint fatal) except -1:
         cdef Py_ssize_t start = self.begin_frame(FT_ERROR, FLAG_FATAL if fatal else 0)
         self.put_u16(code)
@@ -418,6 +475,20 @@ cdef int _encode_into(WriteBuffer buf, object frame) except -1:
         finally:
             PyBuffer_Release(&view)
     elif t is F.Deliver:
+        if frame.peer:
+            start = buf.begin_frame(FT_DELIVER, FLAG_MIRROR)
+            buf.put_u64(frame.msg_id)
+            buf.put_u64(frame.timestamp_ms)
+            buf.put_id(frame.sender, False)
+            buf.put_id(frame.sender_device, True)
+            buf.put_id(frame.peer, False)
+            buf.put_u64(frame.origin_id)
+            PyObject_GetBuffer(frame.payload, &view, PyBUF_SIMPLE)
+            try:
+                buf.put_raw(<const char *>view.buf, view.len)
+            finally:
+                PyBuffer_Release(&view)
+            return buf.end_frame(start)
         PyObject_GetBuffer(frame.payload, &view, PyBUF_SIMPLE)
         try:
             buf.write_deliver(frame.msg_id, frame.timestamp_ms, frame.sender, frame.sender_device,
@@ -425,6 +496,22 @@ cdef int _encode_into(WriteBuffer buf, object frame) except -1:
         finally:
             PyBuffer_Release(&view)
         return 0
+    elif t is F.Receipt:
+        start = buf.begin_frame(FT_RECEIPT, 0)
+        buf.put_u64(frame.id)
+        buf.put_u8(frame.kind)
+        buf.put_u64(frame.msg_id)
+        buf.put_id(frame.by, False)
+        buf.put_id(frame.by_device, True)
+        buf.put_u64(frame.timestamp_ms)
+    elif t is F.Read:
+        if len(frame.msg_ids) > MAX_RECEIVED_IDS:
+            raise ValueError("too many ids in one READ frame")
+        start = buf.begin_frame(FT_READ, 0)
+        buf.put_id(frame.peer, False)
+        buf.put_u16(len(frame.msg_ids))
+        for i in frame.msg_ids:
+            buf.put_u64(i)
     elif t is F.Ack:
         return buf.write_ack(frame.client_id, frame.msg_id, frame.timestamp_ms)
     elif t is F.Received:
@@ -439,7 +526,7 @@ cdef int _encode_into(WriteBuffer buf, object frame) except -1:
     elif t is F.Pong:
         return buf.write_u64_frame(FT_PONG, frame.nonce)
     elif t is F.Hello:
-        start = buf.begin_frame(FT_HELLO, 0)
+        start = buf.begin_frame(FT_HELLO, FLAG_SEND_ONLY if frame.send_only else 0)
         buf.put_u16(frame.version)
         buf.put_text16(frame.token, MAX_TOKEN_LENGTH)
         buf.put_id(frame.device, False)

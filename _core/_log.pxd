@@ -8,8 +8,14 @@ cdef enum:
     RECORD_ALIGN = 8
     REC_MESSAGE = 1
     REC_CONSUME = 2
-    # MESSAGE: header, u32 payload_len, u64 msg_id, u64 ts, u64 client_id, 4 id lengths
-    MESSAGE_FIXED = 12 + 4 + 24 + 4
+    # MESSAGE: header, u32 payload_len, u64 msg_id, u64 ts, u64 client_id, 5 id lengths
+    MESSAGE_FIXED = 12 + 4 + 24 + 5
+    # META: header, u8 key length, u32 value length
+    META_FIXED = 12 + 1 + 4
+    REC_META = 3
+    # MESSAGE flags
+    MSG_RECEIPT = 0x01            # a receipt for the inbox's user (payload: kind)
+    MSG_MIRROR = 0x02             # a copy of what the user sent from another device
     # CONSUME: header, u16 count, 2 id lengths
     CONSUME_FIXED = 12 + 2 + 2
     MAX_CONSUME_IDS = 4096
@@ -27,8 +33,14 @@ ctypedef struct MsgView:
     Py_ssize_t sender_len
     const char *sender_device
     Py_ssize_t sender_device_len
+    const char *conversation
+    Py_ssize_t conversation_len
+    uint8_t flags
     const char *payload
     Py_ssize_t payload_len
+
+
+cdef int write_stored(WriteBuffer out, MsgView *m) except -1
 
 
 cdef class Segment:
@@ -82,14 +94,21 @@ cdef class LogCore:
     cdef readonly Py_ssize_t pending_total
 
     cdef Py_ssize_t _place(self, Py_ssize_t length, bint is_message) except -1
-    cdef Py_ssize_t _write_message(self, const char *rp, Py_ssize_t rl, uint64_t msg_id, uint64_t ts,
-                                   uint64_t client_id, const char *sp, Py_ssize_t sl, const char *sdp,
-                                   Py_ssize_t sdl, const char *payload, Py_ssize_t n) except -1
+    cdef Py_ssize_t _write_message(self, const char *rp, Py_ssize_t rl, const char *rdp, Py_ssize_t rdl,
+                                   uint64_t msg_id, uint64_t ts, uint64_t client_id,
+                                   const char *sp, Py_ssize_t sl, const char *sdp, Py_ssize_t sdl,
+                                   const char *cp, Py_ssize_t cl, uint8_t flags,
+                                   const char *payload, Py_ssize_t n) except -1
     cdef Inbox _inbox(self, str recipient, bint create)
-    cdef int append_message(self, str recipient, uint64_t msg_id, uint64_t ts, uint64_t client_id,
-                            str sender, str sender_device, const char *payload, Py_ssize_t n) except -1
-    cdef int consume_ids(self, str recipient, object ids) except -1
-    cdef int write_pending(self, WriteBuffer out, str recipient, uint64_t now_ms) except -1
+    cdef int append_message(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t client_id,
+                            str sender, str sender_device, str conversation, uint8_t flags,
+                            const char *payload, Py_ssize_t n) except -1
+    cdef int consume_ids(self, str recipient, str device, object ids, list consumed) except -1
+    cdef int _record_consume(self, str recipient, str device, list removed) except -1
+    cdef list _pending_locs(self, str recipient, str device)
+    cdef int write_pending(self, WriteBuffer out, str recipient, str device, uint64_t now_ms) except -1
+    cdef dict _meta               # key -> location of its latest META record
+    cdef int _meta_set(self, str key, uint64_t loc, bint tombstone) except -1
     cdef const unsigned char *_record(self, uint64_t loc) except NULL
     cdef int _dropped(self, uint64_t loc) except -1
     cdef int _forget_if_empty(self, str recipient, Inbox inbox) except -1

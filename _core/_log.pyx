@@ -64,6 +64,7 @@ cdef bint _parse_message(const unsigned char *r, Py_ssize_t length, MsgView *m) 
     cdef Py_ssize_t pos = 40
     if length < MESSAGE_FIXED:
         return False
+    m.flags = r[9]
     m.payload_len = sb_load32(r + 12)
     m.msg_id = sb_load64(r + 16)
     m.ts = sb_load64(r + 24)
@@ -86,12 +87,26 @@ cdef bint _parse_message(const unsigned char *r, Py_ssize_t length, MsgView *m) 
     m.sender_device_len = r[pos]
     m.sender_device = <const char *>r + pos + 1
     pos += 1 + m.sender_device_len
+    if pos >= length:
+        return False
+    m.conversation_len = r[pos]
+    m.conversation = <const char *>r + pos + 1
+    pos += 1 + m.conversation_len
     m.payload = <const char *>r + pos
     return pos + m.payload_len == length and m.recipient_len > 0
 
 
 cdef inline str _text(const char *p, Py_ssize_t n):
     return PyUnicode_DecodeUTF8(p, n, "replace")
+
+
+cdef inline str _ikey(str user, str device):
+    """The inbox of one device (or, with no device, the user's shared inbox)."""
+    return user + "\x00" + device if device else user
+
+
+def inbox_key(str user, str device=""):
+    return _ikey(user, device)
 
 
 cdef int _put_id(unsigned char *p, const char *s, Py_ssize_t n) noexcept nogil:
@@ -105,6 +120,16 @@ cdef const char *_utf8(str s, Py_ssize_t *n) except NULL:
     if n[0] > 255:
         raise ValueError(f"id longer than 255 bytes: {s[:40]!r}...")
     return p
+
+
+cdef int write_stored(WriteBuffer out, MsgView *m) except -1:
+    """The frame a stored entry becomes: DELIVER, a mirrored DELIVER, or a RECEIPT."""
+    if m.flags & MSG_RECEIPT:
+        return out.write_receipt_raw(m.msg_id, <uint8_t>(m.payload[0] if m.payload_len else 0), m.client_id,
+                                     m.sender, m.sender_len, m.sender_device, m.sender_device_len, m.ts)
+    return out.write_deliver_ex(m.msg_id, m.ts, m.sender, m.sender_len, m.sender_device, m.sender_device_len,
+                                m.conversation, m.conversation_len, m.client_id if m.flags & MSG_MIRROR else 0,
+                                m.payload, m.payload_len)
 
 
 cdef class Segment:
@@ -235,10 +260,15 @@ cdef class Segment:
         length = sb_load32(r)
         if length < RECORD_HEADER_SIZE or off + <Py_ssize_t>length > self.size:
             return False
-        if (r[8] != REC_MESSAGE and r[8] != REC_CONSUME) or r[10] != 0 or r[11] != 0:
+        if (r[8] != REC_MESSAGE and r[8] != REC_CONSUME and r[8] != REC_META) or r[10] != 0 or r[11] != 0:
             return False
         if r[8] == REC_MESSAGE:
             if not _parse_message(r, length, &m):
+                return False
+        elif r[8] == REC_META:
+            if length < META_FIXED or META_FIXED + r[12] > length:
+                return False
+            if <Py_ssize_t>length != META_FIXED + r[12] + <Py_ssize_t>sb_load32(r + 13 + r[12]):
                 return False
         else:
             if length < CONSUME_FIXED:
@@ -379,6 +409,7 @@ cdef class LogCore:
                  Py_ssize_t consume_reserve=65536):
         self._inboxes = {}
         self._segments = {}
+        self._meta = {}
         self._active = None
         self.max_pending = max_pending
         self.ttl_ms = ttl_ms
@@ -415,6 +446,8 @@ cdef class LogCore:
         # acknowledgements can still be recorded when the disk is full.
         cdef Py_ssize_t need = _align(length)
         cdef Segment a = self._active
+        if a is not None and a.base == NULL:
+            raise StoreError("the log is closed", ErrorCode.INTERNAL)
         if a is not None and a.size - a.end >= need + (self.consume_reserve if is_message else 0):
             return a.end
         if not is_message and a is not None and a.size - a.end >= need and self.storage_full:
@@ -432,27 +465,36 @@ cdef class LogCore:
             raise StoreError(f"record of {length} bytes does not fit in a segment", ErrorCode.INTERNAL)
         return a.end
 
-    cdef Py_ssize_t _write_message(self, const char *rp, Py_ssize_t rl, uint64_t msg_id, uint64_t ts,
-                                   uint64_t client_id, const char *sp, Py_ssize_t sl, const char *sdp,
-                                   Py_ssize_t sdl, const char *payload, Py_ssize_t n) except -1:
+    cdef Py_ssize_t _write_message(self, const char *rp, Py_ssize_t rl, const char *rdp, Py_ssize_t rdl,
+                                   uint64_t msg_id, uint64_t ts, uint64_t client_id,
+                                   const char *sp, Py_ssize_t sl, const char *sdp, Py_ssize_t sdl,
+                                   const char *cp, Py_ssize_t cl, uint8_t flags,
+                                   const char *payload, Py_ssize_t n) except -1:
         """Write one MESSAGE record into the active segment; returns its offset."""
-        cdef Py_ssize_t length = MESSAGE_FIXED + rl + sl + sdl + n
+        cdef Py_ssize_t length = MESSAGE_FIXED + rl + rdl + sl + sdl + cl + n
         cdef Py_ssize_t off = self._place(length, True)
         cdef Segment a = self._active
         cdef unsigned char *r = a.base + off
+        cdef Py_ssize_t k = 40
         r[8] = REC_MESSAGE
-        r[9] = 0
+        r[9] = flags
         r[10] = 0
         r[11] = 0
         sb_store32(r + 12, <uint32_t>n)
         sb_store64(r + 16, msg_id)
         sb_store64(r + 24, ts)
         sb_store64(r + 32, client_id)
-        _put_id(r + 40, rp, rl)
-        r[41 + rl] = 0                              # recipient device: all devices
-        _put_id(r + 42 + rl, sp, sl)
-        _put_id(r + 43 + rl + sl, sdp, sdl)
-        memcpy(r + 44 + rl + sl + sdl, payload, n)  # the payload's one copy into the log
+        _put_id(r + k, rp, rl)
+        k += 1 + rl
+        _put_id(r + k, rdp, rdl)
+        k += 1 + rdl
+        _put_id(r + k, sp, sl)
+        k += 1 + sl
+        _put_id(r + k, sdp, sdl)
+        k += 1 + sdl
+        _put_id(r + k, cp, cl)
+        k += 1 + cl
+        memcpy(r + k, payload, n)                   # the payload's one copy into the log
         a.seal_record(off, length)
         a.messages += 1
         if ts > a.newest_ts:
@@ -468,19 +510,25 @@ cdef class LogCore:
             inbox = self._inboxes[recipient] = Inbox()
         return <Inbox>inbox
 
-    cdef int append_message(self, str recipient, uint64_t msg_id, uint64_t ts, uint64_t client_id,
-                            str sender, str sender_device, const char *payload, Py_ssize_t n) except -1:
-        cdef Py_ssize_t rl, sl, sdl, off
+    cdef int append_message(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t client_id,
+                            str sender, str sender_device, str conversation, uint8_t flags,
+                            const char *payload, Py_ssize_t n) except -1:
+        """Append to one device's inbox (device "" = the user's shared inbox)."""
+        cdef Py_ssize_t rl, rdl, sl, sdl, cl, off
         cdef const char *rp = _utf8(recipient, &rl)
+        cdef const char *rdp = _utf8(device, &rdl)
         cdef const char *sp = _utf8(sender, &sl)
         cdef const char *sdp = _utf8(sender_device, &sdl)
-        cdef Inbox inbox = self._inbox(recipient, False)
+        cdef const char *cp = _utf8(conversation, &cl)
+        cdef str key = _ikey(recipient, device)
+        cdef Inbox inbox = self._inbox(key, False)
         if inbox is not None and inbox.live >= self.max_pending:
             raise StoreError(f"{recipient} has {inbox.live} undelivered messages (the limit)",
                              ErrorCode.QUOTA_EXCEEDED)
-        off = self._write_message(rp, rl, msg_id, ts, client_id, sp, sl, sdp, sdl, payload, n)
+        off = self._write_message(rp, rl, rdp, rdl, msg_id, ts, client_id, sp, sl, sdp, sdl, cp, cl, flags,
+                                  payload, n)
         if inbox is None:
-            inbox = self._inbox(recipient, True)
+            inbox = self._inbox(key, True)
         inbox.push(msg_id, (self._active.segment_id << 32) | <uint64_t>off)
         if inbox.unsorted:              # ids from the router only grow; other callers may not
             self._sort_inbox(inbox)
@@ -489,15 +537,20 @@ cdef class LogCore:
         return 0
 
     def append(self, str recipient, uint64_t msg_id, uint64_t ts, str sender, str sender_device,
-               payload, uint64_t client_id=0):
+               payload, uint64_t client_id=0, *, str device="", int flags=0, str conversation=""):
         """OfflineStore.append: the payload is copied into the log."""
         cdef Py_buffer view
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
-            self.append_message(recipient, msg_id, ts, client_id, sender, sender_device,
-                                <const char *>view.buf, view.len)
+            self.append_message(recipient, device, msg_id, ts, client_id, sender, sender_device, conversation,
+                                <uint8_t>flags, <const char *>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
+
+    def pending_room(self, str recipient, str device=""):
+        """How many more messages this inbox takes before QUOTA_EXCEEDED."""
+        cdef Inbox inbox = self._inbox(_ikey(recipient, device), False)
+        return self.max_pending - (inbox.live if inbox is not None else 0)
 
     cdef int _dropped(self, uint64_t loc) except -1:
         cdef Segment seg = self._segments.get(loc >> 32)
@@ -511,30 +564,42 @@ cdef class LogCore:
             del self._inboxes[recipient]
         return 0
 
-    cdef int consume_ids(self, str recipient, object ids) except -1:
-        cdef list removed = []
-        cdef Py_ssize_t i, k, off, length, rl
-        cdef const char *rp
+    cdef int consume_ids(self, str recipient, str device, object ids, list consumed) except -1:
+        """Drop acknowledged messages from a device's inbox and the user's shared
+        inbox (recording a CONSUME per inbox); appends their locations to `consumed`
+        if given (the records stay readable until their segment is deleted)."""
+        cdef Inbox inbox
+        cdef uint64_t msg_id, loc
+        cdef Py_ssize_t i
+        for dev in ((device, "") if device else ("",)):
+            inbox = self._inbox(_ikey(recipient, dev), False)
+            if inbox is None:
+                continue
+            removed = []
+            for oid in ids:
+                msg_id = oid
+                i = inbox.find(msg_id)
+                if i >= 0:
+                    loc = inbox.take(i)
+                    self._dropped(loc)
+                    removed.append(oid)
+                    if consumed is not None:
+                        consumed.append(loc)
+            self._forget_if_empty(_ikey(recipient, dev), inbox)
+            if removed:
+                self.consumed += len(removed)
+                self._record_consume(recipient, dev, removed)
+        return 0
+
+    cdef int _record_consume(self, str recipient, str device, list removed) except -1:
+        cdef Py_ssize_t i, k, off, length, rl, dl
+        cdef const char *rp = _utf8(recipient, &rl)
+        cdef const char *dp = _utf8(device, &dl)
         cdef unsigned char *r
         cdef Segment a
-        cdef Inbox inbox = self._inbox(recipient, False)
-        cdef uint64_t msg_id
-        if inbox is None:
-            return 0
-        for oid in ids:
-            msg_id = oid
-            i = inbox.find(msg_id)
-            if i >= 0:
-                self._dropped(inbox.take(i))
-                removed.append(oid)
-        self._forget_if_empty(recipient, inbox)
-        if not removed:
-            return 0
-        self.consumed += len(removed)
-        rp = _utf8(recipient, &rl)
         for i in range(0, len(removed), MAX_CONSUME_IDS):
             chunk = removed[i:i + MAX_CONSUME_IDS]
-            length = CONSUME_FIXED + rl + 8 * len(chunk)
+            length = CONSUME_FIXED + rl + dl + 8 * len(chunk)
             off = self._place(length, False)
             if off < 0:
                 # disk full and the reserve used up: consumed in memory only; after a
@@ -549,65 +614,87 @@ cdef class LogCore:
             r[11] = 0
             sb_store16(r + 12, <uint16_t>len(chunk))
             _put_id(r + 14, rp, rl)
-            r[15 + rl] = 0
-            k = 16 + rl
+            _put_id(r + 15 + rl, dp, dl)
+            k = 16 + rl + dl
             for oid in chunk:
                 sb_store64(r + k, <uint64_t>oid)
                 k += 8
             a.seal_record(off, length)
         return 0
 
-    def consume(self, str recipient, ids):
+    def consume(self, str recipient, ids, str device=""):
         """Drop acknowledged messages (records a CONSUME); unknown ids are ignored."""
         before = self.consumed
-        self.consume_ids(recipient, ids)
+        self.consume_ids(recipient, device, ids, None)
         return self.consumed - before
 
-    def consume_through(self, str recipient, uint64_t msg_id):
-        cdef Inbox inbox = self._inbox(recipient, False)
+    def consume_through(self, str recipient, uint64_t msg_id, str device=""):
+        cdef Inbox inbox
         cdef Py_ssize_t i
-        if inbox is None:
-            return 0
         ids = []
-        for i in range(inbox.head, inbox.tail):
-            if inbox.ids[i] > msg_id:
-                break
-            if inbox.locs[i] != 0:
-                ids.append(inbox.ids[i])
-        return self.consume(recipient, ids)
+        for dev in ((device, "") if device else ("",)):
+            inbox = self._inbox(_ikey(recipient, dev), False)
+            if inbox is None:
+                continue
+            for i in range(inbox.head, inbox.tail):
+                if inbox.ids[i] > msg_id:
+                    break
+                if inbox.locs[i] != 0:
+                    ids.append(inbox.ids[i])
+        return self.consume(recipient, ids, device)
 
     cdef const unsigned char *_record(self, uint64_t loc) except NULL:
         cdef Segment seg = self._segments[loc >> 32]
+        if seg.base == NULL:
+            raise StoreError("the log is closed", ErrorCode.INTERNAL)
         return seg.base + _loc_off(loc)
 
-    cdef int write_pending(self, WriteBuffer out, str recipient, uint64_t now_ms) except -1:
+    cdef list _pending_locs(self, str recipient, str device):
+        """(msg_id, loc) of a device's inbox merged with the user's shared inbox, by id."""
+        cdef Inbox inbox
+        cdef Py_ssize_t i
+        cdef list out = []
+        for dev in ((device, "") if device else ("",)):
+            inbox = self._inbox(_ikey(recipient, dev), False)
+            if inbox is None:
+                continue
+            for i in range(inbox.head, inbox.tail):
+                if inbox.locs[i] != 0:
+                    out.append((inbox.ids[i], inbox.locs[i]))
+        if device:
+            out.sort()
+        return out
+
+    cdef int write_pending(self, WriteBuffer out, str recipient, str device, uint64_t now_ms) except -1:
         cdef MsgView m
         cdef const unsigned char *r
-        cdef Inbox inbox = self._inbox(recipient, False)
-        cdef Py_ssize_t i
-        if inbox is None:
-            return 0
         expired = None
-        for i in range(inbox.head, inbox.tail):
-            if inbox.locs[i] == 0:
-                continue
-            r = self._record(inbox.locs[i])
+        for msg_id, loc in self._pending_locs(recipient, device):
+            r = self._record(loc)
             _parse_message(r, sb_load32(r), &m)
             if m.ts + self.ttl_ms <= now_ms:
                 if expired is None:
                     expired = []
                 expired.append(m.msg_id)
                 continue
-            out.write_deliver_raw(m.msg_id, m.ts, m.sender, m.sender_len, m.sender_device,
-                                  m.sender_device_len, m.payload, m.payload_len)
+            write_stored(out, &m)
         if expired:
-            self._expire(recipient, expired)
+            for dev in ((device, "") if device else ("",)):
+                self._expire(_ikey(recipient, dev), expired)
         return 0
 
-    def write_pending_into(self, WriteBuffer out, str recipient, uint64_t now_ms):
-        """Append a DELIVER for each unconsumed message of `recipient`, oldest first,
-        straight from the mapping."""
-        self.write_pending(out, recipient, now_ms)
+    def write_pending_into(self, WriteBuffer out, str recipient, uint64_t now_ms, str device=""):
+        """Append a frame for each unconsumed entry of this device's inbox (and the
+        user's shared inbox), oldest first, straight from the mapping."""
+        self.write_pending(out, recipient, device, now_ms)
+
+    def read_flags(self, uint64_t loc):
+        """(flags, sender, sender_device, conversation, client_id) of a MESSAGE record."""
+        cdef MsgView m
+        cdef const unsigned char *r = self._record(loc)
+        _parse_message(r, sb_load32(r), &m)
+        return (m.flags, _text(m.sender, m.sender_len), _text(m.sender_device, m.sender_device_len),
+                _text(m.conversation, m.conversation_len), m.client_id, m.msg_id)
 
     def _expire(self, str recipient, ids):
         cdef Inbox inbox = self._inbox(recipient, False)
@@ -651,16 +738,64 @@ cdef class LogCore:
                 _text(m.sender, m.sender_len), _text(m.sender_device, m.sender_device_len),
                 PyBytes_FromStringAndSize(m.payload, m.payload_len))
 
-    def pending_locations(self, str recipient):
-        cdef Inbox inbox = self._inbox(recipient, False)
-        return inbox.items() if inbox is not None else []
+    def pending_locations(self, str recipient, str device=""):
+        return self._pending_locs(recipient, device)
 
-    def pending_count(self, recipient=None):
+    def pending_count(self, recipient=None, str device=""):
         cdef Inbox inbox
         if recipient is not None:
-            inbox = self._inbox(recipient, False)
+            inbox = self._inbox(_ikey(recipient, device), False)
             return inbox.live if inbox is not None else 0
         return self.pending_total
+
+    # -- META: the latest value per key (device registry, groups, settings) -----------
+    def meta_put(self, str key, bytes value):
+        """Record `value` for `key` (empty: delete it). Kept across compaction while latest."""
+        cdef Py_ssize_t kl, off, length
+        cdef const char *kp = _utf8(key, &kl)
+        cdef unsigned char *r
+        cdef Segment a
+        length = META_FIXED + kl + len(value)
+        off = self._place(length, False)
+        if off < 0:
+            raise StoreError("storage full: cannot record state", ErrorCode.STORAGE_FULL)
+        a = self._active
+        r = a.base + off
+        r[8] = REC_META
+        r[9] = 0
+        r[10] = 0
+        r[11] = 0
+        _put_id(r + 12, kp, kl)
+        sb_store32(r + 13 + kl, <uint32_t>len(value))
+        memcpy(r + 17 + kl, <const char *>value, len(value))
+        a.seal_record(off, length)
+        self._meta_set(key, (a.segment_id << 32) | <uint64_t>off, len(value) == 0)
+
+    cdef int _meta_set(self, str key, uint64_t loc, bint tombstone) except -1:
+        cdef Segment seg
+        prev = self._meta.pop(key, None)
+        if prev is not None:
+            seg = self._segments.get(<uint64_t>prev >> 32)
+            if seg is not None:
+                seg.live -= 1
+        if not tombstone:
+            self._meta[key] = loc
+            seg = self._segments[loc >> 32]
+            seg.live += 1
+        return 0
+
+    def meta_get(self, str key):
+        cdef const unsigned char *r
+        cdef Py_ssize_t kl
+        loc = self._meta.get(key)
+        if loc is None:
+            return None
+        r = self._record(loc)
+        kl = r[12]
+        return PyBytes_FromStringAndSize(<const char *>r + 17 + kl, sb_load32(r + 13 + kl))
+
+    def meta_keys(self, str prefix=""):
+        return [k for k in self._meta if k.startswith(prefix)]
 
     def recipients(self):
         return list(self._inboxes)
@@ -694,10 +829,15 @@ cdef class LogCore:
                 if r[8] == REC_MESSAGE:
                     _parse_message(r, length, &m)
                     self._recover_message(seg, pos, &m, now_ms, dedup, dedup_window)
+                elif r[8] == REC_META:
+                    k = r[12]
+                    self._meta_set(_text(<const char *>r + 13, k), (seg.segment_id << 32) | <uint64_t>pos,
+                                   sb_load32(r + 13 + k) == 0)
                 else:
                     count = sb_load16(r + 12)
                     rl = r[14]
-                    recipient = _text(<const char *>r + 15, rl)
+                    recipient = _ikey(_text(<const char *>r + 15, rl),
+                                      _text(<const char *>r + 16 + rl, r[15 + rl]))
                     inbox = self._inbox(recipient, False)
                     k = 16 + rl + r[15 + rl]
                     if inbox is not None:
@@ -735,7 +875,7 @@ cdef class LogCore:
             self.last_msg_id = m.msg_id
         if m.ts > seg.newest_ts:
             seg.newest_ts = m.ts
-        if m.client_id:
+        if m.client_id and m.flags == 0:
             key = (_text(m.sender, m.sender_len), _text(m.sender_device, m.sender_device_len))
             table = dedup.get(key)
             if table is None:
@@ -746,7 +886,8 @@ cdef class LogCore:
         if m.ts + self.ttl_ms <= now_ms:
             self.expired += 1
             return 0
-        inbox = self._inbox(_text(m.recipient, m.recipient_len), True)
+        inbox = self._inbox(_ikey(_text(m.recipient, m.recipient_len),
+                                  _text(m.recipient_device, m.recipient_device_len)), True)
         inbox.push(m.msg_id, (seg.segment_id << 32) | <uint64_t>off)   # a compaction copy is sorted out later
         seg.live += 1
         self.pending_total += 1
@@ -813,10 +954,21 @@ cdef class LogCore:
                 pos = q
                 continue
             budget -= 1
-            if r[8] == REC_MESSAGE:
+            here = (seg.segment_id << 32) | <uint64_t>pos
+            if r[8] == REC_META:
+                key = _text(<const char *>r + 13, r[12])
+                if self._meta.get(key) == here:
+                    off = self._place(length, False)
+                    if off < 0:
+                        raise StoreError("no room to compact", ErrorCode.STORAGE_FULL)
+                    a = self._active
+                    memcpy(a.base + off + 8, r + 8, length - 8)
+                    a.seal_record(off, length)
+                    self._meta_set(key, (a.segment_id << 32) | <uint64_t>off, False)
+            elif r[8] == REC_MESSAGE:
                 _parse_message(r, length, &m)
-                here = (seg.segment_id << 32) | <uint64_t>pos
-                inbox = self._inbox(_text(m.recipient, m.recipient_len), False)
+                inbox = self._inbox(_ikey(_text(m.recipient, m.recipient_len),
+                                          _text(m.recipient_device, m.recipient_device_len)), False)
                 if inbox is not None:
                     i = inbox.find(m.msg_id)
                     if i >= 0 and inbox.locs[i] == here:
@@ -849,11 +1001,11 @@ def bench_append(LogCore log, Py_ssize_t n, Py_ssize_t payload_size, uint64_t fi
     t = time.perf_counter()
     if index:
         for i in range(n):
-            log.append_message(recipients[i & 63], first_id + i, ts, 0, "alice", "phone", p, payload_size)
+            log.append_message(recipients[i & 63], "", first_id + i, ts, 0, "alice", "phone", "", 0, p, payload_size)
     else:
         rp = _utf8(recipients[0], &rl)
         for i in range(n):
-            log._write_message(rp, rl, first_id + i, ts, 0, "alice", 5, "phone", 5, p, payload_size)
+            log._write_message(rp, rl, "", 0, first_id + i, ts, 0, "alice", 5, "phone", 5, "", 0, 0, p, payload_size)
     return time.perf_counter() - t
 
 

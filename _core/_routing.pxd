@@ -19,6 +19,7 @@ cdef class SessionCore(FrameSink):
     cdef dict _dedup             # client message id -> (msg_id, ts) for this device
     cdef bint _queued            # already in the core's flush list this loop turn
     cdef bint _close_after_flush
+    cdef public bint send_only                # sends only: gets no DELIVERs, is no registered device
     cdef public Py_ssize_t forwards_pending   # SENDs forwarded to other workers, not yet answered
     cdef object _deferred_error               # a fatal ERROR waiting for those answers
 
@@ -34,7 +35,10 @@ cdef enum:
     LT_FWD_ERR = 0x43
     LT_HANDOFF = 0x44
     LT_LINK_HELLO = 0x45
-    LT_LAST = 0x45
+    LT_RCPT = 0x46
+    LT_LAST = 0x46
+    RECEIPT_DELIVERED = 1
+    RECEIPT_READ = 2
 
 
 cdef class RouteCore:
@@ -54,6 +58,11 @@ cdef class RouteCore:
     cdef readonly uint64_t messages_delivered_live
     cdef readonly uint64_t duplicates_dropped
     cdef readonly uint64_t forwarded
+    cdef readonly uint64_t quota_skipped
+    cdef readonly uint64_t receipts_sent
+    cdef readonly uint64_t receipts_lost
+    cdef dict _devices           # user -> tuple of registered devices (this worker's users)
+    cdef bint _has_devices
     cdef dict _pending_fwd       # seq -> (sender session, client id, link)
     cdef uint64_t _fwd_seq
     cdef object _link_to
@@ -68,6 +77,12 @@ cdef class RouteCore:
     cdef int acked(self, SessionCore sender, uint64_t client_id, uint64_t msg_id, uint64_t ts) except -1
     cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
                             const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts) except -1
+    cdef tuple devices_of(self, str user)
+    cdef int _store(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t ref,
+                    str sender, str sender_device, str conversation, uint8_t flags,
+                    const char *payload, Py_ssize_t n) except -1
+    cdef int mirror(self, SessionCore sender, str recipient, uint64_t origin, const char *payload,
+                    Py_ssize_t n) except -1
     cdef int accept_forward(self, LinkCore link, uint64_t seq, str sender, str device, uint64_t client_id,
                             str recipient, const char *payload, Py_ssize_t n) except -1
     cdef bint _is_local(self, str recipient) except -1

@@ -10,12 +10,13 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint16_t
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 
-from ._codec cimport (Cursor, cur_u64, cur_u16, cur_bytes8, cur_done, cur_str16, sb_load64,
+from cpython.unicode cimport PyUnicode_AsUTF8
+from ._codec cimport (Cursor, cur_u8, cur_u64, cur_u16, cur_bytes8, cur_done, cur_str16, sb_load64, FT_READ,
                       FT_SEND, FT_RECEIVED, FT_PING, FT_PONG, FT_GOAWAY, MAX_RECEIVED_IDS,
                       SWITCHBOARD_DEBUG)
 from ._codec import encode_into
 from .errors import UnexpectedFrame, MalformedFrame, StoreError
-from ._log cimport LogCore
+from ._log cimport LogCore, MSG_MIRROR, MSG_RECEIPT
 from .protocol import ErrorCode, FrameType
 
 
@@ -46,6 +47,7 @@ cdef class SessionCore(FrameSink):
         self._queued = False
         self._close_after_flush = False
         self._dedup = None
+        self.send_only = False
         self.forwards_pending = 0
         self._deferred_error = None
 
@@ -54,7 +56,9 @@ cdef class SessionCore(FrameSink):
         cdef uint64_t client_id
         cdef uint16_t count
         cdef const char *to
-        cdef Py_ssize_t to_len
+        cdef Py_ssize_t to_len, i
+        if self.send_only and ftype == FT_RECEIVED:
+            raise UnexpectedFrame("a send-only session receives nothing to acknowledge")
         if self.closed or self._close_after_flush or self._deferred_error is not None:
             return 0        # going away: nothing more is read from this session
         c.p = body
@@ -76,6 +80,15 @@ cdef class SessionCore(FrameSink):
             self.out.write_u64_frame(FT_PONG, client_id)
             return self._mark()
         if ftype == FT_PONG:
+            return 0
+        if ftype == FT_READ:
+            cur_bytes8(&c, &to, &to_len, 1)
+            peer = PyUnicode_DecodeUTF8(to, to_len, NULL)
+            cur_u16(&c, &count)
+            if count > MAX_RECEIVED_IDS or c.end - c.p != 8 * <Py_ssize_t>count:
+                raise MalformedFrame("READ length does not match its count")
+            for i in range(count):
+                self._core.receipt(peer, RECEIPT_READ, sb_load64(c.p + 8 * i), self.user, self.device)
             return 0
         raise UnexpectedFrame(f"{FrameType(ftype).name} is not valid after WELCOME")
 
@@ -177,6 +190,8 @@ cdef class RouteCore:
         self._log = store if isinstance(store, LogCore) else None
         self._pending_fwd = {}
         self._fwd_seq = 0
+        self._devices = {}
+        self._has_devices = hasattr(store, "devices_of")
         self._link_to = None
         self._owner_of = None
         self._is_local_fn = None
@@ -227,6 +242,7 @@ cdef class RouteCore:
         except StoreError as exc:
             sender.error(exc.code, str(exc), client_id, False)
             return 0
+        self.mirror(sender, recipient, msg_id, payload, n)
         return self.acked(sender, client_id, msg_id, ts)
 
     cdef int acked(self, SessionCore sender, uint64_t client_id, uint64_t msg_id, uint64_t ts) except -1:
@@ -238,21 +254,55 @@ cdef class RouteCore:
             del dedup[next(iter(dedup))]
         return 0
 
-    cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
-                            const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts) except -1:
-        """Store in the recipient's log (this worker owns it) and push to its online
-        devices. Raises StoreError (nothing stored) on quota or a full disk."""
-        cdef SessionCore s
+    cdef tuple devices_of(self, str user):
+        """The inboxes a message for `user` goes to: one per registered device, or
+        the user's shared inbox while it has none."""
+        devs = self._devices.get(user)
+        if devs is None:
+            devs = self._devices[user] = tuple(self.store.devices_of(user)) if self._has_devices else ()
+        return <tuple>devs if devs else ("",)
+
+    def device_registered(self, str user, devices):
+        """The store's device list for `user` changed (Router keeps this cache right)."""
+        self._devices[user] = tuple(devices)
+
+    cdef int _store(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t ref,
+                    str sender, str sender_device, str conversation, uint8_t flags,
+                    const char *payload, Py_ssize_t n) except -1:
         cdef LogCore log = self._log
-        ts[0] = _now_ms()
-        msg_id[0] = self._next_id(ts[0])
         if self._log_for is not None:
             log = <LogCore>self._log_for(recipient)
         if log is not None:               # the payload's one copy: into the mapped log
-            log.append_message(recipient, msg_id[0], ts[0], client_id, sender, sender_device, payload, n)
+            log.append_message(recipient, device, msg_id, ts, ref, sender, sender_device, conversation, flags,
+                               payload, n)
         else:
-            self.store.append(recipient, msg_id[0], ts[0], sender, sender_device,
-                              PyBytes_FromStringAndSize(payload, n), client_id)
+            self.store.append(recipient, msg_id, ts, sender, sender_device, PyBytes_FromStringAndSize(payload, n),
+                              ref, device=device, flags=flags, conversation=conversation)
+        return 0
+
+    cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
+                            const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts) except -1:
+        """Store in every device inbox of the recipient (this worker owns it), under
+        one message id, and push to its online devices. Raises StoreError (nothing
+        stored) on a full disk, or when no inbox of the recipient has room."""
+        cdef SessionCore s
+        cdef Py_ssize_t stored = 0
+        cdef tuple devices = self.devices_of(recipient)
+        ts[0] = _now_ms()
+        msg_id[0] = self._next_id(ts[0])
+        quota = None
+        for dev in devices:
+            try:
+                self._store(recipient, <str>dev, msg_id[0], ts[0], client_id, sender, sender_device, "", 0,
+                            payload, n)
+                stored += 1
+            except StoreError as exc:
+                if exc.code != ErrorCode.QUOTA_EXCEEDED:
+                    raise
+                quota = exc           # this device is far behind; the others still get it
+                self.quota_skipped += 1
+        if stored == 0:
+            raise quota
         online = self._sessions.get(recipient)
         if online is not None:
             for s in <list>online:
@@ -261,6 +311,75 @@ cdef class RouteCore:
                 self.messages_delivered_live += 1
         self.messages_routed += 1
         return 0
+
+    cdef int mirror(self, SessionCore sender, str recipient, uint64_t origin, const char *payload,
+                    Py_ssize_t n) except -1:
+        """Copy what `sender` sent to the user's other devices (inboxes and online
+        sessions), marked as theirs, with the peer and the id the message got."""
+        cdef SessionCore s
+        cdef uint64_t ts, msg_id
+        cdef tuple devices = self.devices_of(sender.user)
+        for dev in devices:
+            if dev != "" and dev != sender.device:
+                break
+        else:
+            return 0                      # no other device to copy to
+        ts = _now_ms()
+        msg_id = self._next_id(ts)
+        for dev in devices:
+            if dev == sender.device or dev == "":
+                continue
+            try:
+                self._store(sender.user, <str>dev, msg_id, ts, origin, sender.user, sender.device, recipient,
+                            MSG_MIRROR, payload, n)
+            except StoreError:
+                self.quota_skipped += 1
+        online = self._sessions.get(sender.user)
+        if online is not None:
+            for s in <list>online:
+                if s is not sender and s.device != sender.device:
+                    s.out.write_deliver_ex(msg_id, ts, PyUnicode_AsUTF8(sender.user), len(sender.user.encode()),
+                                           PyUnicode_AsUTF8(sender.device), len(sender.device.encode()),
+                                           PyUnicode_AsUTF8(recipient), len(recipient.encode()), origin, payload, n)
+                    s._mark()
+        return 0
+
+    def receipt(self, str target, int kind, uint64_t ref, str by, str by_device):
+        """Tell `target` (all its devices) that `by` received or read message `ref`:
+        stored like a message if this worker owns `target`, else forwarded."""
+        cdef SessionCore s
+        cdef uint64_t ts, rid
+        cdef unsigned char k = <unsigned char>kind
+        cdef Py_ssize_t start
+        if self._local_log is not None and not self._is_local(target):
+            link = self._link_to(self._owner_of(target)) if self._link_to is not None else None
+            if link is None:
+                self.receipts_lost += 1
+                return
+            out = (<LinkCore>link).out
+            start = out.begin_frame(LT_RCPT, 0)
+            out.put_id(target, False)
+            out.put_u8(k)
+            out.put_u64(ref)
+            out.put_id(by, False)
+            out.put_id(by_device, True)
+            out.end_frame(start)
+            (<LinkCore>link)._mark()
+            return
+        ts = _now_ms()
+        rid = self._next_id(ts)
+        for dev in self.devices_of(target):
+            try:
+                self._store(target, <str>dev, rid, ts, ref, by, by_device, "", MSG_RECEIPT, <const char *>&k, 1)
+            except StoreError:
+                self.receipts_lost += 1
+        online = self._sessions.get(target)
+        if online is not None:
+            for s in <list>online:
+                s.out.write_receipt_raw(rid, k, ref, PyUnicode_AsUTF8(by), len(by.encode()),
+                                        PyUnicode_AsUTF8(by_device), len(by_device.encode()), ts)
+                s._mark()
+        self.receipts_sent += 1
 
     cdef int route_remote(self, SessionCore sender, uint64_t client_id, str recipient,
                           const char *payload, Py_ssize_t n) except -1:
@@ -279,7 +398,12 @@ cdef class RouteCore:
             return 0
         self._fwd_seq += 1
         seq = self._fwd_seq
-        self._pending_fwd[seq] = (sender, client_id, link)
+        keep = None
+        for dev in self.devices_of(sender.user):
+            if dev != "" and dev != sender.device:      # copy for the mirror once ACKed
+                keep = (recipient, PyBytes_FromStringAndSize(payload, n))
+                break
+        self._pending_fwd[seq] = (sender, client_id, link, keep)
         sender.forwards_pending += 1
         out = link.out
         start = out.begin_frame(LT_FWD, 0)
@@ -333,21 +457,31 @@ cdef class RouteCore:
         retries with the same id; the owner drops it if it had stored it)."""
         cdef SessionCore sender
         for seq in [k for k, v in self._pending_fwd.items() if (<tuple>v)[2] is link]:
-            sender, client_id, _ = self._pending_fwd.pop(seq)
+            sender, client_id, _, _ = self._pending_fwd.pop(seq)
             sender.error(ErrorCode.UNAVAILABLE, "the recipient's worker went away; retry", client_id, False)
             sender.forward_done()
 
     cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1:
+        """A device acknowledged delivery: drop the entries from its inbox, and tell
+        each message's sender it was delivered (DELIVERED receipt)."""
         cdef Py_ssize_t i
+        cdef LogCore log = self._log
+        cdef list consumed = []
         if not count:
             return 0
-        cdef LogCore log = self._log
         id_list = [sb_load64(ids + 8 * i) for i in range(count)]
         if self._log_for is not None:
             log = <LogCore>self._log_for(session.user)
         if log is not None:
-            return log.consume_ids(session.user, id_list)
-        self.store.consume(session.user, id_list)
+            log.consume_ids(session.user, session.device, id_list, consumed)
+            for loc in consumed:
+                flags, sender, sender_device, _conv, _cid, msg_id = log.read_flags(loc)
+                if flags == 0:
+                    self.receipt(sender, RECEIPT_DELIVERED, msg_id, session.user, session.device)
+            return 0
+        for m in self.store.consume_entries(session.user, id_list, session.device):
+            if m.flags == 0:
+                self.receipt(m.sender, RECEIPT_DELIVERED, m.msg_id, session.user, session.device)
         return 0
 
     cdef bint _is_local(self, str recipient) except -1:
@@ -409,6 +543,14 @@ cdef class RouteCore:
             table = self._dedup_tables[key] = {}
         s._dedup = table
 
+    def _attach_send_only(self, SessionCore s):
+        """A session that only sends: no routing to it, but its dedup table."""
+        key = (s.user, s.device)
+        table = self._dedup_tables.get(key)
+        if table is None:
+            table = self._dedup_tables[key] = {}
+        s._dedup = table
+
     def _detach(self, SessionCore s):
         """The session's connection is gone."""
         s.closed = True
@@ -454,6 +596,7 @@ cdef class LinkCore(SessionCore):
         cdef RouteCore core = self._core
         cdef SessionCore origin
         cdef uint16_t code
+        cdef uint8_t kind
         if self.closed:
             return 0
         c.p = body
@@ -476,9 +619,23 @@ cdef class LinkCore(SessionCore):
             entry = core._pending_fwd.pop(seq, None)
             if entry is not None:
                 origin = (<tuple>entry)[0]
+                keep = (<tuple>entry)[3]
+                if keep is not None:
+                    core.mirror(origin, keep[0], msg_id, <bytes>keep[1], len(<bytes>keep[1]))
                 if not origin.closed:
                     core.acked(origin, (<tuple>entry)[1], msg_id, ts)
                 origin.forward_done()
+            return 0
+        if ftype == LT_RCPT:
+            cur_bytes8(&c, &p, &k, 1)
+            recipient = PyUnicode_DecodeUTF8(p, k, NULL)
+            cur_u8(&c, &kind)
+            cur_u64(&c, &msg_id)
+            cur_bytes8(&c, &p, &k, 1)
+            sender = PyUnicode_DecodeUTF8(p, k, NULL)
+            cur_bytes8(&c, &p, &k, 0)
+            device = PyUnicode_DecodeUTF8(p, k, NULL)
+            core.receipt(recipient, kind, msg_id, sender, device)
             return 0
         if ftype == LT_FWD_ERR:
             cur_u64(&c, &seq)

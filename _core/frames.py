@@ -12,6 +12,7 @@ class Hello:
     token: str
     device: str
     resume_after: int = 0
+    send_only: bool = False
 
 
 @dataclass(slots=True)
@@ -47,6 +48,25 @@ class Deliver:
     sender: str
     sender_device: str
     payload: bytes
+    #: set on a copy of a message this user sent from another device: to whom, and its id there
+    peer: str = ""
+    origin_id: int = 0
+
+
+@dataclass(slots=True)
+class Receipt:
+    id: int            # acknowledge with RECEIVED, like a message
+    kind: int          # ReceiptKind
+    msg_id: int        # the message (the id its sender got in ACK)
+    by: str
+    by_device: str
+    timestamp_ms: int
+
+
+@dataclass(slots=True)
+class Read:
+    peer: str          # who sent the messages
+    msg_ids: tuple
 
 
 @dataclass(slots=True)
@@ -79,4 +99,4 @@ class Goaway:
     reason: str
 
 
-ALL = (Hello, Welcome, Send, Ack, Deliver, Received, Ping, Pong, Error, Goaway)
+ALL = (Hello, Welcome, Send, Ack, Deliver, Received, Ping, Pong, Error, Goaway, Receipt, Read)

@@ -44,7 +44,7 @@ HEADER = struct.Struct("!8sQQQQIQ8s")       # 60 bytes, then the header's CRC32C
 # fields: magic, segment id, nonce, size, created ms, format version, id floor
 # (the highest message id when the segment became active), reserved
 HEADER_SIZE = 64
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                           # 2: per-device inboxes, conversation field, META
 ZERO_CHUNK = 1 << 20
 MIN_SEGMENT = 1 << 20
 DURABILITY_MODES = ("always", "interval", "never")
@@ -282,7 +282,40 @@ class _Committed:
         return self.committer.syncs
 
 
-class AppendLog(_Committed, LogCore):
+class _DeviceRegistry:
+    """Registered devices per user, kept as META records (key d NUL user NUL device,
+    value: u64 last seen ms), with an in-memory index by user."""
+
+    def _device_index(self) -> dict:
+        idx = getattr(self, "_devidx", None)
+        if idx is None:
+            idx = self._devidx = {}
+            for key in self.meta_keys("d\x00"):
+                _, user, device = key.split("\x00", 2)
+                idx.setdefault(user, set()).add(device)
+        return idx
+
+    def devices_of(self, user: str) -> list:
+        return sorted(self._device_index().get(user, ()))
+
+    def register_device(self, user: str, device: str, now: int) -> bool:
+        """Record that `device` of `user` connected; True if it is new."""
+        devs = self._device_index().setdefault(user, set())
+        new = device not in devs
+        devs.add(device)
+        self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now))
+        return new
+
+    def touch_device(self, user: str, device: str, now: int) -> None:
+        if device in self._device_index().get(user, ()):
+            self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now))
+
+    def last_seen(self, user: str) -> int:
+        seen = [self.meta_get(f"d\x00{user}\x00{d}") for d in self.devices_of(user)]
+        return max((struct.unpack("!Q", v)[0] for v in seen if v), default=0)
+
+
+class AppendLog(_Committed, _DeviceRegistry, LogCore):
     """The durable OfflineStore of one shard."""
 
     def __init__(self, directory, config: LogConfig | None = None, *, fault: str | None = None,
@@ -657,14 +690,15 @@ class AppendLog(_Committed, LogCore):
         return True
 
     # -- OfflineStore extras ------------------------------------------------------------
-    def pending(self, recipient):
+    def pending(self, recipient, device=""):
         from router.store import StoredMessage
         out = []
         now = now_ms()
-        for _msg_id, loc in self.pending_locations(recipient):
-            msg_id, ts, _cid, _r, sender, device, payload = self.read_message(loc)
+        for _msg_id, loc in self.pending_locations(recipient, device):
+            msg_id, ts, _cid, _r, sender, sdev, payload = self.read_message(loc)
+            flags, _s, _d, conversation, ref, _ = self.read_flags(loc)
             if ts + self.ttl_ms > now:
-                out.append(StoredMessage(msg_id, ts, sender, device, payload))
+                out.append(StoredMessage(msg_id, ts, sender, sdev, payload, flags, conversation, ref))
         return out
 
     def stats(self) -> dict:
@@ -773,31 +807,46 @@ class ShardedLog(_Committed):
         return dirty
 
     # -- OfflineStore -------------------------------------------------------------------
-    def append(self, recipient, msg_id, timestamp_ms, sender, sender_device, payload, client_id=0):
-        self.log_for(recipient).append(recipient, msg_id, timestamp_ms, sender, sender_device, payload, client_id)
+    def append(self, recipient, msg_id, timestamp_ms, sender, sender_device, payload, client_id=0, **kw):
+        self.log_for(recipient).append(recipient, msg_id, timestamp_ms, sender, sender_device, payload,
+                                       client_id, **kw)
 
-    def pending(self, recipient):
+    def pending(self, recipient, device=""):
         lg = self.logs.get(self.map.shard(recipient))
-        return lg.pending(recipient) if lg is not None else []
+        return lg.pending(recipient, device) if lg is not None else []
 
-    def write_pending_into(self, out, recipient, now):
+    def write_pending_into(self, out, recipient, now, device=""):
         lg = self.logs.get(self.map.shard(recipient))
         if lg is not None:
-            lg.write_pending_into(out, recipient, now)
+            lg.write_pending_into(out, recipient, now, device)
 
-    def consume(self, recipient, msg_ids):
+    def consume(self, recipient, msg_ids, device=""):
         lg = self.logs.get(self.map.shard(recipient))
-        return lg.consume(recipient, msg_ids) if lg is not None else 0
+        return lg.consume(recipient, msg_ids, device) if lg is not None else 0
 
-    def consume_through(self, recipient, msg_id):
+    def consume_through(self, recipient, msg_id, device=""):
         lg = self.logs.get(self.map.shard(recipient))
-        return lg.consume_through(recipient, msg_id) if lg is not None else 0
+        return lg.consume_through(recipient, msg_id, device) if lg is not None else 0
 
-    def pending_count(self, recipient=None):
+    def pending_count(self, recipient=None, device=""):
         if recipient is not None:
             lg = self.logs.get(self.map.shard(recipient))
-            return lg.pending_count(recipient) if lg is not None else 0
+            return lg.pending_count(recipient, device) if lg is not None else 0
         return sum(lg.pending_count() for lg in self.logs.values())
+
+    def devices_of(self, user):
+        lg = self.logs.get(self.map.shard(user))
+        return lg.devices_of(user) if lg is not None else []
+
+    def register_device(self, user, device, now):
+        return self.log_for(user).register_device(user, device, now)
+
+    def touch_device(self, user, device, now):
+        self.log_for(user).touch_device(user, device, now)
+
+    def last_seen(self, user):
+        lg = self.logs.get(self.map.shard(user))
+        return lg.last_seen(user) if lg is not None else 0
 
     def last_id(self) -> int:
         return max((lg.last_id() for lg in self.logs.values()), default=0)

@@ -23,7 +23,7 @@ DELIVER_OVERHEAD = 2 + 8 + 8 + 1 + 255 + 1 + 255
 
 MAX_ID_LENGTH = 255          # user and device ids: 1..255 bytes of UTF-8
 MAX_TOKEN_LENGTH = 1024
-MAX_RECEIVED_IDS = 4096      # ids in one RECEIVED frame
+MAX_RECEIVED_IDS = 4096      # ids in one RECEIVED or READ frame
 
 
 class FrameType(IntEnum):
@@ -37,10 +37,21 @@ class FrameType(IntEnum):
     PONG = 0x08
     ERROR = 0x09
     GOAWAY = 0x0A
+    RECEIPT = 0x0B
+    READ = 0x0C
 
 
 #: ERROR flag: the server closes the connection after this frame.
 FLAG_FATAL = 0x01
+#: HELLO flag: a device that only sends (a bot, the CLI's `send`): not registered, gets no DELIVERs.
+FLAG_SEND_ONLY = 0x01
+#: DELIVER flag: a copy of a message this user sent from another device; `peer` and `origin_id` follow.
+FLAG_MIRROR = 0x02
+
+
+class ReceiptKind(IntEnum):
+    DELIVERED = 1
+    READ = 2
 
 
 class ErrorCode(IntEnum):
@@ -59,6 +70,8 @@ class ErrorCode(IntEnum):
     STORAGE_FULL = 24
     #: the recipient's shard is briefly unreachable (its worker is restarting); retry
     UNAVAILABLE = 25
+    #: more devices of this user online at once than the server allows
+    DEVICE_LIMIT = 26
     INTERNAL = 50
 
 

@@ -8,8 +8,8 @@ from struct import Struct
 
 from . import frames as F
 from .errors import FrameTooLarge, MalformedFrame, UnknownFrameType
-from .protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, HEADER_SIZE, LENGTH_SIZE, MAX_ID_LENGTH,
-                       MAX_RECEIVED_IDS, MAX_TOKEN_LENGTH, MIN_FRAME, FrameType)
+from .protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_MIRROR, FLAG_SEND_ONLY, HEADER_SIZE, LENGTH_SIZE,
+                       MAX_ID_LENGTH, MAX_RECEIVED_IDS, MAX_TOKEN_LENGTH, MIN_FRAME, FrameType)
 
 _HEADER = Struct("!IBB")
 _U8 = Struct("!B")
@@ -82,7 +82,17 @@ def decode_body(ftype: int, flags: int, body):
     if ftype == FrameType.SEND:
         frame = F.Send(c.u64(), c.str8(1), c.rest())
     elif ftype == FrameType.DELIVER:
-        frame = F.Deliver(c.u64(), c.u64(), c.str8(1), c.str8(), c.rest())
+        head = (c.u64(), c.u64(), c.str8(1), c.str8())
+        peer, origin = (c.str8(1), c.u64()) if flags & FLAG_MIRROR else ("", 0)
+        frame = F.Deliver(*head, c.rest(), peer, origin)
+    elif ftype == FrameType.RECEIPT:
+        frame = F.Receipt(c.u64(), c.u8(), c.u64(), c.str8(1), c.str8(), c.u64())
+    elif ftype == FrameType.READ:
+        peer = c.str8(1)
+        n = c.u16()
+        if n > MAX_RECEIVED_IDS:
+            raise MalformedFrame("too many ids in READ")
+        frame = F.Read(peer, tuple(c.u64() for _ in range(n)))
     elif ftype == FrameType.ACK:
         frame = F.Ack(c.u64(), c.u64(), c.u64())
     elif ftype == FrameType.RECEIVED:
@@ -95,7 +105,7 @@ def decode_body(ftype: int, flags: int, body):
     elif ftype == FrameType.PONG:
         frame = F.Pong(c.u64())
     elif ftype == FrameType.HELLO:
-        frame = F.Hello(c.u16(), c.str16(MAX_TOKEN_LENGTH), c.str8(1), c.u64())
+        frame = F.Hello(c.u16(), c.str16(MAX_TOKEN_LENGTH), c.str8(1), c.u64(), bool(flags & FLAG_SEND_ONLY))
     elif ftype == FrameType.WELCOME:
         frame = F.Welcome(c.u16(), c.u64(), c.str8(1), c.str8(1), c.u32(), c.u32(), c.u32(), c.u64())
     elif ftype == FrameType.ERROR:
@@ -155,9 +165,18 @@ def _body(frame) -> tuple[int, int, bytes]:
     if t is F.Send:
         return FrameType.SEND, 0, _U64.pack(frame.client_id) + _id(frame.to) + bytes(frame.payload)
     if t is F.Deliver:
-        return FrameType.DELIVER, 0, (_U64.pack(frame.msg_id) + _U64.pack(frame.timestamp_ms)
-                                      + _id(frame.sender) + _id(frame.sender_device, True)
-                                      + bytes(frame.payload))
+        mirror = (_id(frame.peer) + _U64.pack(frame.origin_id)) if frame.peer else b""
+        return FrameType.DELIVER, FLAG_MIRROR if frame.peer else 0, (
+            _U64.pack(frame.msg_id) + _U64.pack(frame.timestamp_ms) + _id(frame.sender)
+            + _id(frame.sender_device, True) + mirror + bytes(frame.payload))
+    if t is F.Receipt:
+        return FrameType.RECEIPT, 0, (_U64.pack(frame.id) + _U8.pack(frame.kind) + _U64.pack(frame.msg_id)
+                                      + _id(frame.by) + _id(frame.by_device, True) + _U64.pack(frame.timestamp_ms))
+    if t is F.Read:
+        if len(frame.msg_ids) > MAX_RECEIVED_IDS:
+            raise ValueError("too many ids in one READ frame")
+        return FrameType.READ, 0, (_id(frame.peer) + _U16.pack(len(frame.msg_ids))
+                                   + b"".join(_U64.pack(i) for i in frame.msg_ids))
     if t is F.Ack:
         return FrameType.ACK, 0, _U64.pack(frame.client_id) + _U64.pack(frame.msg_id) + _U64.pack(frame.timestamp_ms)
     if t is F.Received:
@@ -169,7 +188,7 @@ def _body(frame) -> tuple[int, int, bytes]:
     if t is F.Pong:
         return FrameType.PONG, 0, _U64.pack(frame.nonce)
     if t is F.Hello:
-        return FrameType.HELLO, 0, (_U16.pack(frame.version) + _text16(frame.token, MAX_TOKEN_LENGTH)
+        return FrameType.HELLO, FLAG_SEND_ONLY if frame.send_only else 0, (_U16.pack(frame.version) + _text16(frame.token, MAX_TOKEN_LENGTH)
                                     + _id(frame.device) + _U64.pack(frame.resume_after))
     if t is F.Welcome:
         return FrameType.WELCOME, 0, (_U16.pack(frame.version) + _U64.pack(frame.session_id) + _id(frame.user)

@@ -26,7 +26,7 @@ _log = log.get("switchboard.bus")
 
 LT_HANDOFF = 0x44
 LT_LINK_HELLO = 0x45
-LT_LAST = 0x45
+LT_LAST = 0x46
 LINK_MAX_FRAME = 16 << 20
 READ_SIZE = 1 << 18
 #: queued bytes to one worker past which this worker stops reading its clients

@@ -133,9 +133,9 @@ def _token_for(args) -> str:
     return TokenAuthority(secret).issue(args.user, args.device, ttl=3600)
 
 
-async def _connect(args):
+async def _connect(args, send_only: bool = False):
     from .client import Client, ServerError
-    client = Client(args.host, args.port, _token_for(args), args.device, reconnect=False)
+    client = Client(args.host, args.port, _token_for(args), args.device, reconnect=False, send_only=send_only)
     try:
         await client.connect()
     except ServerError as exc:
@@ -150,7 +150,7 @@ async def _connect(args):
 
 async def _send(args) -> int:
     from .client import ServerError
-    client = await _connect(args)
+    client = await _connect(args, send_only=True)
     try:
         result = await client.send(args.to, args.text, timeout=args.timeout)
     except ServerError as exc:

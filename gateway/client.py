@@ -14,9 +14,19 @@ from dataclasses import dataclass
 from _core import frames
 from _core.codec import Decoder, decode_body, encode
 from _core.errors import ProtocolError, ServerError
-from _core.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ErrorCode
+from _core.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ErrorCode, ReceiptKind
 
-__all__ = ["Client", "Message", "SendResult", "ServerError", "ConnectionClosed"]
+__all__ = ["Client", "Message", "Receipt", "SendResult", "ServerError", "ConnectionClosed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """`by` received (DELIVERED) or read (READ) the message `msg_id` this user sent."""
+    kind: str
+    msg_id: int
+    by: str
+    by_device: str
+    timestamp_ms: int
 
 _FATAL_AUTH = {ErrorCode.AUTH_FAILED, ErrorCode.TOKEN_EXPIRED, ErrorCode.UNSUPPORTED_VERSION}
 
@@ -32,6 +42,9 @@ class Message:
     sender: str
     sender_device: str
     payload: bytes
+    #: set when this is a copy of a message this user sent from another device
+    peer: str = ""
+    origin_id: int = 0
 
     @property
     def text(self) -> str:
@@ -88,9 +101,11 @@ class Client:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 7400, token: str = "", device: str = "main",
                  *, reconnect: bool = True, resume_after: int = 0, connect_timeout: float = 10.0,
-                 max_backoff: float = 5.0):
+                 max_backoff: float = 5.0, send_only: bool = False):
         self.host, self.port, self.token, self.device = host, port, token, device
         self.reconnect = reconnect
+        self.send_only = send_only
+        self._receipts: asyncio.Queue = asyncio.Queue(maxsize=10_000)
         self.connect_timeout = connect_timeout
         self.max_backoff = max_backoff
         self.welcome: frames.Welcome | None = None
@@ -129,7 +144,8 @@ class Client:
         self._welcome_fut = loop.create_future()
         _, proto = await loop.create_connection(lambda: _Protocol(self), self.host, self.port)
         self._proto = proto
-        proto.transport.write(encode(frames.Hello(PROTOCOL_VERSION, self.token, self.device, self._acked_hwm)))
+        proto.transport.write(encode(frames.Hello(PROTOCOL_VERSION, self.token, self.device, self._acked_hwm,
+                                                  self.send_only)))
         self.welcome = await self._welcome_fut
         for _, data in self._unacked.values():      # retries keep their client ids
             proto.transport.write(data)
@@ -205,6 +221,20 @@ class Client:
         except ConnectionClosed:
             raise StopAsyncIteration from None
 
+    async def recv_receipt(self, timeout: float | None = None) -> Receipt:
+        """The next delivery/read receipt for a message this user sent."""
+        return await asyncio.wait_for(self._receipts.get(), timeout)
+
+    async def read(self, *messages: Message) -> None:
+        """Tell the senders these messages were read (READ receipts)."""
+        by_peer: dict[str, list[int]] = {}
+        for m in messages:
+            by_peer.setdefault(m.sender, []).append(m.id)
+        if self.connected:
+            for peer, ids in by_peer.items():
+                for i in range(0, len(ids), 4096):
+                    self._proto.transport.write(encode(frames.Read(peer, tuple(ids[i:i + 4096]))))
+
     async def ack(self, *messages: Message | int) -> None:
         """Tell the server these messages were processed: it drops them (and, later, tells the sender)."""
         ids = [m.id if isinstance(m, Message) else int(m) for m in messages]
@@ -225,7 +255,17 @@ class Client:
                 return
             self._seen_hwm = frame.msg_id
             self._inbox.put_nowait(Message(frame.msg_id, frame.timestamp_ms, frame.sender,
-                                           frame.sender_device, frame.payload))
+                                           frame.sender_device, frame.payload, frame.peer, frame.origin_id))
+        elif t is frames.Receipt:
+            # informational: acknowledged at once (a lost receipt is no lost message)
+            proto.transport.write(encode(frames.Received((frame.id,))))
+            if frame.id > self._seen_hwm:
+                self._seen_hwm = frame.id
+                r = Receipt(ReceiptKind(frame.kind).name.lower() if frame.kind in (1, 2) else str(frame.kind),
+                            frame.msg_id, frame.by, frame.by_device, frame.timestamp_ms)
+                if self._receipts.full():
+                    self._receipts.get_nowait()
+                self._receipts.put_nowait(r)
         elif t is frames.Ack:
             entry = self._unacked.get(frame.client_id)
             if entry is not None and not entry[0].done():

@@ -29,6 +29,8 @@ class GatewayConfig:
     ping_interval_ms: int = 30_000
     #: undelivered messages kept per recipient before senders get QUOTA_EXCEEDED
     max_pending_per_recipient: int = 10_000
+    #: devices of one user online at once (each registered device gets every message)
+    max_devices: int = 4
     #: remembered client message ids per device, for dropping retried SENDs
     dedup_window: int = 4096
     #: a worker that dies is restarted after this backoff (doubling per quick death)

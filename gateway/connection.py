@@ -103,7 +103,8 @@ class Connection(asyncio.BufferedProtocol):
         welcome = frames.Welcome(PROTOCOL_VERSION, 0, user, device, cfg.max_frame,
                                  gw.router.max_payload, cfg.ping_interval_ms, gw.now_ms())
         self.session = gw.router.open_session(user, device, self.transport.write, self.transport.close,
-                                              resume_after=hello.resume_after, welcome=welcome)
+                                              resume_after=hello.resume_after, welcome=welcome,
+                                              send_only=hello.send_only)
         self.decoder.max_frame = cfg.max_frame
         self.decoder.set_sink(self.session)
 

@@ -68,7 +68,8 @@ class Gateway:
             store.on_fatal = self._store_failed
         else:
             store = MemoryStore(cfg.max_pending_per_recipient)
-        self.router = Router(store, loop=self.loop, max_frame=cfg.max_frame, dedup_window=cfg.dedup_window)
+        self.router = Router(store, loop=self.loop, max_frame=cfg.max_frame, dedup_window=cfg.dedup_window,
+                             max_devices=cfg.max_devices)
         self._stopping = asyncio.Event()
         if cfg.workers > 1:
             self.bus = LocalBus(cluster or "solo", cfg.worker_index, cfg.workers, self.router, self.shards,
@@ -145,6 +146,7 @@ class Gateway:
             await asyncio.sleep(0.02)
         for c in list(self.connections):
             c.transport.abort()
+        await asyncio.sleep(0)               # let connection_lost run (it records last-seen times)
         if self.bus is not None:
             self.bus.close()
         self.router.store.close()

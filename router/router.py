@@ -11,31 +11,39 @@ import os
 
 from _core._routing import RouteCore, SessionCore as Session, now_ms
 from _core import frames
-from _core.protocol import DEFAULT_MAX_FRAME, DELIVER_OVERHEAD, GoawayCode
+from _core.errors import ProtocolError, StoreError
+from _core.protocol import DEFAULT_MAX_FRAME, DELIVER_OVERHEAD, ErrorCode, GoawayCode
 
-from .store import MemoryStore, OfflineStore
+from .store import MIRROR, RECEIPT, MemoryStore, OfflineStore
 
 
 class Router(RouteCore):
     """Routes 1:1 messages between sessions; hands everything to the offline store first."""
 
     def __init__(self, store: OfflineStore | None = None, *, loop=None,
-                 max_frame: int = DEFAULT_MAX_FRAME, dedup_window: int = 4096):
+                 max_frame: int = DEFAULT_MAX_FRAME, dedup_window: int = 4096, max_devices: int = 4):
         super().__init__(store if store is not None else MemoryStore(), loop=loop,
                          max_payload=max_frame - DELIVER_OVERHEAD, dedup_window=dedup_window)
         self.max_frame = max_frame
+        self.max_devices = max_devices
         self._session_ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 24)
 
-    def open_session(self, user: str, device: str, write, close, *,
-                     resume_after: int = 0, welcome: frames.Welcome | None = None) -> Session:
+    def open_session(self, user: str, device: str, write, close, *, resume_after: int = 0,
+                     welcome: frames.Welcome | None = None, send_only: bool = False) -> Session:
         """Register an authenticated device and queue its backlog.
 
         `write(bytes)` sends to the client, `close()` closes its transport.
         A second session of the same user and device replaces the first (GOAWAY
         REPLACED). If `welcome` is given it is written before the backlog.
         `resume_after` is the highest message id the client has already
-        processed: those are consumed instead of delivered again.
+        processed: those are consumed instead of delivered again. A `send_only`
+        session (a bot, a CLI) is no registered device and gets no DELIVERs.
+        Raises ProtocolError(DEVICE_LIMIT) past `max_devices` devices online.
         """
+        online = [s for s in self.sessions_of(user) if s.device != device]
+        if not send_only and len(online) >= self.max_devices:
+            raise ProtocolError(f"{user} already has {len(online)} devices online (the limit is "
+                                f"{self.max_devices})", ErrorCode.DEVICE_LIMIT)
         for old in self.sessions_of(user):
             if old.device == device:
                 # its queued ACKs, then the GOAWAY, go out with this turn's batch; then it closes
@@ -44,20 +52,38 @@ class Router(RouteCore):
         session = Session(self, user, device, next(self._session_ids), write, close)
         if welcome is not None:
             session.write_frame(dataclasses.replace(welcome, session_id=session.session_id))
+        if send_only:
+            session.send_only = True
+            self._attach_send_only(session)
+            return session
+        if hasattr(self.store, "register_device"):
+            if self.store.register_device(user, device, now_ms()):
+                self.device_registered(user, self.store.devices_of(user))
         if resume_after:
-            self.store.consume_through(user, resume_after)
+            self.store.consume_through(user, resume_after, device)
         if hasattr(self.store, "write_pending_into"):      # straight from the log's mapping
-            self.store.write_pending_into(session.out, user, now_ms())
+            self.store.write_pending_into(session.out, user, now_ms(), device)
             session.wake()
         else:
-            for m in self.store.pending(user):
-                session.deliver(m.msg_id, m.timestamp_ms, m.sender, m.sender_device, m.payload)
+            for m in self.store.pending(user, device):
+                if m.flags & RECEIPT:
+                    session.write_frame(frames.Receipt(m.msg_id, m.payload[0], m.ref, m.sender, m.sender_device,
+                                                       m.timestamp_ms))
+                else:
+                    session.write_frame(frames.Deliver(m.msg_id, m.timestamp_ms, m.sender, m.sender_device,
+                                                       m.payload, m.conversation if m.flags & MIRROR else "",
+                                                       m.ref if m.flags & MIRROR else 0))
         self._attach(session)
         return session
 
     def close_session(self, session: Session) -> None:
         """The device went away; undelivered messages stay in the store."""
         self._detach(session)
+        if not session.send_only and hasattr(self.store, "touch_device"):
+            try:
+                self.store.touch_device(session.user, session.device, now_ms())
+            except StoreError:
+                pass          # a full or closed store: last-seen stays at the previous value
 
     def goaway_all(self, code: int, reason: str, reconnect_ms: int = 0) -> None:
         """Tell every session to go away (and when to come back), then close it."""

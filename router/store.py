@@ -15,6 +15,19 @@ class StoredMessage(NamedTuple):
     sender: str
     sender_device: str
     payload: bytes
+    #: 0 a message; MIRROR: a copy of what this user sent from another device (conversation =
+    #: the peer, ref = the id it got); RECEIPT: payload[0] is the kind, ref the message id
+    flags: int = 0
+    conversation: str = ""
+    ref: int = 0
+
+
+MIRROR = 0x02
+RECEIPT = 0x01
+
+
+def inbox_key(user: str, device: str = "") -> str:
+    return f"{user}\x00{device}" if device else user
 
 
 class OfflineStore(Protocol):
@@ -44,54 +57,84 @@ class OfflineStore(Protocol):
 
 
 class MemoryStore:
-    """Process-memory store: fast, bounded per recipient, lost with the process.
+    """Process-memory store: fast, bounded per inbox, lost with the process.
 
-    For embedding and tests; the gateway uses the durable log once it exists.
+    For embedding and tests; the gateway uses the durable log. Same semantics:
+    one inbox per registered device, plus a shared inbox for users with none.
     """
 
     def __init__(self, max_pending_per_recipient: int = 10_000):
         self._inboxes: dict[str, dict[int, StoredMessage]] = {}
+        self._devices: dict[str, dict[str, int]] = {}
         self.max_pending = max_pending_per_recipient
         self._last_id = 0
 
-    def append(self, recipient, msg_id, timestamp_ms, sender, sender_device, payload, client_id=0):
-        inbox = self._inboxes.get(recipient)
+    def append(self, recipient, msg_id, timestamp_ms, sender, sender_device, payload, client_id=0, *,
+               device="", flags=0, conversation=""):
+        key = inbox_key(recipient, device)
+        inbox = self._inboxes.get(key)
         if inbox is None:
-            inbox = self._inboxes[recipient] = {}
+            inbox = self._inboxes[key] = {}
         elif len(inbox) >= self.max_pending:
             from _core.protocol import ErrorCode
             raise StoreError(f"{recipient} has {len(inbox)} undelivered messages (the limit)",
                              ErrorCode.QUOTA_EXCEEDED)
-        inbox[msg_id] = StoredMessage(msg_id, timestamp_ms, sender, sender_device, payload)
-        self._last_id = msg_id
+        inbox[msg_id] = StoredMessage(msg_id, timestamp_ms, sender, sender_device, bytes(payload), flags,
+                                      conversation, client_id)
+        self._last_id = max(self._last_id, msg_id)
 
-    def pending(self, recipient):
-        inbox = self._inboxes.get(recipient)
-        return list(inbox.values()) if inbox else []
+    def _keys(self, recipient, device):
+        return (inbox_key(recipient, device), recipient) if device else (recipient,)
 
-    def consume(self, recipient, msg_ids):
-        inbox = self._inboxes.get(recipient)
-        if not inbox:
-            return 0
-        n = 0
-        for i in msg_ids:
-            if inbox.pop(i, None) is not None:
-                n += 1
-        if not inbox:
-            del self._inboxes[recipient]
-        return n
+    def pending(self, recipient, device=""):
+        out = []
+        for key in self._keys(recipient, device):
+            out.extend(self._inboxes.get(key, {}).values())
+        return sorted(out) if device else out
 
-    def consume_through(self, recipient, msg_id):
-        inbox = self._inboxes.get(recipient)
-        if not inbox:
-            return 0
-        done = [i for i in inbox if i <= msg_id]
-        return self.consume(recipient, done)
+    def consume_entries(self, recipient, msg_ids, device=""):
+        """Drop acknowledged entries; returns what was dropped."""
+        done = []
+        ids = list(msg_ids)
+        for key in self._keys(recipient, device):
+            inbox = self._inboxes.get(key)
+            if not inbox:
+                continue
+            for i in ids:
+                m = inbox.pop(i, None)
+                if m is not None:
+                    done.append(m)
+            if not inbox:
+                del self._inboxes[key]
+        return done
 
-    def pending_count(self, recipient: str | None = None) -> int:
+    def consume(self, recipient, msg_ids, device=""):
+        return len(self.consume_entries(recipient, msg_ids, device))
+
+    def consume_through(self, recipient, msg_id, device=""):
+        return self.consume(recipient, [m.msg_id for m in self.pending(recipient, device) if m.msg_id <= msg_id],
+                            device)
+
+    def pending_count(self, recipient: str | None = None, device: str = "") -> int:
         if recipient is not None:
-            return len(self._inboxes.get(recipient, ()))
+            return len(self._inboxes.get(inbox_key(recipient, device), ()))
         return sum(map(len, self._inboxes.values()))
+
+    def devices_of(self, user):
+        return sorted(self._devices.get(user, ()))
+
+    def register_device(self, user, device, now):
+        devs = self._devices.setdefault(user, {})
+        new = device not in devs
+        devs[device] = now
+        return new
+
+    def touch_device(self, user, device, now):
+        if device in self._devices.get(user, ()):
+            self._devices[user][device] = now
+
+    def last_seen(self, user):
+        return max(self._devices.get(user, {}).values(), default=0)
 
     def commit(self, then, arg):
         then(arg)     # memory is as durable as it gets

@@ -204,12 +204,12 @@ def test_frame_of_exactly_max_frame_is_accepted_after_auth(gateway_proc):
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), ErrorCode.FRAME_TOO_LARGE),   # TLS hello
     (HEADER.pack(2, 0x7F, 0), ErrorCode.UNKNOWN_FRAME_TYPE),
     (HEADER.pack(2, 0x00, 0), ErrorCode.UNKNOWN_FRAME_TYPE),
-    (HEADER.pack(2, 0x0B, 0), ErrorCode.UNKNOWN_FRAME_TYPE),
+    (HEADER.pack(2, max(FrameType) + 1, 0), ErrorCode.UNKNOWN_FRAME_TYPE),
     (HEADER.pack(100, 0x7F, 0), ErrorCode.UNKNOWN_FRAME_TYPE),    # decided before the body arrives
     (struct.pack("!I", 0), ErrorCode.MALFORMED_FRAME),
     (struct.pack("!IB", 1, FrameType.HELLO), ErrorCode.MALFORMED_FRAME),
     (HEADER.pack(2, FrameType.HELLO, 0), ErrorCode.MALFORMED_FRAME),          # empty HELLO body
-], ids=["http", "tls", "type-7f", "type-00", "type-0b", "type-7f-no-body", "length-0", "length-1",
+], ids=["http", "tls", "type-7f", "type-00", "type-after-last", "type-7f-no-body", "length-0", "length-1",
         "empty-hello"])
 def test_garbage_before_auth(gateway_proc, data, code):
     assert_fatal(exchange(gateway_proc, data), code)

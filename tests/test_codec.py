@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from _core import _codec, pycodec
 from _core import frames as F
 from _core.errors import FrameTooLarge, MalformedFrame, ProtocolError, UnexpectedFrame, UnknownFrameType
-from _core.protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, HEADER_SIZE, LENGTH_SIZE, MAX_ID_LENGTH,
-                            MAX_RECEIVED_IDS, MAX_TOKEN_LENGTH, MIN_FRAME, PRE_AUTH_MAX_FRAME, ErrorCode,
+from _core.protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_MIRROR, FLAG_SEND_ONLY, HEADER_SIZE,
+                            LENGTH_SIZE, MAX_ID_LENGTH, MAX_RECEIVED_IDS, MAX_TOKEN_LENGTH, MIN_FRAME, PRE_AUTH_MAX_FRAME, ErrorCode,
                             FrameType, GoawayCode)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def known_bug(name, reason, raises=AssertionError):
 TYPE_OF = {F.Hello: FrameType.HELLO, F.Welcome: FrameType.WELCOME, F.Send: FrameType.SEND,
            F.Ack: FrameType.ACK, F.Deliver: FrameType.DELIVER, F.Received: FrameType.RECEIVED,
            F.Ping: FrameType.PING, F.Pong: FrameType.PONG, F.Error: FrameType.ERROR,
-           F.Goaway: FrameType.GOAWAY}
+           F.Goaway: FrameType.GOAWAY, F.Receipt: FrameType.RECEIPT, F.Read: FrameType.READ}
 
 SAMPLES = [
     F.Hello(1, "token-abc", "phone", 42),
@@ -70,6 +70,12 @@ SAMPLES = [
     F.Error(ErrorCode.RATE_LIMITED, 9, "slow down", True),
     F.Error(1, 0, "", False),
     F.Goaway(GoawayCode.DRAINING, 5000, "bye \u2603"),
+    F.Hello(1, "t", "cli", 0, True),
+    F.Deliver(4, 5, "alice", "laptop", b"sent from my laptop", "bob", 77),
+    F.Receipt(9, 1, 77, "bob", "phone", 1_700_000_000_000),
+    F.Receipt(10, 2, 2**64 - 1, "b" * 255, "", 0),
+    F.Read("alice", (1, 2, 3)),
+    F.Read("alice", ()),
 ]
 
 
@@ -97,12 +103,17 @@ payloads = st.binary(max_size=4096)
 msg_ids = st.lists(U64, max_size=64).map(tuple)
 
 frames_st = st.one_of(
-    st.builds(F.Hello, version=U16, token=tokens, device=ids, resume_after=U64),
+    st.builds(F.Hello, version=U16, token=tokens, device=ids, resume_after=U64, send_only=st.booleans()),
     st.builds(F.Welcome, version=U16, session_id=U64, user=ids, device=ids, max_frame=U32,
               max_payload=U32, ping_interval_ms=U32, server_time_ms=U64),
     st.builds(F.Send, client_id=U64, to=ids, payload=payloads),
     st.builds(F.Ack, client_id=U64, msg_id=U64, timestamp_ms=U64),
     st.builds(F.Deliver, msg_id=U64, timestamp_ms=U64, sender=ids, sender_device=opt_ids, payload=payloads),
+    st.builds(F.Deliver, msg_id=U64, timestamp_ms=U64, sender=ids, sender_device=opt_ids, payload=payloads,
+              peer=ids, origin_id=U64),
+    st.builds(F.Receipt, id=U64, kind=st.integers(0, 255), msg_id=U64, by=ids, by_device=opt_ids,
+              timestamp_ms=U64),
+    st.builds(F.Read, peer=ids, msg_ids=msg_ids),
     st.builds(F.Received, msg_ids=msg_ids),
     st.builds(F.Ping, nonce=U64),
     st.builds(F.Pong, nonce=U64),
@@ -197,7 +208,10 @@ def test_every_frame_type_encodes_with_its_type_byte(codec):
         length, ftype, flags = struct.unpack_from("!IBB", wire)
         assert ftype == TYPE_OF[type(frame)]
         assert length == len(wire) - LENGTH_SIZE
-        assert flags == (FLAG_FATAL if isinstance(frame, F.Error) and frame.fatal else 0)
+        expected = (FLAG_FATAL if isinstance(frame, F.Error) and frame.fatal
+                    else FLAG_SEND_ONLY if isinstance(frame, F.Hello) and frame.send_only
+                    else FLAG_MIRROR if isinstance(frame, F.Deliver) and frame.peer else 0)
+        assert flags == expected
 
 
 def test_ping_header_layout(codec):
@@ -470,7 +484,7 @@ def test_length_below_minimum(codec, length):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("ftype", [0x00, 0x0B, 0xFF])
+@pytest.mark.parametrize("ftype", [0x00, max(FrameType) + 1, 0xFF])
 def test_unknown_type_rejected_on_the_type_byte(codec, path, ftype):
     dec = codec.Decoder(Collector())
     head = struct.pack("!IB", 100, ftype)
@@ -693,7 +707,7 @@ def _flip(body, at, value):
 BAD_STREAMS = {
     "too-large": (struct.pack("!I", DEFAULT_MAX_FRAME + 1), FrameTooLarge),
     "short-length": (struct.pack("!I", 1), MalformedFrame),
-    "unknown-type": (struct.pack("!IBB", 2, 0x0B, 0), UnknownFrameType),
+    "unknown-type": (struct.pack("!IBB", 2, max(FrameType) + 1, 0), UnknownFrameType),
 }
 
 

@@ -199,9 +199,9 @@ def test_sdk_reconnect_does_not_show_a_message_twice(gateway_proc):
                 await bob.ping(timeout=5)
             finally:
                 await bob.close()
-            # message 1 is still held by the server (it was never acked): the server did
-            # redeliver it on the reconnect, the SDK dropped the duplicate
-            async with gw.client("bob", device="fresh") as fresh:
+            # message 1 is still held in this device's inbox (it was never acked): the
+            # server did redeliver it on the reconnect, the SDK dropped the duplicate
+            async with gw.client("bob", device="main") as fresh:
                 m = await fresh.recv(timeout=5)
                 assert (m.id, m.text) == (s1.id, "one")
                 await fresh.ack(m)
