@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest frame after WELCOME, in bytes (default %(default)s)")
     p.add_argument("--max-pending", type=_positive(int), default=GatewayConfig.max_pending_per_recipient,
                    help="undelivered messages kept per recipient (default %(default)s)")
+    p.add_argument("--max-devices", type=_positive(int), default=GatewayConfig.max_devices,
+                   help="devices of one user online at once (default %(default)s)")
     p.add_argument("--store", choices=["log", "memory"], default=GatewayConfig.store,
                    help="where undelivered messages live: the durable log (default) or memory")
     p.add_argument("--durability", choices=["always", "interval", "never"], default=GatewayConfig.durability,
@@ -248,7 +250,8 @@ def _serve(args) -> int:
                         workers=args.workers, hello_timeout=args.hello_timeout, max_frame=args.max_frame,
                         max_pending_per_recipient=args.max_pending, log_level=args.log_level,
                         store=args.store, durability=args.durability, flush_interval_ms=args.flush_interval_ms,
-                        segment_size=args.segment_size, message_ttl=args.message_ttl)
+                        segment_size=args.segment_size, message_ttl=args.message_ttl,
+                        max_devices=args.max_devices)
     try:
         cfg.validate()
     except ValueError as exc:
