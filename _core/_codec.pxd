@@ -36,7 +36,11 @@ cdef enum FrameType:
     FT_GOAWAY = 0x0A
     FT_RECEIPT = 0x0B
     FT_READ = 0x0C
-    FT_LAST = 0x0C
+    FT_SUBSCRIBE = 0x0D
+    FT_PRESENCE = 0x0E
+    FT_TYPING = 0x0F
+    FT_PRIVACY = 0x10
+    FT_LAST = 0x10
 
 ctypedef struct Cursor:
     const unsigned char *p

@@ -170,6 +170,10 @@ cdef object _decode(uint8_t ftype, uint8_t flags, const unsigned char *body, Py_
     cdef str s1, s2, s3
     c.p = body
     c.end = body + n
+    if FT_SUBSCRIBE <= ftype <= FT_PRIVACY:
+        # low-rate control frames: the reference codec's reading is fast enough
+        from . import pycodec
+        return pycodec.decode_body(ftype, flags, PyBytes_FromStringAndSize(<const char *>body, n))
     if ftype == FT_SEND:
         cur_u64(&c, &a64)
         s1 = cur_str8(&c, 1)
@@ -551,6 +555,11 @@ cdef int _encode_into(WriteBuffer buf, object frame) except -1:
         buf.put_u16(frame.code)
         buf.put_u32(frame.reconnect_ms)
         buf.put_text16(frame.reason, 65535)
+    elif t is F.Subscribe or t is F.Presence or t is F.Typing or t is F.Privacy:
+        from . import pycodec                  # low-rate control frames
+        ftype, flags, body = pycodec._body(frame)
+        start = buf.begin_frame(ftype, flags)
+        buf.put_raw(<const char *>body, len(body))
     else:
         raise TypeError(f"not a frame: {frame!r}")
     return buf.end_frame(start)

@@ -36,7 +36,8 @@ cdef enum:
     LT_HANDOFF = 0x44
     LT_LINK_HELLO = 0x45
     LT_RCPT = 0x46
-    LT_LAST = 0x46
+    LT_CTRL = 0x47
+    LT_LAST = 0x47
     RECEIPT_DELIVERED = 1
     RECEIPT_READ = 2
 
@@ -62,6 +63,7 @@ cdef class RouteCore:
     cdef readonly uint64_t receipts_sent
     cdef readonly uint64_t receipts_lost
     cdef dict _devices           # user -> tuple of registered devices (this worker's users)
+    cdef public object _control  # Python policy for presence, typing, privacy frames
     cdef bint _has_devices
     cdef dict _pending_fwd       # seq -> (sender session, client id, link)
     cdef uint64_t _fwd_seq

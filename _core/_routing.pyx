@@ -12,6 +12,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 
 from cpython.unicode cimport PyUnicode_AsUTF8
 from ._codec cimport (Cursor, cur_u8, cur_u64, cur_u16, cur_bytes8, cur_done, cur_str16, sb_load64, FT_READ,
+                      FT_SUBSCRIBE, FT_TYPING, FT_PRIVACY,
                       FT_SEND, FT_RECEIVED, FT_PING, FT_PONG, FT_GOAWAY, MAX_RECEIVED_IDS,
                       SWITCHBOARD_DEBUG)
 from ._codec import encode_into
@@ -80,6 +81,11 @@ cdef class SessionCore(FrameSink):
             self.out.write_u64_frame(FT_PONG, client_id)
             return self._mark()
         if ftype == FT_PONG:
+            return 0
+        if FT_SUBSCRIBE <= ftype <= FT_TYPING or ftype == FT_PRIVACY:
+            if self._core._control is None:
+                raise UnexpectedFrame(f"{FrameType(ftype).name} is not supported by this server")
+            self._core._control(self, ftype, PyBytes_FromStringAndSize(<const char *>body, n))
             return 0
         if ftype == FT_READ:
             cur_bytes8(&c, &to, &to_len, 1)
@@ -192,6 +198,7 @@ cdef class RouteCore:
         self._fwd_seq = 0
         self._devices = {}
         self._has_devices = hasattr(store, "devices_of")
+        self._control = None
         self._link_to = None
         self._owner_of = None
         self._is_local_fn = None

@@ -99,4 +99,28 @@ class Goaway:
     reason: str
 
 
-ALL = (Hello, Welcome, Send, Ack, Deliver, Received, Ping, Pong, Error, Goaway, Receipt, Read)
+@dataclass(slots=True)
+class Subscribe:
+    users: tuple
+    on: bool = True      # False: unsubscribe
+
+
+@dataclass(slots=True)
+class Presence:
+    user: str
+    online: bool
+    last_seen_ms: int    # 0: unknown or hidden by the user
+
+
+@dataclass(slots=True)
+class Typing:
+    peer: str            # client -> server: to whom; server -> client: who is typing
+    typing: bool
+
+
+@dataclass(slots=True)
+class Privacy:
+    hide_last_seen: bool
+
+
+ALL = (Hello, Welcome, Send, Ack, Deliver, Received, Ping, Pong, Error, Goaway, Receipt, Read, Subscribe, Presence, Typing, Privacy)

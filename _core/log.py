@@ -314,6 +314,12 @@ class _DeviceRegistry:
         seen = [self.meta_get(f"d\x00{user}\x00{d}") for d in self.devices_of(user)]
         return max((struct.unpack("!Q", v)[0] for v in seen if v), default=0)
 
+    def meta_get_for(self, user: str, key: str):
+        return self.meta_get(key)
+
+    def meta_put_for(self, user: str, key: str, value: bytes) -> None:
+        self.meta_put(key, value)
+
 
 class AppendLog(_Committed, _DeviceRegistry, LogCore):
     """The durable OfflineStore of one shard."""
@@ -338,6 +344,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
                                                   self._dirty_segments, str(self.directory), self._fault)
         self.lazy = lazy
         self._spares = collections.deque()  # prepared segments, in id order
+        self._unclaimed: set = set()         # made by the worker, not yet taken by the loop
+        self._claim_lock = threading.Lock()
         self._preparing = 0
         self.spares_target = 2               # grows after a stall
         self._next_id = 1
@@ -596,7 +604,11 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
 
     def _prepare_on_worker(self, segment_id: int, size: int, pause):
         seg = self._create_segment(segment_id, pause, size)
-        if self._closed:                     # closed meanwhile: leave nothing behind
+        with self._claim_lock:
+            closed = self._closed
+            if not closed:
+                self._unclaimed.add(seg)     # until the loop takes it (or close() retires it)
+        if closed:                           # closed meanwhile: leave nothing behind
             self._retire(seg, False)
             return None
         return seg
@@ -605,6 +617,11 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self._preparing -= 1
         if seg is None and exc is None:
             return
+        if seg is not None:
+            with self._claim_lock:
+                if seg not in self._unclaimed:   # close() already retired it
+                    return
+                self._unclaimed.discard(seg)
         if exc is not None:
             if isinstance(exc, OSError):
                 self._storage_full(exc)
@@ -714,7 +731,9 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        with self._claim_lock:
+            self._closed = True
+            unclaimed, self._unclaimed = self._unclaimed, set()
         if self._maint is not None:
             self._maint.cancel()
         if self._own_committer:
@@ -727,6 +746,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             self._close_segment(seg)
         while self._spares:                  # unused: leave no empty segments behind
             self._retire(self._spares.popleft(), False)
+        for seg in unclaimed:                # finished by the worker, never handed over
+            self._retire(seg, False)
 
 
 class ShardedLog(_Committed):
@@ -847,6 +868,13 @@ class ShardedLog(_Committed):
     def last_seen(self, user):
         lg = self.logs.get(self.map.shard(user))
         return lg.last_seen(user) if lg is not None else 0
+
+    def meta_get_for(self, user, key):
+        lg = self.logs.get(self.map.shard(user))
+        return lg.meta_get(key) if lg is not None else None
+
+    def meta_put_for(self, user, key, value):
+        self.log_for(user).meta_put(key, value)
 
     def last_id(self) -> int:
         return max((lg.last_id() for lg in self.logs.values()), default=0)

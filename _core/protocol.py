@@ -39,6 +39,10 @@ class FrameType(IntEnum):
     GOAWAY = 0x0A
     RECEIPT = 0x0B
     READ = 0x0C
+    SUBSCRIBE = 0x0D
+    PRESENCE = 0x0E
+    TYPING = 0x0F
+    PRIVACY = 0x10
 
 
 #: ERROR flag: the server closes the connection after this frame.
@@ -47,6 +51,11 @@ FLAG_FATAL = 0x01
 FLAG_SEND_ONLY = 0x01
 #: DELIVER flag: a copy of a message this user sent from another device; `peer` and `origin_id` follow.
 FLAG_MIRROR = 0x02
+
+
+#: PRIVACY flag: hide this user's last-seen time from others
+PRIVACY_HIDE_LAST_SEEN = 0x01
+MAX_SUBSCRIBE = 1024         # users in one SUBSCRIBE frame
 
 
 class ReceiptKind(IntEnum):

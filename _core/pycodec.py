@@ -9,7 +9,8 @@ from struct import Struct
 from . import frames as F
 from .errors import FrameTooLarge, MalformedFrame, UnknownFrameType
 from .protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_MIRROR, FLAG_SEND_ONLY, HEADER_SIZE, LENGTH_SIZE,
-                       MAX_ID_LENGTH, MAX_RECEIVED_IDS, MAX_TOKEN_LENGTH, MIN_FRAME, FrameType)
+                       MAX_ID_LENGTH, MAX_RECEIVED_IDS, MAX_SUBSCRIBE, MAX_TOKEN_LENGTH, MIN_FRAME,
+                       PRIVACY_HIDE_LAST_SEEN, FrameType)
 
 _HEADER = Struct("!IBB")
 _U8 = Struct("!B")
@@ -87,6 +88,18 @@ def decode_body(ftype: int, flags: int, body):
         frame = F.Deliver(*head, c.rest(), peer, origin)
     elif ftype == FrameType.RECEIPT:
         frame = F.Receipt(c.u64(), c.u8(), c.u64(), c.str8(1), c.str8(), c.u64())
+    elif ftype == FrameType.SUBSCRIBE:
+        on = c.u8()
+        n = c.u16()
+        if n > MAX_SUBSCRIBE:
+            raise MalformedFrame("too many users in SUBSCRIBE")
+        frame = F.Subscribe(tuple(c.str8(1) for _ in range(n)), bool(on))
+    elif ftype == FrameType.PRESENCE:
+        frame = F.Presence(c.str8(1), bool(c.u8()), c.u64())
+    elif ftype == FrameType.TYPING:
+        frame = F.Typing(c.str8(1), bool(c.u8()))
+    elif ftype == FrameType.PRIVACY:
+        frame = F.Privacy(bool(c.u8() & PRIVACY_HIDE_LAST_SEEN))
     elif ftype == FrameType.READ:
         peer = c.str8(1)
         n = c.u16()
@@ -172,6 +185,17 @@ def _body(frame) -> tuple[int, int, bytes]:
     if t is F.Receipt:
         return FrameType.RECEIPT, 0, (_U64.pack(frame.id) + _U8.pack(frame.kind) + _U64.pack(frame.msg_id)
                                       + _id(frame.by) + _id(frame.by_device, True) + _U64.pack(frame.timestamp_ms))
+    if t is F.Subscribe:
+        if len(frame.users) > MAX_SUBSCRIBE:
+            raise ValueError("too many users in one SUBSCRIBE frame")
+        return FrameType.SUBSCRIBE, 0, (_U8.pack(1 if frame.on else 0) + _U16.pack(len(frame.users))
+                                        + b"".join(_id(u) for u in frame.users))
+    if t is F.Presence:
+        return FrameType.PRESENCE, 0, _id(frame.user) + _U8.pack(1 if frame.online else 0) + _U64.pack(frame.last_seen_ms)
+    if t is F.Typing:
+        return FrameType.TYPING, 0, _id(frame.peer) + _U8.pack(1 if frame.typing else 0)
+    if t is F.Privacy:
+        return FrameType.PRIVACY, 0, _U8.pack(PRIVACY_HIDE_LAST_SEEN if frame.hide_last_seen else 0)
     if t is F.Read:
         if len(frame.msg_ids) > MAX_RECEIVED_IDS:
             raise ValueError("too many ids in one READ frame")

@@ -12,6 +12,7 @@ implement the same methods: FWD over the engine's subjects, and hand-off as a
 redirect (GOAWAY with the owner's address) since descriptors cannot cross hosts.
 """
 import collections
+import json
 import os
 import socket
 import struct
@@ -26,7 +27,8 @@ _log = log.get("switchboard.bus")
 
 LT_HANDOFF = 0x44
 LT_LINK_HELLO = 0x45
-LT_LAST = 0x46
+LT_CTRL = 0x47            # presence and typing (JSON: low rate, and easy to read in a capture)
+LT_LAST = 0x47
 LINK_MAX_FRAME = 16 << 20
 READ_SIZE = 1 << 18
 #: queued bytes to one worker past which this worker stops reading its clients
@@ -82,6 +84,8 @@ class Link:
             self.bus.on_handoff(fd, body)
         elif ftype == LT_LINK_HELLO:
             (self.peer,) = struct.unpack("!H", body)
+        elif ftype == LT_CTRL:
+            self.bus.router.presence.control(json.loads(body))
         else:
             raise ValueError(f"unexpected frame 0x{ftype:02x} on a link")
 
@@ -172,6 +176,8 @@ class LocalBus:
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
         self.router.set_bus(self.link_to, self.shards.owner, self.shards.is_local)
+        presence = self.router.presence
+        presence.is_local, presence.owner_of, presence.send = self.shards.is_local, self.shards.owner, self.send_control
 
     def _accept(self) -> None:
         while True:
@@ -203,6 +209,14 @@ class LocalBus:
         link = self.outgoing[worker] = Link(self, sock, worker)
         link.queue(link_frame(LT_LINK_HELLO, struct.pack("!H", self.me)), None)
         return link.core
+
+    def send_control(self, worker: int, msg: dict) -> bool:
+        """A presence/typing message for the worker that owns its user; dropped if
+        that worker is down (these are hints, re-sent on the next change)."""
+        if self.link_to(worker) is None:
+            return False
+        self.outgoing[worker].queue(link_frame(LT_CTRL, json.dumps(msg, separators=(",", ":")).encode()), None)
+        return True
 
     def hand_off(self, worker: int, fd: int, data: bytes) -> bool:
         """Give a client connection to `worker`; our descriptor is closed either way."""

@@ -14,6 +14,7 @@ from _core import frames
 from _core.errors import ProtocolError, StoreError
 from _core.protocol import DEFAULT_MAX_FRAME, DELIVER_OVERHEAD, ErrorCode, GoawayCode
 
+from .presence import PresenceService
 from .store import MIRROR, RECEIPT, MemoryStore, OfflineStore
 
 
@@ -26,6 +27,8 @@ class Router(RouteCore):
                          max_payload=max_frame - DELIVER_OVERHEAD, dedup_window=dedup_window)
         self.max_frame = max_frame
         self.max_devices = max_devices
+        self.presence = PresenceService(self)
+        self._control = self.presence.handle
         self._session_ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 24)
 
     def open_session(self, user: str, device: str, write, close, *, resume_after: int = 0,
@@ -59,6 +62,7 @@ class Router(RouteCore):
         if hasattr(self.store, "register_device"):
             if self.store.register_device(user, device, now_ms()):
                 self.device_registered(user, self.store.devices_of(user))
+        was_online = bool(self.sessions_of(user))
         if resume_after:
             self.store.consume_through(user, resume_after, device)
         if hasattr(self.store, "write_pending_into"):      # straight from the log's mapping
@@ -74,6 +78,8 @@ class Router(RouteCore):
                                                        m.payload, m.conversation if m.flags & MIRROR else "",
                                                        m.ref if m.flags & MIRROR else 0))
         self._attach(session)
+        if not was_online:
+            self.presence.changed(user)
         return session
 
     def close_session(self, session: Session) -> None:
@@ -84,6 +90,9 @@ class Router(RouteCore):
                 self.store.touch_device(session.user, session.device, now_ms())
             except StoreError:
                 pass          # a full or closed store: last-seen stays at the previous value
+        self.presence.session_closed(session)
+        if not session.send_only and not self.sessions_of(session.user):
+            self.presence.changed(session.user)
 
     def goaway_all(self, code: int, reason: str, reconnect_ms: int = 0) -> None:
         """Tell every session to go away (and when to come back), then close it."""

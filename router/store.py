@@ -66,6 +66,7 @@ class MemoryStore:
     def __init__(self, max_pending_per_recipient: int = 10_000):
         self._inboxes: dict[str, dict[int, StoredMessage]] = {}
         self._devices: dict[str, dict[str, int]] = {}
+        self._meta: dict[str, bytes] = {}
         self.max_pending = max_pending_per_recipient
         self._last_id = 0
 
@@ -135,6 +136,12 @@ class MemoryStore:
 
     def last_seen(self, user):
         return max(self._devices.get(user, {}).values(), default=0)
+
+    def meta_get_for(self, user, key):
+        return self._meta.get(key)
+
+    def meta_put_for(self, user, key, value):
+        self._meta[key] = value
 
     def commit(self, then, arg):
         then(arg)     # memory is as durable as it gets

@@ -53,7 +53,9 @@ def known_bug(name, reason, raises=AssertionError):
 TYPE_OF = {F.Hello: FrameType.HELLO, F.Welcome: FrameType.WELCOME, F.Send: FrameType.SEND,
            F.Ack: FrameType.ACK, F.Deliver: FrameType.DELIVER, F.Received: FrameType.RECEIVED,
            F.Ping: FrameType.PING, F.Pong: FrameType.PONG, F.Error: FrameType.ERROR,
-           F.Goaway: FrameType.GOAWAY, F.Receipt: FrameType.RECEIPT, F.Read: FrameType.READ}
+           F.Goaway: FrameType.GOAWAY, F.Receipt: FrameType.RECEIPT, F.Read: FrameType.READ,
+           F.Subscribe: FrameType.SUBSCRIBE, F.Presence: FrameType.PRESENCE, F.Typing: FrameType.TYPING,
+           F.Privacy: FrameType.PRIVACY}
 
 SAMPLES = [
     F.Hello(1, "token-abc", "phone", 42),
@@ -76,6 +78,14 @@ SAMPLES = [
     F.Receipt(10, 2, 2**64 - 1, "b" * 255, "", 0),
     F.Read("alice", (1, 2, 3)),
     F.Read("alice", ()),
+    F.Subscribe(("alice", "bob"), True),
+    F.Subscribe((), False),
+    F.Presence("alice", True, 1_700_000_000_000),
+    F.Presence("bob", False, 0),
+    F.Typing("bob", True),
+    F.Typing("alice", False),
+    F.Privacy(True),
+    F.Privacy(False),
 ]
 
 
@@ -114,6 +124,10 @@ frames_st = st.one_of(
     st.builds(F.Receipt, id=U64, kind=st.integers(0, 255), msg_id=U64, by=ids, by_device=opt_ids,
               timestamp_ms=U64),
     st.builds(F.Read, peer=ids, msg_ids=msg_ids),
+    st.builds(F.Subscribe, users=st.lists(ids, max_size=8).map(tuple), on=st.booleans()),
+    st.builds(F.Presence, user=ids, online=st.booleans(), last_seen_ms=U64),
+    st.builds(F.Typing, peer=ids, typing=st.booleans()),
+    st.builds(F.Privacy, hide_last_seen=st.booleans()),
     st.builds(F.Received, msg_ids=msg_ids),
     st.builds(F.Ping, nonce=U64),
     st.builds(F.Pong, nonce=U64),
