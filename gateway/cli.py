@@ -114,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive(float), default=None,
                    help="give up after S seconds (exit 1 if --count was not reached)")
 
+    p = verbs.add_parser("presence", help="follow users' presence and last seen",
+                         description="Print presence changes of WATCHED users as JSON lines "
+                                     "(user, online, last_seen ms or null when hidden/unknown).")
+    _add_identity(p, "presence")
+    p.add_argument("watched", nargs="*", metavar="WATCHED", help="users to follow")
+    p.add_argument("--count", type=_positive(int), default=None, help="exit after N updates")
+    p.add_argument("--timeout", type=_positive(float), default=None, help="exit after S seconds")
+    p.add_argument("--hide-last-seen", choices=["on", "off"], default=None,
+                   help="set whether others see this user's last-seen time")
+
     p = verbs.add_parser("chat", help="interactive chat",
                          description="Type lines to send them; '/to USER' switches recipient; Ctrl-D quits.")
     _add_identity(p, "main")
@@ -244,6 +254,36 @@ async def _chat(args) -> int:
     return 0
 
 
+async def _presence(args) -> int:
+    client = await _connect(args)
+    got = 0
+    loop = asyncio.get_running_loop()
+    deadline = None if args.timeout is None else loop.time() + args.timeout
+    try:
+        if args.hide_last_seen is not None:
+            await client.set_privacy(args.hide_last_seen == "on")
+            await client.ping()
+        if not args.watched:
+            return 0
+        await client.subscribe(*args.watched)
+        while args.count is None or got < args.count:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                break
+            try:
+                p = await client.recv_presence(timeout=left)
+            except asyncio.TimeoutError:
+                break
+            print(json.dumps({"user": p.user, "online": p.online, "last_seen": p.last_seen_ms or None}),
+                  flush=True)
+            got += 1
+    finally:
+        await client.close()
+    if args.count is not None and got < args.count:
+        raise CliError(f"timed out after {args.timeout:g} s with {got} of {args.count} updates")
+    return 0
+
+
 def _serve(args) -> int:
     from .server import run
     cfg = GatewayConfig(host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(),
@@ -277,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "token":
             return _token(args)
         import uvloop
-        runner = {"send": _send, "recv": _recv, "chat": _chat}[args.verb]
+        runner = {"send": _send, "recv": _recv, "chat": _chat, "presence": _presence}[args.verb]
         return uvloop.run(runner(args))
     except CliError as exc:
         print(f"switchboard: {exc}", file=sys.stderr)

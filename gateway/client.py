@@ -106,6 +106,9 @@ class Client:
         self.reconnect = reconnect
         self.send_only = send_only
         self._receipts: asyncio.Queue = asyncio.Queue(maxsize=10_000)
+        self._presence: asyncio.Queue = asyncio.Queue(maxsize=10_000)
+        self._typing: asyncio.Queue = asyncio.Queue(maxsize=1_000)
+        self._watching: set[str] = set()      # re-subscribed after a reconnect
         self.connect_timeout = connect_timeout
         self.max_backoff = max_backoff
         self.welcome: frames.Welcome | None = None
@@ -149,6 +152,8 @@ class Client:
         self.welcome = await self._welcome_fut
         for _, data in self._unacked.values():      # retries keep their client ids
             proto.transport.write(data)
+        if self._watching:
+            proto.transport.write(encode(frames.Subscribe(tuple(sorted(self._watching)), True)))
 
     async def close(self) -> None:
         self._closed = True
@@ -221,6 +226,37 @@ class Client:
         except ConnectionClosed:
             raise StopAsyncIteration from None
 
+    async def subscribe(self, *users: str) -> None:
+        """Follow these users' presence: a PRESENCE comes at once, then on every change."""
+        new = [u for u in users if u not in self._watching]
+        self._watching.update(new)
+        if new and self.connected:
+            for i in range(0, len(new), 1024):
+                self._proto.transport.write(encode(frames.Subscribe(tuple(new[i:i + 1024]), True)))
+
+    async def unsubscribe(self, *users: str) -> None:
+        gone = [u for u in users if u in self._watching]
+        self._watching.difference_update(gone)
+        if gone and self.connected:
+            self._proto.transport.write(encode(frames.Subscribe(tuple(gone), False)))
+
+    async def recv_presence(self, timeout: float | None = None) -> frames.Presence:
+        """The next presence change (user, online, last_seen_ms; 0 when hidden or unknown)."""
+        return await asyncio.wait_for(self._presence.get(), timeout)
+
+    async def typing(self, peer: str, typing: bool = True) -> None:
+        """Show (or stop showing) `peer` that this user is typing. A hint: never stored."""
+        if self.connected:
+            self._proto.transport.write(encode(frames.Typing(peer, typing)))
+
+    async def recv_typing(self, timeout: float | None = None) -> frames.Typing:
+        """The next typing indicator (peer is who types)."""
+        return await asyncio.wait_for(self._typing.get(), timeout)
+
+    async def set_privacy(self, hide_last_seen: bool) -> None:
+        if self.connected:
+            self._proto.transport.write(encode(frames.Privacy(hide_last_seen)))
+
     async def recv_receipt(self, timeout: float | None = None) -> Receipt:
         """The next delivery/read receipt for a message this user sent."""
         return await asyncio.wait_for(self._receipts.get(), timeout)
@@ -266,6 +302,14 @@ class Client:
                 if self._receipts.full():
                     self._receipts.get_nowait()
                 self._receipts.put_nowait(r)
+        elif t is frames.Presence:
+            if self._presence.full():
+                self._presence.get_nowait()
+            self._presence.put_nowait(frame)
+        elif t is frames.Typing:
+            if self._typing.full():
+                self._typing.get_nowait()
+            self._typing.put_nowait(frame)
         elif t is frames.Ack:
             entry = self._unacked.get(frame.client_id)
             if entry is not None and not entry[0].done():

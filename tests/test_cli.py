@@ -183,3 +183,12 @@ def test_serve_logs_readable_lines(gateway_proc):
     text = gateway_proc.text
     line = next(l for l in text.splitlines() if "logger=switchboard.gateway" in l)
     assert _re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d level=INFO logger=switchboard\.gateway ", line), line
+
+
+def test_presence_command(gateway_proc):
+    gw = gateway_proc
+    r = sb("presence", "--as", "watcher", "nobody-yet", "--count", "1", "--timeout", "5", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip()) == {"user": "nobody-yet", "online": False, "last_seen": None}
+    r = sb("presence", "--as", "watcher", "--hide-last-seen", "on", *endpoint(gw))
+    assert r.returncode == 0, r.stderr

@@ -115,3 +115,72 @@ def test_delivered_and_read_receipts_reach_the_sender_online_or_not(gateway_fact
             assert kinds == {"delivered", "read"}
             await _empty(a)
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_presence_and_last_seen_transitions(gateway_factory, workers):
+    gw = gateway_factory("--workers", workers)
+    watcher, user = (users_on(0, 2, 1, "pw-a")[0], users_on(1, 2, 1, "pw-b")[0]) if workers == "2" else ("w", "u")
+
+    async def main():
+        async with gw.client(watcher) as w:
+            await w.subscribe(user)
+            p = await w.recv_presence(timeout=5)
+            assert (p.user, p.online, p.last_seen_ms) == (user, False, 0)     # never seen
+            u = gw.client(user, "phone")
+            await u.connect()
+            p = await w.recv_presence(timeout=5)
+            assert (p.user, p.online) == (user, True)
+            async with gw.client(user, "laptop"):
+                pass                       # a second device coming and going changes nothing
+            await u.close()
+            p = await w.recv_presence(timeout=5)
+            assert (p.user, p.online) == (user, False) and p.last_seen_ms > 0
+            seen = p.last_seen_ms
+            # hidden last seen
+            async with gw.client(user, "phone") as u2:
+                assert (await w.recv_presence(timeout=5)).online
+                await u2.set_privacy(hide_last_seen=True)
+                p = await w.recv_presence(timeout=5)
+                assert (p.online, p.last_seen_ms) == (True, 0)
+            p = await w.recv_presence(timeout=5)
+            assert (p.online, p.last_seen_ms) == (False, 0)
+            await w.unsubscribe(user)
+            async with gw.client(user, "phone"):
+                await w.ping()
+                with pytest.raises(asyncio.TimeoutError):
+                    await w.recv_presence(timeout=0.2)
+            assert seen
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_typing_reaches_online_devices_only_and_is_never_stored(gateway_factory, workers):
+    gw = gateway_factory("--workers", workers)
+    a, b = (users_on(0, 2, 1, "ty-a")[0], users_on(1, 2, 1, "ty-b")[0]) if workers == "2" else ("ta", "tb")
+
+    async def main():
+        async with gw.client(a) as ca:
+            await ca.typing(b, True)             # b is offline: dropped, never stored
+            await ca.ping()
+            async with gw.client(b) as cb:
+                await cb.ping()
+                with pytest.raises(asyncio.TimeoutError):
+                    await cb.recv_typing(timeout=0.2)
+                await ca.typing(b, True)
+                t = await cb.recv_typing(timeout=5)
+                assert (t.peer, t.typing) == (a, True)
+                # rate limit: a burst far above 10 indicators delivers at most the bucket
+                for _ in range(200):
+                    await ca.typing(b, True)
+                await ca.send(b, "done typing")
+                m = await cb.recv(timeout=5)
+                got = 0
+                while True:
+                    try:
+                        await cb.recv_typing(timeout=0.2)
+                        got += 1
+                    except asyncio.TimeoutError:
+                        break
+                assert m.text == "done typing" and got <= 11
+    asyncio.run(main())
