@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds to wait for the ACK (default 10)")
     p.add_argument("text", metavar="TEXT")
 
-    p = verbs.add_parser("recv", help="print delivered messages as JSON lines and ack them",
-                         description="Print delivered messages as JSON lines (from, id, text, ts, device) "
-                                     "and acknowledge them.")
+    p = verbs.add_parser("recv", help="print delivered messages and receipts as JSON lines; ack them",
+                         description="Print delivered messages as JSON lines (from, id, text, ts, device; "
+                                     "peer for copies of what this user sent from another device) and "
+                                     "acknowledge them; receipts for this user's messages are printed as "
+                                     "lines with a receipt field (delivered/read, msg_id, by, device).")
     _add_identity(p, "main")
     p.add_argument("--count", type=_positive(int), default=None, help="exit after N messages")
     p.add_argument("--timeout", type=_positive(float), default=None,
@@ -181,31 +183,50 @@ def _json_line(m) -> str:
     except UnicodeDecodeError:
         import base64
         body = {"payload_b64": base64.b64encode(m.payload).decode("ascii")}
-    return json.dumps({"from": m.sender, "device": m.sender_device, "id": m.id, "ts": m.timestamp_ms, **body},
-                      ensure_ascii=False)
+    extra = {"peer": m.peer, "origin_id": m.origin_id} if m.peer else {}
+    return json.dumps({"from": m.sender, "device": m.sender_device, "id": m.id, "ts": m.timestamp_ms, **body,
+                       **extra}, ensure_ascii=False)
+
+
+def _receipt_line(r) -> str:
+    return json.dumps({"receipt": r.kind, "msg_id": r.msg_id, "by": r.by, "device": r.by_device,
+                       "ts": r.timestamp_ms}, ensure_ascii=False)
 
 
 async def _recv(args) -> int:
+    """Messages (counted by --count) and receipts for this user's sent messages, as JSON lines."""
     from .client import ConnectionClosed
     client = await _connect(args)
     got = 0
     loop = asyncio.get_running_loop()
     deadline = None if args.timeout is None else loop.time() + args.timeout
+    receipts = loop.create_task(client.recv_receipt())
+    messages = loop.create_task(client.recv())
     try:
         while args.count is None or got < args.count:
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
                 raise asyncio.TimeoutError
-            msg = await client.recv(timeout=left)
-            print(_json_line(msg), flush=True)
-            await client.ack(msg)
-            got += 1
+            done, _ = await asyncio.wait({receipts, messages}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise asyncio.TimeoutError
+            if receipts in done:
+                print(_receipt_line(receipts.result()), flush=True)
+                receipts = loop.create_task(client.recv_receipt())
+            if messages in done:
+                msg = messages.result()
+                print(_json_line(msg), flush=True)
+                await client.ack(msg)
+                got += 1
+                messages = loop.create_task(client.recv())
     except asyncio.TimeoutError:
         if args.count is not None:
             raise CliError(f"timed out after {args.timeout:g} s with {got} of {args.count} messages") from None
     except ConnectionClosed as exc:
         raise CliError(f"connection closed: {exc}") from None
     finally:
+        receipts.cancel()
+        messages.cancel()
         await client.close()
     return 0
 

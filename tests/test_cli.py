@@ -192,3 +192,27 @@ def test_presence_command(gateway_proc):
     assert json.loads(r.stdout.strip()) == {"user": "nobody-yet", "online": False, "last_seen": None}
     r = sb("presence", "--as", "watcher", "--hide-last-seen", "on", *endpoint(gw))
     assert r.returncode == 0, r.stderr
+
+
+def test_recv_shows_receipts_as_well_as_messages(gateway_proc):
+    gw = gateway_proc
+    # alice's "main" device registers, then sends from it so receipts come back to it
+    r = sb("recv", "--as", "alice", "--timeout", "1", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+
+    async def send_and_have_it_read():
+        async with gw.client("alice", "main") as a:
+            ack = await a.send("bobby", "read me")
+        async with gw.client("bobby", "main") as b:
+            m = await b.recv(timeout=5)
+            await b.ack(m)
+            await b.read(m)
+            await b.ping()
+        return ack.id
+    import asyncio as _asyncio
+    msg_id = _asyncio.run(send_and_have_it_read())
+    r = sb("recv", "--as", "alice", "--timeout", "2", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(l) for l in r.stdout.splitlines()]
+    assert {(l["receipt"], l["msg_id"], l["by"]) for l in lines} == {("delivered", msg_id, "bobby"),
+                                                                     ("read", msg_id, "bobby")}
