@@ -303,6 +303,8 @@ class Client:
                     self._receipts.get_nowait()
                 self._receipts.put_nowait(r)
         elif t is frames.Presence:
+            if frame.user not in self._watching:
+                return                  # in flight when the application unsubscribed
             if self._presence.full():
                 self._presence.get_nowait()
             self._presence.put_nowait(frame)
