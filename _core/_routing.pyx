@@ -199,6 +199,7 @@ cdef class RouteCore:
         self._devices = {}
         self._has_devices = hasattr(store, "devices_of")
         self._control = None
+        self._receipt_later = None
         self._link_to = None
         self._owner_of = None
         self._is_local_fn = None
@@ -361,7 +362,10 @@ cdef class RouteCore:
         if self._local_log is not None and not self._is_local(target):
             link = self._link_to(self._owner_of(target)) if self._link_to is not None else None
             if link is None:
-                self.receipts_lost += 1
+                if self._receipt_later is not None:
+                    self._receipt_later(target, kind, ref, by, by_device)     # retried by the router
+                else:
+                    self.receipts_lost += 1
                 return
             out = (<LinkCore>link).out
             start = out.begin_frame(LT_RCPT, 0)

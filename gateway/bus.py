@@ -162,6 +162,8 @@ class LocalBus:
         self.outgoing: dict[int, Link] = {}
         self.incoming: set[Link] = set()
         self._retry_at: dict[int, float] = {}
+        self._lost: dict[int, bool] = {}          # workers whose link broke, to re-link
+        self._closing = False
         self.paused = False
         self.handoffs_sent = 0
 
@@ -208,6 +210,9 @@ class LocalBus:
             return None
         link = self.outgoing[worker] = Link(self, sock, worker)
         link.queue(link_frame(LT_LINK_HELLO, struct.pack("!H", self.me)), None)
+        if self._lost.pop(worker, None):
+            # the worker may have restarted: re-send what it must know about our sessions
+            self.loop.call_soon(self.router.presence.owner_back, worker)
         return link.core
 
     def send_control(self, worker: int, msg: dict) -> bool:
@@ -231,8 +236,19 @@ class LocalBus:
         self.incoming.discard(link)
         if self.outgoing.get(link.peer) is link:
             del self.outgoing[link.peer]
+            self._lost[link.peer] = True
+            self._reconnect_later(link.peer)
         _log.info("event=link_closed peer=%d error=%r", link.peer, exc)
         self.pressure_check()
+
+    def _reconnect_later(self, worker: int, delay: float = 0.1) -> None:
+        """Re-make a broken link once the worker is back (a restart takes ~0.1-1 s)."""
+        def attempt():
+            if self._closing or worker in self.outgoing:
+                return
+            if self.link_to(worker) is None:
+                self.loop.call_later(min(delay * 2, 2.0), lambda: self._reconnect_later(worker, min(delay * 2, 2.0)))
+        self.loop.call_later(delay, attempt)
 
     def pressure_check(self) -> None:
         queued = max((l.out_bytes for l in (*self.outgoing.values(), *self.incoming)), default=0)
@@ -247,6 +263,7 @@ class LocalBus:
             self.on_pressure(self.paused)
 
     def close(self) -> None:
+        self._closing = True
         for link in [*self.outgoing.values(), *self.incoming]:
             link.close(None)
         if self.listener is not None:

@@ -24,8 +24,9 @@ PRIVACY_KEY = "p\x00{}"
 class PresenceService:
     def __init__(self, router, *, typing_rate: float = 5.0, typing_burst: float = 10.0):
         self.router = router
-        self.watchers: dict[str, dict[str, int]] = {}   # owned user -> {watcher user: subscriptions}
+        self.watchers: dict[str, set] = {}              # owned user -> watcher users (idempotent)
         self._subs: dict[int, tuple] = {}               # id(session) -> (session, set of watched users)
+        self._local_watch: dict[tuple, int] = {}        # (watcher, user) -> local sessions watching
         self._hidden: dict[str, bool] = {}
         self._buckets: dict[int, list] = {}             # id(session) -> [tokens, last refill]
         self.typing_rate = typing_rate
@@ -55,16 +56,36 @@ class PresenceService:
         watched = entry[1]
         for user in users:
             if on == (user in watched):
+                if on:                   # asked again: answer with the state again
+                    self._route({"t": "sub", "user": user, "watcher": session.user, "on": True}, user)
                 continue
             (watched.add if on else watched.discard)(user)
-            self._route({"t": "sub", "user": user, "watcher": session.user, "on": on}, user)
+            self._count(session.user, user, 1 if on else -1)
+
+    def _count(self, watcher: str, user: str, delta: int) -> None:
+        """The owner hears "on" when this worker's first session watches, "off" after the last."""
+        key = (watcher, user)
+        n = self._local_watch.get(key, 0) + delta
+        if n > 0:
+            self._local_watch[key] = n
+        else:
+            self._local_watch.pop(key, None)
+        if (delta > 0 and n == 1) or (delta < 0 and n <= 0):
+            self._route({"t": "sub", "user": user, "watcher": watcher, "on": delta > 0}, user)
 
     def session_closed(self, session) -> None:
         entry = self._subs.pop(id(session), None)
         self._buckets.pop(id(session), None)
         if entry is not None:
             for user in entry[1]:
-                self._route({"t": "sub", "user": user, "watcher": session.user, "on": False}, user)
+                self._count(session.user, user, -1)
+
+    def owner_back(self, worker: int) -> None:
+        """A link to `worker` was re-made (it may have restarted and forgotten its
+        watchers): tell it again what this worker's sessions watch there."""
+        for watcher, user in list(self._local_watch):
+            if not self.is_local(user) and self.owner_of(user) == worker:
+                self._route({"t": "sub", "user": user, "watcher": watcher, "on": True}, user)
 
     def typing(self, session, peer: str, state: bool) -> None:
         now = time.monotonic()
@@ -89,18 +110,15 @@ class PresenceService:
         t = msg["t"]
         if t == "sub":
             user, watcher = msg["user"], msg["watcher"]
-            table = self.watchers.setdefault(user, {})
             if msg["on"]:
-                table[watcher] = table.get(watcher, 0) + 1
+                self.watchers.setdefault(user, set()).add(watcher)
                 self._tell(watcher, self.state_of(user))
             else:
-                left = table.get(watcher, 0) - 1
-                if left > 0:
-                    table[watcher] = left
-                else:
-                    table.pop(watcher, None)
-                if not table:
-                    del self.watchers[user]
+                table = self.watchers.get(user)
+                if table is not None:
+                    table.discard(watcher)
+                    if not table:
+                        del self.watchers[user]
         elif t == "typing":
             for s in self.router.sessions_of(msg["to"]):
                 s.write_frame(frames.Typing(msg["from"], msg["on"]))

@@ -5,6 +5,7 @@ An embedding server authenticates a client its own way, then
 bytes to a decoder whose sink is the returned session. The router answers
 through `write(bytes)` once per event-loop turn.
 """
+import collections
 import dataclasses
 import itertools
 import os
@@ -29,6 +30,9 @@ class Router(RouteCore):
         self.max_devices = max_devices
         self.presence = PresenceService(self)
         self._control = self.presence.handle
+        self._receipt_later = self._queue_receipt
+        self._receipt_queue: collections.deque = collections.deque(maxlen=100_000)
+        self._receipt_timer = None
         self._session_ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 24)
 
     def open_session(self, user: str, device: str, write, close, *, resume_after: int = 0,
@@ -93,6 +97,20 @@ class Router(RouteCore):
         self.presence.session_closed(session)
         if not session.send_only and not self.sessions_of(session.user):
             self.presence.changed(session.user)
+
+    def _queue_receipt(self, *receipt) -> None:
+        """The receipt's user lives on a worker that is restarting: try again shortly
+        (bounded: past 100,000 waiting, the oldest are dropped; receipts are hints)."""
+        self._receipt_queue.append(receipt)
+        if self._receipt_timer is None:
+            import asyncio
+            self._receipt_timer = asyncio.get_running_loop().call_later(0.25, self._retry_receipts)
+
+    def _retry_receipts(self) -> None:
+        self._receipt_timer = None
+        waiting, self._receipt_queue = self._receipt_queue, collections.deque(maxlen=100_000)
+        for r in waiting:
+            self.receipt(*r)          # re-queued if still unreachable
 
     def goaway_all(self, code: int, reason: str, reconnect_ms: int = 0) -> None:
         """Tell every session to go away (and when to come back), then close it."""

@@ -184,3 +184,25 @@ def test_typing_reaches_online_devices_only_and_is_never_stored(gateway_factory,
                         break
                 assert m.text == "done typing" and got <= 11
     asyncio.run(main())
+
+
+def test_presence_survives_a_restart_of_the_watched_users_worker(gateway_factory):
+    """The owner of a watched user is killed -9 and restarted: it forgot its
+    watchers, the watcher's worker tells it again, and updates keep coming."""
+    import os
+    import signal
+    gw = gateway_factory("--workers", "2")
+    watcher, user = users_on(0, 2, 1, "pr-a")[0], users_on(1, 2, 1, "pr-b")[0]
+
+    async def main():
+        async with gw.client(watcher, max_backoff=0.2) as w:
+            await w.subscribe(user)
+            assert not (await w.recv_presence(timeout=5)).online
+            os.kill(gw.worker_pids()[1], signal.SIGKILL)
+            # the restarted owner is told again and answers with the state
+            p = await w.recv_presence(timeout=15)
+            assert (p.user, p.online) == (user, False)
+            async with gw.client(user, "phone", max_backoff=0.2):
+                p = await w.recv_presence(timeout=10)
+                assert (p.user, p.online) == (user, True)
+    asyncio.run(main())
