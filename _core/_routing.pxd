@@ -53,6 +53,7 @@ cdef class RouteCore:
     cdef object _local_log       # sharded store: recipient -> its shard's log if local, else None
     cdef object _log_for
     cdef uint64_t _last_id
+    cdef uint64_t _worker_bits
     cdef public Py_ssize_t max_payload
     cdef public Py_ssize_t dedup_window
     cdef readonly uint64_t messages_routed

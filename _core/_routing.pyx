@@ -89,7 +89,10 @@ cdef class SessionCore(FrameSink):
             return 0
         if ftype == FT_READ:
             cur_bytes8(&c, &to, &to_len, 1)
-            peer = PyUnicode_DecodeUTF8(to, to_len, NULL)
+            try:
+                peer = PyUnicode_DecodeUTF8(to, to_len, NULL)
+            except UnicodeDecodeError:
+                raise MalformedFrame("READ peer is not UTF-8") from None
             cur_u16(&c, &count)
             if count > MAX_RECEIVED_IDS or c.end - c.p != 8 * <Py_ssize_t>count:
                 raise MalformedFrame("READ length does not match its count")
@@ -215,12 +218,19 @@ cdef class RouteCore:
         self.dedup_window = dedup_window
 
     cdef uint64_t _next_id(self, uint64_t now_ms):
-        # ms timestamp << 22 | sequence: unique, increasing, and readable as a time
-        cdef uint64_t candidate = now_ms << 22
+        # ms timestamp << 22 | worker << 16 | sequence: unique across the workers,
+        # increasing per worker, and readable as a time
+        cdef uint64_t candidate = (now_ms << 22) | (self._worker_bits << 16)
         if candidate <= self._last_id:
             candidate = self._last_id + 1
+            if (candidate & 0xFFFF) == 0:     # 65,536 ids in one ms: borrow the next ms
+                candidate = (((self._last_id >> 22) + 1) << 22) | (self._worker_bits << 16)
         self._last_id = candidate
         return candidate
+
+    def set_worker(self, int worker):
+        """This process's worker index (0..63), folded into every id it makes."""
+        self._worker_bits = worker & 0x3F
 
     cdef int route(self, SessionCore sender, uint64_t client_id, const char *to, Py_ssize_t to_len,
                    const char *payload, Py_ssize_t n) except -1:
@@ -379,7 +389,10 @@ cdef class RouteCore:
             return
         ts = _now_ms()
         rid = self._next_id(ts)
-        for dev in self.devices_of(target):
+        devices = self.devices_of(target)
+        if devices[0] == "":
+            devices = ()      # no registered device (a bot that only sends): nothing to keep it for
+        for dev in devices:
             try:
                 self._store(target, <str>dev, rid, ts, ref, by, by_device, "", MSG_RECEIPT, <const char *>&k, 1)
             except StoreError:

@@ -17,9 +17,10 @@ MIN_FRAME = 2
 DEFAULT_MAX_FRAME = 65536
 #: Before HELLO is accepted only this much is allowed: a stranger can't make us buffer more.
 PRE_AUTH_MAX_FRAME = 4096
-#: DELIVER adds at most this much around a payload (ids, sender, device), so a
-#: payload of max_frame - DELIVER_OVERHEAD always fits in a DELIVER frame.
-DELIVER_OVERHEAD = 2 + 8 + 8 + 1 + 255 + 1 + 255
+#: DELIVER adds at most this much around a payload (ids, sender, device, and for
+#: a mirrored copy the peer and origin id), so a payload of max_frame -
+#: DELIVER_OVERHEAD always fits in any DELIVER frame.
+DELIVER_OVERHEAD = 2 + 8 + 8 + 1 + 255 + 1 + 255 + 1 + 255 + 8
 
 MAX_ID_LENGTH = 255          # user and device ids: 1..255 bytes of UTF-8
 MAX_TOKEN_LENGTH = 1024

@@ -70,6 +70,7 @@ class Gateway:
             store = MemoryStore(cfg.max_pending_per_recipient)
         self.router = Router(store, loop=self.loop, max_frame=cfg.max_frame, dedup_window=cfg.dedup_window,
                              max_devices=cfg.max_devices)
+        self.router.set_worker(cfg.worker_index)
         self._stopping = asyncio.Event()
         if cfg.workers > 1:
             self.bus = LocalBus(cluster or "solo", cfg.worker_index, cfg.workers, self.router, self.shards,

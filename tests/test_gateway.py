@@ -13,7 +13,7 @@ from _core.pycodec import Decoder, decode_body, encode
 from gateway.client import Client, ServerError
 
 MAX_FRAME = 65536
-MAX_PAYLOAD = 65536 - 530          # PROTOCOL.md: max_frame - DELIVER_OVERHEAD
+MAX_PAYLOAD = 65536 - 794          # PROTOCOL.md: max_frame - DELIVER_OVERHEAD
 
 
 from rawclient import Raw  # noqa: E402
