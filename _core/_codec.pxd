@@ -22,6 +22,7 @@ cdef enum:
     FLAG_FATAL = 0x01
     FLAG_SEND_ONLY = 0x01
     FLAG_MIRROR = 0x02
+    FLAG_GROUP = 0x04
 
 cdef enum FrameType:
     FT_HELLO = 0x01
@@ -40,7 +41,9 @@ cdef enum FrameType:
     FT_PRESENCE = 0x0E
     FT_TYPING = 0x0F
     FT_PRIVACY = 0x10
-    FT_LAST = 0x10
+    FT_GROUP = 0x11
+    FT_GROUP_INFO = 0x12
+    FT_LAST = 0x12
 
 ctypedef struct Cursor:
     const unsigned char *p
@@ -79,7 +82,7 @@ cdef class WriteBuffer:
                                const char *payload, Py_ssize_t n) except -1
     cdef int write_deliver_ex(self, uint64_t msg_id, uint64_t ts, const char *sender, Py_ssize_t sender_len,
                               const char *device, Py_ssize_t device_len, const char *peer, Py_ssize_t peer_len,
-                              uint64_t origin, const char *payload, Py_ssize_t n) except -1
+                              uint64_t origin, const char *payload, Py_ssize_t n, uint8_t kind=*) except -1
     cdef int write_receipt_raw(self, uint64_t rid, uint8_t kind, uint64_t msg_id, const char *by, Py_ssize_t by_len,
                                const char *device, Py_ssize_t device_len, uint64_t ts) except -1
     cdef int write_error(self, uint16_t code, uint64_t ref, str reason, bint fatal) except -1

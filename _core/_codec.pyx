@@ -170,7 +170,7 @@ cdef object _decode(uint8_t ftype, uint8_t flags, const unsigned char *body, Py_
     cdef str s1, s2, s3
     c.p = body
     c.end = body + n
-    if FT_SUBSCRIBE <= ftype <= FT_PRIVACY:
+    if FT_SUBSCRIBE <= ftype <= FT_GROUP_INFO:
         # low-rate control frames: the reference codec's reading is fast enough
         from . import pycodec
         return pycodec.decode_body(ftype, flags, PyBytes_FromStringAndSize(<const char *>body, n))
@@ -185,10 +185,10 @@ cdef object _decode(uint8_t ftype, uint8_t flags, const unsigned char *body, Py_
         s2 = cur_str8(&c, 0)
         s3 = ""
         c64 = 0
-        if flags & FLAG_MIRROR:
+        if flags & (FLAG_MIRROR | FLAG_GROUP):
             s3 = cur_str8(&c, 1)
             cur_u64(&c, &c64)
-        frame = F.Deliver(a64, b64, s1, s2, _rest(&c), s3, c64)
+        frame = F.Deliver(a64, b64, s1, s2, _rest(&c), s3, c64, bool(flags & FLAG_GROUP))
     elif ftype == FT_RECEIPT:
         cur_u64(&c, &a64)
         cur_u8(&c, &b8)
@@ -401,13 +401,13 @@ cdef class WriteBuffer:
 
     cdef int write_deliver_ex(self, uint64_t msg_id, uint64_t ts, const char *sender, Py_ssize_t sender_len,
                               const char *device, Py_ssize_t device_len, const char *peer, Py_ssize_t peer_len,
-                              uint64_t origin, const char *payload, Py_ssize_t n) except -1:
-        """DELIVER from stored bytes; with a peer, the MIRROR form (peer, origin id)."""
+                              uint64_t origin, const char *payload, Py_ssize_t n, uint8_t kind=FLAG_MIRROR) except -1:
+        """DELIVER from stored bytes; with a peer, the MIRROR or GROUP form (peer, origin id)."""
         cdef Py_ssize_t start
         if peer_len == 0:
             return self.write_deliver_raw(msg_id, ts, sender, sender_len, device, device_len, payload, n)
         self.reserve(HEADER_SIZE + 27 + sender_len + device_len + peer_len + n)
-        start = self.begin_frame(FT_DELIVER, FLAG_MIRROR)
+        start = self.begin_frame(FT_DELIVER, kind)
         self.put_u64(msg_id)
         self.put_u64(ts)
         self.put_u8(<uint8_t>sender_len)
@@ -480,7 +480,7 @@ cdef int _encode_into(WriteBuffer buf, object frame) except -1:
             PyBuffer_Release(&view)
     elif t is F.Deliver:
         if frame.peer:
-            start = buf.begin_frame(FT_DELIVER, FLAG_MIRROR)
+            start = buf.begin_frame(FT_DELIVER, FLAG_GROUP if frame.group else FLAG_MIRROR)
             buf.put_u64(frame.msg_id)
             buf.put_u64(frame.timestamp_ms)
             buf.put_id(frame.sender, False)
@@ -555,7 +555,7 @@ cdef int _encode_into(WriteBuffer buf, object frame) except -1:
         buf.put_u16(frame.code)
         buf.put_u32(frame.reconnect_ms)
         buf.put_text16(frame.reason, 65535)
-    elif t is F.Subscribe or t is F.Presence or t is F.Typing or t is F.Privacy:
+    elif t is F.Subscribe or t is F.Presence or t is F.Typing or t is F.Privacy or t is F.Group or t is F.GroupInfo:
         from . import pycodec                  # low-rate control frames
         ftype, flags, body = pycodec._body(frame)
         start = buf.begin_frame(ftype, flags)

@@ -16,6 +16,7 @@ cdef enum:
     # MESSAGE flags
     MSG_RECEIPT = 0x01            # a receipt for the inbox's user (payload: kind)
     MSG_MIRROR = 0x02             # a copy of what the user sent from another device
+    MSG_GROUP = 0x04              # a member's copy of a group message (conversation = group, client id = origin)
     # CONSUME: header, u16 count, 2 id lengths
     CONSUME_FIXED = 12 + 2 + 2
     MAX_CONSUME_IDS = 4096

@@ -17,7 +17,7 @@ from libc.stdlib cimport qsort
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from posix.mman cimport mmap, munmap, madvise, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 
-from ._codec cimport sb_load16, sb_load32, sb_load64, sb_store16, sb_store32, sb_store64
+from ._codec cimport sb_load16, sb_load32, sb_load64, sb_store16, sb_store32, sb_store64, FLAG_GROUP, FLAG_MIRROR
 
 from .errors import StoreError
 from .protocol import ErrorCode
@@ -128,8 +128,9 @@ cdef int write_stored(WriteBuffer out, MsgView *m) except -1:
         return out.write_receipt_raw(m.msg_id, <uint8_t>(m.payload[0] if m.payload_len else 0), m.client_id,
                                      m.sender, m.sender_len, m.sender_device, m.sender_device_len, m.ts)
     return out.write_deliver_ex(m.msg_id, m.ts, m.sender, m.sender_len, m.sender_device, m.sender_device_len,
-                                m.conversation, m.conversation_len, m.client_id if m.flags & MSG_MIRROR else 0,
-                                m.payload, m.payload_len)
+                                m.conversation, m.conversation_len,
+                                m.client_id if m.flags & (MSG_MIRROR | MSG_GROUP) else 0,
+                                m.payload, m.payload_len, FLAG_GROUP if m.flags & MSG_GROUP else FLAG_MIRROR)
 
 
 cdef class Segment:
@@ -875,7 +876,16 @@ cdef class LogCore:
             self.last_msg_id = m.msg_id
         if m.ts > seg.newest_ts:
             seg.newest_ts = m.ts
-        if m.client_id and m.flags == 0:
+        if m.client_id and m.flags & MSG_GROUP:
+            # a member's copy: deduplicated per (group, member) by the group message's id
+            key = (_text(m.conversation, m.conversation_len) + "\x00" + _text(m.recipient, m.recipient_len), "")
+            table = dedup.get(key)
+            if table is None:
+                table = dedup[key] = {}
+            (<dict>table)[m.client_id] = (m.msg_id, m.ts)
+            if len(<dict>table) > dedup_window:
+                del (<dict>table)[next(iter(<dict>table))]
+        elif m.client_id and m.flags == 0:
             key = (_text(m.sender, m.sender_len), _text(m.sender_device, m.sender_device_len))
             table = dedup.get(key)
             if table is None:

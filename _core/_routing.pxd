@@ -66,6 +66,7 @@ cdef class RouteCore:
     cdef dict _devices           # user -> tuple of registered devices (this worker's users)
     cdef public object _control  # Python policy for presence, typing, privacy frames
     cdef public object _receipt_later    # receipts whose user's worker is down: retried
+    cdef public object _group_send       # a SEND to a group this worker owns (router/groups.py)
     cdef bint _has_devices
     cdef dict _pending_fwd       # seq -> (sender session, client id, link)
     cdef uint64_t _fwd_seq

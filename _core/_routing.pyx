@@ -12,12 +12,12 @@ from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 
 from cpython.unicode cimport PyUnicode_AsUTF8
 from ._codec cimport (Cursor, cur_u8, cur_u64, cur_u16, cur_bytes8, cur_done, cur_str16, sb_load64, FT_READ,
-                      FT_SUBSCRIBE, FT_TYPING, FT_PRIVACY,
+                      FT_SUBSCRIBE, FT_TYPING, FT_PRIVACY, FT_GROUP, FLAG_GROUP,
                       FT_SEND, FT_RECEIVED, FT_PING, FT_PONG, FT_GOAWAY, MAX_RECEIVED_IDS,
                       SWITCHBOARD_DEBUG)
 from ._codec import encode_into
 from .errors import UnexpectedFrame, MalformedFrame, StoreError
-from ._log cimport LogCore, MSG_MIRROR, MSG_RECEIPT
+from ._log cimport LogCore, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP
 from .protocol import ErrorCode, FrameType
 
 
@@ -82,7 +82,7 @@ cdef class SessionCore(FrameSink):
             return self._mark()
         if ftype == FT_PONG:
             return 0
-        if FT_SUBSCRIBE <= ftype <= FT_TYPING or ftype == FT_PRIVACY:
+        if FT_SUBSCRIBE <= ftype <= FT_TYPING or ftype == FT_PRIVACY or ftype == FT_GROUP:
             if self._core._control is None:
                 raise UnexpectedFrame(f"{FrameType(ftype).name} is not supported by this server")
             self._core._control(self, ftype, PyBytes_FromStringAndSize(<const char *>body, n))
@@ -203,6 +203,7 @@ cdef class RouteCore:
         self._has_devices = hasattr(store, "devices_of")
         self._control = None
         self._receipt_later = None
+        self._group_send = None
         self._link_to = None
         self._owner_of = None
         self._is_local_fn = None
@@ -255,6 +256,14 @@ cdef class RouteCore:
             raise MalformedFrame("recipient is not UTF-8") from None
         if self._local_log is not None and not self._is_local(recipient):
             return self.route_remote(sender, client_id, recipient, payload, n)
+        if to_len and to[0] == 35 and self._group_send is not None:        # '#': a group, owned here
+            try:
+                msg_id, ts = self._group_send(sender.user, sender.device, client_id, recipient,
+                                              PyBytes_FromStringAndSize(payload, n))
+            except StoreError as exc:
+                sender.error(exc.code, str(exc), client_id, False)
+                return 0
+            return self.acked(sender, client_id, msg_id, ts)
         try:
             self.append_deliver(sender.user, sender.device, client_id, recipient, payload, n, &msg_id, &ts)
         except StoreError as exc:
@@ -458,7 +467,11 @@ cdef class RouteCore:
             self.duplicates_dropped += 1
         else:
             try:
-                self.append_deliver(sender, device, client_id, recipient, payload, n, &msg_id, &ts)
+                if recipient.startswith("#") and self._group_send is not None:
+                    msg_id, ts = self._group_send(sender, device, client_id, recipient,
+                                                  PyBytes_FromStringAndSize(payload, n))
+                else:
+                    self.append_deliver(sender, device, client_id, recipient, payload, n, &msg_id, &ts)
             except StoreError as exc:
                 start = out.begin_frame(LT_FWD_ERR, 0)
                 out.put_u64(seq)
@@ -499,14 +512,63 @@ cdef class RouteCore:
         if log is not None:
             log.consume_ids(session.user, session.device, id_list, consumed)
             for loc in consumed:
-                flags, sender, sender_device, _conv, _cid, msg_id = log.read_flags(loc)
+                flags, sender, sender_device, _conv, cid, msg_id = log.read_flags(loc)
                 if flags == 0:
                     self.receipt(sender, RECEIPT_DELIVERED, msg_id, session.user, session.device)
+                elif flags & MSG_GROUP and sender != session.user:
+                    self.receipt(sender, RECEIPT_DELIVERED, cid, session.user, session.device)
             return 0
         for m in self.store.consume_entries(session.user, id_list, session.device):
             if m.flags == 0:
                 self.receipt(m.sender, RECEIPT_DELIVERED, m.msg_id, session.user, session.device)
+            elif m.flags & MSG_GROUP and m.sender != session.user:
+                self.receipt(m.sender, RECEIPT_DELIVERED, m.ref, session.user, session.device)
         return 0
+
+    def new_id(self):
+        """(msg_id, timestamp_ms) from this worker's sequence."""
+        cdef uint64_t ts = _now_ms()
+        return self._next_id(ts), ts
+
+    def store_group_copy(self, str member, uint64_t origin, uint64_t ts, str sender, str sender_device,
+                         str group, bytes payload):
+        """A member's copy of group message `origin` (this worker owns `member`):
+        stored for each of its devices (not the one that sent it) and pushed to
+        those online. Idempotent: a copy already made is not made again."""
+        cdef SessionCore s
+        cdef uint64_t msg_id
+        key = (group + "\x00" + member, "")
+        table = self._dedup_tables.get(key)
+        if table is None:
+            table = self._dedup_tables[key] = {}
+        if origin in <dict>table:
+            return False
+        msg_id = self._next_id(_now_ms())
+        skip = sender_device if member == sender else None
+        for dev in self.devices_of(member):
+            if dev == skip:
+                continue
+            try:
+                self._store(member, <str>dev, msg_id, ts, origin, sender, sender_device, group, MSG_GROUP,
+                            PyBytes_AS_STRING(payload), len(payload))
+            except StoreError as exc:
+                if exc.code != ErrorCode.QUOTA_EXCEEDED:
+                    raise
+                self.quota_skipped += 1
+        online = self._sessions.get(member)
+        if online is not None:
+            for s in <list>online:
+                if s.device == skip:
+                    continue
+                s.out.write_deliver_ex(msg_id, ts, PyUnicode_AsUTF8(sender), len(sender.encode()),
+                                       PyUnicode_AsUTF8(sender_device), len(sender_device.encode()),
+                                       PyUnicode_AsUTF8(group), len(group.encode()), origin,
+                                       PyBytes_AS_STRING(payload), len(payload), FLAG_GROUP)
+                s._mark()
+        (<dict>table)[origin] = (msg_id, ts)
+        if len(<dict>table) > self.dedup_window:
+            del (<dict>table)[next(iter(<dict>table))]
+        return True
 
     cdef bint _is_local(self, str recipient) except -1:
         return self._is_local_fn is None or self._is_local_fn(recipient)

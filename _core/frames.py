@@ -48,9 +48,11 @@ class Deliver:
     sender: str
     sender_device: str
     payload: bytes
-    #: set on a copy of a message this user sent from another device: to whom, and its id there
+    #: a copy of a message this user sent from another device: to whom, and its id there;
+    #: or, with group=True, the group it was sent to and the id its sender got
     peer: str = ""
     origin_id: int = 0
+    group: bool = False
 
 
 @dataclass(slots=True)
@@ -123,4 +125,18 @@ class Privacy:
     hide_last_seen: bool
 
 
-ALL = (Hello, Welcome, Send, Ack, Deliver, Received, Ping, Pong, Error, Goaway, Receipt, Read, Subscribe, Presence, Typing, Privacy)
+@dataclass(slots=True)
+class Group:
+    request_id: int
+    op: int              # GroupOp
+    group: str
+    arg: str = "{}"      # JSON object: {"name": ..., "members": [...]}
+
+
+@dataclass(slots=True)
+class GroupInfo:
+    request_id: int
+    info: str            # JSON object: {"group", "name", "members": {user: "admin"|"member"}}
+
+
+ALL = (Hello, Welcome, Send, Ack, Deliver, Received, Ping, Pong, Error, Goaway, Receipt, Read, Subscribe, Presence, Typing, Privacy, Group, GroupInfo)

@@ -320,6 +320,9 @@ class _DeviceRegistry:
     def meta_put_for(self, user: str, key: str, value: bytes) -> None:
         self.meta_put(key, value)
 
+    def meta_keys_local(self, prefix: str) -> list:
+        return self.meta_keys(prefix)
+
 
 class AppendLog(_Committed, _DeviceRegistry, LogCore):
     """The durable OfflineStore of one shard."""
@@ -875,6 +878,9 @@ class ShardedLog(_Committed):
 
     def meta_put_for(self, user, key, value):
         self.log_for(user).meta_put(key, value)
+
+    def meta_keys_local(self, prefix):
+        return [k for lg in self.logs.values() for k in lg.meta_keys(prefix)]
 
     def last_id(self) -> int:
         return max((lg.last_id() for lg in self.logs.values()), default=0)

@@ -44,6 +44,8 @@ class FrameType(IntEnum):
     PRESENCE = 0x0E
     TYPING = 0x0F
     PRIVACY = 0x10
+    GROUP = 0x11
+    GROUP_INFO = 0x12
 
 
 #: ERROR flag: the server closes the connection after this frame.
@@ -52,6 +54,21 @@ FLAG_FATAL = 0x01
 FLAG_SEND_ONLY = 0x01
 #: DELIVER flag: a copy of a message this user sent from another device; `peer` and `origin_id` follow.
 FLAG_MIRROR = 0x02
+#: DELIVER flag: a group message; `peer` is the group id, `origin_id` the id its sender got.
+FLAG_GROUP = 0x04
+#: group ids start with this; user ids may not
+GROUP_PREFIX = "#"
+
+
+class GroupOp(IntEnum):
+    CREATE = 1
+    ADD = 2
+    REMOVE = 3
+    PROMOTE = 4
+    DEMOTE = 5
+    LEAVE = 6
+    RENAME = 7
+    INFO = 8
 
 
 #: PRIVACY flag: hide this user's last-seen time from others
@@ -82,6 +99,12 @@ class ErrorCode(IntEnum):
     UNAVAILABLE = 25
     #: more devices of this user online at once than the server allows
     DEVICE_LIMIT = 26
+    NOT_A_MEMBER = 27
+    NOT_ADMIN = 28
+    GROUP_FULL = 29
+    NO_SUCH_GROUP = 30
+    GROUP_EXISTS = 31
+    BAD_REQUEST = 32
     INTERNAL = 50
 
 

@@ -8,7 +8,7 @@ from struct import Struct
 
 from . import frames as F
 from .errors import FrameTooLarge, MalformedFrame, UnknownFrameType
-from .protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_MIRROR, FLAG_SEND_ONLY, HEADER_SIZE, LENGTH_SIZE,
+from .protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_GROUP, FLAG_MIRROR, FLAG_SEND_ONLY, HEADER_SIZE, LENGTH_SIZE,
                        MAX_ID_LENGTH, MAX_RECEIVED_IDS, MAX_SUBSCRIBE, MAX_TOKEN_LENGTH, MIN_FRAME,
                        PRIVACY_HIDE_LAST_SEEN, FrameType)
 
@@ -84,8 +84,8 @@ def decode_body(ftype: int, flags: int, body):
         frame = F.Send(c.u64(), c.str8(1), c.rest())
     elif ftype == FrameType.DELIVER:
         head = (c.u64(), c.u64(), c.str8(1), c.str8())
-        peer, origin = (c.str8(1), c.u64()) if flags & FLAG_MIRROR else ("", 0)
-        frame = F.Deliver(*head, c.rest(), peer, origin)
+        peer, origin = (c.str8(1), c.u64()) if flags & (FLAG_MIRROR | FLAG_GROUP) else ("", 0)
+        frame = F.Deliver(*head, c.rest(), peer, origin, bool(flags & FLAG_GROUP))
     elif ftype == FrameType.RECEIPT:
         frame = F.Receipt(c.u64(), c.u8(), c.u64(), c.str8(1), c.str8(), c.u64())
     elif ftype == FrameType.SUBSCRIBE:
@@ -98,6 +98,10 @@ def decode_body(ftype: int, flags: int, body):
         frame = F.Presence(c.str8(1), bool(c.u8()), c.u64())
     elif ftype == FrameType.TYPING:
         frame = F.Typing(c.str8(1), bool(c.u8()))
+    elif ftype == FrameType.GROUP:
+        frame = F.Group(c.u64(), c.u8(), c.str8(1), c.str16())
+    elif ftype == FrameType.GROUP_INFO:
+        frame = F.GroupInfo(c.u64(), c.str16())
     elif ftype == FrameType.PRIVACY:
         frame = F.Privacy(bool(c.u8() & PRIVACY_HIDE_LAST_SEEN))
     elif ftype == FrameType.READ:
@@ -179,7 +183,8 @@ def _body(frame) -> tuple[int, int, bytes]:
         return FrameType.SEND, 0, _U64.pack(frame.client_id) + _id(frame.to) + bytes(frame.payload)
     if t is F.Deliver:
         mirror = (_id(frame.peer) + _U64.pack(frame.origin_id)) if frame.peer else b""
-        return FrameType.DELIVER, FLAG_MIRROR if frame.peer else 0, (
+        kind = (FLAG_GROUP if frame.group else FLAG_MIRROR) if frame.peer else 0
+        return FrameType.DELIVER, kind, (
             _U64.pack(frame.msg_id) + _U64.pack(frame.timestamp_ms) + _id(frame.sender)
             + _id(frame.sender_device, True) + mirror + bytes(frame.payload))
     if t is F.Receipt:
@@ -194,6 +199,10 @@ def _body(frame) -> tuple[int, int, bytes]:
         return FrameType.PRESENCE, 0, _id(frame.user) + _U8.pack(1 if frame.online else 0) + _U64.pack(frame.last_seen_ms)
     if t is F.Typing:
         return FrameType.TYPING, 0, _id(frame.peer) + _U8.pack(1 if frame.typing else 0)
+    if t is F.Group:
+        return FrameType.GROUP, 0, _U64.pack(frame.request_id) + _U8.pack(frame.op) + _id(frame.group) + _text16(frame.arg)
+    if t is F.GroupInfo:
+        return FrameType.GROUP_INFO, 0, _U64.pack(frame.request_id) + _text16(frame.info)
     if t is F.Privacy:
         return FrameType.PRIVACY, 0, _U8.pack(PRIVACY_HIDE_LAST_SEEN if frame.hide_last_seen else 0)
     if t is F.Read:

@@ -87,6 +87,8 @@ class TokenAuthority:
         return hmac.new(self._secret, _DOMAIN + body, hashlib.sha256).digest()
 
     def issue(self, user: str, device: str = "", ttl: float = 86400, now: float | None = None) -> str:
+        if user.startswith("#"):
+            raise ValueError(f"user ids may not start with '#' (that is how group ids start): {user!r}")
         u = _check_id("user", user, False)
         d = _check_id("device", device, True)
         expiry = int((time.time() if now is None else now) + ttl)
@@ -113,6 +115,8 @@ class TokenAuthority:
             (expiry,) = struct.unpack_from("!Q", body, 2 + ulen + dlen)
         except (IndexError, UnicodeDecodeError, struct.error):
             raise AuthError("malformed token") from None
+        if user.startswith("#"):
+            raise AuthError("user ids may not start with '#'")
         if expiry <= (time.time() if now is None else now):
             raise AuthError("token expired", ErrorCode.TOKEN_EXPIRED)
         if bound and bound != device:

@@ -85,7 +85,7 @@ class Link:
         elif ftype == LT_LINK_HELLO:
             (self.peer,) = struct.unpack("!H", body)
         elif ftype == LT_CTRL:
-            self.bus.router.presence.control(json.loads(body))
+            self.bus.router.control_message(json.loads(body))
         else:
             raise ValueError(f"unexpected frame 0x{ftype:02x} on a link")
 
@@ -178,8 +178,8 @@ class LocalBus:
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
         self.router.set_bus(self.link_to, self.shards.owner, self.shards.is_local)
-        presence = self.router.presence
-        presence.is_local, presence.owner_of, presence.send = self.shards.is_local, self.shards.owner, self.send_control
+        for service in (self.router.presence, self.router.groups):
+            service.is_local, service.owner_of, service.bus_send = self.shards.is_local, self.shards.owner, self.send_control
 
     def _accept(self) -> None:
         while True:

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="undelivered messages kept per recipient (default %(default)s)")
     p.add_argument("--max-devices", type=_positive(int), default=GatewayConfig.max_devices,
                    help="devices of one user online at once (default %(default)s)")
+    p.add_argument("--max-group-members", type=_positive(int), default=GatewayConfig.max_group_members,
+                   help="members of one group (default %(default)s)")
     p.add_argument("--store", choices=["log", "memory"], default=GatewayConfig.store,
                    help="where undelivered messages live: the durable log (default) or memory")
     p.add_argument("--durability", choices=["always", "interval", "never"], default=GatewayConfig.durability,
@@ -115,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_positive(int), default=None, help="exit after N messages")
     p.add_argument("--timeout", type=_positive(float), default=None,
                    help="give up after S seconds (exit 1 if --count was not reached)")
+
+    p = verbs.add_parser("group", help="create and manage groups",
+                         description="Group operations; prints the group as JSON (name, members with roles). "
+                                     "Group ids start with '#'; send to a group with `send --to '#id'`.")
+    _add_identity(p, "cli-group")
+    p.add_argument("action", choices=["create", "add", "remove", "promote", "demote", "leave", "rename", "info"])
+    p.add_argument("group", metavar="GROUP", help="group id, starting with #")
+    p.add_argument("users", nargs="*", metavar="USER", help="members to add/remove/promote/demote (create: "
+                                                             "initial members)")
+    p.add_argument("--name", help="display name (create, rename)")
+    p.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds to wait (default 10)")
 
     p = verbs.add_parser("presence", help="follow users' presence and last seen",
                          description="Print presence changes of WATCHED users as JSON lines "
@@ -275,6 +288,24 @@ async def _chat(args) -> int:
     return 0
 
 
+async def _group(args) -> int:
+    from .client import ServerError
+    client = await _connect(args, send_only=True)
+    try:
+        arg = {"members": args.users}
+        if args.name is not None:
+            arg["name"] = args.name
+        info = await client.group(args.action, args.group, timeout=args.timeout, **arg)
+    except ServerError as exc:
+        raise CliError(f"{args.action} refused: {exc}") from None
+    except asyncio.TimeoutError:
+        raise CliError(f"no answer within {args.timeout:g} s") from None
+    finally:
+        await client.close()
+    print(json.dumps(info, ensure_ascii=False, sort_keys=True))
+    return 0
+
+
 async def _presence(args) -> int:
     client = await _connect(args)
     got = 0
@@ -312,7 +343,7 @@ def _serve(args) -> int:
                         max_pending_per_recipient=args.max_pending, log_level=args.log_level,
                         store=args.store, durability=args.durability, flush_interval_ms=args.flush_interval_ms,
                         segment_size=args.segment_size, message_ttl=args.message_ttl,
-                        max_devices=args.max_devices)
+                        max_devices=args.max_devices, max_group_members=args.max_group_members)
     try:
         cfg.validate()
     except ValueError as exc:
@@ -338,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "token":
             return _token(args)
         import uvloop
-        runner = {"send": _send, "recv": _recv, "chat": _chat, "presence": _presence}[args.verb]
+        runner = {"send": _send, "recv": _recv, "chat": _chat, "presence": _presence,
+                  "group": _group}[args.verb]
         return uvloop.run(runner(args))
     except CliError as exc:
         print(f"switchboard: {exc}", file=sys.stderr)

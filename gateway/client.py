@@ -7,6 +7,7 @@ and `resume_after` tells the server what was already processed.
 """
 import asyncio
 import itertools
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from _core import frames
 from _core.codec import Decoder, decode_body, encode
 from _core.errors import ProtocolError, ServerError
-from _core.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ErrorCode, ReceiptKind
+from _core.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ErrorCode, GroupOp, ReceiptKind
 
 __all__ = ["Client", "Message", "Receipt", "SendResult", "ServerError", "ConnectionClosed"]
 
@@ -45,6 +46,8 @@ class Message:
     #: set when this is a copy of a message this user sent from another device
     peer: str = ""
     origin_id: int = 0
+    #: the group a group message was sent to ("" for 1:1); origin_id is then its id at the sender
+    group: str = ""
 
     @property
     def text(self) -> str:
@@ -109,6 +112,7 @@ class Client:
         self._presence: asyncio.Queue = asyncio.Queue(maxsize=10_000)
         self._typing: asyncio.Queue = asyncio.Queue(maxsize=1_000)
         self._watching: set[str] = set()      # re-subscribed after a reconnect
+        self._requests: dict[int, asyncio.Future] = {}    # group operations by request id
         self.connect_timeout = connect_timeout
         self.max_backoff = max_backoff
         self.welcome: frames.Welcome | None = None
@@ -261,11 +265,26 @@ class Client:
         """The next delivery/read receipt for a message this user sent."""
         return await asyncio.wait_for(self._receipts.get(), timeout)
 
+    async def group(self, action: str, group: str, *, timeout: float | None = 10.0, **arg) -> dict:
+        """A group operation (create, add, remove, promote, demote, leave, rename,
+        info) with its argument (members=[...], name=...). Returns the group:
+        {"group", "name", "members": {user: "admin"|"member"}}."""
+        self._check_usable()
+        op = GroupOp[action.upper()]
+        req = next(self._ids)
+        fut = self._requests[req] = asyncio.get_running_loop().create_future()
+        self._proto.transport.write(encode(frames.Group(req, op, group, json.dumps(arg))))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._requests.pop(req, None)
+
     async def read(self, *messages: Message) -> None:
         """Tell the senders these messages were read (READ receipts)."""
         by_peer: dict[str, list[int]] = {}
         for m in messages:
-            by_peer.setdefault(m.sender, []).append(m.id)
+            # a group message is known to its sender by the id it got (origin_id)
+            by_peer.setdefault(m.sender, []).append(m.origin_id if m.group else m.id)
         if self.connected:
             for peer, ids in by_peer.items():
                 for i in range(0, len(ids), 4096):
@@ -290,8 +309,17 @@ class Client:
                     proto.transport.write(encode(frames.Received((frame.msg_id,))))
                 return
             self._seen_hwm = frame.msg_id
-            self._inbox.put_nowait(Message(frame.msg_id, frame.timestamp_ms, frame.sender,
-                                           frame.sender_device, frame.payload, frame.peer, frame.origin_id))
+            if frame.group:
+                m = Message(frame.msg_id, frame.timestamp_ms, frame.sender, frame.sender_device, frame.payload,
+                            "", frame.origin_id, frame.peer)
+            else:
+                m = Message(frame.msg_id, frame.timestamp_ms, frame.sender, frame.sender_device, frame.payload,
+                            frame.peer, frame.origin_id)
+            self._inbox.put_nowait(m)
+        elif t is frames.GroupInfo:
+            fut = self._requests.pop(frame.request_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(json.loads(frame.info))
         elif t is frames.Receipt:
             # informational: acknowledged at once (a lost receipt is no lost message)
             proto.transport.write(encode(frames.Received((frame.id,))))
@@ -325,6 +353,11 @@ class Client:
                 fut.set_result(None)
         elif t is frames.Error:
             err = ServerError(frame.code, frame.reason, frame.ref)
+            req = self._requests.pop(frame.ref, None) if frame.ref else None
+            if req is not None:
+                if not req.done():
+                    req.set_exception(err)
+                return
             entry = self._unacked.get(frame.ref) if frame.ref else None
             if entry is not None and not frame.fatal and frame.code == ErrorCode.UNAVAILABLE:
                 # the recipient's worker is restarting: send again, same client id

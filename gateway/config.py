@@ -31,6 +31,8 @@ class GatewayConfig:
     max_pending_per_recipient: int = 10_000
     #: devices of one user online at once (each registered device gets every message)
     max_devices: int = 4
+    #: members of one group
+    max_group_members: int = 1024
     #: remembered client message ids per device, for dropping retried SENDs
     dedup_window: int = 4096
     #: a worker that dies is restarted after this backoff (doubling per quick death)

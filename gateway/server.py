@@ -69,13 +69,14 @@ class Gateway:
         else:
             store = MemoryStore(cfg.max_pending_per_recipient)
         self.router = Router(store, loop=self.loop, max_frame=cfg.max_frame, dedup_window=cfg.dedup_window,
-                             max_devices=cfg.max_devices)
+                             max_devices=cfg.max_devices, max_group_members=cfg.max_group_members)
         self.router.set_worker(cfg.worker_index)
         self._stopping = asyncio.Event()
         if cfg.workers > 1:
             self.bus = LocalBus(cluster or "solo", cfg.worker_index, cfg.workers, self.router, self.shards,
                                 self.adopt, self._bus_pressure)
             self.bus.start(self.loop)
+        self.router.groups.recover()        # group messages stored but not yet fanned out
         if listen_sock is not None:
             self._server = await self.loop.create_server(lambda: Connection(self), sock=listen_sock,
                                                          backlog=cfg.backlog)

@@ -32,10 +32,10 @@ class PresenceService:
         self.typing_rate = typing_rate
         self.typing_burst = typing_burst
         self.typing_dropped = 0
-        # set by a multi-worker gateway: is_local(user), owner_of(user), send(worker, msg)
+        # set by a multi-worker gateway: is_local(user), owner_of(user), bus_send(worker, msg)
         self.is_local = lambda user: True
         self.owner_of = lambda user: 0
-        self.send = None
+        self.bus_send = None
 
     # -- frames from local sessions -----------------------------------------------------
     def handle(self, session, ftype: int, body: bytes) -> None:
@@ -101,10 +101,10 @@ class PresenceService:
     # -- the owner's side ---------------------------------------------------------------
     def _route(self, msg: dict, user: str) -> None:
         """Handle `msg` where `user` lives: here, or on its owner over the bus."""
-        if self.is_local(user) or self.send is None:
+        if self.is_local(user) or self.bus_send is None:
             self.control(msg)
         else:
-            self.send(self.owner_of(user), msg)
+            self.bus_send(self.owner_of(user), msg)
 
     def control(self, msg: dict) -> None:
         t = msg["t"]

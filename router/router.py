@@ -15,6 +15,10 @@ from _core import frames
 from _core.errors import ProtocolError, StoreError
 from _core.protocol import DEFAULT_MAX_FRAME, DELIVER_OVERHEAD, ErrorCode, GoawayCode
 
+from _core.codec import decode_body
+from _core.protocol import FrameType
+
+from .groups import GroupService
 from .presence import PresenceService
 from .store import MIRROR, RECEIPT, MemoryStore, OfflineStore
 
@@ -23,13 +27,17 @@ class Router(RouteCore):
     """Routes 1:1 messages between sessions; hands everything to the offline store first."""
 
     def __init__(self, store: OfflineStore | None = None, *, loop=None,
-                 max_frame: int = DEFAULT_MAX_FRAME, dedup_window: int = 4096, max_devices: int = 4):
+                 max_frame: int = DEFAULT_MAX_FRAME, dedup_window: int = 4096, max_devices: int = 4,
+                 max_group_members: int = 1024):
         super().__init__(store if store is not None else MemoryStore(), loop=loop,
                          max_payload=max_frame - DELIVER_OVERHEAD, dedup_window=dedup_window)
         self.max_frame = max_frame
         self.max_devices = max_devices
         self.presence = PresenceService(self)
-        self._control = self.presence.handle
+        self.groups = GroupService(self, max_members=max_group_members)
+        self._control = self._on_control
+        self._group_send = self.groups.send
+        self._send_only: dict[str, set] = {}     # user -> its send-only sessions (replies only)
         self._receipt_later = self._queue_receipt
         self._receipt_queue: collections.deque = collections.deque(maxlen=100_000)
         self._receipt_timer = None
@@ -62,6 +70,7 @@ class Router(RouteCore):
         if send_only:
             session.send_only = True
             self._attach_send_only(session)
+            self._send_only.setdefault(user, set()).add(session)
             return session
         if hasattr(self.store, "register_device"):
             if self.store.register_device(user, device, now_ms()):
@@ -95,8 +104,29 @@ class Router(RouteCore):
             except StoreError:
                 pass          # a full or closed store: last-seen stays at the previous value
         self.presence.session_closed(session)
+        if session.send_only:
+            left = self._send_only.get(session.user)
+            if left is not None:
+                left.discard(session)
+                if not left:
+                    del self._send_only[session.user]
         if not session.send_only and not self.sessions_of(session.user):
             self.presence.changed(session.user)
+
+    def _on_control(self, session, ftype: int, body: bytes) -> None:
+        """Low-rate frames handled in Python: groups, presence, typing, privacy."""
+        if ftype == FrameType.GROUP:
+            self.groups.handle(session, decode_body(ftype, 0, body))
+        else:
+            self.presence.handle(session, ftype, body)
+
+    def control_message(self, msg: dict) -> None:
+        """A control message from another worker (gateway/bus.py)."""
+        (self.groups if msg["t"].startswith("g") else self.presence).control(msg)
+
+    def reply_sessions(self, user: str) -> list:
+        """Sessions that may get answers to their requests: devices and send-only ones."""
+        return self.sessions_of(user) + list(self._send_only.get(user, ()))
 
     def _queue_receipt(self, *receipt) -> None:
         """The receipt's user lives on a worker that is restarting: try again shortly

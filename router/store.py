@@ -141,7 +141,13 @@ class MemoryStore:
         return self._meta.get(key)
 
     def meta_put_for(self, user, key, value):
-        self._meta[key] = value
+        if value:
+            self._meta[key] = value
+        else:
+            self._meta.pop(key, None)
+
+    def meta_keys_local(self, prefix):
+        return [k for k in self._meta if k.startswith(prefix)]
 
     def commit(self, then, arg):
         then(arg)     # memory is as durable as it gets

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from _core import _codec, pycodec
 from _core import frames as F
 from _core.errors import FrameTooLarge, MalformedFrame, ProtocolError, UnexpectedFrame, UnknownFrameType
-from _core.protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_MIRROR, FLAG_SEND_ONLY, HEADER_SIZE,
+from _core.protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_GROUP, FLAG_MIRROR, FLAG_SEND_ONLY, HEADER_SIZE,
                             LENGTH_SIZE, MAX_ID_LENGTH, MAX_RECEIVED_IDS, MAX_TOKEN_LENGTH, MIN_FRAME, PRE_AUTH_MAX_FRAME, ErrorCode,
                             FrameType, GoawayCode)
 
@@ -55,7 +55,7 @@ TYPE_OF = {F.Hello: FrameType.HELLO, F.Welcome: FrameType.WELCOME, F.Send: Frame
            F.Ping: FrameType.PING, F.Pong: FrameType.PONG, F.Error: FrameType.ERROR,
            F.Goaway: FrameType.GOAWAY, F.Receipt: FrameType.RECEIPT, F.Read: FrameType.READ,
            F.Subscribe: FrameType.SUBSCRIBE, F.Presence: FrameType.PRESENCE, F.Typing: FrameType.TYPING,
-           F.Privacy: FrameType.PRIVACY}
+           F.Privacy: FrameType.PRIVACY, F.Group: FrameType.GROUP, F.GroupInfo: FrameType.GROUP_INFO}
 
 SAMPLES = [
     F.Hello(1, "token-abc", "phone", 42),
@@ -86,6 +86,9 @@ SAMPLES = [
     F.Typing("alice", False),
     F.Privacy(True),
     F.Privacy(False),
+    F.Group(7, 1, "#team", '{"name": "Team", "members": ["bob"]}'),
+    F.GroupInfo(7, '{"group": "#team"}'),
+    F.Deliver(11, 12, "alice", "phone", b"to the team", "#team", 99, True),
 ]
 
 
@@ -128,6 +131,10 @@ frames_st = st.one_of(
     st.builds(F.Presence, user=ids, online=st.booleans(), last_seen_ms=U64),
     st.builds(F.Typing, peer=ids, typing=st.booleans()),
     st.builds(F.Privacy, hide_last_seen=st.booleans()),
+    st.builds(F.Group, request_id=U64, op=st.integers(0, 255), group=ids, arg=reasons),
+    st.builds(F.GroupInfo, request_id=U64, info=reasons),
+    st.builds(F.Deliver, msg_id=U64, timestamp_ms=U64, sender=ids, sender_device=opt_ids, payload=payloads,
+              peer=ids, origin_id=U64, group=st.just(True)),
     st.builds(F.Received, msg_ids=msg_ids),
     st.builds(F.Ping, nonce=U64),
     st.builds(F.Pong, nonce=U64),
@@ -224,7 +231,8 @@ def test_every_frame_type_encodes_with_its_type_byte(codec):
         assert length == len(wire) - LENGTH_SIZE
         expected = (FLAG_FATAL if isinstance(frame, F.Error) and frame.fatal
                     else FLAG_SEND_ONLY if isinstance(frame, F.Hello) and frame.send_only
-                    else FLAG_MIRROR if isinstance(frame, F.Deliver) and frame.peer else 0)
+                    else (FLAG_GROUP if frame.group else FLAG_MIRROR) if isinstance(frame, F.Deliver) and frame.peer
+                    else 0)
         assert flags == expected
 
 

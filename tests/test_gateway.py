@@ -65,7 +65,9 @@ def test_exchange_both_ways_and_welcome(gateway_proc):
             m = await alice.recv(timeout=5)
             assert (m.id, m.sender, m.sender_device, m.payload) == (b1.id, "bob", "phone", b"\x00hi alice\xff")
             await alice.ack(m)
-            assert b1.id > a1.id
+            # ids of messages to different users come from their users' workers: unique, in
+            # time order to the millisecond (within one recipient's stream strictly increasing)
+            assert b1.id != a1.id and b1.id >> 22 >= a1.id >> 22
             assert a1.id >> 22 == pytest.approx(a1.timestamp_ms, abs=1000)   # id ~ acceptance time in ms
 
             empty = await alice.send("bob", b"", timeout=5)
