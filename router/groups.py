@@ -94,6 +94,8 @@ class GroupService:
         elif op == GroupOp.REMOVE:
             for u in users:
                 members.pop(u, None)
+            if members and "admin" not in members.values():
+                members[min(members)] = "admin"          # a group always has an admin
         elif op in (GroupOp.PROMOTE, GroupOp.DEMOTE):
             missing = [u for u in users if u not in members]
             if missing:

@@ -82,6 +82,9 @@ def test_membership_changes_by_admins_only(gateway_factory, workers):
             assert (await ben.group("leave", "#club")) == {"group": "#club", "left": True}
             info = await ann.group("info", "#club")       # the last member left becomes admin
             assert info["members"] == {"ann": "admin"}
+            await ann.group("add", "#club", members=["cat", "ben"])
+            info = await ann.group("remove", "#club", members=["ann"])   # an admin removing itself
+            assert info["members"] == {"ben": "admin", "cat": "member"}
     asyncio.run(main())
 
 
