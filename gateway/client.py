@@ -143,6 +143,8 @@ class Client:
             except ServerError as exc:       # the user's worker is restarting: come back shortly
                 if exc.code != ErrorCode.UNAVAILABLE:
                     raise
+            except ConnectionClosed:
+                pass                         # dropped before WELCOME (handed to a worker that died)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.max_backoff)
 
@@ -387,6 +389,8 @@ class Client:
             return
         if self._welcome_fut is not None and not self._welcome_fut.done():
             self._welcome_fut.set_exception(ConnectionClosed(f"connection lost before WELCOME: {exc}"))
+        if self.welcome is None:
+            return                  # the first connect is still trying (or failed): connect() decides
         for fut in self._pongs.values():
             if not fut.done():
                 fut.set_exception(ConnectionClosed("connection lost"))

@@ -395,3 +395,18 @@ def test_python_codec_server_reports_errors(gateway_factory, data, code):
         data = hello("garbage")
     assert_fatal(exchange(gw, data, timeout=4), code)
     assert_still_serving(gw)
+
+
+def test_read_with_a_peer_that_is_not_utf8(gateway_proc):
+    body = bytes([2]) + b"\xff\xfe" + struct.pack("!HQ", 1, 42)          # str8 peer (bad UTF-8), 1 id
+    frame = HEADER.pack(len(body) + 2, FrameType.READ, 0) + body
+    result = exchange(gateway_proc, hello(gateway_proc.token("alice")) + frame)
+    assert_fatal(result, ErrorCode.MALFORMED_FRAME, preceding=1)           # WELCOME, then the error
+    assert_still_serving(gateway_proc)
+
+
+def test_send_only_session_has_nothing_to_acknowledge(gateway_proc):
+    hello_send_only = encode(F.Hello(1, gateway_proc.token("bot"), "bot", 0, True))
+    result = exchange(gateway_proc, hello_send_only + encode(F.Received((1,))))
+    assert_fatal(result, ErrorCode.UNEXPECTED_FRAME, preceding=1)
+    assert_still_serving(gateway_proc)

@@ -152,3 +152,27 @@ def test_group_cli(gateway_proc):
     r = run("token", "issue", "#notauser") if False else subprocess.run(
         sb + ["token", "issue", "#notauser", "--data-dir", str(gw.data_dir)], capture_output=True, text=True)
     assert r.returncode != 0 and "may not start with '#'" in r.stderr
+
+
+def test_group_copy_to_a_restarting_members_worker_is_retried(gateway_factory):
+    """The member's worker is killed -9: the group's owner has the message (ACKed)
+    and keeps offering the member's copy until the restarted worker takes it."""
+    import os
+    import signal
+    from router.sharding import shard_of
+    from test_workers import users_on
+    gw = gateway_factory("--workers", "2")
+    group = next(f"#g{i}" for i in range(1000) if shard_of(f"#g{i}") % 2 == 0)
+    owner, member = users_on(0, 2, 1, "gr-a")[0], users_on(1, 2, 1, "gr-b")[0]
+
+    async def main():
+        async with gw.client(owner) as o:
+            await o.group("create", group, members=[member])
+            os.kill(gw.worker_pids()[1], signal.SIGKILL)
+            ack = await o.send(group, "while your worker restarts", timeout=10)
+        async with gw.client(member, max_backoff=0.2) as m:
+            got = await m.recv(timeout=15)
+            assert (got.group, got.origin_id, got.text) == (group, ack.id, "while your worker restarts")
+            await m.ack(got)
+            await _empty(m)
+    asyncio.run(main())
