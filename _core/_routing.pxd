@@ -50,7 +50,6 @@ cdef class RouteCore:
     cdef object _loop
     cdef readonly object store
     cdef LogCore _log            # the store, when it is the Cython log: appends skip Python
-    cdef object _local_log       # sharded store: recipient -> its shard's log if local, else None
     cdef object _log_for
     cdef uint64_t _last_id
     cdef uint64_t _worker_bits

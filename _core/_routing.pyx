@@ -135,13 +135,6 @@ cdef class SessionCore(FrameSink):
             encode_into(self.out, frame)
             self._mark()
 
-    def deliver(self, uint64_t msg_id, uint64_t ts, str sender, str sender_device, bytes payload):
-        """Queue a DELIVER of a stored message."""
-        if not self.closed:
-            self.out.write_deliver(msg_id, ts, sender, sender_device,
-                                   PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
-            self._mark()
-
     def error(self, int code, str reason, uint64_t ref=0, bint fatal=False):
         """Queue an ERROR; a fatal one closes the session after the flush (after the
         ACKs of SENDs still being stored on other workers, so none is lost)."""
@@ -207,8 +200,6 @@ cdef class RouteCore:
         self._link_to = None
         self._owner_of = None
         self._is_local_fn = None
-        # a worker's sharded store: the log of the recipient's shard, or None if another worker owns it
-        self._local_log = getattr(store, "local_log", None)
         self._log_for = getattr(store, "log_for", None)
         self._dirty = []
         self._flush_scheduled = False
@@ -254,7 +245,7 @@ cdef class RouteCore:
             recipient = PyUnicode_DecodeUTF8(to, to_len, NULL)
         except UnicodeDecodeError:
             raise MalformedFrame("recipient is not UTF-8") from None
-        if self._local_log is not None and not self._is_local(recipient):
+        if not self._is_local(recipient):
             return self.route_remote(sender, client_id, recipient, payload, n)
         if to_len and to[0] == 35 and self._group_send is not None:        # '#': a group, owned here
             try:
@@ -378,7 +369,7 @@ cdef class RouteCore:
         cdef uint64_t ts, rid
         cdef unsigned char k = <unsigned char>kind
         cdef Py_ssize_t start
-        if self._local_log is not None and not self._is_local(target):
+        if not self._is_local(target):
             link = self._link_to(self._owner_of(target)) if self._link_to is not None else None
             if link is None:
                 if self._receipt_later is not None:

@@ -819,10 +819,6 @@ class ShardedLog(_Committed):
         lg = self.logs.get(shard)
         return lg if lg is not None else self._new_log(shard)
 
-    def local_log(self, user: str) -> AppendLog | None:
-        """The log of `user`'s shard if this worker owns it, else None."""
-        return self.log_for(user) if self.map.is_local(user) else None
-
     def _dirty_segments(self, peek=False) -> list:
         dirty = [s for lg in self.logs.values() for s in lg.segments if s.dirty]
         if not peek:
