@@ -307,7 +307,7 @@ async def _group(args) -> int:
 
 
 async def _presence(args) -> int:
-    client = await _connect(args)
+    client = await _connect(args, send_only=True)     # a watcher, not a device that gets messages
     got = 0
     loop = asyncio.get_running_loop()
     deadline = None if args.timeout is None else loop.time() + args.timeout

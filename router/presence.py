@@ -123,7 +123,7 @@ class PresenceService:
             for s in self.router.sessions_of(msg["to"]):
                 s.write_frame(frames.Typing(msg["from"], msg["on"]))
         elif t == "pres":
-            for s in self.router.sessions_of(msg["to"]):
+            for s in self.router.reply_sessions(msg["to"]):       # send-only watchers too
                 s.write_frame(frames.Presence(msg["user"], msg["online"], msg["seen"]))
 
     def _tell(self, watcher: str, p: frames.Presence) -> None:

@@ -216,3 +216,25 @@ def test_recv_shows_receipts_as_well_as_messages(gateway_proc):
     lines = [json.loads(l) for l in r.stdout.splitlines()]
     assert {(l["receipt"], l["msg_id"], l["by"]) for l in lines} == {("delivered", msg_id, "bobby"),
                                                                      ("read", msg_id, "bobby")}
+
+
+def test_presence_command_is_no_device(gateway_proc):
+    """Watching presence from the CLI registers no device: no copies of messages
+    pile up for it (the user's real device gets them, nothing else)."""
+    import asyncio
+    gw = gateway_proc
+    r = sb("presence", "--as", "wanda", "someone", "--count", "1", "--timeout", "5", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+
+    async def check():
+        async with gw.client("wanda", "phone"):           # wanda's one real device registers
+            pass
+        async with gw.client("sender") as s:
+            await s.send("wanda", "for wanda")
+        async with gw.client("wanda", "phone") as phone:
+            assert (await phone.recv(timeout=5)).text == "for wanda"
+        async with gw.client("wanda", "presence") as ghost:   # a device the CLI would have made
+            await ghost.ping()
+            with pytest.raises(asyncio.TimeoutError):
+                await ghost.recv(timeout=0.05)
+    asyncio.run(check())
