@@ -448,10 +448,11 @@ cdef class WriteBuffer:
     cdef bytes take_bytes(self):
         cdef bytes out = PyBytes_FromStringAndSize(<const char *>self.data, self.length)
         self.length = 0
-        if self.capacity > 65536:      # don't keep a burst's buffer on an idle connection
-            PyMem_Free(self.data)
-            self.data = NULL
-            self.capacity = 0
+        # An idle connection holds no output buffer (hundreds of bytes times a
+        # million sessions); the next flush allocates again, from pymalloc's pools.
+        PyMem_Free(self.data)
+        self.data = NULL
+        self.capacity = 0
         return out
 
     def take(self):
@@ -643,6 +644,8 @@ cdef class Decoder:
         """Frames after the current one go to `sink` (a FrameSink or a callable)."""
         self._sink = sink
         self._fast_sink = sink if isinstance(sink, FrameSink) else None
+        if self._fast_sink is not None:
+            self._exporter = None      # only Python sinks borrow bodies through it
 
     def stop(self):
         """Dispatch no more frames; what is left stays buffered (see `take_buffered`)."""

@@ -15,8 +15,9 @@ cdef class SessionCore(FrameSink):
     cdef readonly bint closed
     cdef object _write           # callable(bytes): the transport's write
     cdef object _close           # callable(): close the transport after the last flush
+    cdef object _transport       # or an object with write() and close() (the gateway's transport)
     cdef RouteCore _core
-    cdef dict _dedup             # client message id -> (msg_id, ts) for this device
+    cdef dict _dedup             # client message id -> (msg_id, ts) for this device; None until its first SEND
     cdef bint _queued            # already in the core's flush list this loop turn
     cdef bint _close_after_flush
     cdef public bint send_only                # sends only: gets no DELIVERs, is no registered device
@@ -43,7 +44,7 @@ cdef enum:
 
 
 cdef class RouteCore:
-    cdef dict _sessions          # user -> list of SessionCore (one per online device)
+    cdef dict _sessions          # user -> its SessionCore, or a list of them (several devices online)
     cdef dict _dedup_tables      # (user, device) -> dict, survives reconnects
     cdef list _dirty
     cdef bint _flush_scheduled
@@ -82,6 +83,7 @@ cdef class RouteCore:
     cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
                             const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts) except -1
     cdef tuple devices_of(self, str user)
+    cdef dict _dedup_of(self, SessionCore s)
     cdef int _store(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t ref,
                     str sender, str sender_device, str conversation, uint8_t flags,
                     const char *payload, Py_ssize_t n) except -1

@@ -32,11 +32,18 @@ def now_ms():
     return _now_ms()
 
 
+cdef inline object _online(object online):
+    """A `_sessions` value as a sequence: one session is stored bare (a list per
+    user would cost ~100 bytes per connected user), several as a list."""
+    return <list>online if type(online) is list else (online,)
+
+
 cdef class SessionCore(FrameSink):
     """One authenticated device as the router sees it: an output buffer and
     the transport's write/close callables. No sockets here."""
 
-    def __init__(self, RouteCore core, str user, str device, uint64_t session_id, write, close):
+    def __init__(self, RouteCore core, str user, str device, uint64_t session_id, write, close,
+                 transport=None):
         self._core = core
         self.user = user
         self.device = device
@@ -44,6 +51,7 @@ cdef class SessionCore(FrameSink):
         self.out = WriteBuffer()
         self._write = write
         self._close = close
+        self._transport = transport   # instead of write/close: saves two bound methods per session
         self.closed = False
         self._queued = False
         self._close_after_flush = False
@@ -165,10 +173,16 @@ cdef class SessionCore(FrameSink):
         if self.closed:
             return 0
         if data is not None:
-            self._write(data)
+            if self._transport is not None:
+                self._transport.write(data)
+            else:
+                self._write(data)
         if close:
             self.closed = True
-            self._close()
+            if self._transport is not None:
+                self._transport.close()
+            else:
+                self._close()
         return 0
 
     def _detach(self):
@@ -229,7 +243,7 @@ cdef class RouteCore:
         """A SEND from a local session: store and deliver here, or forward it to
         the worker owning the recipient's shard (which ACKs once it is stored)."""
         cdef uint64_t msg_id, ts
-        cdef dict dedup = sender._dedup
+        cdef dict dedup = sender._dedup if sender._dedup is not None else self._dedup_of(sender)
         cdef str recipient
         if n > self.max_payload:
             sender.error(ErrorCode.PAYLOAD_TOO_LARGE,
@@ -264,7 +278,7 @@ cdef class RouteCore:
         return self.acked(sender, client_id, msg_id, ts)
 
     cdef int acked(self, SessionCore sender, uint64_t client_id, uint64_t msg_id, uint64_t ts) except -1:
-        cdef dict dedup = sender._dedup
+        cdef dict dedup = sender._dedup if sender._dedup is not None else self._dedup_of(sender)
         sender.out.write_ack(client_id, msg_id, ts)
         sender._mark()
         dedup[client_id] = (msg_id, ts)
@@ -281,8 +295,11 @@ cdef class RouteCore:
         return <tuple>devs if devs else ("",)
 
     def device_registered(self, str user, devices):
-        """The store's device list for `user` changed (Router keeps this cache right)."""
-        self._devices[user] = tuple(devices)
+        """The store's device list for `user` changed (Router keeps this cache right).
+        Only users already cached (they were routed to) are updated: caching every
+        connected user would cost a dict entry per idle session."""
+        if user in self._devices:
+            self._devices[user] = tuple(devices)
 
     cdef int _store(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t ref,
                     str sender, str sender_device, str conversation, uint8_t flags,
@@ -323,7 +340,7 @@ cdef class RouteCore:
             raise quota
         online = self._sessions.get(recipient)
         if online is not None:
-            for s in <list>online:
+            for s in _online(online):
                 s.out.write_deliver(msg_id[0], ts[0], sender, sender_device, payload, n)
                 s._mark()
                 self.messages_delivered_live += 1
@@ -354,7 +371,7 @@ cdef class RouteCore:
                 self.quota_skipped += 1
         online = self._sessions.get(sender.user)
         if online is not None:
-            for s in <list>online:
+            for s in _online(online):
                 if s is not sender and s.device != sender.device:
                     s.out.write_deliver_ex(msg_id, ts, PyUnicode_AsUTF8(sender.user), len(sender.user.encode()),
                                            PyUnicode_AsUTF8(sender.device), len(sender.device.encode()),
@@ -399,7 +416,7 @@ cdef class RouteCore:
                 self.receipts_lost += 1
         online = self._sessions.get(target)
         if online is not None:
-            for s in <list>online:
+            for s in _online(online):
                 s.out.write_receipt_raw(rid, k, ref, PyUnicode_AsUTF8(by), len(by.encode()),
                                         PyUnicode_AsUTF8(by_device), len(by_device.encode()), ts)
                 s._mark()
@@ -548,7 +565,7 @@ cdef class RouteCore:
                 self.quota_skipped += 1
         online = self._sessions.get(member)
         if online is not None:
-            for s in <list>online:
+            for s in _online(online):
                 if s.device == skip:
                     continue
                 s.out.write_deliver_ex(msg_id, ts, PyUnicode_AsUTF8(sender), len(sender.encode()),
@@ -611,22 +628,24 @@ cdef class RouteCore:
     def _attach(self, SessionCore s):
         online = self._sessions.get(s.user)
         if online is None:
-            self._sessions[s.user] = [s]
+            self._sessions[s.user] = s            # the common case: one device, no list
+        elif type(online) is list:
+            (<list>online).append(s)
         else:
-            online.append(s)
-        key = (s.user, s.device)
-        table = self._dedup_tables.get(key)
-        if table is None:
-            table = self._dedup_tables[key] = {}
-        s._dedup = table
+            self._sessions[s.user] = [online, s]
 
     def _attach_send_only(self, SessionCore s):
-        """A session that only sends: no routing to it, but its dedup table."""
+        """A session that only sends: no routing to it (its dedup table comes with its first SEND)."""
+
+    cdef dict _dedup_of(self, SessionCore s):
+        """The device's table of client ids already answered, made at its first
+        SEND: an idle session costs none (and it outlives reconnects)."""
         key = (s.user, s.device)
         table = self._dedup_tables.get(key)
         if table is None:
             table = self._dedup_tables[key] = {}
         s._dedup = table
+        return table
 
     def _detach(self, SessionCore s):
         """The session's connection is gone."""
@@ -636,16 +655,19 @@ cdef class RouteCore:
     def _unroute(self, SessionCore s):
         """Route nothing more to `s` (its queued output is still written)."""
         online = self._sessions.get(s.user)
-        if online is not None and s in online:
-            online.remove(s)
-            if not online:
-                del self._sessions[s.user]
+        if online is s:
+            del self._sessions[s.user]
+        elif type(online) is list and s in <list>online:
+            (<list>online).remove(s)
+            if len(<list>online) == 1:
+                self._sessions[s.user] = (<list>online)[0]
 
     def sessions_of(self, str user):
-        return list(self._sessions.get(user, ()))
+        online = self._sessions.get(user)
+        return [] if online is None else list(_online(online))
 
     def all_sessions(self):
-        return [s for online in self._sessions.values() for s in online]
+        return [s for online in self._sessions.values() for s in _online(online)]
 
     @property
     def online_users(self):

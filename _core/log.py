@@ -284,7 +284,11 @@ class _Committed:
 
 class _DeviceRegistry:
     """Registered devices per user, kept as META records (key d NUL user NUL device,
-    value: u64 last seen ms), with an in-memory index by user."""
+    value: u64 last seen ms), with an in-memory index by user.
+
+    The index holds one sorted tuple per user (64 bytes for one device, where a
+    set costs 216): it is per connected user, so it counts in bytes per session,
+    and the router's device cache shares the same tuple object."""
 
     def _device_index(self) -> dict:
         idx = getattr(self, "_devidx", None)
@@ -292,17 +296,19 @@ class _DeviceRegistry:
             idx = self._devidx = {}
             for key in self.meta_keys("d\x00"):
                 _, user, device = key.split("\x00", 2)
-                idx.setdefault(user, set()).add(device)
+                idx[user] = tuple(sorted((*idx.get(user, ()), device)))
         return idx
 
-    def devices_of(self, user: str) -> list:
-        return sorted(self._device_index().get(user, ()))
+    def devices_of(self, user: str) -> tuple:
+        return self._device_index().get(user, ())
 
     def register_device(self, user: str, device: str, now: int) -> bool:
         """Record that `device` of `user` connected; True if it is new."""
-        devs = self._device_index().setdefault(user, set())
+        idx = self._device_index()
+        devs = idx.get(user, ())
         new = device not in devs
-        devs.add(device)
+        if new:
+            idx[user] = tuple(sorted((*devs, device)))
         self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now))
         return new
 
@@ -856,7 +862,7 @@ class ShardedLog(_Committed):
 
     def devices_of(self, user):
         lg = self.logs.get(self.map.shard(user))
-        return lg.devices_of(user) if lg is not None else []
+        return lg.devices_of(user) if lg is not None else ()
 
     def register_device(self, user, device, now):
         return self.log_for(user).register_device(user, device, now)

@@ -16,14 +16,13 @@ _log = log.get("switchboard.conn")
 
 
 class Connection(asyncio.BufferedProtocol):
-    __slots__ = ("gateway", "transport", "session", "decoder", "_hello_timer", "peer", "handed_off",
-                 "_handoff")
+    # Every field here is paid a million times over on a dense gateway: keep it short.
+    __slots__ = ("gateway", "transport", "session", "decoder", "_hello_timer", "handed_off", "_handoff")
 
     def __init__(self, gateway, handed_off: bool = False):
         self.gateway = gateway
         self.transport = None
         self.session = None
-        self.peer = None
         self.decoder = Decoder(self._hello_sink, gateway.config.pre_auth_max_frame)
         self._hello_timer = None
         self.handed_off = handed_off     # came from another worker: must be ours
@@ -34,7 +33,6 @@ class Connection(asyncio.BufferedProtocol):
         self.transport = transport
         if self.handed_off:
             transport.pause_reading()        # the bytes the other worker read come first
-        self.peer = transport.get_extra_info("peername")
         self.gateway.connections.add(self)
         self._hello_timer = self.gateway.loop.call_later(self.gateway.config.hello_timeout,
                                                          self._hello_timed_out)
@@ -88,7 +86,7 @@ class Connection(asyncio.BufferedProtocol):
             user, device = gw.authority.verify(hello.token, hello.device)
         except AuthError as exc:
             raise ProtocolError(str(exc), exc.code) from None
-        owner = gw.shards.owner(user)
+        owner = gw.shards.owner_uncached(user)
         if owner != gw.shards.me:
             if self.handed_off or gw.bus is None:
                 raise ProtocolError(f"{user} is served by worker {owner}, which is not reachable from here",
@@ -102,7 +100,7 @@ class Connection(asyncio.BufferedProtocol):
         cfg = gw.config
         welcome = frames.Welcome(PROTOCOL_VERSION, 0, user, device, cfg.max_frame,
                                  gw.router.max_payload, cfg.ping_interval_ms, gw.now_ms())
-        self.session = gw.router.open_session(user, device, self.transport.write, self.transport.close,
+        self.session = gw.router.open_session(user, device, transport=self.transport,
                                               resume_after=hello.resume_after, welcome=welcome,
                                               send_only=hello.send_only)
         self.decoder.max_frame = cfg.max_frame
@@ -129,6 +127,11 @@ class Connection(asyncio.BufferedProtocol):
             self.gateway.count_error(ErrorCode.HELLO_TIMEOUT)
             self.fail(ErrorCode.HELLO_TIMEOUT, "no HELLO within "
                       f"{self.gateway.config.hello_timeout:g} s")
+
+    @property
+    def peer(self):
+        """The client's address, for log lines (not stored: it is rarely needed)."""
+        return self.transport.get_extra_info("peername") if self.transport is not None else None
 
     # -- errors -------------------------------------------------------------------
     def fail(self, code: int, reason: str) -> None:

@@ -43,11 +43,14 @@ class Router(RouteCore):
         self._receipt_timer = None
         self._session_ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 24)
 
-    def open_session(self, user: str, device: str, write, close, *, resume_after: int = 0,
-                     welcome: frames.Welcome | None = None, send_only: bool = False) -> Session:
+    def open_session(self, user: str, device: str, write=None, close=None, *, transport=None,
+                     resume_after: int = 0, welcome: frames.Welcome | None = None,
+                     send_only: bool = False) -> Session:
         """Register an authenticated device and queue its backlog.
 
-        `write(bytes)` sends to the client, `close()` closes its transport.
+        `write(bytes)` sends to the client, `close()` closes its transport; or
+        pass `transport`, any object with write(bytes) and close() (an asyncio
+        transport), which costs less memory per session than two bound methods.
         A second session of the same user and device replaces the first (GOAWAY
         REPLACED). If `welcome` is given it is written before the backlog.
         `resume_after` is the highest message id the client has already
@@ -64,7 +67,9 @@ class Router(RouteCore):
                 # its queued ACKs, then the GOAWAY, go out with this turn's batch; then it closes
                 old.goaway(GoawayCode.REPLACED, 0, "replaced by a newer connection of this device")
                 self._unroute(old)
-        session = Session(self, user, device, next(self._session_ids), write, close)
+        if transport is None and (write is None or close is None):
+            raise TypeError("open_session needs write and close, or transport")
+        session = Session(self, user, device, next(self._session_ids), write, close, transport)
         if welcome is not None:
             session.write_frame(dataclasses.replace(welcome, session_id=session.session_id))
         if send_only:

@@ -79,6 +79,12 @@ class ShardMap:
     def owner(self, user: str) -> int:
         return self.shard(user) % self.workers
 
+    def owner_uncached(self, user: str) -> int:
+        """For once-per-connection questions (HELLO): caching every connected
+        user would cost ~40 bytes per idle session."""
+        s = self._cache.get(user)
+        return (s if s is not None else shard_of(user, self.shards)) % self.workers
+
     def is_local(self, user: str) -> bool:
         return self.shard(user) % self.workers == self.me
 

@@ -122,7 +122,7 @@ class MemoryStore:
         return sum(map(len, self._inboxes.values()))
 
     def devices_of(self, user):
-        return sorted(self._devices.get(user, ()))
+        return tuple(sorted(self._devices.get(user, ())))
 
     def register_device(self, user, device, now):
         devs = self._devices.setdefault(user, {})
