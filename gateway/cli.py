@@ -1,4 +1,4 @@
-"""The `switchboard` command: serve, token, send, recv, chat.
+"""The `switchboard` command: serve, token, send, recv, chat, presence, group, bench.
 
 Client commands take --host/--port (same defaults as serve) and either
 --token T or --data-dir D (a token is derived from the server secret there,
@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive(float), default=None, help="exit after S seconds")
     p.add_argument("--hide-last-seen", choices=["on", "off"], default=None,
                    help="set whether others see this user's last-seen time")
+
+    p = verbs.add_parser("bench", help="benchmarks: density, throughput, compare",
+                         description="Benchmarks with a progress bar, a table, JSON and a plot; peers "
+                                     "(bare uvloop, websockets, nats-server, redis) run in the same run "
+                                     "with the same client machinery. See docs/benchmarks.md.")
+    from bench.cli import add_arguments as add_bench_arguments
+    add_bench_arguments(p)
 
     p = verbs.add_parser("chat", help="interactive chat",
                          description="Type lines to send them; '/to USER' switches recipient; Ctrl-D quits.")
@@ -368,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.verb == "token":
             return _token(args)
+        if args.verb == "bench":
+            from bench.cli import run as run_bench
+            return run_bench(args)
         import uvloop
         runner = {"send": _send, "recv": _recv, "chat": _chat, "presence": _presence,
                   "group": _group}[args.verb]

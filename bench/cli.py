@@ -1,0 +1,68 @@
+"""`switchboard bench ...`: the benchmark commands' flags (kept here so the
+gateway's CLI module stays about serving and messaging)."""
+import argparse
+
+
+def _int(text: str) -> int:
+    """1000000, 1_000_000, 1M or 20k."""
+    t = text.strip().lower().replace("_", "").replace(",", "")
+    mult = {"k": 1000, "m": 1000_000}.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _server_flags(p, default_workers: int) -> None:
+    p.add_argument("--workers", type=_int, default=default_workers,
+                   help="gateway worker processes when the benchmark starts its own (default %(default)s)")
+    p.add_argument("--durability", choices=["always", "interval", "never"], default="interval",
+                   help="log durability of the gateway it starts (default %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    kinds = parser.add_subparsers(dest="bench_verb", metavar="BENCHMARK", required=True)
+
+    p = kinds.add_parser("density", help="idle authenticated sessions: memory and CPU per session",
+                         description="Open idle sessions in steps from many client processes (one 127.0.x.y "
+                                     "source address each) and measure, per step: server memory per session "
+                                     "(RSS and USS over all its processes, minus the baseline), kernel memory, "
+                                     "connect rate, failures with reasons, idle CPU, and a message round trip "
+                                     "on a sample. Every session must answer a PING at the end. Starts its own "
+                                     "gateway unless --port is given.")
+    p.add_argument("--sessions", type=_int, default=20_000, help="sessions to reach, e.g. 1M (default 20k)")
+    p.add_argument("--step", type=_int, default=None, help="sessions added per step (default: a fifth)")
+    p.add_argument("--against", default="switchboard",
+                   help="comma list of servers measured one after another in this run: switchboard, floor "
+                        "(bare uvloop), websockets, nats, redis (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address of a running gateway (with --port)")
+    p.add_argument("--port", type=int, default=0, help="measure the gateway already listening here "
+                                                       "(its processes are found by this port)")
+    p.add_argument("--data-dir", help="the running gateway's data dir (tokens are made from its secret)")
+    p.add_argument("--ping-interval", type=float, default=30.0,
+                   help="seconds between keepalive PINGs per session (default %(default)s; 0: none)")
+    p.add_argument("--concurrency", type=_int, default=256, help="handshakes in flight per client (default 256)")
+    p.add_argument("--clients", type=_int, default=None,
+                   help="client processes (default: enough for 19,000 sessions each)")
+    p.add_argument("--idle-window", type=float, default=3.0,
+                   help="seconds of idle CPU measured after each step (default %(default)s)")
+    p.add_argument("--warmup", type=_int, default=1000,
+                   help="sessions opened before the baseline is taken, so that every shard's log is mapped "
+                        "(their fixed cost is reported apart; default %(default)s)")
+    p.add_argument("--check", type=_int, default=20, help="messages round-tripped per step (default 20)")
+    p.add_argument("--step-timeout", type=float, default=600.0, help="give up on a step after S seconds")
+    p.add_argument("--plot", metavar="PNG", help="plot memory per session and total memory (needs matplotlib)")
+    _server_flags(p, default_workers=2)
+
+
+def run(args) -> int:
+    if args.bench_verb == "density":
+        from . import density
+        if args.step is None:
+            args.step = max(1, args.sessions // 5)
+        return density.run(args)
+    raise SystemExit(f"unknown benchmark {args.bench_verb}")
