@@ -54,7 +54,7 @@ class Gateway:
 
     async def start(self, listen_sock=None, cluster: str | None = None) -> tuple[str, int]:
         """Recover the stores, join the bus (several workers), then accept: on
-        `listen_sock` (shared by the supervisor's workers) or a socket of our own."""
+        `listen_sock` (made by the supervisor, one per worker) or a socket of our own."""
         cfg = self.config
         self.loop = asyncio.get_running_loop()
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)

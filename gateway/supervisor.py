@@ -2,9 +2,13 @@
 event loop exists, restarts a worker that dies (with backoff), and forwards
 signals. It never runs an event loop itself, so forking stays safe.
 
-Every worker accepts on the shared listening socket; after HELLO a connection
-whose user lives on another worker's shards is handed to that worker
-(gateway/bus.py). Workers watch a pipe from the supervisor and stop at once if
+Every worker accepts on a listening socket of its own, all bound to the same
+port with SO_REUSEPORT: the kernel spreads new connections over them, so one
+connection wakes one worker (a socket shared by 64 workers woke all 64). The
+supervisor keeps every socket open, so connections that arrive for a worker
+while it restarts wait in its queue instead of being refused. After HELLO a
+connection whose user lives on another worker's shards is handed to that
+worker (gateway/bus.py). Workers watch a pipe from the supervisor and stop at once if
 the supervisor dies, so a restarted one can bind the port again.
 """
 import errno
@@ -32,7 +36,7 @@ class Supervisor:
         config.validate()
         self.config = config
         self.cluster = secrets.token_hex(6)
-        self.listen_sock = None
+        self.listen_socks: list[socket.socket] = []
         self.parent_r = self.parent_w = -1
         self.workers: dict[int, int] = {}        # pid -> worker index
         self.started: dict[int, float] = {}      # worker index -> start time
@@ -41,19 +45,24 @@ class Supervisor:
         self.stopping = False
         self.exit_code = 0
 
-    def _bind(self) -> socket.socket:
+    def _bind(self) -> list[socket.socket]:
+        """One listening socket per worker on the same port (SO_REUSEPORT)."""
         cfg = self.config
         deadline = time.monotonic() + 5
         while True:
             try:
-                sock = socket.create_server((cfg.host, cfg.port), backlog=cfg.backlog)
+                first = socket.create_server((cfg.host, cfg.port), backlog=cfg.backlog, reuse_port=True)
                 break
             except OSError as exc:     # a previous instance's workers may still be letting go
                 if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        sock.set_inheritable(True)
-        return sock
+        port = first.getsockname()[1]
+        socks = [first] + [socket.create_server((cfg.host, port), backlog=cfg.backlog, reuse_port=True)
+                           for _ in range(cfg.workers - 1)]
+        for sock in socks:
+            sock.set_inheritable(True)
+        return socks
 
     def run(self) -> int:
         from router.sharding import check_layout, DEFAULT_SHARDS
@@ -63,7 +72,7 @@ class Supervisor:
             os.makedirs(cfg.data_dir, exist_ok=True)
             load_or_create_secret(cfg.data_dir)
             check_layout(cfg.data_dir, DEFAULT_SHARDS)
-            self.listen_sock = self._bind()
+            self.listen_socks = self._bind()
         except Exception as exc:
             _log.error("event=cannot_start error=%s", exc)
             return 1
@@ -76,7 +85,7 @@ class Supervisor:
             self._stop()
             self._loop()
             return self.exit_code or 1
-        host, port = self.listen_sock.getsockname()[:2]
+        host, port = self.listen_socks[0].getsockname()[:2]
         _log.info("event=supervisor_ready workers=%d listen=tcp://%s:%d pid=%d",
                   cfg.workers, host, port, os.getpid())
         print(banner(host, port, cfg.data_dir), flush=True)
@@ -173,8 +182,11 @@ class Supervisor:
                 os.close(self.parent_w)
                 os.close(self.ready_r)
                 signal.pthread_sigmask(signal.SIG_SETMASK, set())
+                for i, sock in enumerate(self.listen_socks):
+                    if i != k:
+                        sock.close()             # the other workers' queues are theirs
                 from .server import run_worker
-                code = run_worker(cfg, self.listen_sock, self.cluster, self.parent_r, self.ready_w)
+                code = run_worker(cfg, self.listen_socks[k], self.cluster, self.parent_r, self.ready_w)
             except BaseException:
                 traceback.print_exc()
             finally:
