@@ -1,4 +1,4 @@
-"""Build the Cython extensions of `_core`.
+"""Build the Cython extensions of `_core` (and the benchmark load generator).
 
 Set SWITCHBOARD_DEBUG=1 for a debug build: annotated HTML, line tracing,
 `-O0 -g`, and the SWITCHBOARD_DEBUG C macro that turns on invariant checks
@@ -29,6 +29,10 @@ extensions = [
         extra_compile_args=cflags,
     )
     for name in MODULES
+] + [
+    # the benchmark's load generator: a client fast enough not to be what is measured
+    Extension("bench._loadgen", ["bench/_loadgen.pyx"], include_dirs=["_core/includes"],
+              define_macros=macros, extra_compile_args=cflags),
 ]
 
 setup(

@@ -59,10 +59,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _server_flags(p, default_workers=2)
 
 
+    p = kinds.add_parser("throughput", help="routed messages/s, latency, server CPU, exactly-once check",
+                         description="Flows of 1:1 pairs (or group fan-out) across shards, closed loop with "
+                                     "--window messages in flight per flow or open loop at --rate msgs/s; "
+                                     "reports delivered msgs/s, latency p50/p99/p99.9, server and load CPU, "
+                                     "and checks every message sent arrived exactly once, in order. Starts "
+                                     "its own gateway unless --port is given.")
+    _throughput_flags(p, against="switchboard")
+    p.add_argument("--host", default="127.0.0.1", help="address of a running gateway (with --port)")
+    p.add_argument("--port", type=int, default=0, help="measure the gateway already listening here")
+    p.add_argument("--data-dir", help="the running gateway's data dir (tokens are made from its secret)")
+    _server_flags(p, default_workers=1)
+
+    p = kinds.add_parser("compare", help="Switchboard and its peers on the same workloads, with ratios",
+                         description="Runs density (idle sessions in one server process each) and 1:1 "
+                                     "throughput against Switchboard and the peers in one run, with the same "
+                                     "client machinery, and prints ratios.")
+    p.add_argument("--sessions", type=_int, default=15_000,
+                   help="idle sessions per server for the density part (one process each; default 15k)")
+    p.add_argument("--peers", default="floor,redis,nats,websockets",
+                   help="peers besides switchboard (default %(default)s)")
+    _throughput_flags(p, against=None)
+    p.add_argument("--plot", metavar="PNG", help="plot of the density part (needs matplotlib)")
+    _server_flags(p, default_workers=1)
+
+
+def _throughput_flags(p, against) -> None:
+    if against:
+        p.add_argument("--against", default=against,
+                       help="comma list of servers measured in this run: switchboard, nats, websockets "
+                            "(default %(default)s)")
+    p.add_argument("--pairs", type=_int, default=100, help="flows (sender + receivers) (default 100)")
+    p.add_argument("--window", type=_int, default=8, help="messages in flight per flow (default 8)")
+    p.add_argument("--size", default="32", help="payload bytes, or a comma list, 32..4096 (default 32)")
+    p.add_argument("--mode", choices=["pairs", "group"], default="pairs",
+                   help="1:1 pairs, or fan-out: each flow is a group of --group-size members")
+    p.add_argument("--group-size", type=_int, default=10, help="members per group in --mode group")
+    p.add_argument("--rate", type=_int, default=None, help="open loop: total msgs/s to send (default: closed loop)")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds (default 5, at most 120)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring (default 1)")
+    p.add_argument("--clients", type=_int, default=1, help="load processes (default 1)")
+    p.add_argument("--receipts", choices=["on", "off"], default="on",
+                   help="on: senders are devices, every delivery makes a stored DELIVERED receipt (the "
+                        "product's path); off: senders are send-only sessions (default on)")
+
+
 def run(args) -> int:
+    if getattr(args, "duration", 0) > 120:
+        raise SystemExit("--duration is at most 120 s")
+    for size in str(getattr(args, "size", "32")).split(","):
+        if not size.isdigit() or not 16 <= int(size) <= 65_000:
+            raise SystemExit(f"--size must be 16..65000 bytes, got {size!r}")
     if args.bench_verb == "density":
         from . import density
         if args.step is None:
             args.step = max(1, args.sessions // 5)
         return density.run(args)
-    raise SystemExit(f"unknown benchmark {args.bench_verb}")
+    if args.bench_verb == "throughput":
+        from . import throughput
+        return throughput.run(args)
+    from . import compare
+    return compare.run(args)

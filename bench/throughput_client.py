@@ -1,0 +1,138 @@
+"""One throughput load process: connects its flows, says ready, runs on `go`,
+drains, and prints its counters as JSON (driven by `bench.throughput`)."""
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import uvloop
+
+from ._loadgen import Conn, Flow, Stats
+
+
+def _greeting(dialect: str, name: str, receiver: bool, subject: str, args) -> bytes:
+    if dialect == "switchboard":
+        from _core import frames as F
+        from _core.codec import encode
+        from gateway.auth import TokenAuthority, load_secret
+        token = TokenAuthority(load_secret(args.data_dir)).issue(name, ttl=86400)
+        send_only = not receiver and not args.receipts
+        return encode(F.Hello(1, token, "load", 0, send_only))
+    if dialect == "nats":
+        sub = f"SUB {subject} 1\r\n" if receiver else ""
+        return f'CONNECT {{"verbose":false,"pedantic":false,"name":"{name}"}}\r\n{sub}PING\r\n'.encode()
+    return (f"GET /ws/{name} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+async def _make_groups(args, flows_spec) -> None:
+    """Switchboard group mode: each sender creates its group with its members."""
+    from gateway.auth import TokenAuthority, load_secret
+    from gateway.client import Client
+    auth = TokenAuthority(load_secret(args.data_dir))
+    for sender, target, members in flows_spec:
+        async with Client(args.host, args.port, auth.issue(sender), "setup", reconnect=False,
+                          send_only=True) as c:
+            await c.group("create", target, members=members)
+
+
+async def main(args) -> None:
+    loop = asyncio.get_running_loop()
+    stats = Stats()
+    flows, spec = [], []
+    for i in range(args.first, args.first + args.flows):
+        if args.mode == "group":
+            members = [f"g{i}m{k}" for k in range(args.group_size)]
+            target = f"#g{i}" if args.dialect == "switchboard" else f"g.{i}"
+            spec.append((f"g{i}s", target, members))
+        else:
+            target = f"r{i}" if args.dialect != "nats" else f"p.{i}"
+            spec.append((f"s{i}", target, [f"r{i}"]))
+    if args.mode == "group" and args.dialect == "switchboard":
+        await _make_groups(args, spec)
+    waits = []
+    for sender, target, receivers in spec:
+        flow = Flow(stats, args.dialect, target, args.size, args.window)
+        for name, is_sender in [(r, False) for r in receivers] + [(sender, True)]:
+            ready = loop.create_future()
+            conn = Conn(flow, is_sender, args.dialect, _greeting(args.dialect, name, not is_sender, target, args),
+                        ready)
+            flow.add(conn)
+            await loop.create_connection(lambda c=conn: c, args.host, args.port)
+            waits.append(ready)
+        flows.append(flow)
+    await asyncio.wait_for(asyncio.gather(*waits), 60)
+    print(json.dumps({"ready": len(flows)}), flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)
+
+    t0 = time.perf_counter()
+    for f in flows:
+        f.started = True
+    if args.rate:
+        per_flow = args.rate / len(flows)
+        for f in flows:
+            f.open_loop = True
+
+        async def pace():
+            while not stats.stopped:
+                budget = int(per_flow * (time.perf_counter() - t0)) + 1
+                for f in flows:
+                    f.rate_budget = budget
+                    f.pump()
+                await asyncio.sleep(0.001)
+        pacer = loop.create_task(pace())
+    else:
+        for f in flows:
+            f.pump()
+    warm_until = t0 + args.warmup
+    await asyncio.sleep(args.warmup)
+    d0, sent0 = stats.delivered, stats.sent
+    stats.reset_latency()
+    t1 = time.perf_counter()
+    await asyncio.sleep(args.duration)
+    stats.stopped = True
+    elapsed = time.perf_counter() - t1
+    delivered_in_window = stats.delivered - d0
+    p50, p99, p999 = stats.percentiles([0.5, 0.99, 0.999])
+    expected = sum(f.sent * len(f.receivers) for f in flows)
+    deadline = time.monotonic() + 15
+    while (stats.delivered + stats.duplicates < expected
+           or (args.dialect == "switchboard" and stats.acked < stats.sent)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    if args.rate:
+        pacer.cancel()
+    for f in flows:
+        for c in [f.sender, *f.receivers]:
+            c.transport.close()
+    print(json.dumps({
+        "elapsed": elapsed, "delivered_in_window": delivered_in_window, "sent_in_window": stats.sent - sent0,
+        "sent": stats.sent, "expected_deliveries": expected, "delivered": stats.delivered,
+        "acked": stats.acked if args.dialect == "switchboard" else None,
+        "duplicates": stats.duplicates, "gaps": stats.gaps, "errors": stats.errors,
+        "last_error": str(stats.last_error) if stats.last_error else None,
+        "p50_ms": p50, "p99_ms": p99, "p999_ms": p999, "warmup_s": warm_until - t0,
+    }), flush=True)
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dialect", required=True, choices=["switchboard", "nats", "websockets"])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--data-dir")
+    ap.add_argument("--mode", choices=["pairs", "group"], default="pairs")
+    ap.add_argument("--group-size", type=int, default=10)
+    ap.add_argument("--first", type=int, default=0)
+    ap.add_argument("--flows", type=int, required=True)
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=0.0)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--receipts", type=int, default=1)
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    uvloop.run(main(parse()))
