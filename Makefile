@@ -5,12 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= switchboard-data
 
-.PHONY: serve test build debug bench bench-e2e clean
+.PHONY: serve test build debug bench bench-density bench-throughput bench-compare clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,dev]'
+	$(BIN)/pip install -q -e '.[test,dev,bench]'
 	touch $(STAMP)
 
 # Re-cythonize whatever .pyx/.pxd changed since the last build.
@@ -30,8 +30,16 @@ test: build
 bench: build
 	$(BIN)/python -m pytest bench/ --benchmark-only -q
 
-bench-e2e: build
-	$(BIN)/python bench/e2e_throughput.py
+# The numbers in docs/benchmarks.md come from these (see there for the exact flags).
+bench-density: build
+	$(BIN)/switchboard bench density --sessions 1M --step 100k --workers 64 --concurrency 64 \
+		--json docs/results/density-1m.json --plot docs/density-1m.png
+
+bench-throughput: build
+	$(BIN)/switchboard bench throughput --against switchboard,nats,websockets --size 32,1024,4096
+
+bench-compare: build
+	$(BIN)/switchboard bench compare --json docs/results/compare.json --plot docs/density-compare.png
 
 clean:
-	rm -rf build $(VENV) _core/*.c _core/*.so _core/*.html *.egg-info
+	rm -rf build $(VENV) _core/*.c _core/*.so _core/*.html bench/*.c bench/*.so *.egg-info

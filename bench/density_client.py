@@ -182,15 +182,18 @@ class Client:
         return {"ok": ok, "failed": failed, "rtt_ms": rtts}
 
     async def ping_all_sample(self, k, timeout):
-        before = self.pongs
+        """Peers without messaging: a PING round trip on `k` sessions stands in."""
         sample = list(self.live.values())[:k]
+        self.awaiting = set(sample)
+        t0 = time.perf_counter()
         for s in sample:
             s.transport.write(self.dialect.ping())
         deadline = time.monotonic() + timeout
-        while self.pongs - before < len(sample) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        got = self.pongs - before
-        return {"ok": got, "failed": len(sample) - got, "rtt_ms": []}
+        while self.awaiting and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        missing = len(self.awaiting)
+        self.awaiting = set()
+        return {"ok": len(sample) - missing, "failed": missing, "rtt_ms": [(time.perf_counter() - t0) * 1000]}
 
     async def keepalive(self) -> None:
         """PING every session once per interval, spread evenly (ten slices a second)."""

@@ -1,0 +1,98 @@
+"""`switchboard bench ...` at a small scale: the commands a user runs, with
+real servers, real client processes and their JSON results."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def bench(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "gateway", "bench", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_density_switchboard_and_peers(tmp_path):
+    out = tmp_path / "d.json"
+    peers = ["floor"] + (["redis"] if shutil.which("redis-server") else [])
+    r = bench("density", "--sessions", "300", "--step", "150", "--warmup", "40", "--workers", "2",
+              "--idle-window", "0.5", "--against", ",".join(["switchboard", *peers]), "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = {x["server"]: x for x in json.loads(out.read_text())["results"]}
+    assert set(results) == {"switchboard", *peers}
+    for name, res in results.items():
+        assert [s["sessions"] for s in res["steps"]] == [150, 300], name
+        assert res["final_sessions"] == res["final_answered"] == 300, name
+        assert res["failed_reasons"] == {}, name
+        assert res["steps"][-1]["check_failed"] == 0, name
+        assert res["steps"][-1]["anon_per_session"] > 0, name
+    sb = results["switchboard"]
+    assert sb["server_processes"] == 3                        # a supervisor and two workers
+    assert sb["steps"][-1]["check_ok"] > 0 and sb["steps"][-1]["check_rtt_p50_ms"] > 0
+    assert "heap B/sess" in r.stdout and "final PING: 300 of 300" in r.stdout
+
+
+def test_density_against_a_running_gateway(gateway_factory, tmp_path):
+    gw = gateway_factory("--workers", "2")
+    out = tmp_path / "d.json"
+    r = bench("density", "--port", str(gw.port), "--data-dir", str(gw.data_dir), "--sessions", "200",
+              "--warmup", "20", "--idle-window", "0.5", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())["results"][0]
+    assert res["server_processes"] == 3                       # found by the listening port
+    assert res["final_answered"] == 200
+    assert gw.alive()                                         # a gateway it did not start keeps running
+
+
+def test_density_reports_refused_sessions(gateway_factory, tmp_path):
+    """Tokens from another secret: every HELLO is refused, and the run says why and fails."""
+    gw = gateway_factory()
+    other = gateway_factory()
+    out = tmp_path / "d.json"
+    r = bench("density", "--port", str(gw.port), "--data-dir", str(other.data_dir), "--sessions", "20",
+              "--warmup", "1", "--idle-window", "0.2", "--json", str(out))
+    assert r.returncode == 1
+    reasons = json.loads(out.read_text())["results"][0]["failed_reasons"]
+    assert sum(reasons.values()) == 20 and all(k.startswith("ERROR ") for k in reasons), reasons
+
+
+def test_density_without_a_server_is_a_clear_error():
+    r = bench("density", "--port", "1", "--sessions", "10")
+    assert r.returncode != 0 and "nothing listens on port 1" in r.stderr
+
+
+@pytest.mark.parametrize("size", ["32", "4096"])
+def test_throughput_is_exactly_once(tmp_path, size):
+    out = tmp_path / "t.json"
+    against = ["switchboard", "websockets"] + (["nats"] if shutil.which("nats-server") else [])
+    r = bench("throughput", "--pairs", "6", "--window", "4", "--duration", "1", "--warmup", "0.3",
+              "--size", size, "--workers", "2", "--against", ",".join(against), "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == len(against)
+    for row in rows:
+        assert row["exactly_once"], row
+        assert row["delivered"] == row["expected"] == row["sent"] > 0
+        assert row["msgs_per_s"] > 0 and row["p50_ms"] > 0 and row["payload_bytes"] == int(size)
+    sb = rows[0]
+    assert sb["server"].startswith("switchboard (2w") and sb["acked"] == sb["sent"]
+
+
+def test_throughput_group_fan_out_and_open_loop(tmp_path):
+    out = tmp_path / "t.json"
+    r = bench("throughput", "--mode", "group", "--group-size", "3", "--pairs", "2", "--rate", "400",
+              "--duration", "1", "--warmup", "0.3", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    row = json.loads(out.read_text())["results"][0]
+    assert row["exactly_once"] and row["delivered"] == 3 * row["sent"] > 0
+    assert row["sends_per_s"] <= 400 * 1.2                   # the rate holds (plus the first tick)
+
+
+def test_throughput_rejects_bad_sizes():
+    r = bench("throughput", "--size", "8")
+    assert r.returncode != 0 and "--size must be 16..65000" in r.stderr
