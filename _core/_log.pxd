@@ -116,3 +116,6 @@ cdef class LogCore:
     cdef int _sort_inbox(self, Inbox inbox) except -1
     cdef int _recover_message(self, Segment seg, Py_ssize_t off, MsgView *m, uint64_t now_ms,
                               dict dedup, Py_ssize_t dedup_window) except -1
+
+
+cdef int remember(dict table, object key, object value, Py_ssize_t window) except -1

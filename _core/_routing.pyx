@@ -17,7 +17,7 @@ from ._codec cimport (Cursor, cur_u8, cur_u64, cur_u16, cur_bytes8, cur_done, cu
                       SWITCHBOARD_DEBUG)
 from ._codec import encode_into
 from .errors import UnexpectedFrame, MalformedFrame, StoreError
-from ._log cimport LogCore, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP
+from ._log cimport LogCore, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP, remember
 from .protocol import ErrorCode, FrameType
 
 
@@ -281,9 +281,7 @@ cdef class RouteCore:
         cdef dict dedup = sender._dedup if sender._dedup is not None else self._dedup_of(sender)
         sender.out.write_ack(client_id, msg_id, ts)
         sender._mark()
-        dedup[client_id] = (msg_id, ts)
-        if len(dedup) > self.dedup_window:
-            del dedup[next(iter(dedup))]
+        remember(dedup, client_id, (msg_id, ts), self.dedup_window)
         return 0
 
     cdef tuple devices_of(self, str user):
@@ -487,9 +485,7 @@ cdef class RouteCore:
                 out.put_text16(str(exc), 1000)
                 out.end_frame(start)
                 return link._mark()
-            (<dict>table)[client_id] = (msg_id, ts)
-            if len(<dict>table) > self.dedup_window:
-                del (<dict>table)[next(iter(<dict>table))]
+            remember(<dict>table, client_id, (msg_id, ts), self.dedup_window)
         start = out.begin_frame(LT_FWD_ACK, 0)
         out.put_u64(seq)
         out.put_u64(msg_id)
@@ -573,9 +569,7 @@ cdef class RouteCore:
                                        PyUnicode_AsUTF8(group), len(group.encode()), origin,
                                        PyBytes_AS_STRING(payload), len(payload), FLAG_GROUP)
                 s._mark()
-        (<dict>table)[origin] = (msg_id, ts)
-        if len(<dict>table) > self.dedup_window:
-            del (<dict>table)[next(iter(<dict>table))]
+        remember(<dict>table, origin, (msg_id, ts), self.dedup_window)
         return True
 
     cdef bint _is_local(self, str recipient) except -1:

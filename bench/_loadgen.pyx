@@ -28,7 +28,7 @@ cdef enum:
     NATS = 1
     WEBSOCKET = 2
     READ_SIZE = 262144
-    MAX_ACKS = 16384           # DELIVER ids one read can hold (a DELIVER is > 16 bytes)
+    MAX_ACKS = 16384           # DELIVER/RECEIPT ids one read can hold (each frame is > 16 bytes)
     FT_WELCOME = 0x02
     FT_SEND = 0x03
     FT_ACK = 0x04
@@ -36,6 +36,7 @@ cdef enum:
     FT_RECEIVED = 0x06
     FT_ERROR = 0x09
     FT_GOAWAY = 0x0A
+    FT_RECEIPT = 0x0B
     FLAG_MIRROR = 0x02
     FLAG_GROUP = 0x04
     STAMP = 16                 # payload starts with seq (8) and send time (8)
@@ -56,7 +57,7 @@ cdef int _cmp_u64(const void *a, const void *b) noexcept nogil:
 
 cdef class Stats:
     """Counters of one load process, and latency samples (every message, up to a cap)."""
-    cdef public uint64_t sent, acked, delivered, duplicates, gaps, errors
+    cdef public uint64_t sent, acked, delivered, duplicates, gaps, errors, receipts
     cdef public bint stopped
     cdef public object last_error
     cdef uint64_t *lat
@@ -272,6 +273,10 @@ cdef class Conn:
                 self._got(p + off, pos + 4 + length - off)
                 memcpy(self.acks + 8 * self.nacks, p + pos + 6, 8)
                 self.nacks += 1
+            elif ftype == FT_RECEIPT:                   # stored for us like a message: acknowledge it
+                memcpy(self.acks + 8 * self.nacks, p + pos + 6, 8)
+                self.nacks += 1
+                self.flow.stats.receipts += 1
             elif ftype == FT_ACK:
                 self.flow.stats.acked += 1
             elif ftype == FT_ERROR or ftype == FT_GOAWAY:

@@ -80,6 +80,7 @@ def measure(server, args, size: int) -> dict:
         "server_cpu_pct": round(100 * (cpu2 - cpu1) / (t2 - t1), 1),
         "load_cpu_pct": round(100 * (lcpu2 - lcpu1) / (t2 - t1), 1),
         "sent": sent, "acked": acked, "delivered": delivered, "expected": expected,
+        "receipts": total("receipts") if server.dialect == "switchboard" else None,
         "duplicates": total("duplicates"), "gaps": total("gaps"), "errors": total("errors"),
         "last_error": next((x["last_error"] for x in parts if x["last_error"]), None),
         "exactly_once": exactly_once, "seconds": round(t2 - t0, 1),

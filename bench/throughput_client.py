@@ -109,7 +109,7 @@ async def main(args) -> None:
         "elapsed": elapsed, "delivered_in_window": delivered_in_window, "sent_in_window": stats.sent - sent0,
         "sent": stats.sent, "expected_deliveries": expected, "delivered": stats.delivered,
         "acked": stats.acked if args.dialect == "switchboard" else None,
-        "duplicates": stats.duplicates, "gaps": stats.gaps, "errors": stats.errors,
+        "receipts": stats.receipts, "duplicates": stats.duplicates, "gaps": stats.gaps, "errors": stats.errors,
         "last_error": str(stats.last_error) if stats.last_error else None,
         "p50_ms": p50, "p99_ms": p99, "p999_ms": p999, "warmup_s": warm_until - t0,
     }), flush=True)
