@@ -282,13 +282,21 @@ class _Committed:
         return self.committer.syncs
 
 
+def _with_device(devs, device: str):
+    """An index entry (None, one name, or a sorted tuple) with `device` added."""
+    if devs is None:
+        return device
+    have = (devs,) if type(devs) is str else devs
+    return devs if device in have else tuple(sorted((*have, device)))
+
+
 class _DeviceRegistry:
     """Registered devices per user, kept as META records (key d NUL user NUL device,
     value: u64 last seen ms), with an in-memory index by user.
 
-    The index holds one sorted tuple per user (64 bytes for one device, where a
-    set costs 216): it is per connected user, so it counts in bytes per session,
-    and the router's device cache shares the same tuple object."""
+    The index holds the device name itself for a user with one device (the
+    common case: no container at all) and a sorted tuple for several: it is
+    per registered user, so every byte counts a million times."""
 
     def _device_index(self) -> dict:
         idx = getattr(self, "_devidx", None)
@@ -296,24 +304,25 @@ class _DeviceRegistry:
             idx = self._devidx = {}
             for key in self.meta_keys("d\x00"):
                 _, user, device = key.split("\x00", 2)
-                idx[user] = tuple(sorted((*idx.get(user, ()), device)))
+                idx[user] = _with_device(idx.get(user), device)
         return idx
 
     def devices_of(self, user: str) -> tuple:
-        return self._device_index().get(user, ())
+        devs = self._device_index().get(user)
+        return (devs,) if type(devs) is str else (devs or ())
 
     def register_device(self, user: str, device: str, now: int) -> bool:
         """Record that `device` of `user` connected; True if it is new."""
         idx = self._device_index()
-        devs = idx.get(user, ())
-        new = device not in devs
+        devs = idx.get(user)
+        new = devs != device if type(devs) is str else (devs is None or device not in devs)
         if new:
-            idx[user] = tuple(sorted((*devs, device)))
+            idx[user] = _with_device(devs, device)
         self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now))
         return new
 
     def touch_device(self, user: str, device: str, now: int) -> None:
-        if device in self._device_index().get(user, ()):
+        if device in self.devices_of(user):
             self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now))
 
     def last_seen(self, user: str) -> int:
