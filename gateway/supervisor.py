@@ -33,6 +33,7 @@ class Supervisor:
         self.config = config
         self.cluster = secrets.token_hex(6)
         self.listen_sock = None
+        self.ws_sock = None          # the WebSocket listener (browsers), unless turned off
         self.parent_r = self.parent_w = -1
         self.workers: dict[int, int] = {}        # pid -> worker index
         self.started: dict[int, float] = {}      # worker index -> start time
@@ -41,12 +42,12 @@ class Supervisor:
         self.stopping = False
         self.exit_code = 0
 
-    def _bind(self) -> socket.socket:
+    def _bind(self, port: int) -> socket.socket:
         cfg = self.config
         deadline = time.monotonic() + 5
         while True:
             try:
-                sock = socket.create_server((cfg.host, cfg.port), backlog=cfg.backlog)
+                sock = socket.create_server((cfg.host, port), backlog=cfg.backlog)
                 break
             except OSError as exc:     # a previous instance's workers may still be letting go
                 if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
@@ -63,7 +64,9 @@ class Supervisor:
             os.makedirs(cfg.data_dir, exist_ok=True)
             load_or_create_secret(cfg.data_dir)
             check_layout(cfg.data_dir, DEFAULT_SHARDS)
-            self.listen_sock = self._bind()
+            self.listen_sock = self._bind(cfg.port)
+            if cfg.ws_port >= 0:
+                self.ws_sock = self._bind(cfg.ws_port)
         except Exception as exc:
             _log.error("event=cannot_start error=%s", exc)
             return 1
@@ -77,9 +80,10 @@ class Supervisor:
             self._loop()
             return self.exit_code or 1
         host, port = self.listen_sock.getsockname()[:2]
-        _log.info("event=supervisor_ready workers=%d listen=tcp://%s:%d pid=%d",
-                  cfg.workers, host, port, os.getpid())
-        print(banner(host, port, cfg.data_dir), flush=True)
+        ws_port = self.ws_sock.getsockname()[1] if self.ws_sock is not None else -1
+        _log.info("event=supervisor_ready workers=%d listen=tcp://%s:%d ws=%d pid=%d",
+                  cfg.workers, host, port, ws_port, os.getpid())
+        print(banner(host, port, cfg.data_dir, ws_port), flush=True)
         try:
             self._loop()
         finally:
@@ -174,7 +178,7 @@ class Supervisor:
                 os.close(self.ready_r)
                 signal.pthread_sigmask(signal.SIG_SETMASK, set())
                 from .server import run_worker
-                code = run_worker(cfg, self.listen_sock, self.cluster, self.parent_r, self.ready_w)
+                code = run_worker(cfg, self.listen_sock, self.cluster, self.parent_r, self.ready_w, self.ws_sock)
             except BaseException:
                 traceback.print_exc()
             finally:
