@@ -103,7 +103,7 @@ class WsRaw:
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         resp = HttpResponse(head, b"")
         n = int(resp.headers.get("content-length", "0"))
-        if resp.status not in (101, 304):
+        if resp.status not in (101, 304) and not request.startswith(b"HEAD "):
             resp.body = self._take(n)
         return resp
 
