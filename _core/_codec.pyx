@@ -648,6 +648,8 @@ cdef class Decoder:
         """Frames after the current one go to `sink` (a FrameSink or a callable)."""
         self._sink = sink
         self._fast_sink = sink if isinstance(sink, FrameSink) else None
+        if self._fast_sink is not None:
+            self._exporter = None     # only Python sinks need it: an idle session keeps nothing
 
     def stop(self):
         """Dispatch no more frames; what is left stays buffered (see `take_buffered`)."""

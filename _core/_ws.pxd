@@ -37,7 +37,7 @@ cdef class WsReader:
     cdef bint _fin
     cdef bint _in_message                # a fragmented message is open (continuations expected)
     cdef public bint closing             # a Close was sent or received: data is read and dropped
-    cdef unsigned char _pend[PEND_MAX]   # bytes of a split header or control frame; nothing else is kept
+    cdef unsigned char *_pend            # PEND_MAX bytes while a header or control frame is split; else NULL
     cdef Py_ssize_t _pend_len
     cdef Py_ssize_t _scratch_off
     cdef bytearray _buf                  # the scratch buffer handed out by get_buffer
@@ -48,9 +48,11 @@ cdef class WsReader:
     cdef int _end_frame(self) except -1
     cdef int _control(self, uint8_t opcode, unsigned char *payload, Py_ssize_t n) except -1
     cdef int _after(self, unsigned char *buf, Py_ssize_t used, Py_ssize_t total) except -1
+    cdef int _drop_pend(self) except -1
 
 
 cdef class WsWriter:
-    cdef object _write                   # the transport's write
+    cdef object _transport               # written with one write() per batch
     cdef public Py_ssize_t max_message
     cdef readonly int last_type          # type of the last protocol frame written (ERROR, GOAWAY, ...)
+    cdef public bint closed              # after our Close frame: drop output

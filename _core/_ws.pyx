@@ -21,6 +21,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.string cimport memcpy
 
 from ._codec cimport (Decoder, shared_scratch, sb_load16, sb_load32, sb_load64, sb_store16, sb_store64,
@@ -64,6 +65,7 @@ cdef class WsReader:
     """
 
     def __init__(self, Decoder inner, on_control, Py_ssize_t max_message):
+        self._pend = NULL
         self.inner = inner
         self._on_control = on_control
         self.max_message = max_message
@@ -71,10 +73,20 @@ cdef class WsReader:
         self._scratch_off = -1
         self.closing = False
 
+    def __dealloc__(self):
+        PyMem_Free(self._pend)
+
     @property
     def buffered(self):
         """Bytes of a split header or control frame held for the next read."""
         return self._pend_len
+
+    cdef int _drop_pend(self) except -1:
+        # the pending bytes were copied to the front of scratch: idle again, hold nothing
+        self._pend_len = 0
+        PyMem_Free(self._pend)
+        self._pend = NULL
+        return 0
 
     @property
     def in_message(self):
@@ -97,7 +109,7 @@ cdef class WsReader:
         self._buf = None
         total = self._scratch_off + nbytes
         self._scratch_off = -1
-        self._pend_len = 0
+        self._drop_pend()
         buf = <unsigned char *>PyByteArray_AS_STRING(scratch)
         used = self._process(buf, total, scratch)
         return self._after(buf, used, total)
@@ -119,7 +131,7 @@ cdef class WsReader:
                 memcpy(buf + self._pend_len, <const char *>view.buf + off, chunk)
                 off += chunk
                 total = self._pend_len + chunk
-                self._pend_len = 0
+                self._drop_pend()
                 used = self._process(buf, total, scratch)
                 self._after(buf, used, total)
             if off < view.len:
@@ -142,6 +154,10 @@ cdef class WsReader:
             return 0
         if left > PEND_MAX:
             raise AssertionError(f"WebSocket reader left {left} bytes unparsed")
+        if self._pend == NULL:
+            self._pend = <unsigned char *>PyMem_Malloc(PEND_MAX)
+            if self._pend == NULL:
+                raise MemoryError()
         memcpy(self._pend, buf + used, left)
         self._pend_len = left
         return 0
@@ -285,6 +301,11 @@ cdef class WsReader:
         self._message_len = sb_load64(p + 8)
         memcpy(self._mask, p + 16, 4)
         self._phase = p[20] & 3
+        self._drop_pend()
+        if pend:
+            self._pend = <unsigned char *>PyMem_Malloc(PEND_MAX)
+            if self._pend == NULL:
+                raise MemoryError()
         self._in_frame = (p[21] & 1) != 0
         self._fin = (p[21] & 2) != 0
         self._in_message = (p[21] & 4) != 0
@@ -346,15 +367,17 @@ def close_frame(int code, str reason=""):
 
 
 cdef class WsWriter:
-    """A session's `write`: each call becomes binary messages of whole protocol
+    """A session's `write` (holding the transport, not a bound method: one
+    object less per connection): each call becomes binary messages of whole protocol
     frames (one message unless the batch is over `max_message`), written with
     one transport write. Records the type of the last protocol frame so the
     connection can pick the Close code (GOAWAY: 1001, fatal ERROR: 1008)."""
 
-    def __init__(self, write, Py_ssize_t max_message):
-        self._write = write
+    def __init__(self, transport, Py_ssize_t max_message):
+        self._transport = transport
         self.max_message = max_message
         self.last_type = 0
+        self.closed = False
 
     def __call__(self, data):
         cdef Py_buffer view
@@ -367,7 +390,7 @@ cdef class WsWriter:
         try:
             src = <const unsigned char *>view.buf
             n = view.len
-            if n == 0:
+            if n == 0 or self.closed:
                 return
             # pass 1: message boundaries (whole protocol frames, at most `limit` bytes unless one frame is larger)
             pos = 0
@@ -410,4 +433,4 @@ cdef class WsWriter:
                         raise AssertionError("WsWriter miscounted its output")
         finally:
             PyBuffer_Release(&view)
-        self._write(out)
+        self._transport.write(out)

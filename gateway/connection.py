@@ -16,15 +16,13 @@ _log = log.get("switchboard.conn")
 
 
 class Connection(asyncio.BufferedProtocol):
-    __slots__ = ("gateway", "transport", "session", "decoder", "_hello_timer", "peer", "handed_off",
-                 "_handoff")
+    __slots__ = ("gateway", "transport", "session", "decoder", "_hello_timer", "handed_off", "_handoff")
     WEBSOCKET = False        # hand-offs say which kind of connection the owner adopts
 
     def __init__(self, gateway, handed_off: bool = False):
         self.gateway = gateway
         self.transport = None
         self.session = None
-        self.peer = None
         self.decoder = Decoder(self._hello_sink, gateway.config.pre_auth_max_frame)
         self._hello_timer = None
         self.handed_off = handed_off     # came from another worker: must be ours
@@ -35,10 +33,14 @@ class Connection(asyncio.BufferedProtocol):
         self.transport = transport
         if self.handed_off:
             transport.pause_reading()        # the bytes the other worker read come first
-        self.peer = transport.get_extra_info("peername")
         self.gateway.connections.add(self)
         self._hello_timer = self.gateway.loop.call_later(self.gateway.config.hello_timeout,
                                                          self._hello_timed_out)
+
+    @property
+    def peer(self):
+        """The client's address, for logs (not kept: an idle connection holds as little as it can)."""
+        return self.transport.get_extra_info("peername") if self.transport is not None else None
 
     def get_buffer(self, sizehint):
         return self.decoder.get_buffer(sizehint)

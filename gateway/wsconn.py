@@ -32,6 +32,10 @@ OP_PONG = 0xA
 #: server messages are cut (at protocol frame boundaries) past this size
 OUT_MESSAGE = 256 << 10
 _STATE = struct.Struct("!H")
+#: every connection reads its request into this one buffer; only an incomplete
+#: request's bytes are kept (as `_http`) between reads, so a connection holds no request buffer
+_SCRATCH = bytearray(MAX_REQUEST)
+_SCRATCH_VIEW = memoryview(_SCRATCH)
 _PROTO = struct.Struct("!I")
 
 
@@ -53,21 +57,18 @@ class WsConnection(Connection):
 
     def __init__(self, gateway, handed_off: bool = False):
         super().__init__(gateway, handed_off)
-        self._http = None        # the request, until the handshake is answered
-        self._http_len = 0
+        self._http = b""         # the start of a request split across reads; None once answered
+        self._http_len = 0       # bytes of it copied to the front of _SCRATCH by get_buffer
         self.ws = None           # WsReader once upgraded
         self.writer = None
         self._close_sent = False
 
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        if not self.handed_off:
-            self._http = bytearray(MAX_REQUEST)
-
     def get_buffer(self, sizehint):
         if self.ws is not None:
             return self.ws.get_buffer(sizehint)
-        return memoryview(self._http)[self._http_len:]
+        n = self._http_len = len(self._http or b"")
+        _SCRATCH[:n] = self._http or b""
+        return _SCRATCH_VIEW[n:]
 
     def buffer_updated(self, nbytes):
         if self.ws is not None:
@@ -89,15 +90,16 @@ class WsConnection(Connection):
     def _request(self, nbytes: int) -> None:
         if self._http is None:
             return                                   # answered already; ignore what follows
-        searched = self._http_len
-        self._http_len += nbytes
-        end = request_end(self._http, self._http_len, searched)
+        total = self._http_len + nbytes
+        end = request_end(_SCRATCH, total, self._http_len)
         if end < 0:
-            if self._http_len >= MAX_REQUEST:
+            if total >= MAX_REQUEST:
                 self._http_done(HttpReject(431, f"request head over {MAX_REQUEST} bytes").response())
+            else:
+                self._http = bytes(_SCRATCH_VIEW[:total])
             return
-        head, rest = bytes(self._http[:end]), bytes(self._http[end:self._http_len])
-        self._http = None                            # an open WebSocket holds no request buffer
+        head, rest = bytes(_SCRATCH_VIEW[:end]), bytes(_SCRATCH_VIEW[end:total])
+        self._http = None
         gw = self.gateway
         try:
             req = parse_request(head)
@@ -121,8 +123,9 @@ class WsConnection(Connection):
 
     def _upgrade(self) -> None:
         cfg = self.gateway.config
-        self.ws = WsReader(self.decoder, self._control, cfg.pre_auth_max_frame + LENGTH_SIZE)
-        self.writer = WsWriter(self.transport.write, OUT_MESSAGE)
+        # the connection itself is the reader's control callback (__call__): no bound method kept
+        self.ws = WsReader(self.decoder, self, cfg.pre_auth_max_frame + LENGTH_SIZE)
+        self.writer = WsWriter(self.transport, OUT_MESSAGE)
 
     def _hello_timed_out(self):
         if self.ws is None and not self.transport.is_closing():
@@ -162,11 +165,14 @@ class WsConnection(Connection):
         self.decoder.stop()
         if not self._close_sent and not self.transport.is_closing():
             self._close_sent = True
+            if self.writer is not None:
+                self.writer.closed = True
             _log.info("closing websocket %s: %s (%d)", self.peer, reason or "-", code)
             self.transport.write(close_frame(code, reason))
         self.transport.close()
 
-    def _control(self, opcode: int, payload: bytes) -> None:
+    def __call__(self, opcode: int, payload: bytes) -> None:
+        """Ping, Pong and Close from the reader (already validated)."""
         if opcode == OP_PING:
             if not self._close_sent and not self.transport.is_closing():
                 self.transport.write(frame(OP_PONG, payload))

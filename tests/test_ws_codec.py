@@ -127,7 +127,10 @@ def test_close_codes():
 
 def test_writer_cuts_messages_at_frame_boundaries():
     out = []
-    w = WsWriter(out.append, 1000)
+
+    class Transport:
+        write = staticmethod(out.append)
+    w = WsWriter(Transport(), 1000)
     frames = [encode(F.Ping(i)) for i in range(200)] + [encode(F.Send(1, "b", b"q" * 3000))]
     w(b"".join(frames))
     data, messages = out[0], []
