@@ -19,7 +19,7 @@ import struct
 
 from _core._ws import WsReader, WsWriter, close_frame, frame
 from _core.errors import WebSocketError
-from _core.protocol import LENGTH_SIZE, ErrorCode, FrameType
+from _core.protocol import LENGTH_SIZE, FrameType
 
 from . import log
 from .connection import Connection
@@ -155,8 +155,7 @@ class WsConnection(Connection):
             self.transport.close()
             return
         self.writer(data)
-        internal = data[4] == FrameType.ERROR and int.from_bytes(data[6:8], "big") == ErrorCode.INTERNAL
-        self.ws_close(1011 if internal else 1008, "")
+        self.ws_close(1008, "")
 
     def ws_close(self, code: int, reason: str) -> None:
         """Send Close(code) once, stop reading protocol frames, close TCP."""
