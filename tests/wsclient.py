@@ -9,6 +9,7 @@ import socket
 import struct
 
 from _core.pycodec import Decoder, decode_body, encode
+from rawclient import SocketClient
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
@@ -60,7 +61,7 @@ class HttpResponse:
         self.body = body
 
 
-class WsRaw:
+class WsRaw(SocketClient):
     """A blocking WebSocket client over a real socket."""
 
     def __init__(self, host: str, port: int, timeout: float = 5.0):
@@ -172,12 +173,3 @@ class WsRaw:
             pass
         out, self.buf = self.buf, b""
         return out
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.sock.close()
