@@ -63,8 +63,11 @@ class GatewayConfig:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if not (-1 <= self.ws_port <= 65535):
             raise ValueError(f"WebSocket port must be 0..65535 (or off), got {self.ws_port}")
+        from urllib.parse import urlsplit
         for o in self.ws_origins:
-            if o != "*" and not (o.startswith(("http://", "https://")) and o == o.rstrip("/").lower()):
+            u = urlsplit(o)
+            if o != "*" and not (u.scheme in ("http", "https") and u.netloc and not u.path and not u.query
+                                 and not u.fragment and o == o.lower()):
                 raise ValueError(f"WebSocket origin must be '*' or scheme://host[:port] in lower case "
                                  f"without a path, got {o!r}")
         from router.sharding import DEFAULT_SHARDS

@@ -483,3 +483,13 @@ def test_handoff_to_the_owning_worker(gateway_factory):
     gw2.stop()
     handed = sum(int(n) for n in re.findall(r"handoffs_out=(\d+)", gw2.text))
     assert handed > 0, "no connection was handed over: the test proved nothing"
+
+
+@pytest.mark.parametrize("origin", ["https://x.example/path", "ftp://x.example", "x.example", "https://"])
+def test_serve_refuses_a_bad_origin_setting(tmp_path, origin):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "0", "--data-dir", str(tmp_path),
+                        "--ws-origin", origin], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "WebSocket origin must be" in r.stderr, (r.returncode, r.stderr)
