@@ -114,3 +114,10 @@ cdef class Decoder:
     cdef int _append_own(self, const unsigned char *p, Py_ssize_t n) except -1
     cdef int _consume_own(self, Py_ssize_t used) except -1
     cdef int _dispatch(self, uint8_t ftype, uint8_t flags, const unsigned char *body, Py_ssize_t n) except -1
+    cdef Py_ssize_t feed_ptr(self, const unsigned char *p, Py_ssize_t n, object owner) except -1
+
+
+cdef enum:
+    SCRATCH_SIZE = 262144        # the shared read buffer every connection reads into
+
+cdef bytearray shared_scratch()

@@ -22,7 +22,6 @@ cdef extern from "Python.h":
     int PyBUF_READ
 
 cdef enum:
-    SCRATCH_SIZE = 262144     # one shared read buffer per process
     SMALL_PENDING = 16384     # incomplete frames up to this size are re-read via scratch
     WRITE_INITIAL = 256
 
@@ -42,6 +41,12 @@ cdef int _new_scratch() except -1:
     return 0
 
 _new_scratch()
+
+
+cdef bytearray shared_scratch():
+    """The process's scratch read buffer (SCRATCH_SIZE bytes). Valid until the
+    next call: a leaked body view makes the codec switch to a fresh one."""
+    return _scratch
 
 
 cdef class _BodyExporter:
@@ -645,7 +650,7 @@ cdef class Decoder:
         self._sink = sink
         self._fast_sink = sink if isinstance(sink, FrameSink) else None
         if self._fast_sink is not None:
-            self._exporter = None      # only Python sinks borrow bodies through it
+            self._exporter = None     # only Python sinks need it: an idle session keeps nothing
 
     def stop(self):
         """Dispatch no more frames; what is left stays buffered (see `take_buffered`)."""
@@ -715,23 +720,29 @@ cdef class Decoder:
     def feed(self, data):
         """Parse `data` (for callers that are not BufferedProtocols). Returns frames dispatched."""
         cdef Py_buffer view
-        cdef Py_ssize_t used
-        cdef unsigned char *own
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
+            return self.feed_ptr(<const unsigned char *>view.buf, view.len, data)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef Py_ssize_t feed_ptr(self, const unsigned char *p, Py_ssize_t n, object owner) except -1:
+        """`feed` for C callers (the WebSocket layer feeds unmasked payloads
+        straight from the scratch buffer): `owner` is the object holding `p`."""
+        cdef Py_ssize_t used
+        try:
             if self._own_len == 0:
-                self._owner = data
-                used = self._parse(<const unsigned char *>view.buf, view.len)
-                if used < view.len:
-                    self._keep(<const unsigned char *>view.buf + used, view.len - used)
+                self._owner = owner
+                used = self._parse(p, n)
+                if used < n:
+                    self._keep(p + used, n - used)
             else:
-                self._append_own(<const unsigned char *>view.buf, view.len)
+                self._append_own(p, n)
                 self._owner = self._own
                 used = self._parse(<unsigned char *>PyByteArray_AS_STRING(self._own), self._own_len)
                 self._consume_own(used)
         finally:
             self._owner = None
-            PyBuffer_Release(&view)
         return self._count
 
     cdef int _append_own(self, const unsigned char *p, Py_ssize_t n) except -1:

@@ -38,7 +38,8 @@ cdef enum:
     LT_LINK_HELLO = 0x45
     LT_RCPT = 0x46
     LT_CTRL = 0x47
-    LT_LAST = 0x47
+    LT_HANDOFF_WS = 0x48
+    LT_LAST = 0x48
     RECEIPT_DELIVERED = 1
     RECEIPT_READ = 2
 

@@ -59,3 +59,16 @@ class ServerError(Exception):
         self.code = code
         self.reason = reason
         self.ref = ref
+
+
+class WebSocketError(Exception):
+    """The peer broke RFC 6455 (or sent what this endpoint does not accept):
+    the connection sends a Close frame with `close_code` and ends."""
+
+    def __init__(self, close_code: int, reason: str):
+        super().__init__(reason)
+        self.close_code = close_code
+
+    @property
+    def reason(self) -> str:
+        return self.args[0]

@@ -28,7 +28,8 @@ _log = log.get("switchboard.bus")
 LT_HANDOFF = 0x44
 LT_LINK_HELLO = 0x45
 LT_CTRL = 0x47            # presence and typing (JSON: low rate, and easy to read in a capture)
-LT_LAST = 0x47
+LT_HANDOFF_WS = 0x48      # a WebSocket connection past its handshake (gateway/wsconn.py says what it carries)
+LT_LAST = 0x48
 LINK_MAX_FRAME = 16 << 20
 READ_SIZE = 1 << 18
 #: queued bytes to one worker past which this worker stops reading its clients
@@ -79,9 +80,9 @@ class Link:
             self.close(exc)
 
     def _control(self, core, ftype: int, body: bytes) -> None:
-        if ftype == LT_HANDOFF:
+        if ftype == LT_HANDOFF or ftype == LT_HANDOFF_WS:
             fd = self.fds.popleft()
-            self.bus.on_handoff(fd, body)
+            self.bus.on_handoff(fd, body, ftype == LT_HANDOFF_WS)
         elif ftype == LT_LINK_HELLO:
             (self.peer,) = struct.unpack("!H", body)
         elif ftype == LT_CTRL:
@@ -223,12 +224,13 @@ class LocalBus:
         self.outgoing[worker].queue(link_frame(LT_CTRL, json.dumps(msg, separators=(",", ":")).encode()), None)
         return True
 
-    def hand_off(self, worker: int, fd: int, data: bytes) -> bool:
-        """Give a client connection to `worker`; our descriptor is closed either way."""
+    def hand_off(self, worker: int, fd: int, data: bytes, websocket: bool = False) -> bool:
+        """Give a client connection to `worker`; our descriptor is closed either way.
+        `websocket`: past its opening handshake, `data` is gateway/wsconn.py's hand-off payload."""
         if self.link_to(worker) is None:
             os.close(fd)
             return False
-        self.outgoing[worker].queue(link_frame(LT_HANDOFF, data), fd)
+        self.outgoing[worker].queue(link_frame(LT_HANDOFF_WS if websocket else LT_HANDOFF, data), fd)
         self.handoffs_sent += 1
         return True
 

@@ -11,7 +11,7 @@ import json
 import sys
 
 from . import __version__
-from .config import DEFAULT_HOST, DEFAULT_PORT, GatewayConfig, default_data_dir
+from .config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WS_PORT, GatewayConfig, default_data_dir
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -42,6 +42,18 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 64M)") from None
 
 
+def _ws_port(text: str) -> int:
+    if text.lower() == "off":
+        return -1
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r} (a number, or 'off')") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}")
+    return port
+
+
 def _add_endpoint(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"gateway address (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gateway TCP port (default {DEFAULT_PORT})")
@@ -65,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("serve", help="run a gateway", description="Run a gateway until SIGTERM/SIGINT.")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"listen address (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port, 0 picks one (default {DEFAULT_PORT})")
+    p.add_argument("--ws-port", type=_ws_port, default=None,
+                   help=f"WebSocket port for browsers (the chat page at /, the protocol at /ws); 0 picks one, "
+                        f"'off' turns it off (default {DEFAULT_WS_PORT}, or 0 when --port is 0)")
+    p.add_argument("--ws-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (e.g. https://chat.example.com) allowed to open WebSockets besides "
+                        "the page's own; repeatable; '*' allows any. Clients without Origin are always allowed")
     p.add_argument("--data-dir", default=None,
                    help=f"where the server secret and data live (default: $SWITCHBOARD_DATA_DIR or ./{default_data_dir()})")
     p.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1,
@@ -350,7 +368,9 @@ def _serve(args) -> int:
                         max_pending_per_recipient=args.max_pending, log_level=args.log_level,
                         store=args.store, durability=args.durability, flush_interval_ms=args.flush_interval_ms,
                         segment_size=args.segment_size, message_ttl=args.message_ttl,
-                        max_devices=args.max_devices, max_group_members=args.max_group_members)
+                        max_devices=args.max_devices, max_group_members=args.max_group_members,
+                        ws_port=args.ws_port if args.ws_port is not None else (0 if args.port == 0 else DEFAULT_WS_PORT),
+                        ws_origins=tuple(o.rstrip("/").lower() for o in args.ws_origin))
     try:
         cfg.validate()
     except ValueError as exc:

@@ -6,6 +6,8 @@ from _core.protocol import DEFAULT_MAX_FRAME, PRE_AUTH_MAX_FRAME
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7400
+#: the WebSocket listener (browsers: the chat page at /, the protocol at /ws)
+DEFAULT_WS_PORT = 7401
 
 
 def default_data_dir() -> str:
@@ -16,6 +18,10 @@ def default_data_dir() -> str:
 class GatewayConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    #: WebSocket listener port; 0 picks a free one, -1 turns it off
+    ws_port: int = DEFAULT_WS_PORT
+    #: browser origins (scheme://host[:port]) allowed to open a WebSocket besides the page's own; "*": any
+    ws_origins: tuple = ()
     data_dir: str = field(default_factory=default_data_dir)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     #: which worker this process is (0..workers-1); set by the supervisor
@@ -55,6 +61,15 @@ class GatewayConfig:
     def validate(self) -> None:
         if not (0 <= self.port <= 65535):
             raise ValueError(f"port must be 0..65535, got {self.port}")
+        if not (-1 <= self.ws_port <= 65535):
+            raise ValueError(f"WebSocket port must be 0..65535 (or off), got {self.ws_port}")
+        from urllib.parse import urlsplit
+        for o in self.ws_origins:
+            u = urlsplit(o)
+            if o != "*" and not (u.scheme in ("http", "https") and u.netloc and not u.path and not u.query
+                                 and not u.fragment and o == o.lower()):
+                raise ValueError(f"WebSocket origin must be '*' or scheme://host[:port] in lower case "
+                                 f"without a path, got {o!r}")
         from router.sharding import DEFAULT_SHARDS
         if not (1 <= self.workers <= DEFAULT_SHARDS):
             raise ValueError(f"workers must be between 1 and {DEFAULT_SHARDS} (the number of shards)")

@@ -18,6 +18,7 @@ _log = log.get("switchboard.conn")
 class Connection(asyncio.BufferedProtocol):
     # Every field here is paid a million times over on a dense gateway: keep it short.
     __slots__ = ("gateway", "transport", "session", "decoder", "_hello_timer", "handed_off", "_handoff")
+    WEBSOCKET = False        # hand-offs say which kind of connection the owner adopts
 
     def __init__(self, gateway, handed_off: bool = False):
         self.gateway = gateway
@@ -36,6 +37,11 @@ class Connection(asyncio.BufferedProtocol):
         self.gateway.connections.add(self)
         self._hello_timer = self.gateway.loop.call_later(self.gateway.config.hello_timeout,
                                                          self._hello_timed_out)
+
+    @property
+    def peer(self):
+        """The client's address, for logs (not kept: an idle connection holds as little as it can)."""
+        return self.transport.get_extra_info("peername") if self.transport is not None else None
 
     def get_buffer(self, sizehint):
         return self.decoder.get_buffer(sizehint)
@@ -100,20 +106,29 @@ class Connection(asyncio.BufferedProtocol):
         cfg = gw.config
         welcome = frames.Welcome(PROTOCOL_VERSION, 0, user, device, cfg.max_frame,
                                  gw.router.max_payload, cfg.ping_interval_ms, gw.now_ms())
-        self.session = gw.router.open_session(user, device, transport=self.transport,
+        self.session = gw.router.open_session(user, device, **self.session_io(),
                                               resume_after=hello.resume_after, welcome=welcome,
                                               send_only=hello.send_only)
         self.decoder.max_frame = cfg.max_frame
         self.decoder.set_sink(self.session)
 
+    def session_io(self) -> dict:
+        """How the router session writes and closes: the transport itself
+        (cheaper per session than two bound methods)."""
+        return {"transport": self.transport}
+
+    def handoff_payload(self, hello: bytes) -> bytes:
+        """What the owner needs to continue the stream: the HELLO and every byte read after it."""
+        return hello + self.decoder.take_buffered()
+
     def _hand_off(self) -> None:
         owner, hello = self._handoff
         gw = self.gateway
-        data = hello + self.decoder.take_buffered()
+        data = self.handoff_payload(hello)
         self.transport.pause_reading()
         sock = self.transport.get_extra_info("socket")
         fd = os.dup(sock.fileno())
-        if gw.bus.hand_off(owner, fd, data):
+        if gw.bus.hand_off(owner, fd, data, websocket=self.WEBSOCKET):
             gw.handoffs_out += 1
             self.transport.abort()           # our descriptor only: the owner holds the connection now
         else:
@@ -146,5 +161,9 @@ class Connection(asyncio.BufferedProtocol):
             # a peer worker that never answers must not keep this connection open
             self.gateway.loop.call_later(self.gateway.config.shutdown_grace, self.transport.abort)
         else:
-            self.transport.write(encode(frames.Error(code, 0, reason, True)))
-            self.transport.close()
+            self.write_and_close(encode(frames.Error(code, 0, reason, True)))
+
+    def write_and_close(self, data: bytes) -> None:
+        """Last bytes before a session exists (a fatal ERROR), then close."""
+        self.transport.write(data)
+        self.transport.close()

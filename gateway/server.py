@@ -22,6 +22,8 @@ from .auth import TokenAuthority, load_or_create_secret
 from .config import DEFAULT_PORT, GatewayConfig, default_data_dir
 from .bus import LocalBus
 from .connection import Connection
+from .webfiles import WebFiles
+from .wsconn import WsConnection
 
 _log = log.get("switchboard.gateway")
 
@@ -38,6 +40,9 @@ class Gateway:
         self.connections: set[Connection] = set()
         self.errors: Counter = Counter()
         self._server = None
+        self._ws_server = None
+        self.ws_port = -1
+        self.web = WebFiles()
         self._stopping = None
         self.exit_code = 0
         self.bus = None
@@ -52,9 +57,10 @@ class Gateway:
     def count_error(self, code: int) -> None:
         self.errors[ErrorCode(code).name] += 1
 
-    async def start(self, listen_sock=None, cluster: str | None = None) -> tuple[str, int]:
+    async def start(self, listen_sock=None, cluster: str | None = None, ws_sock=None) -> tuple[str, int]:
         """Recover the stores, join the bus (several workers), then accept: on
-        `listen_sock` (made by the supervisor, one per worker) or a socket of our own."""
+        `listen_sock` and `ws_sock` (made by the supervisor, one pair per worker)
+        or on sockets of our own."""
         cfg = self.config
         self.loop = asyncio.get_running_loop()
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
@@ -83,21 +89,30 @@ class Gateway:
         else:
             self._server = await self.loop.create_server(
                 lambda: Connection(self), cfg.host, cfg.port, backlog=cfg.backlog, reuse_address=True)
+        if ws_sock is not None:
+            self._ws_server = await self.loop.create_server(lambda: WsConnection(self), sock=ws_sock,
+                                                            backlog=cfg.backlog)
+        elif listen_sock is None and cfg.ws_port >= 0:
+            self._ws_server = await self.loop.create_server(
+                lambda: WsConnection(self), cfg.host, cfg.ws_port, backlog=cfg.backlog, reuse_address=True)
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
-        _log.info("event=worker_ready worker=%d workers=%d listen=tcp://%s:%d pid=%d",
-                  cfg.worker_index, cfg.workers, host, port, os.getpid())
+        if self._ws_server is not None:
+            self.ws_port = self._ws_server.sockets[0].getsockname()[1]
+        _log.info("event=worker_ready worker=%d workers=%d listen=tcp://%s:%d ws=%d pid=%d",
+                  cfg.worker_index, cfg.workers, host, port, self.ws_port, os.getpid())
         return host, port
 
-    def adopt(self, fd: int, data: bytes) -> None:
+    def adopt(self, fd: int, data: bytes, websocket: bool = False) -> None:
         """A connection handed over by another worker (its user is on our shards)."""
+        factory = WsConnection if websocket else Connection
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         self.handoffs_in += 1
 
         async def start():
             try:
-                _, conn = await self.loop.connect_accepted_socket(lambda: Connection(self, handed_off=True), sock)
+                _, conn = await self.loop.connect_accepted_socket(lambda: factory(self, handed_off=True), sock)
             except OSError as exc:
                 _log.info("event=handoff_lost error=%r", exc)
                 sock.close()
@@ -114,8 +129,9 @@ class Gateway:
     def parent_gone(self) -> None:
         """The supervisor died: stop listening at once (so a new one can bind), then stop."""
         _log.warning("event=supervisor_gone action=stop")
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._ws_server):
+            if server is not None:
+                server.close()
         self.request_stop()
 
     def _store_failed(self, exc: BaseException) -> None:
@@ -137,6 +153,8 @@ class Gateway:
         if self._server is None:
             return
         self._server.close()
+        if self._ws_server is not None:
+            self._ws_server.close()
         spread = self.config.reconnect_spread_ms
         for s in self.router.all_sessions():
             s.goaway(GoawayCode.SHUTTING_DOWN, random.randint(0, spread), "server shutting down")
@@ -170,12 +188,15 @@ def _cli_name() -> str:
     return f"{os.path.relpath(sys.executable)} -m gateway"
 
 
-def banner(host: str, port: int, data_dir: str) -> str:
+def banner(host: str, port: int, data_dir: str, ws_port: int = -1) -> str:
     cli = _cli_name()
     default_dir = os.path.abspath(data_dir) == os.path.abspath(default_data_dir())
     dd = "" if default_dir else f" --data-dir {data_dir}"
     pp = "" if port == DEFAULT_PORT else f" --port {port}"
-    return (f"switchboard: listening on tcp://{host}:{port}\n"
+    ws = f" and ws://{host}:{ws_port}/ws" if ws_port >= 0 else ""
+    web = f"  web chat:     http://{host}:{ws_port}/  (log in with a token)\n" if ws_port >= 0 else ""
+    return (f"switchboard: listening on tcp://{host}:{port}{ws}\n"
+            f"{web}"
             f"  data dir:     {os.path.abspath(data_dir)}\n"
             f"  get a token:  {cli} token issue alice{dd}\n"
             f"  receive:      {cli} recv --as bob{pp}{dd}\n"
@@ -184,13 +205,14 @@ def banner(host: str, port: int, data_dir: str) -> str:
             f"  protocol:     docs/PROTOCOL.md; stop with Ctrl-C\n")
 
 
-def run_worker(config: GatewayConfig, listen_sock, cluster: str, parent_fd: int, ready_fd: int = -1) -> int:
+def run_worker(config: GatewayConfig, listen_sock, cluster: str, parent_fd: int, ready_fd: int = -1,
+               ws_sock=None) -> int:
     """One worker process (forked by the supervisor before any event loop exists)."""
     log.setup(config.log_level)
 
     async def main() -> int:
         gw = Gateway(config)
-        await gw.start(listen_sock=listen_sock, cluster=cluster)
+        await gw.start(listen_sock=listen_sock, cluster=cluster, ws_sock=ws_sock)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, gw.request_stop)

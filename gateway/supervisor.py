@@ -37,6 +37,7 @@ class Supervisor:
         self.config = config
         self.cluster = secrets.token_hex(6)
         self.listen_socks: list[socket.socket] = []
+        self.ws_socks: list[socket.socket] = []   # the WebSocket listeners (browsers), unless turned off
         self.parent_r = self.parent_w = -1
         self.workers: dict[int, int] = {}        # pid -> worker index
         self.started: dict[int, float] = {}      # worker index -> start time
@@ -45,13 +46,13 @@ class Supervisor:
         self.stopping = False
         self.exit_code = 0
 
-    def _bind(self) -> list[socket.socket]:
-        """One listening socket per worker on the same port (SO_REUSEPORT)."""
+    def _bind(self, port: int) -> list[socket.socket]:
+        """One listening socket per worker on `port` (SO_REUSEPORT)."""
         cfg = self.config
         deadline = time.monotonic() + 5
         while True:
             try:
-                first = socket.create_server((cfg.host, cfg.port), backlog=cfg.backlog, reuse_port=True)
+                first = socket.create_server((cfg.host, port), backlog=cfg.backlog, reuse_port=True)
                 break
             except OSError as exc:     # a previous instance's workers may still be letting go
                 if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
@@ -72,7 +73,9 @@ class Supervisor:
             os.makedirs(cfg.data_dir, exist_ok=True)
             load_or_create_secret(cfg.data_dir)
             check_layout(cfg.data_dir, DEFAULT_SHARDS)
-            self.listen_socks = self._bind()
+            self.listen_socks = self._bind(cfg.port)
+            if cfg.ws_port >= 0:
+                self.ws_socks = self._bind(cfg.ws_port)
         except Exception as exc:
             _log.error("event=cannot_start error=%s", exc)
             return 1
@@ -86,9 +89,10 @@ class Supervisor:
             self._loop()
             return self.exit_code or 1
         host, port = self.listen_socks[0].getsockname()[:2]
-        _log.info("event=supervisor_ready workers=%d listen=tcp://%s:%d pid=%d",
-                  cfg.workers, host, port, os.getpid())
-        print(banner(host, port, cfg.data_dir), flush=True)
+        ws_port = self.ws_socks[0].getsockname()[1] if self.ws_socks else -1
+        _log.info("event=supervisor_ready workers=%d listen=tcp://%s:%d ws=%d pid=%d",
+                  cfg.workers, host, port, ws_port, os.getpid())
+        print(banner(host, port, cfg.data_dir, ws_port), flush=True)
         try:
             self._loop()
         finally:
@@ -182,11 +186,13 @@ class Supervisor:
                 os.close(self.parent_w)
                 os.close(self.ready_r)
                 signal.pthread_sigmask(signal.SIG_SETMASK, set())
-                for i, sock in enumerate(self.listen_socks):
-                    if i != k:
-                        sock.close()             # the other workers' queues are theirs
+                for socks in (self.listen_socks, self.ws_socks):
+                    for i, sock in enumerate(socks):
+                        if i != k:
+                            sock.close()         # the other workers' queues are theirs
                 from .server import run_worker
-                code = run_worker(cfg, self.listen_socks[k], self.cluster, self.parent_r, self.ready_w)
+                code = run_worker(cfg, self.listen_socks[k], self.cluster, self.parent_r, self.ready_w,
+                                  self.ws_socks[k] if self.ws_socks else None)
             except BaseException:
                 traceback.print_exc()
             finally:

@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"listening on tcp://([\d.]+):(\d+)")
+WS_READY = re.compile(r"ws://[\d.]+:(\d+)/ws")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class GatewayProcess:
     data_dir: Path
     output: list = field(default_factory=list)
     reader: threading.Thread | None = None
+    ws_port: int = -1          # the WebSocket listener (-1: off)
 
     def token(self, user: str, device: str = "", ttl: float = 3600, now: float | None = None) -> str:
         from gateway.auth import TokenAuthority, load_secret
@@ -80,7 +82,9 @@ def start_gateway(data_dir: Path, *args: str, env: dict | None = None, timeout: 
         lines.append(line)
         m = READY.search(line)
         if m:
-            gw = GatewayProcess(proc, m.group(1), int(m.group(2)), data_dir, lines)
+            ws = WS_READY.search(line)
+            gw = GatewayProcess(proc, m.group(1), int(m.group(2)), data_dir, lines,
+                                ws_port=int(ws.group(1)) if ws else -1)
             gw.reader = threading.Thread(target=_drain, args=(proc, lines), daemon=True)
             gw.reader.start()
             return gw

@@ -7,7 +7,22 @@ from _core import frames as F
 from _core.pycodec import Decoder, decode_body, encode
 
 
-class Raw:
+class SocketClient:
+    """Owns `self.sock`: close() and use as a context manager (shared by the raw test clients)."""
+
+    sock: socket.socket
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+class Raw(SocketClient):
     """A blocking TCP client that speaks bytes and reads decoded frames."""
 
     def __init__(self, gw, timeout: float = 5.0, nodelay: bool = False):
@@ -63,16 +78,4 @@ class Raw:
     def abort(self) -> None:
         """Close with RST (SO_LINGER 0), like a crashed client."""
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.sock.close()
-
-    def close(self) -> None:
         self.sock.close()

@@ -1,0 +1,497 @@
+// Switchboard JavaScript client: the binary protocol (docs/PROTOCOL.md) over a
+// WebSocket, as an ES module with no build step and no dependencies.
+//
+//   import { Client } from "./switchboard.js";
+//   const c = new Client({ url: "ws://host:7401/ws", token, device: "laptop" });
+//   c.addEventListener("message", (e) => { show(e.detail); c.ack(e.detail); });
+//   await c.connect();
+//   const { id } = await c.send("bob", "hello");      // resolves once the server stored it
+//
+// Semantics follow gateway/client.py: every DELIVER reaches the application
+// once (ids at or below the highest handed out are dropped), `resumeAfter` is
+// the highest id the application acknowledged, sends without an ACK are
+// retried with their client ids after a reconnect (the server drops
+// duplicates), subscriptions are renewed after every WELCOME.
+//
+// Events (CustomEvent, data in `detail`): welcome, message, receipt, presence,
+// typing, status ("connecting" | "online" | "offline" | "closed"), error.
+// Ids (msg ids, client ids) are BigInt.
+
+export const FrameType = Object.freeze({
+  HELLO: 0x01, WELCOME: 0x02, SEND: 0x03, ACK: 0x04, DELIVER: 0x05, RECEIVED: 0x06, PING: 0x07,
+  PONG: 0x08, ERROR: 0x09, GOAWAY: 0x0a, RECEIPT: 0x0b, READ: 0x0c, SUBSCRIBE: 0x0d, PRESENCE: 0x0e,
+  TYPING: 0x0f, PRIVACY: 0x10, GROUP: 0x11, GROUP_INFO: 0x12,
+});
+export const ErrorCode = Object.freeze({
+  MALFORMED_FRAME: 1, FRAME_TOO_LARGE: 2, UNKNOWN_FRAME_TYPE: 3, UNEXPECTED_FRAME: 4,
+  UNSUPPORTED_VERSION: 5, AUTH_FAILED: 10, TOKEN_EXPIRED: 11, HELLO_TIMEOUT: 12, BAD_RECIPIENT: 20,
+  PAYLOAD_TOO_LARGE: 21, RATE_LIMITED: 22, QUOTA_EXCEEDED: 23, STORAGE_FULL: 24, UNAVAILABLE: 25,
+  DEVICE_LIMIT: 26, NOT_A_MEMBER: 27, NOT_ADMIN: 28, GROUP_FULL: 29, NO_SUCH_GROUP: 30,
+  GROUP_EXISTS: 31, BAD_REQUEST: 32, INTERNAL: 50,
+});
+const GROUP_OPS = { create: 1, add: 2, remove: 3, promote: 4, demote: 5, leave: 6, rename: 7, info: 8 };
+const FATAL_AUTH = new Set([ErrorCode.AUTH_FAILED, ErrorCode.TOKEN_EXPIRED, ErrorCode.UNSUPPORTED_VERSION,
+  ErrorCode.DEVICE_LIMIT]);
+const FLAG_FATAL = 0x01, FLAG_SEND_ONLY = 0x01, FLAG_MIRROR = 0x02, FLAG_GROUP = 0x04;
+const GOAWAY_REPLACED = 2;
+const MAX_IDS = 4096;
+const utf8 = new TextEncoder();
+const fromUtf8 = new TextDecoder("utf-8", { fatal: true });
+
+export class ServerError extends Error {
+  constructor(code, reason, ref = 0n, fatal = false) {
+    const name = Object.keys(ErrorCode).find((k) => ErrorCode[k] === code) || `code ${code}`;
+    super(`${name}: ${reason}`);
+    Object.assign(this, { code, reason, ref, fatal, name: "ServerError" });
+  }
+}
+
+// -- encoding ---------------------------------------------------------------------------
+
+/** Builds one frame: u32 length, u8 type, u8 flags, body. */
+class FrameWriter {
+  constructor(type, flags = 0) {
+    this.parts = [];
+    this.size = 0;
+    this.type = type;
+    this.flags = flags;
+  }
+  bytes(b) { this.parts.push(b); this.size += b.length; return this; }
+  u8(v) { return this.bytes(Uint8Array.of(v)); }
+  u16(v) { const b = new Uint8Array(2); new DataView(b.buffer).setUint16(0, v); return this.bytes(b); }
+  u64(v) { const b = new Uint8Array(8); new DataView(b.buffer).setBigUint64(0, BigInt(v)); return this.bytes(b); }
+  str8(s, min = 1) {
+    const b = utf8.encode(s);
+    if (b.length < min || b.length > 255) throw new RangeError(`id must be ${min}..255 bytes: ${s}`);
+    return this.u8(b.length).bytes(b);
+  }
+  str16(s) {
+    const b = utf8.encode(s);
+    if (b.length > 65535) throw new RangeError("string too long");
+    return this.u16(b.length).bytes(b);
+  }
+  done() {
+    const out = new Uint8Array(6 + this.size);
+    const dv = new DataView(out.buffer);
+    dv.setUint32(0, this.size + 2);
+    out[4] = this.type;
+    out[5] = this.flags;
+    let o = 6;
+    for (const p of this.parts) { out.set(p, o); o += p.length; }
+    return out;
+  }
+}
+
+// -- decoding ---------------------------------------------------------------------------
+
+class Reader {
+  constructor(bytes, start, end) {
+    this.b = bytes; this.dv = new DataView(bytes.buffer, bytes.byteOffset); this.p = start; this.end = end;
+  }
+  need(n) { if (this.end - this.p < n) throw new Error("truncated frame"); }
+  u8() { this.need(1); return this.b[this.p++]; }
+  u16() { this.need(2); const v = this.dv.getUint16(this.p); this.p += 2; return v; }
+  u32() { this.need(4); const v = this.dv.getUint32(this.p); this.p += 4; return v; }
+  u64() { this.need(8); const v = this.dv.getBigUint64(this.p); this.p += 8; return v; }
+  raw(n) { this.need(n); const v = this.b.subarray(this.p, this.p + n); this.p += n; return v; }
+  str8() { return fromUtf8.decode(this.raw(this.u8())); }
+  str16() { return fromUtf8.decode(this.raw(this.u16())); }
+  rest() { return this.raw(this.end - this.p).slice(); }
+}
+
+/** Every protocol frame in one binary message (a message holds whole frames). */
+export function decodeFrames(bytes) {
+  const out = [];
+  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  let pos = 0;
+  while (pos < bytes.length) {
+    if (bytes.length - pos < 6) throw new Error("message ends inside a frame header");
+    const len = dv.getUint32(pos);
+    if (len < 2 || pos + 4 + len > bytes.length) throw new Error("message ends inside a frame");
+    const type = bytes[pos + 4], flags = bytes[pos + 5];
+    out.push(decodeBody(type, flags, new Reader(bytes, pos + 6, pos + 4 + len)));
+    pos += 4 + len;
+  }
+  return out;
+}
+
+function decodeBody(type, flags, r) {
+  const T = FrameType;
+  switch (type) {
+    case T.WELCOME: return { type, version: r.u16(), sessionId: r.u64(), user: r.str8(), device: r.str8(),
+      maxFrame: r.u32(), maxPayload: r.u32(), pingIntervalMs: r.u32(), serverTimeMs: r.u64() };
+    case T.ACK: return { type, clientId: r.u64(), id: r.u64(), ts: r.u64() };
+    case T.DELIVER: {
+      const f = { type, id: r.u64(), ts: r.u64(), sender: r.str8(), senderDevice: r.str8(), peer: "",
+        originId: 0n, mirror: !!(flags & FLAG_MIRROR), group: "" };
+      if (flags & (FLAG_MIRROR | FLAG_GROUP)) {
+        const peer = r.str8();
+        f.originId = r.u64();
+        if (flags & FLAG_GROUP) f.group = peer; else f.peer = peer;
+      }
+      f.payload = r.rest();
+      return f;
+    }
+    case T.RECEIPT: return { type, id: r.u64(), kind: r.u8() === 2 ? "read" : "delivered", msgId: r.u64(),
+      by: r.str8(), byDevice: r.str8(), ts: r.u64() };
+    case T.PRESENCE: return { type, user: r.str8(), online: r.u8() !== 0, lastSeenMs: Number(r.u64()) };
+    case T.TYPING: return { type, peer: r.str8(), typing: r.u8() !== 0 };
+    case T.GROUP_INFO: return { type, requestId: r.u64(), info: JSON.parse(r.str16()) };
+    case T.ERROR: return { type, code: r.u16(), ref: r.u64(), reason: r.str16(), fatal: !!(flags & FLAG_FATAL) };
+    case T.GOAWAY: return { type, code: r.u16(), reconnectMs: r.u32(), reason: r.str16() };
+    case T.PING: case T.PONG: return { type, nonce: r.u64() };
+    default: throw new Error(`unknown frame type ${type}`);
+  }
+}
+
+function randomId() {
+  const b = new Uint8Array(8);
+  crypto.getRandomValues(b.subarray(1));     // 56 random bits: room to count up
+  return new DataView(b.buffer).getBigUint64(0);
+}
+
+// -- the client -------------------------------------------------------------------------
+
+export class Client extends EventTarget {
+  /**
+   * @param {object} o
+   * @param {string} o.url         ws://host:port/ws
+   * @param {string} o.token       from `switchboard token issue`
+   * @param {string} o.device      this device's id
+   * @param {bigint} [o.resumeAfter] highest id already processed (persist it)
+   * @param {boolean} [o.sendOnly]  a sender that is no device
+   * @param {boolean} [o.reconnect] re-connect with backoff (default true)
+   */
+  constructor({ url, token, device = "web", resumeAfter = 0n, sendOnly = false, reconnect = true,
+    maxBackoffMs = 5000 }) {
+    super();
+    Object.assign(this, { url, token, device, sendOnly, reconnect, maxBackoffMs });
+    this.welcome = null;
+    this.ws = null;
+    this.seenHwm = BigInt(resumeAfter);   // highest id handed to the application
+    this.ackedHwm = BigInt(resumeAfter);  // highest id the application acknowledged: resume_after
+    this.nextId = randomId();
+    this.outbox = new Map();              // client id -> {frame, resolve, reject}
+    this.requests = new Map();            // group request id -> {resolve, reject}
+    this.pongs = new Map();
+    this.watching = new Set();
+    this.pending = [];                    // frames queued this task, sent as one message
+    this.pendingSize = 0;
+    this.closed = false;
+    this.fatal = null;
+    this.backoff = 100;
+    this.reconnectHintMs = 0;
+    this.reconnects = 0;
+    this.pingTimer = null;
+    this.lastHeard = 0;
+  }
+
+  get connected() { return !!this.ws && this.ws.readyState === WebSocket.OPEN && !!this.welcome; }
+
+  _emit(type, detail) { this.dispatchEvent(new CustomEvent(type, { detail })); }
+
+  /** Connect and complete HELLO/WELCOME; rejects on a fatal error (bad token...). */
+  connect() {
+    this.closed = false;
+    return new Promise((resolve, reject) => this._open(resolve, reject));
+  }
+
+  _open(resolve, reject) {
+    this._emit("status", "connecting");
+    const ws = new WebSocket(this.url);
+    ws.binaryType = "arraybuffer";
+    this.ws = ws;
+    this.welcome = null;
+    let settled = false;
+    ws.onopen = () => {
+      const f = new FrameWriter(FrameType.HELLO, this.sendOnly ? FLAG_SEND_ONLY : 0)
+        .u16(1).str16(this.token).str8(this.device).u64(this.ackedHwm).done();
+      ws.send(f);
+    };
+    ws.onmessage = (ev) => {
+      if (ws !== this.ws) return;
+      this.lastHeard = Date.now();
+      let frames;
+      try {
+        frames = decodeFrames(new Uint8Array(ev.data));
+      } catch (err) {
+        this._emit("error", err);
+        ws.close(1002, "bad frame");
+        return;
+      }
+      for (const f of frames) {
+        if (f.type === FrameType.WELCOME && !settled) {
+          settled = true;
+          this._welcomed(f);
+          resolve?.(f);
+        } else if (f.type === FrameType.ERROR && f.fatal && !settled) {
+          settled = true;
+          const err = new ServerError(f.code, f.reason, f.ref, true);
+          if (FATAL_AUTH.has(f.code)) this.fatal = err;
+          this._emit("error", err);
+          if (f.code !== ErrorCode.UNAVAILABLE || !this.reconnect) reject?.(err);
+          else settled = false;             // the user's worker restarts: retried below
+        } else {
+          this._frame(f);
+        }
+      }
+    };
+    ws.onclose = (ev) => {
+      if (ws !== this.ws) return;
+      clearInterval(this.pingTimer);
+      this.welcome = null;
+      for (const { reject: rj } of this.pongs.values()) rj(new Error("connection lost"));
+      this.pongs.clear();
+      if (this.closed || this.fatal || !this.reconnect) {
+        this.closed = true;
+        this._emit("status", "closed");
+        if (!settled) reject?.(this.fatal || new Error(`connection closed (${ev.code})`));
+        this._failAll(this.fatal || new Error("client closed"));
+        return;
+      }
+      this._emit("status", "offline");
+      const wait = Math.max(this.reconnectHintMs, this.backoff) * (0.5 + Math.random() / 2);
+      this.reconnectHintMs = 0;
+      this.backoff = Math.min(this.backoff * 2, this.maxBackoffMs);
+      setTimeout(() => {
+        if (!this.closed) this._open(settled ? null : resolve, settled ? null : reject);
+      }, wait);
+    };
+  }
+
+  _welcomed(w) {
+    this.backoff = 100;
+    this.reconnects++;
+    this.welcome = w;
+    for (const entry of this.outbox.values()) this._queue(entry.frame);     // retries keep their ids
+    if (this.watching.size) this._subscribeFrames([...this.watching], true);
+    clearInterval(this.pingTimer);
+    const interval = Math.max(1000, w.pingIntervalMs);
+    this.pingTimer = setInterval(() => {
+      if (Date.now() - this.lastHeard > 2 * interval) { this.ws?.close(4000, "no answer"); return; }
+      this._queue(new FrameWriter(FrameType.PING).u64(this.nextId++).done());
+    }, interval);
+    this._emit("status", "online");
+    this._emit("welcome", w);
+  }
+
+  close() {
+    this.closed = true;
+    clearInterval(this.pingTimer);
+    if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000, "bye");
+  }
+
+  // -- sending ----------------------------------------------------------------------------
+
+  /** Frames written in one task go out as one WebSocket message (whole frames). */
+  _queue(frame) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return;
+    const limit = (this.welcome?.maxFrame ?? 4096) + 4;
+    if (this.pendingSize + frame.length > limit) this._flush();
+    this.pending.push(frame);
+    this.pendingSize += frame.length;
+    if (this.pending.length === 1) queueMicrotask(() => this._flush());
+  }
+
+  _flush() {
+    if (!this.pending.length) return;
+    const out = new Uint8Array(this.pendingSize);
+    let o = 0;
+    for (const f of this.pending) { out.set(f, o); o += f.length; }
+    this.pending = [];
+    this.pendingSize = 0;
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(out);
+  }
+
+  _check() {
+    if (this.fatal) throw this.fatal;
+    if (this.closed) throw new Error("client is closed");
+  }
+
+  /** Send text or bytes; resolves {clientId, id, ts} when stored, rejects on a send error. */
+  send(to, payload) {
+    this._check();
+    const bytes = typeof payload === "string" ? utf8.encode(payload) : payload;
+    if (this.welcome && bytes.length > this.welcome.maxPayload) {
+      return Promise.reject(new ServerError(ErrorCode.PAYLOAD_TOO_LARGE, "payload too large"));
+    }
+    const clientId = this.nextId++;
+    const frame = new FrameWriter(FrameType.SEND).u64(clientId).str8(to).bytes(bytes).done();
+    return new Promise((resolve, reject) => {
+      this.outbox.set(clientId, { frame, resolve, reject });
+      if (this.connected) this._queue(frame);
+    });
+  }
+
+  /** Acknowledge delivered messages (the server may drop them; the sender gets DELIVERED). */
+  ack(...messages) {
+    const ids = messages.map((m) => (typeof m === "bigint" ? m : m.id));
+    for (const id of ids) if (id > this.ackedHwm) this.ackedHwm = id;
+    this._received(ids);
+  }
+
+  _received(ids) {
+    for (let i = 0; i < ids.length; i += MAX_IDS) {
+      const chunk = ids.slice(i, i + MAX_IDS);
+      const w = new FrameWriter(FrameType.RECEIVED).u16(chunk.length);
+      for (const id of chunk) w.u64(id);
+      this._queue(w.done());
+    }
+  }
+
+  /** READ receipts to the senders of these messages (never for own/mirrored ones). */
+  read(...messages) {
+    const byPeer = new Map();
+    for (const m of messages) {
+      if (m.mirror || (this.welcome && m.sender === this.welcome.user)) continue;
+      const list = byPeer.get(m.sender) || [];
+      list.push(m.group ? m.originId : m.id);
+      byPeer.set(m.sender, list);
+    }
+    for (const [peer, ids] of byPeer) {
+      for (let i = 0; i < ids.length; i += MAX_IDS) {
+        const chunk = ids.slice(i, i + MAX_IDS);
+        const w = new FrameWriter(FrameType.READ).str8(peer).u16(chunk.length);
+        for (const id of chunk) w.u64(id);
+        this._queue(w.done());
+      }
+    }
+  }
+
+  /** Follow users' presence: a "presence" event now and on every change. */
+  subscribe(...users) {
+    const fresh = users.filter((u) => !this.watching.has(u));
+    fresh.forEach((u) => this.watching.add(u));
+    if (fresh.length && this.connected) this._subscribeFrames(fresh, true);
+  }
+
+  unsubscribe(...users) {
+    const gone = users.filter((u) => this.watching.delete(u));
+    if (gone.length && this.connected) this._subscribeFrames(gone, false);
+  }
+
+  _subscribeFrames(users, on) {
+    for (let i = 0; i < users.length; i += 1024) {
+      const chunk = users.slice(i, i + 1024);
+      const w = new FrameWriter(FrameType.SUBSCRIBE).u8(on ? 1 : 0).u16(chunk.length);
+      for (const u of chunk) w.str8(u);
+      this._queue(w.done());
+    }
+  }
+
+  /** Tell `peer` this user is (or stopped) typing: a hint, never stored. */
+  typing(peer, typing = true) {
+    if (this.connected) this._queue(new FrameWriter(FrameType.TYPING).str8(peer).u8(typing ? 1 : 0).done());
+  }
+
+  setPrivacy(hideLastSeen) {
+    if (this.connected) this._queue(new FrameWriter(FrameType.PRIVACY).u8(hideLastSeen ? 1 : 0).done());
+  }
+
+  /** A group operation; resolves to the group {group, name, members: {user: role}}. */
+  group(action, group, arg = {}) {
+    this._check();
+    const op = GROUP_OPS[action];
+    if (!op) throw new RangeError(`unknown group action ${action}`);
+    const req = this.nextId++;
+    const frame = new FrameWriter(FrameType.GROUP).u64(req).u8(op).str8(group).str16(JSON.stringify(arg)).done();
+    return new Promise((resolve, reject) => {
+      this.requests.set(req, { resolve, reject });
+      if (!this.connected) { this.requests.delete(req); reject(new Error("not connected")); return; }
+      this._queue(frame);
+    });
+  }
+
+  /** Round trip time in ms. */
+  ping() {
+    this._check();
+    const nonce = this.nextId++;
+    const start = performance.now();
+    return new Promise((resolve, reject) => {
+      this.pongs.set(nonce, { resolve: () => resolve(performance.now() - start), reject });
+      this._queue(new FrameWriter(FrameType.PING).u64(nonce).done());
+    });
+  }
+
+  // -- receiving --------------------------------------------------------------------------
+
+  _frame(f) {
+    const T = FrameType;
+    switch (f.type) {
+      case T.DELIVER: {
+        if (f.id <= this.seenHwm) {
+          if (f.id <= this.ackedHwm) this._received([f.id]);   // processed already: let the server drop it
+          return;
+        }
+        this.seenHwm = f.id;
+        let text = null;
+        try { text = fromUtf8.decode(f.payload); } catch { /* binary payload */ }
+        this._emit("message", { ...f, text });
+        return;
+      }
+      case T.RECEIPT:
+        this._received([f.id]);                     // informational: acknowledged at once
+        if (f.id > this.seenHwm) {
+          this.seenHwm = f.id;
+          if (f.id > this.ackedHwm) this.ackedHwm = f.id;
+          this._emit("receipt", f);
+        }
+        return;
+      case T.ACK: {
+        const entry = this.outbox.get(f.clientId);
+        if (entry) {
+          this.outbox.delete(f.clientId);
+          entry.resolve({ clientId: f.clientId, id: f.id, ts: Number(f.ts) });
+        }
+        return;
+      }
+      case T.PRESENCE:
+        if (this.watching.has(f.user)) this._emit("presence", f);
+        return;
+      case T.TYPING: this._emit("typing", f); return;
+      case T.GROUP_INFO: {
+        const req = this.requests.get(f.requestId);
+        if (req) { this.requests.delete(f.requestId); req.resolve(f.info); }
+        return;
+      }
+      case T.PING: this._queue(new FrameWriter(T.PONG).u64(f.nonce).done()); return;
+      case T.PONG: {
+        const p = this.pongs.get(f.nonce);
+        if (p) { this.pongs.delete(f.nonce); p.resolve(); }
+        return;
+      }
+      case T.GOAWAY:
+        this.reconnectHintMs = f.reconnectMs;
+        if (f.code === GOAWAY_REPLACED) {
+          this.fatal = new Error("replaced by another connection of this device");
+          this._emit("error", this.fatal);
+        }
+        return;
+      case T.ERROR: {
+        const err = new ServerError(f.code, f.reason, f.ref, f.fatal);
+        const req = f.ref ? this.requests.get(f.ref) : null;
+        if (req) { this.requests.delete(f.ref); req.reject(err); return; }
+        const entry = f.ref ? this.outbox.get(f.ref) : null;
+        if (entry && !f.fatal && f.code === ErrorCode.UNAVAILABLE) {
+          setTimeout(() => { if (this.outbox.has(f.ref) && this.connected) this._queue(entry.frame); },
+            50 + Math.random() * 150);
+        } else if (entry && !f.fatal) {
+          this.outbox.delete(f.ref);
+          entry.reject(err);
+        } else {
+          if (FATAL_AUTH.has(f.code)) this.fatal = err;
+          this._emit("error", err);
+        }
+        return;
+      }
+      default:
+    }
+  }
+
+  _failAll(err) {
+    for (const { reject } of this.outbox.values()) reject(err);
+    this.outbox.clear();
+    for (const { reject } of this.requests.values()) reject(err);
+    this.requests.clear();
+  }
+}
