@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import picologging
-from ._log import LogCore, Segment, crc32c, crc32c_hardware
+from ._log import LogCore, Segment, crc32c, crc32c_hardware, write_out
 from .errors import StoreError
 from .protocol import ErrorCode
 
@@ -219,11 +219,20 @@ class GroupCommit:
         fault = self.fault
 
         def sync(pause):
+            # One fdatasync per dirty segment cost a device cache flush each: a
+            # worker owning 64 shards touches 64 segments per round, which made
+            # `always` ~10x slower than with one shard. Segments are reserved and
+            # zero-filled before use (no metadata changes when records land), so
+            # it is enough to write every segment's pages out and then flush the
+            # device once, with the last fdatasync.
             t = time.perf_counter()
-            for s in segs:
+            for i, s in enumerate(segs):
                 if fault == "eio":
                     raise OSError(errno.EIO, f"Input/output error (injected) syncing {s.path}")
-                os.fdatasync(s.fd)
+                if i == len(segs) - 1:
+                    os.fdatasync(s.fd)
+                else:
+                    write_out(s.fd)
             return time.perf_counter() - t
 
         self.worker.submit(sync, lambda r, e: self._synced(batch, r, e), urgent=True)

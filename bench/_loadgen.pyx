@@ -15,13 +15,7 @@ from libc.stdlib cimport malloc, realloc, free, qsort, strtol
 from libc.string cimport memcpy, memchr, memmove, memcmp
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-cdef extern from "wire.h":
-    uint16_t sb_load16(const unsigned char *p) nogil
-    uint32_t sb_load32(const unsigned char *p) nogil
-    uint64_t sb_load64(const unsigned char *p) nogil
-    void sb_store16(unsigned char *p, uint16_t v) nogil
-    void sb_store32(unsigned char *p, uint32_t v) nogil
-    void sb_store64(unsigned char *p, uint64_t v) nogil
+from _core._codec cimport sb_load16, sb_load32, sb_load64, sb_store16, sb_store32, sb_store64
 
 cdef enum:
     SWITCHBOARD = 0

@@ -138,7 +138,7 @@ def measure(server, args, progress_label: str | None = None) -> dict:
             want = target - have
             t0 = time.perf_counter()
             replies = clients.command([{"op": "open", "n": k} for k in _split(want, clients_needed)],
-                                      on_progress=lambda n: bar.update(n - warm_n), timeout=args.step_timeout)
+                                      on_progress=lambda n: bar.update(max(0, n - warm_n)), timeout=args.step_timeout)
             secs = time.perf_counter() - t0
             opened = sum(r["opened"] for r in replies)
             live = sum(r["live"] for r in replies) - warm_n
@@ -224,15 +224,11 @@ def run(args) -> int:
     results = []
     targets = args.against.split(",") if args.against else ["switchboard"]
     for name in targets:
-        if name == "switchboard" and args.port:
-            server = _attach(args)
-        else:
-            server = peers.start(name, workers=args.workers, durability=args.durability)
+        server = peers.open_server(name, args)
         try:
             results.append(measure(server, args, name))
         finally:
-            if server.proc is not None:
-                server.stop()
+            server.stop()
         print(summary(results[-1]), flush=True)
     base = next((r for r in results if r["server"] == "floor"), None)
     if base and len(results) > 1:
@@ -247,14 +243,3 @@ def run(args) -> int:
             print(f"no plot: {why}", file=sys.stderr)
     ok = all(r["final_answered"] >= r["final_sessions"] and r["failed_reasons"] == {} for r in results)
     return 0 if ok else 1
-
-
-def _attach(args):
-    """A gateway that is already running: its processes are found by the listening port."""
-    pids = procstat.listening_pids(args.port)
-    if not pids:
-        raise SystemExit(f"nothing listens on port {args.port}")
-    server = peers.Server("switchboard", None, args.port, args.data_dir)
-    server.host = args.host
-    server.pids = lambda: pids
-    return server

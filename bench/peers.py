@@ -61,13 +61,11 @@ class Server:
         return procstat.tree(self.proc.pid)
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """SIGTERM (a gateway drains), SIGKILL after `timeout`; a server the
+        benchmark did not start (attached by port) is left running."""
+        if self.proc is None:
+            return
+        procstat.stop(self.proc, timeout)
         if self._reader is not None:
             self._reader.join(5)
         if self._tmp is not None:
@@ -126,6 +124,24 @@ def start(name: str, *, workers: int = 1, durability: str = "interval", store: s
     else:
         raise ValueError(f"unknown server {name!r}")
     server.drain_output()
+    return server
+
+
+def open_server(name: str, args) -> Server:
+    """The server a benchmark measures: the gateway already on --port, or one it starts."""
+    if name == "switchboard" and getattr(args, "port", 0):
+        return attach(args)
+    return start(name, workers=args.workers, durability=args.durability)
+
+
+def attach(args) -> Server:
+    """A gateway that is already running: its processes are found by the listening port."""
+    pids = procstat.listening_pids(args.port)
+    if not pids:
+        raise SystemExit(f"nothing listens on port {args.port}")
+    server = Server("switchboard", None, args.port, args.data_dir)
+    server.host = args.host
+    server.pids = lambda: pids
     return server
 
 

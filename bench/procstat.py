@@ -1,8 +1,8 @@
 """What the kernel says about processes and sockets (/proc), for benchmarks
 that must measure a server from outside: memory, CPU and socket counts."""
 import os
-import socket
-import struct
+import signal
+import subprocess
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -113,3 +113,15 @@ def listening_pids(port: int) -> list[int]:
         except OSError:
             pass
     return sorted(pids)
+
+
+def stop(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM, then SIGKILL if it is still there after `timeout` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

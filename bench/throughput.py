@@ -18,13 +18,17 @@ def _split(n: int, k: int) -> list[int]:
     return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
 
+_runs = iter(range(1, 1 << 30))
+
+
 def measure(server, args, size: int) -> dict:
     procs, first = [], 0
+    tag = f"t{next(_runs)}x"          # fresh users for every run against the same server
     k = min(args.clients, args.pairs)
     for n in _split(args.pairs, k):
         cmd = [sys.executable, "-m", "bench.throughput_client", "--dialect", server.dialect,
                "--host", server.host, "--port", str(server.port), "--mode", args.mode,
-               "--group-size", str(args.group_size), "--first", str(first), "--flows", str(n),
+               "--group-size", str(args.group_size), "--first", str(first), "--flows", str(n), "--tag", tag,
                "--window", str(args.window), "--size", str(size), "--rate", str((args.rate or 0) / k),
                "--duration", str(args.duration), "--warmup", str(args.warmup),
                "--receipts", "1" if args.receipts == "on" else "0"]
@@ -103,11 +107,7 @@ def run_all(args, names: list[str]) -> list[dict]:
     rows = []
     sizes = [int(s) for s in str(args.size).split(",")]
     for name in names:
-        if name == "switchboard" and args.port:
-            from .density import _attach
-            server = _attach(args)
-        else:
-            server = peers.start(name, workers=args.workers, durability=args.durability)
+        server = peers.open_server(name, args)
         try:
             for size in sizes:
                 r = measure(server, args, size)
@@ -116,8 +116,7 @@ def run_all(args, names: list[str]) -> list[dict]:
                 print(f"{r['server']}: {r['msgs_per_s']:,} msgs/s at {size} B "
                       f"(exactly once: {r['exactly_once']})", file=sys.stderr, flush=True)
         finally:
-            if server.proc is not None:
-                server.stop()
+            server.stop()
     return rows
 
 

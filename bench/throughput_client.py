@@ -41,14 +41,15 @@ async def main(args) -> None:
     loop = asyncio.get_running_loop()
     stats = Stats()
     flows, spec = [], []
+    t = args.tag      # fresh users per run: a server remembers client ids it has answered
     for i in range(args.first, args.first + args.flows):
         if args.mode == "group":
-            members = [f"g{i}m{k}" for k in range(args.group_size)]
-            target = f"#g{i}" if args.dialect == "switchboard" else f"g.{i}"
-            spec.append((f"g{i}s", target, members))
+            members = [f"{t}g{i}m{k}" for k in range(args.group_size)]
+            target = f"#{t}g{i}" if args.dialect == "switchboard" else f"{t}g.{i}"
+            spec.append((f"{t}g{i}s", target, members))
         else:
-            target = f"r{i}" if args.dialect != "nats" else f"p.{i}"
-            spec.append((f"s{i}", target, [f"r{i}"]))
+            target = f"{t}r{i}" if args.dialect != "nats" else f"{t}p.{i}"
+            spec.append((f"{t}s{i}", target, [f"{t}r{i}"]))
     if args.mode == "group" and args.dialect == "switchboard":
         await _make_groups(args, spec)
     waits = []
@@ -123,6 +124,7 @@ def parse(argv=None):
     ap.add_argument("--data-dir")
     ap.add_argument("--mode", choices=["pairs", "group"], default="pairs")
     ap.add_argument("--group-size", type=int, default=10)
+    ap.add_argument("--tag", default="", help="prefix of every user name in this run")
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--flows", type=int, required=True)
     ap.add_argument("--window", type=int, default=8)

@@ -43,13 +43,8 @@ class GatewayProcess:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from bench.procstat import stop
+        stop(self.proc, timeout)
         if self.reader is not None:
             self.reader.join(5)
         return self.proc.returncode
