@@ -61,11 +61,13 @@ def plot_density(path: str, runs: dict[str, list[dict]]) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install 'switchboard[bench]')"
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, rows in runs.items():
+    for i, (name, rows) in enumerate(runs.items()):
         xs = [r["sessions"] for r in rows]
-        a.plot(xs, [r["anon_per_session"] / 1024 for r in rows], marker="o", label=name)
-        b.plot(xs, [r["server_rss_delta"] / 2**30 for r in rows], marker="o", label=f"{name} server")
-        b.plot(xs, [r["kernel_delta"] / 2**30 for r in rows], linestyle="--", label=f"{name} kernel (both ends)")
+        color = f"C{i}"                     # one color per server on both plots
+        a.plot(xs, [r["anon_per_session"] / 1024 for r in rows], marker="o", color=color, label=name)
+        b.plot(xs, [r["server_rss_delta"] / 2**30 for r in rows], marker="o", color=color, label=f"{name} server")
+        b.plot(xs, [r["kernel_delta"] / 2**30 for r in rows], linestyle="--", color=color,
+               label=f"{name} kernel (both ends)")
     a.set_xlabel("idle sessions")
     a.set_ylabel("server heap KiB per session")
     a.set_ylim(bottom=0)
