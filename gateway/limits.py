@@ -48,15 +48,17 @@ class Limits:
         self._idle_todo: list = []
         self._idle_next = 0.0
         self._timer = None
+        self._rate_limited = 0               # the router's count of RATE_LIMITED SENDs, last seen
 
     # -- events ------------------------------------------------------------------------
-    def hit(self, kind: str, detail: str = "") -> None:
+    def hit(self, kind: str, detail: str = "", n: int = 1) -> None:
         """Count a limit event; log the first of its class (summaries follow from the sweep)."""
-        self.events[kind] += 1
+        self.events[kind] += n
         if kind not in self._reported:
             self._reported[kind] = 1
-            _log.warning("event=limit kind=%s count=1 %s (further ones counted, summarised every %ds)",
-                         kind, detail, SUMMARY_EVERY)
+            self._reported[kind] = self.events[kind]
+            _log.warning("event=limit kind=%s count=%d %s (further ones counted, summarised every %ds)",
+                         kind, self.events[kind], detail, SUMMARY_EVERY)
 
     def _summarise(self) -> None:
         for kind, n in self.events.items():
@@ -192,6 +194,10 @@ class Limits:
     def _sweep(self) -> None:
         now = time.monotonic()
         try:
+            n = self.gw.router.rate_limited          # counted in the Cython SEND path
+            if n != self._rate_limited:
+                self.hit("msg_rate", f"limit={self.cfg.msg_rate:g}/s burst={self.cfg.msg_burst}", n - self._rate_limited)
+                self._rate_limited = n
             for conn in list(self.paused):
                 self.check_slow(conn, now)
                 self.drain(conn)
