@@ -281,7 +281,7 @@ def main():
                 store = "memory" if target.endswith("-memory") else "log"
                 proc, port = start([sys.executable, "-m", "gateway", "serve", "--port", "0",
                                     "--data-dir", data_dir, "--log-level", "WARNING",
-                                    "--max-pending", str(10**6), "--store", store,
+                                    "--max-pending", str(10**6), "--msg-rate", "0", "--store", store,
                                     "--durability", args.durability, "--workers", str(workers)])
             SERVER_PID[0] = proc.pid
             try:
