@@ -107,7 +107,8 @@ cdef class LogCore:
     cdef int consume_ids(self, str recipient, str device, object ids, list consumed) except -1
     cdef int _record_consume(self, str recipient, str device, list removed) except -1
     cdef list _pending_locs(self, str recipient, str device)
-    cdef int write_pending(self, WriteBuffer out, str recipient, str device, uint64_t now_ms) except -1
+    cdef int write_pending(self, WriteBuffer out, str recipient, str device, uint64_t now_ms,
+                           uint64_t min_id, Py_ssize_t max_bytes, uint64_t *rest) except -1
     cdef dict _meta               # key -> location of its latest META record
     cdef int _meta_set(self, str key, uint64_t loc, bint tombstone) except -1
     cdef const unsigned char *_record(self, uint64_t loc) except NULL

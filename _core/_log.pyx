@@ -700,11 +700,18 @@ cdef class LogCore:
             out.sort()
         return out
 
-    cdef int write_pending(self, WriteBuffer out, str recipient, str device, uint64_t now_ms) except -1:
+    cdef int write_pending(self, WriteBuffer out, str recipient, str device, uint64_t now_ms,
+                           uint64_t min_id, Py_ssize_t max_bytes, uint64_t *rest) except -1:
         cdef MsgView m
         cdef const unsigned char *r
+        cdef Py_ssize_t start = out.length
         expired = None
         for msg_id, loc in self._pending_locs(recipient, device):
+            if <uint64_t>msg_id < min_id:
+                continue
+            if max_bytes and out.length - start >= max_bytes:
+                rest[0] = msg_id            # the first entry not written
+                break
             r = self._record(loc)
             _parse_message(r, sb_load32(r), &m)
             if m.ts + self.ttl_ms <= now_ms:
@@ -718,10 +725,15 @@ cdef class LogCore:
                 self._expire(_ikey(recipient, dev), expired)
         return 0
 
-    def write_pending_into(self, WriteBuffer out, str recipient, uint64_t now_ms, str device=""):
+    def write_pending_into(self, WriteBuffer out, str recipient, uint64_t now_ms, str device="",
+                           uint64_t min_id=0, Py_ssize_t max_bytes=0):
         """Append a frame for each unconsumed entry of this device's inbox (and the
-        user's shared inbox), oldest first, straight from the mapping."""
-        self.write_pending(out, recipient, device, now_ms)
+        user's shared inbox), oldest first, straight from the mapping; only ids >=
+        `min_id`; stop once `max_bytes` (0: no limit) were written. Returns the id
+        of the first entry left unwritten, 0 if none was left."""
+        cdef uint64_t rest = 0
+        self.write_pending(out, recipient, device, now_ms, min_id, max_bytes, &rest)
+        return rest
 
     def read_flags(self, uint64_t loc):
         """(flags, sender, sender_device, conversation, client_id) of a MESSAGE record."""

@@ -1,4 +1,4 @@
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from ._codec cimport FrameSink, WriteBuffer
 from ._log cimport LogCore
 
@@ -23,6 +23,13 @@ cdef class SessionCore(FrameSink):
     cdef public bint send_only                # sends only: gets no DELIVERs, is no registered device
     cdef public Py_ssize_t forwards_pending   # SENDs forwarded to other workers, not yet answered
     cdef object _deferred_error               # a fatal ERROR waiting for those answers
+    # slow consumer: while paused, live DELIVERs/RECEIPTs stay in the log only; the
+    # first one skipped is remembered and the resume writes from it (docs/limits.md)
+    cdef public bint paused
+    cdef public uint64_t skip_from
+    # message rate token bucket (RouteCore.msg_rate): tokens and when they were counted (ms, wraps)
+    cdef float _rl_tokens
+    cdef uint32_t _rl_stamp
 
     cdef int _mark(self) except -1
     cdef int forward_done(self) except -1
@@ -64,6 +71,10 @@ cdef class RouteCore:
     cdef readonly uint64_t quota_skipped
     cdef readonly uint64_t receipts_sent
     cdef readonly uint64_t receipts_lost
+    cdef public double msg_rate           # SENDs per second per session (0: no limit)
+    cdef public double msg_burst          # bucket size
+    cdef readonly uint64_t rate_limited   # SENDs answered RATE_LIMITED
+    cdef readonly uint64_t deferred       # live pushes left in the log for a paused session
     cdef dict _devices           # user -> tuple of registered devices (this worker's users)
     cdef public object _control  # Python policy for presence, typing, privacy frames
     cdef public object _receipt_later    # receipts whose user's worker is down: retried

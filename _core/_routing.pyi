@@ -22,6 +22,9 @@ class SessionCore(FrameSink):
     def pending_output(self) -> int: ...
     send_only: bool
     forwards_pending: int
+    #: slow consumer: live entries stay in the log from skip_from on (Router.pause_session/resume_session)
+    paused: bool
+    skip_from: int
 
 class RouteCore:
     store: object
@@ -36,6 +39,10 @@ class RouteCore:
     quota_skipped: int
     receipts_sent: int
     receipts_lost: int
+    msg_rate: float
+    msg_burst: float
+    rate_limited: int
+    deferred: int
     def flush(self) -> None: ...
     def set_bus(self, link_to: Callable, owner_of: Callable[[str], int], is_local: Callable[[str], bool]) -> None: ...
     def set_worker(self, worker: int) -> None: ...

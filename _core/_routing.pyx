@@ -8,7 +8,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint16_t
-from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
+from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME, CLOCK_MONOTONIC
 
 from cpython.unicode cimport PyUnicode_AsUTF8
 from ._codec cimport (Cursor, cur_u8, cur_u64, cur_u16, cur_bytes8, cur_done, cur_str16, sb_load64, FT_READ,
@@ -30,6 +30,40 @@ cdef inline uint64_t _now_ms() noexcept:
 def now_ms():
     """Wall-clock milliseconds, as the router stamps messages."""
     return _now_ms()
+
+
+cdef inline uint32_t _mono_ms() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint32_t>(<uint64_t>ts.tv_sec * 1000 + <uint64_t>(ts.tv_nsec // 1000000))
+
+
+cdef inline bint _take_token(SessionCore s, double rate, double burst) noexcept:
+    """Token bucket per session: refill by elapsed time, take one if there is one."""
+    cdef uint32_t now = _mono_ms()
+    cdef double tokens
+    if s._rl_stamp == 0:
+        tokens = burst                              # first SEND: a full bucket
+    else:
+        tokens = s._rl_tokens + <double>(now - s._rl_stamp) * rate / 1000.0   # u32 difference: wraps right
+        if tokens > burst:
+            tokens = burst
+    s._rl_stamp = now if now != 0 else 1
+    if tokens < 1.0:
+        s._rl_tokens = <float>tokens
+        return False
+    s._rl_tokens = <float>(tokens - 1.0)
+    return True
+
+
+cdef inline bint _defer(RouteCore core, SessionCore s, uint64_t msg_id) noexcept:
+    """A paused (slow) session: leave this entry in the log, remember where the gap starts."""
+    if not s.paused:
+        return False
+    if s.skip_from == 0:
+        s.skip_from = msg_id
+    core.deferred += 1
+    return True
 
 
 cdef inline object _online(object online):
@@ -59,6 +93,9 @@ cdef class SessionCore(FrameSink):
         self.send_only = False
         self.forwards_pending = 0
         self._deferred_error = None
+        self.paused = False
+        self.skip_from = 0
+        self._rl_stamp = 0
 
     cdef int on_frame(self, uint8_t ftype, uint8_t flags, const unsigned char *body, Py_ssize_t n) except -1:
         cdef Cursor c
@@ -245,6 +282,11 @@ cdef class RouteCore:
         cdef uint64_t msg_id, ts
         cdef dict dedup = sender._dedup if sender._dedup is not None else self._dedup_of(sender)
         cdef str recipient
+        if self.msg_rate > 0 and not _take_token(sender, self.msg_rate, self.msg_burst):
+            self.rate_limited += 1
+            sender.error(ErrorCode.RATE_LIMITED, f"over {self.msg_rate:g} messages/s; retry later",
+                         client_id, False)
+            return 0
         if n > self.max_payload:
             sender.error(ErrorCode.PAYLOAD_TOO_LARGE,
                          f"payload of {n} bytes exceeds the limit of {self.max_payload}", client_id, False)
@@ -339,6 +381,8 @@ cdef class RouteCore:
         online = self._sessions.get(recipient)
         if online is not None:
             for s in _online(online):
+                if _defer(self, s, msg_id[0]):
+                    continue
                 s.out.write_deliver(msg_id[0], ts[0], sender, sender_device, payload, n)
                 s._mark()
                 self.messages_delivered_live += 1
@@ -370,7 +414,7 @@ cdef class RouteCore:
         online = self._sessions.get(sender.user)
         if online is not None:
             for s in _online(online):
-                if s is not sender and s.device != sender.device:
+                if s is not sender and s.device != sender.device and not _defer(self, s, msg_id):
                     s.out.write_deliver_ex(msg_id, ts, PyUnicode_AsUTF8(sender.user), len(sender.user.encode()),
                                            PyUnicode_AsUTF8(sender.device), len(sender.device.encode()),
                                            PyUnicode_AsUTF8(recipient), len(recipient.encode()), origin, payload, n)
@@ -415,6 +459,8 @@ cdef class RouteCore:
         online = self._sessions.get(target)
         if online is not None:
             for s in _online(online):
+                if _defer(self, s, rid):
+                    continue
                 s.out.write_receipt_raw(rid, k, ref, PyUnicode_AsUTF8(by), len(by.encode()),
                                         PyUnicode_AsUTF8(by_device), len(by_device.encode()), ts)
                 s._mark()
@@ -562,7 +608,7 @@ cdef class RouteCore:
         online = self._sessions.get(member)
         if online is not None:
             for s in _online(online):
-                if s.device == skip:
+                if s.device == skip or _defer(self, s, msg_id):
                     continue
                 s.out.write_deliver_ex(msg_id, ts, PyUnicode_AsUTF8(sender), len(sender.encode()),
                                        PyUnicode_AsUTF8(sender_device), len(sender_device.encode()),

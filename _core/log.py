@@ -859,10 +859,9 @@ class ShardedLog(_Committed):
         lg = self.logs.get(self.map.shard(recipient))
         return lg.pending(recipient, device) if lg is not None else []
 
-    def write_pending_into(self, out, recipient, now, device=""):
+    def write_pending_into(self, out, recipient, now, device="", min_id=0, max_bytes=0):
         lg = self.logs.get(self.map.shard(recipient))
-        if lg is not None:
-            lg.write_pending_into(out, recipient, now, device)
+        return lg.write_pending_into(out, recipient, now, device, min_id, max_bytes) if lg is not None else 0
 
     def consume(self, recipient, msg_ids, device=""):
         lg = self.logs.get(self.map.shard(recipient))

@@ -112,3 +112,7 @@ class GoawayCode(IntEnum):
     SHUTTING_DOWN = 1
     REPLACED = 2
     DRAINING = 3
+    #: the session sent nothing, not even PING, for several ping intervals
+    IDLE_TIMEOUT = 4
+    #: the client did not read what the server sent (stalled or too far behind); reconnect and resume from the log
+    SLOW_CONSUMER = 5

@@ -96,7 +96,7 @@ def start(name: str, *, workers: int = 1, durability: str = "interval", store: s
         tmp = tempfile.TemporaryDirectory(prefix="sb-bench-")
         cmd = [sys.executable, "-m", "gateway", "serve", "--port", "0", "--workers", str(workers),
                "--data-dir", tmp.name, "--log-level", "WARNING", "--durability", durability, "--store", store,
-               "--segment-size", segment_size, "--max-pending", str(10**6), *extra]
+               "--segment-size", segment_size, "--max-pending", str(10**6), "--msg-rate", "0", *extra]
         proc = subprocess.Popen(cmd, **popen)
         m = _wait_line(proc, READY, 120, "switchboard")
         server = Server(name, proc, int(m.group(2)), tmp.name, tmp)

@@ -33,6 +33,18 @@ def _positive(kind):
     return parse
 
 
+def _non_negative(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or positive: {text!r}")
+        return value
+    return parse
+
+
 def _size(text: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
@@ -40,6 +52,35 @@ def _size(text: str) -> int:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 64M)") from None
+
+
+#: serve flags for the main limits (docs/limits.md): flag, GatewayConfig field, parser, help
+_LIMIT_FLAGS = (
+    ("--max-connections", "max_connections", _non_negative(int), "connections per worker (0: no limit)"),
+    ("--max-conns-per-ip", "max_connections_per_ip", _non_negative(int),
+     "connections from one source address, per worker (0: no limit)"),
+    ("--connect-rate", "connect_rate_per_ip", _non_negative(float),
+     "new connections per second from one address, per worker (0: no limit)"),
+    ("--connect-burst", "connect_burst_per_ip", _positive(int), "new connections from one address at once"),
+    ("--msg-rate", "msg_rate", _non_negative(float),
+     "SENDs per second per session; past it: ERROR RATE_LIMITED (0: no limit)"),
+    ("--msg-burst", "msg_burst", _positive(int), "SENDs a session may make at once"),
+    ("--ping-interval-ms", "ping_interval_ms", _positive(int), "ping interval advertised in WELCOME"),
+    ("--idle-timeout-pings", "idle_timeout_pings", _non_negative(int),
+     "ping intervals without any frame before GOAWAY IDLE_TIMEOUT (0: never)"),
+    ("--out-high-water", "out_high_water", _size, "bytes queued to a client before its live messages wait in the log"),
+    ("--out-low-water", "out_low_water", _size, "... and resume from the log below this"),
+    ("--out-hard-limit", "out_hard_limit", _size, "bytes queued to a paused client before it is disconnected (0: none)"),
+    ("--slow-consumer-timeout", "slow_consumer_timeout", _non_negative(float),
+     "seconds a paused client may go without draining before it is disconnected (0: never)"),
+)
+
+
+def _add_limits(p) -> None:
+    g = p.add_argument_group("limits (docs/limits.md)")
+    for flag, name, kind, text in _LIMIT_FLAGS:
+        default = getattr(GatewayConfig, name)
+        g.add_argument(flag, dest=name, type=kind, default=default, help=f"{text} (default {default})")
 
 
 def _ws_port(text: str) -> int:
@@ -110,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message-ttl", type=_positive(float), default=GatewayConfig.message_ttl,
                    help="seconds an undelivered message is kept (default 30 days)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _add_limits(p)
 
     p = verbs.add_parser("token", help="issue tokens", description="Issue tokens from the server secret.")
     tverbs = p.add_subparsers(dest="token_verb", metavar="ACTION", required=True)
@@ -370,7 +412,8 @@ def _serve(args) -> int:
                         segment_size=args.segment_size, message_ttl=args.message_ttl,
                         max_devices=args.max_devices, max_group_members=args.max_group_members,
                         ws_port=args.ws_port if args.ws_port is not None else (0 if args.port == 0 else DEFAULT_WS_PORT),
-                        ws_origins=tuple(o.rstrip("/").lower() for o in args.ws_origin))
+                        ws_origins=tuple(o.rstrip("/").lower() for o in args.ws_origin),
+                        **{name: getattr(args, name) for _, name, _, _ in _LIMIT_FLAGS})
     try:
         cfg.validate()
     except ValueError as exc:

@@ -67,6 +67,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self.transport = None
         self.decoder = Decoder(self._frame, DEFAULT_MAX_FRAME * 256)
         self.lost = asyncio.get_running_loop().create_future()
+        self.pinged = False      # the keepalive has started (its first PING goes one interval later)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -156,10 +157,22 @@ class Client:
         proto.transport.write(encode(frames.Hello(PROTOCOL_VERSION, self.token, self.device, self._acked_hwm,
                                                   self.send_only)))
         self.welcome = await self._welcome_fut
+        self._keepalive(proto)
         for _, data in self._unacked.values():      # retries keep their client ids
             proto.transport.write(data)
         if self._watching:
             proto.transport.write(encode(frames.Subscribe(tuple(sorted(self._watching)), True)))
+
+    def _keepalive(self, proto) -> None:
+        """PING every ping interval (from WELCOME) while this connection is current:
+        the server closes sessions that send nothing for a few intervals."""
+        if self._closed or proto is not self._proto or proto.transport is None or proto.transport.is_closing():
+            return
+        interval = max((self.welcome.ping_interval_ms if self.welcome else 30_000) / 1000, 0.05)
+        if proto.pinged:
+            proto.transport.write(encode(frames.Ping(next(self._ids))))
+        proto.pinged = True
+        asyncio.get_running_loop().call_later(interval, self._keepalive, proto)
 
     async def close(self) -> None:
         self._closed = True

@@ -58,6 +58,32 @@ class GatewayConfig:
     #: undelivered messages expire after this long (WhatsApp keeps them 30 days)
     message_ttl: float = 30 * 86400
 
+    # -- limits and abuse (docs/limits.md); per worker process, 0 turns a limit off --------------------------
+    #: connections one worker holds at once, authenticated or not; new ones past it are refused
+    max_connections: int = 100_000
+    #: connections from one source address held by one worker
+    max_connections_per_ip: int = 20_000
+    #: new connections per second from one source address (token bucket per worker)
+    connect_rate_per_ip: float = 1_000.0
+    #: how many new connections from one address may arrive at once (the bucket's size)
+    connect_burst_per_ip: int = 20_000
+    #: SENDs per second per session (token bucket); past it the SEND gets the non-fatal ERROR RATE_LIMITED
+    msg_rate: float = 1_000.0
+    #: SENDs a session may make at once (the bucket's size)
+    msg_burst: int = 5_000
+    #: a session that sends no frame at all, not even PING, for this many ping intervals gets GOAWAY IDLE_TIMEOUT
+    idle_timeout_pings: int = 3
+    #: slow consumer: past this many bytes queued to a client (transport buffer), its live messages stay in the log
+    out_high_water: int = 256 << 10
+    #: ... and are pushed again, from the log, once the queue is below this
+    out_low_water: int = 64 << 10
+    #: a paused client with more than this queued is disconnected (GOAWAY SLOW_CONSUMER)
+    out_hard_limit: int = 4 << 20
+    #: a client paused this long without draining is disconnected (GOAWAY SLOW_CONSUMER)
+    slow_consumer_timeout: float = 30.0
+    #: period of the limits sweep: slow consumers, idle sessions (spread over a ping interval), log summaries
+    limits_sweep_interval: float = 1.0
+
     def validate(self) -> None:
         if not (0 <= self.port <= 65535):
             raise ValueError(f"port must be 0..65535, got {self.port}")
@@ -79,6 +105,27 @@ class GatewayConfig:
             raise ValueError("max frame must be between 1 KiB and 16 MiB")
         if not (64 <= self.pre_auth_max_frame <= self.max_frame):
             raise ValueError("pre-auth max frame must be between 64 bytes and max frame")
+        for name in ("max_connections", "max_connections_per_ip", "connect_burst_per_ip", "msg_burst",
+                     "idle_timeout_pings", "out_hard_limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (no limit) or positive, got {getattr(self, name)}")
+        for name in ("connect_rate_per_ip", "msg_rate", "slow_consumer_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (no limit) or positive, got {getattr(self, name)}")
+        if self.connect_rate_per_ip > 0 and self.connect_burst_per_ip < 1:
+            raise ValueError("connect_burst_per_ip must be at least 1 when connect_rate_per_ip is set")
+        if self.msg_rate > 0 and self.msg_burst < 1:
+            raise ValueError("msg_burst must be at least 1 when msg_rate is set")
+        if self.ping_interval_ms < 50:
+            raise ValueError(f"ping_interval_ms must be at least 50, got {self.ping_interval_ms}")
+        if not (0 < self.out_low_water < self.out_high_water):
+            raise ValueError(f"out_low_water ({self.out_low_water}) must be positive and below "
+                             f"out_high_water ({self.out_high_water})")
+        if self.out_hard_limit and self.out_hard_limit <= self.out_high_water:
+            raise ValueError(f"out_hard_limit ({self.out_hard_limit}) must be above out_high_water "
+                             f"({self.out_high_water}) or 0")
+        if self.limits_sweep_interval <= 0:
+            raise ValueError("limits_sweep_interval must be positive")
         if self.store not in ("log", "memory"):
             raise ValueError(f"store must be 'log' or 'memory', not {self.store!r}")
         self.log_config().validate()

@@ -17,7 +17,8 @@ _log = log.get("switchboard.conn")
 
 class Connection(asyncio.BufferedProtocol):
     # Every field here is paid a million times over on a dense gateway: keep it short.
-    __slots__ = ("gateway", "transport", "session", "decoder", "_hello_timer", "handed_off", "_handoff")
+    __slots__ = ("gateway", "transport", "session", "decoder", "_hello_timer", "handed_off", "_handoff",
+                 "_addr", "_idle")
     WEBSOCKET = False        # hand-offs say which kind of connection the owner adopts
 
     def __init__(self, gateway, handed_off: bool = False):
@@ -28,10 +29,14 @@ class Connection(asyncio.BufferedProtocol):
         self._hello_timer = None
         self.handed_off = handed_off     # came from another worker: must be ours
         self._handoff = None             # (owner, HELLO bytes) once HELLO says another worker owns it
+        self._addr = None                # its source address's counters (gateway/limits.py)
+        self._idle = 0                   # idle sweeps since its last read (gateway/limits.py)
 
     # -- asyncio.BufferedProtocol ------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
+        if not self.gateway.limits.admit(self):
+            return                           # refused (connection limits): already closing
         if self.handed_off:
             transport.pause_reading()        # the bytes the other worker read come first
         self.gateway.connections.add(self)
@@ -56,8 +61,11 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def _input(self, parse, arg):
+        self._idle = 0
         try:
             parse(arg)
+            if self.session is not None and self.session.paused:
+                self.gateway.limits.check_slow(self)
             if self._handoff is not None:
                 self._hand_off()
         except ProtocolError as exc:
@@ -78,6 +86,14 @@ class Connection(asyncio.BufferedProtocol):
         if self.session is not None:
             self.gateway.router.close_session(self.session)
         self.gateway.connections.discard(self)
+        self.gateway.limits.release(self)
+
+    def pause_writing(self):
+        """The transport holds more than the high water mark: a slow consumer (gateway/limits.py)."""
+        self.gateway.limits.pause_writing(self)
+
+    def resume_writing(self):
+        self.gateway.limits.resume_writing(self)
 
     # -- before WELCOME ----------------------------------------------------------
     def _hello_sink(self, ftype, flags, body):
@@ -111,6 +127,7 @@ class Connection(asyncio.BufferedProtocol):
                                               send_only=hello.send_only)
         self.decoder.max_frame = cfg.max_frame
         self.decoder.set_sink(self.session)
+        gw.limits.session_opened(self)
 
     def session_io(self) -> dict:
         """How the router session writes and closes: the transport itself

@@ -22,6 +22,7 @@ from .auth import TokenAuthority, load_or_create_secret
 from .config import DEFAULT_PORT, GatewayConfig, default_data_dir
 from .bus import LocalBus
 from .connection import Connection
+from .limits import Limits
 from .webfiles import WebFiles
 from .wsconn import WsConnection
 
@@ -49,6 +50,7 @@ class Gateway:
         self.shards = None
         self.handoffs_out = 0
         self.handoffs_in = 0
+        self.limits = Limits(self)
 
     @staticmethod
     def now_ms() -> int:
@@ -77,6 +79,8 @@ class Gateway:
         self.router = Router(store, loop=self.loop, max_frame=cfg.max_frame, dedup_window=cfg.dedup_window,
                              max_devices=cfg.max_devices, max_group_members=cfg.max_group_members)
         self.router.set_worker(cfg.worker_index)
+        self.router.msg_rate, self.router.msg_burst = cfg.msg_rate, cfg.msg_burst
+        self.router.backlog_chunk = cfg.out_high_water       # a long backlog goes out as the client reads it
         self._stopping = asyncio.Event()
         if cfg.workers > 1:
             self.bus = LocalBus(cluster or "solo", cfg.worker_index, cfg.workers, self.router, self.shards,
@@ -95,6 +99,7 @@ class Gateway:
         elif listen_sock is None and cfg.ws_port >= 0:
             self._ws_server = await self.loop.create_server(
                 lambda: WsConnection(self), cfg.host, cfg.ws_port, backlog=cfg.backlog, reuse_address=True)
+        self.limits.start()
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
         if self._ws_server is not None:
@@ -155,6 +160,7 @@ class Gateway:
         self._server.close()
         if self._ws_server is not None:
             self._ws_server.close()
+        self.limits.stop()
         spread = self.config.reconnect_spread_ms
         for s in self.router.all_sessions():
             s.goaway(GoawayCode.SHUTTING_DOWN, random.randint(0, spread), "server shutting down")

@@ -42,6 +42,8 @@ class Router(RouteCore):
         self._receipt_queue: collections.deque = collections.deque(maxlen=100_000)
         self._receipt_timer = None
         self._session_ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 24)
+        #: bytes of backlog queued at once for a session (0: all); the rest follows as it drains
+        self.backlog_chunk = 0
 
     def open_session(self, user: str, device: str, write=None, close=None, *, transport=None,
                      resume_after: int = 0, welcome: frames.Welcome | None = None,
@@ -83,11 +85,29 @@ class Router(RouteCore):
         was_online = bool(self.sessions_of(user))
         if resume_after:
             self.store.consume_through(user, resume_after, device)
+        self._write_backlog(session, 0, self.backlog_chunk)
+        self._attach(session)
+        if not was_online:
+            self.presence.changed(user)
+        return session
+
+    def _write_backlog(self, session: Session, min_id: int, max_bytes: int) -> None:
+        """Queue the device's stored entries with id >= min_id, oldest first. With
+        `max_bytes`, stop past that much: the session is left paused from the first
+        entry not written (`resume_session` continues)."""
+        user, device = session.user, session.device
+        rest = 0
         if hasattr(self.store, "write_pending_into"):      # straight from the log's mapping
-            self.store.write_pending_into(session.out, user, now_ms(), device)
+            rest = self.store.write_pending_into(session.out, user, now_ms(), device, min_id, max_bytes) or 0
             session.wake()
         else:
+            start = session.pending_output
             for m in self.store.pending(user, device):
+                if m.msg_id < min_id:
+                    continue
+                if max_bytes and session.pending_output - start >= max_bytes:
+                    rest = m.msg_id
+                    break
                 if m.flags & RECEIPT:
                     session.write_frame(frames.Receipt(m.msg_id, m.payload[0], m.ref, m.sender, m.sender_device,
                                                        m.timestamp_ms))
@@ -95,10 +115,28 @@ class Router(RouteCore):
                     session.write_frame(frames.Deliver(m.msg_id, m.timestamp_ms, m.sender, m.sender_device,
                                                        m.payload, m.conversation if m.flags & MIRROR else "",
                                                        m.ref if m.flags & MIRROR else 0))
-        self._attach(session)
-        if not was_online:
-            self.presence.changed(user)
-        return session
+        if rest:
+            session.paused = True
+            session.skip_from = rest
+
+    def pause_session(self, session: Session) -> None:
+        """The client is not reading fast enough: from now on its live messages stay
+        in the store only (they are there already) until `resume_session`."""
+        if not session.send_only and not session.closed:
+            session.paused = True
+
+    def resume_session(self, session: Session, max_bytes: int = 0) -> bool:
+        """The client drained its output: queue exactly what was skipped while it was
+        paused (from the store, in order) and push live again. With `max_bytes`, at
+        most about that much is queued; returns True if the session is still paused
+        (more to write: call again once this has drained)."""
+        if not session.paused or session.closed:
+            return False
+        skip, session.skip_from = session.skip_from, 0
+        session.paused = False
+        if skip:
+            self._write_backlog(session, skip, max_bytes)
+        return session.paused
 
     def close_session(self, session: Session) -> None:
         """The device went away; undelivered messages stay in the store."""
