@@ -182,14 +182,17 @@ def resolve(flags: dict, environ=None, config_file: str | None = None) -> Gatewa
 
 
 def _blame(chosen: dict, exc: ValueError) -> str:
-    """Which chosen value makes validation fail: the first that does, applied one by one over the defaults."""
-    values = {}
-    for name, (value, source) in chosen.items():
-        values[name] = value
+    """Which chosen value the validation error is about: the last one (flags before the
+    environment before the file) without which the error goes away or changes."""
+    values = {k: v for k, (v, _) in chosen.items()}
+    for name in reversed(chosen):
         try:
-            GatewayConfig(**values).validate()
+            GatewayConfig(**{k: v for k, v in values.items() if k != name}).validate()
         except ValueError as err:
-            return f"bad {name} = {value!r} from {source}: {err}"
+            if str(err) == str(exc):
+                continue
+        value, source = chosen[name]
+        return f"bad {name} = {value!r} from {source}: {exc}"
     return f"bad settings: {exc}"
 
 
