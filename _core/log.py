@@ -35,6 +35,7 @@ from pathlib import Path
 import picologging
 from ._log import LogCore, Segment, crc32c, crc32c_hardware, write_out
 from .errors import StoreError
+from .logfmt import q
 from .protocol import ErrorCode
 
 _log = picologging.getLogger("switchboard.log")
@@ -260,8 +261,8 @@ class GroupCommit:
     def _fail(self, exc: BaseException) -> None:
         self.failed = exc
         self._waiting.clear()
-        _log.critical("event=log_sync_failed dir=%s error=%r action=stop_without_acking "
-                      "(a writeback error is reported once; retrying would hide lost data)", self.name, exc)
+        _log.critical("event=log_sync_failed dir=%s error=%s action=stop_without_acking "
+                      "why=\"a writeback error is reported once; retrying would hide lost data\"", self.name, q(repr(exc)))
         if self.on_fatal is not None:
             self.on_fatal(exc)
 
@@ -493,7 +494,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
                 seg.quarantined = True
                 report.corrupt.append((seg.segment_id, regions))
                 _log.error("event=corrupt_segment segment=%d bad_regions=%s action=quarantine_after_compaction "
-                           "records_outside_the_bad_regions=served", seg.segment_id, regions)
+                           "records_outside_the_bad_regions=served", seg.segment_id, q(regions))
             seg.sealed = i != data_last or seg.quarantined
         for seg in good:
             # nothing read back from the page cache is acknowledged again (as a
@@ -541,7 +542,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             os.rename(path, qdir / path.name)
             _fsync_dir(self.directory)
             report.bad_headers.append(path.name)
-            _log.error("event=bad_segment_file file=%s reason=%r action=quarantined", path.name, reason)
+            _log.error("event=bad_segment_file file=%s reason=%s action=quarantined", path.name, q(reason))
             return None
         self._raise_last_id(id_floor)     # ids never go backwards, even after deletions
         return Segment.map(str(path), fd, segment_id, nonce, size)
@@ -613,7 +614,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         if not self.storage_full:
             self.storage_full = True
             _log.error("event=storage_full dir=%s error=%r senders_get=STORAGE_FULL reads_and_acks=served",
-                       self.directory, exc)
+                       self.directory, q(repr(exc)))
 
     def _prepare_spare(self) -> None:
         """Keep SPARES segments prepared ahead: preparing one (about 0.1-0.2 s for
@@ -653,7 +654,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             if isinstance(exc, OSError):
                 self._storage_full(exc)
             else:
-                _log.error("event=segment_prepare_failed error=%r", exc)
+                _log.error("event=segment_prepare_failed error=%s", q(repr(exc)))
             return
         active = self.active
         if self._closed:

@@ -189,7 +189,7 @@ class LocalBus:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                _log.warning("event=link_accept_failed error=%r", exc)
+                _log.warning("event=link_accept_failed error=%s", log.q(repr(exc)))
                 return
             self.incoming.add(Link(self, conn, -1))
 
@@ -240,7 +240,7 @@ class LocalBus:
             del self.outgoing[link.peer]
             self._lost[link.peer] = True
             self._reconnect_later(link.peer)
-        _log.info("event=link_closed peer=%d error=%r", link.peer, exc)
+        _log.info("event=link_closed peer=%d error=%s", link.peer, log.q(repr(exc)))
         self.pressure_check()
 
     def _reconnect_later(self, worker: int, delay: float = 0.1) -> None:

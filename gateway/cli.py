@@ -12,6 +12,7 @@ import sys
 
 from . import __version__
 from .config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WS_PORT, GatewayConfig, default_data_dir
+from .settings import SettingError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -98,6 +99,10 @@ def _ws_port(text: str) -> int:
 def _add_endpoint(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"gateway address (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gateway TCP port (default {DEFAULT_PORT})")
+    p.add_argument("--tls", action="store_true", help="connect with TLS, verifying the server against the "
+                                                      "system's CAs (or --ca)")
+    p.add_argument("--ca", metavar="FILE", help="PEM file of the CA(s) to trust for the server's certificate "
+                                                "(implies --tls)")
 
 
 def _add_identity(p: argparse.ArgumentParser, device: str) -> None:
@@ -152,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an undelivered message is kept (default 30 days)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     _add_limits(p)
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="TOML file of settings (docs/configuration.md); environment variables "
+                        "SWITCHBOARD_<SETTING> override it, flags override both (default: $SWITCHBOARD_CONFIG)")
 
     p = verbs.add_parser("token", help="issue tokens", description="Issue tokens from the server secret.")
     tverbs = p.add_subparsers(dest="token_verb", metavar="ACTION", required=True)
@@ -210,7 +218,47 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Type lines to send them; '/to USER' switches recipient; Ctrl-D quits.")
     _add_identity(p, "main")
     p.add_argument("--to", metavar="USER", help="first recipient")
+    _add_setting_flags(verbs.choices["serve"])
     return parser
+
+
+#: serve flags whose destination is not the setting's name
+_FLAG_FIELDS = {"max_pending": "max_pending_per_recipient", "ws_origin": "ws_origins"}
+
+
+def _add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """Every setting is a serve flag: one for each GatewayConfig field without a flag of its own.
+    Setting flags default to None (not given), so that the environment and the config
+    file apply below them (gateway/settings.py); help keeps the real default."""
+    from .settings import docs, fields, flag_name, parse_text
+    doc = docs()
+    have = {_FLAG_FIELDS.get(a.dest, a.dest) for a in p._actions}
+    for f in fields():
+        if f.name in have or flag_name(f.name) in p._option_string_actions:
+            continue
+
+        def parse(text, f=f):
+            try:
+                return parse_text(f, text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        p.add_argument(flag_name(f.name), type=parse, default=None, metavar=f.name.upper(),
+                       help=doc.get(f.name, "") + " (see docs/configuration.md)")
+    names = {f.name for f in fields()}
+    for a in p._actions:
+        if _FLAG_FIELDS.get(a.dest, a.dest) in names and a.default is not None:
+            if a.help:
+                a.help = a.help.replace("%(default)s", str(a.default))
+            a.default = None
+
+
+def serve_flags() -> dict:
+    """setting -> its serve flag (for the documentation)."""
+    serve = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    from .settings import fields
+    names = {f.name for f in fields()}
+    return {_FLAG_FIELDS.get(a.dest, a.dest): max(a.option_strings, key=len) for a in serve._actions
+            if _FLAG_FIELDS.get(a.dest, a.dest) in names}
 
 
 def _token_for(args) -> str:
@@ -228,12 +276,25 @@ def _token_for(args) -> str:
 
 
 async def _connect(args, send_only: bool = False):
+    import ssl
     from .client import Client, ServerError
-    client = Client(args.host, args.port, _token_for(args), args.device, reconnect=False, send_only=send_only)
+    from .tls import client_context
+    try:
+        tls = client_context(args.ca) if (args.tls or args.ca) else None
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(f"cannot load CA file {args.ca}: {getattr(exc, 'strerror', None) or exc}") from None
+    client = Client(args.host, args.port, _token_for(args), args.device, reconnect=False, send_only=send_only,
+                    ssl=tls)
     try:
         await client.connect()
     except ServerError as exc:
         raise CliError(f"server refused the session: {exc}") from None
+    except ssl.SSLCertVerificationError as exc:
+        raise CliError(f"TLS: the server's certificate is not trusted ({exc.verify_message}); "
+                       f"pass --ca with the CA that signed it") from None
+    except ssl.SSLError as exc:
+        raise CliError(f"TLS handshake with {args.host}:{args.port} failed: {exc.reason or exc} "
+                       f"(is the server using TLS?)") from None
     except (OSError, asyncio.TimeoutError) as exc:
         raise CliError(f"cannot connect to {args.host}:{args.port}: {exc.strerror or exc}") from None
     if args.user and client.welcome.user != args.user:
@@ -404,21 +465,18 @@ async def _presence(args) -> int:
 
 
 def _serve(args) -> int:
+    """Settings from the flags given, over the environment and --config (gateway/settings.py)."""
     from .server import run
-    cfg = GatewayConfig(host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(),
-                        workers=args.workers, hello_timeout=args.hello_timeout, max_frame=args.max_frame,
-                        max_pending_per_recipient=args.max_pending, log_level=args.log_level,
-                        store=args.store, durability=args.durability, flush_interval_ms=args.flush_interval_ms,
-                        segment_size=args.segment_size, message_ttl=args.message_ttl,
-                        max_devices=args.max_devices, max_group_members=args.max_group_members,
-                        ws_port=args.ws_port if args.ws_port is not None else (0 if args.port == 0 else DEFAULT_WS_PORT),
-                        ws_origins=tuple(o.rstrip("/").lower() for o in args.ws_origin),
-                        **{name: getattr(args, name) for _, name, _, _ in _LIMIT_FLAGS})
-    try:
-        cfg.validate()
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    return run(cfg)
+    from .settings import fields, resolve
+    names = {f.name for f in fields()}
+    flags = {}
+    for dest, value in vars(args).items():
+        name = _FLAG_FIELDS.get(dest, dest)
+        if name in names and value is not None:
+            if name == "ws_origins":
+                value = tuple(o.rstrip("/").lower() for o in value)
+            flags[name] = (value, f"flag --{dest.replace('_', '-')}")
+    return run(resolve(flags, config_file=args.config))
 
 
 def _token(args) -> int:
@@ -448,5 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"switchboard: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except SettingError as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -95,7 +95,8 @@ class Client:
     """A device's connection to a Switchboard gateway.
 
     ``async with Client(host, port, token, device="phone") as c:`` connects and
-    completes HELLO/WELCOME; ``await c.send("bob", b"hi")`` returns once the
+    completes HELLO/WELCOME (over TLS with ``ssl=gateway.tls.client_context(ca)``);
+    ``await c.send("bob", b"hi")`` returns once the
     server has stored the message; ``async for m in c`` yields delivered
     messages, which the application acknowledges with ``await c.ack(m)``.
     With ``reconnect=True`` a lost connection is re-established with backoff;
@@ -105,8 +106,10 @@ class Client:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 7400, token: str = "", device: str = "main",
                  *, reconnect: bool = True, resume_after: int = 0, connect_timeout: float = 10.0,
-                 max_backoff: float = 5.0, send_only: bool = False):
+                 max_backoff: float = 5.0, send_only: bool = False, ssl=None):
         self.host, self.port, self.token, self.device = host, port, token, device
+        #: an ssl.SSLContext for TLS (gateway.tls.client_context(ca=...)), or None for plain TCP
+        self.ssl = ssl
         self.reconnect = reconnect
         self.send_only = send_only
         self._receipts: asyncio.Queue = asyncio.Queue(maxsize=10_000)
@@ -152,7 +155,7 @@ class Client:
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         self._welcome_fut = loop.create_future()
-        _, proto = await loop.create_connection(lambda: _Protocol(self), self.host, self.port)
+        _, proto = await loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=self.ssl)
         self._proto = proto
         proto.transport.write(encode(frames.Hello(PROTOCOL_VERSION, self.token, self.device, self._acked_hwm,
                                                   self.send_only)))

@@ -16,22 +16,31 @@ def default_data_dir() -> str:
 
 @dataclass
 class GatewayConfig:
+    """Every setting of a gateway. Each field is configurable from the TOML file
+    (its name), the environment (SWITCHBOARD_<NAME>) and a `serve` flag
+    (gateway/settings.py); the `#:` comment above it is its documentation
+    (docs/configuration.md is generated from them)."""
+    #: listen address of the TCP and WebSocket listeners
     host: str = DEFAULT_HOST
+    #: TCP listener port (the binary protocol); 0 picks a free one
     port: int = DEFAULT_PORT
     #: WebSocket listener port; 0 picks a free one, -1 turns it off
     ws_port: int = DEFAULT_WS_PORT
     #: browser origins (scheme://host[:port]) allowed to open a WebSocket besides the page's own; "*": any
     ws_origins: tuple = ()
+    #: where the server secret, the shard layout and the message log live
     data_dir: str = field(default_factory=default_data_dir)
+    #: worker processes; users are sharded across them (1..64; default: number of cores)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     #: which worker this process is (0..workers-1); set by the supervisor
     worker_index: int = 0
-    #: a connection that has not completed HELLO by then gets ERROR HELLO_TIMEOUT
+    #: seconds a connection has to complete HELLO (and the TLS handshake) before ERROR HELLO_TIMEOUT
     hello_timeout: float = 10.0
     #: largest frame after WELCOME (value of the length field); advertised to clients
     max_frame: int = DEFAULT_MAX_FRAME
     #: largest frame before WELCOME: a stranger can't make us buffer more
     pre_auth_max_frame: int = PRE_AUTH_MAX_FRAME
+    #: keepalive interval advertised to clients in WELCOME
     ping_interval_ms: int = 30_000
     #: undelivered messages kept per recipient before senders get QUOTA_EXCEEDED
     max_pending_per_recipient: int = 10_000
@@ -41,22 +50,32 @@ class GatewayConfig:
     max_group_members: int = 1024
     #: remembered client message ids per device, for dropping retried SENDs
     dedup_window: int = 4096
-    #: a worker that dies is restarted after this backoff (doubling per quick death)
+    #: seconds before a dead worker is restarted (doubling per quick death, at most 5 s)
     restart_backoff: float = 0.1
-    #: SIGTERM: how long connections get to finish before they are cut
+    #: SIGTERM: seconds connections get to finish before they are cut
     shutdown_grace: float = 5.0
     #: GOAWAY reconnect hints are spread uniformly over this many ms
     reconnect_spread_ms: int = 5_000
+    #: listen(2) queue of each listening socket
     backlog: int = 4096
+    #: level of every logger: DEBUG, INFO, WARNING, ERROR
     log_level: str = "INFO"
+    #: per-component levels over log_level, e.g. "switchboard.conn=DEBUG,switchboard.bus=WARNING"
+    log_levels: str = ""
     #: "log": the durable memory-mapped log (default); "memory": lost on restart (tests, benchmarks)
     store: str = "log"
     #: always (fsync before every ACK batch) | interval (fsync every flush_interval_ms) | never
     durability: str = "interval"
+    #: fsync period of durability "interval"
     flush_interval_ms: int = 1000
+    #: size of one log segment file (accepts K/M/G suffixes)
     segment_size: int = 64 << 20
-    #: undelivered messages expire after this long (WhatsApp keeps them 30 days)
+    #: seconds an undelivered message is kept (30 days, as WhatsApp does)
     message_ttl: float = 30 * 86400
+    #: PEM certificate chain: TLS on the TCP and WebSocket listeners (with tls_key); reloaded on SIGHUP
+    tls_cert: str = ""
+    #: PEM private key of tls_cert
+    tls_key: str = ""
 
     # -- limits and abuse (docs/limits.md); per worker process, 0 turns a limit off --------------------------
     #: connections one worker holds at once, authenticated or not; new ones past it are refused
@@ -129,6 +148,13 @@ class GatewayConfig:
         if self.store not in ("log", "memory"):
             raise ValueError(f"store must be 'log' or 'memory', not {self.store!r}")
         self.log_config().validate()
+        from .log import parse_levels
+        parse_levels(self.log_level, self.log_levels)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both a certificate (tls_cert) and its key (tls_key)")
+        if self.tls_cert:
+            from .tls import server_context
+            server_context(self.tls_cert, self.tls_key)
 
     def log_config(self):
         from _core.log import LogConfig

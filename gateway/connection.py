@@ -3,6 +3,7 @@ every frame to the router session. The data path after HELLO never comes back
 to Python: decoder -> SessionCore.on_frame -> RouteCore.route (all Cython)."""
 import asyncio
 import os
+import socket
 
 from _core import frames
 from _core.codec import Decoder, decode_body, encode
@@ -72,17 +73,20 @@ class Connection(asyncio.BufferedProtocol):
             self.gateway.count_error(exc.code)
             self.fail(exc.code, exc.reason)
         except Exception:
-            _log.exception("internal error on connection from %s", self.peer)
+            _log.exception("event=internal_error peer=%s", log.q(self.peer))
             self.gateway.count_error(ErrorCode.INTERNAL)
             self.fail(ErrorCode.INTERNAL, "internal server error")
 
     def eof_received(self):
         return False    # close our side too; undelivered messages stay stored
 
-    def connection_lost(self, exc):
+    def _cancel_hello_timer(self) -> None:
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
+
+    def connection_lost(self, exc):
+        self._cancel_hello_timer()
         if self.session is not None:
             self.gateway.router.close_session(self.session)
         self.gateway.connections.discard(self)
@@ -143,12 +147,28 @@ class Connection(asyncio.BufferedProtocol):
         gw = self.gateway
         data = self.handoff_payload(hello)
         self.transport.pause_reading()
-        sock = self.transport.get_extra_info("socket")
-        fd = os.dup(sock.fileno())
+        near = None
+        if self.transport.get_extra_info("sslcontext") is not None:
+            # TLS state cannot move to another process: the owner gets one end of a
+            # socket pair carrying the plaintext, and this worker relays (gateway/tls.py)
+            near, far = socket.socketpair()
+            fd = os.dup(far.fileno())
+            far.close()
+        else:
+            sock = self.transport.get_extra_info("socket")
+            fd = os.dup(sock.fileno())
         if gw.bus.hand_off(owner, fd, data, websocket=self.WEBSOCKET):
             gw.handoffs_out += 1
-            self.transport.abort()           # our descriptor only: the owner holds the connection now
+            if near is not None:
+                from .tls import relay
+                self._cancel_hello_timer()
+                gw.connections.discard(self)
+                gw.loop.create_task(relay(gw.loop, self.transport, near))
+            else:
+                self.transport.abort()       # our descriptor only: the owner holds the connection now
         else:
+            if near is not None:
+                near.close()
             self._handoff = None
             gw.count_error(ErrorCode.UNAVAILABLE)
             self.fail(ErrorCode.UNAVAILABLE, f"worker {owner} is restarting; reconnect shortly")
@@ -168,7 +188,7 @@ class Connection(asyncio.BufferedProtocol):
     # -- errors -------------------------------------------------------------------
     def fail(self, code: int, reason: str) -> None:
         """Answer ERROR (fatal) and close; the rest of the worker is unaffected."""
-        _log.info("closing %s: %s (%s)", self.peer, reason, ErrorCode(code).name)
+        _log.info("event=conn_closed peer=%s code=%s reason=%s", log.q(self.peer), ErrorCode(code).name, log.q(reason))
         self.decoder.stop()
         if self.transport.is_closing():
             return

@@ -51,6 +51,7 @@ class Gateway:
         self.handoffs_out = 0
         self.handoffs_in = 0
         self.limits = Limits(self)
+        self.tls = None                      # tls.Reloader: the listeners' SSLContext, reloaded on SIGHUP
 
     @staticmethod
     def now_ms() -> int:
@@ -87,25 +88,30 @@ class Gateway:
                                 self.adopt, self._bus_pressure)
             self.bus.start(self.loop)
         self.router.groups.recover()        # group messages stored but not yet fanned out
+        tls = {}
+        if cfg.tls_cert:
+            from .tls import Reloader
+            self.tls = Reloader(cfg.tls_cert, cfg.tls_key, cfg.worker_index)
+            tls = {"ssl": self.tls.context, "ssl_handshake_timeout": cfg.hello_timeout}
         if listen_sock is not None:
             self._server = await self.loop.create_server(lambda: Connection(self), sock=listen_sock,
-                                                         backlog=cfg.backlog)
+                                                         backlog=cfg.backlog, **tls)
         else:
             self._server = await self.loop.create_server(
-                lambda: Connection(self), cfg.host, cfg.port, backlog=cfg.backlog, reuse_address=True)
+                lambda: Connection(self), cfg.host, cfg.port, backlog=cfg.backlog, reuse_address=True, **tls)
         if ws_sock is not None:
             self._ws_server = await self.loop.create_server(lambda: WsConnection(self), sock=ws_sock,
-                                                            backlog=cfg.backlog)
+                                                            backlog=cfg.backlog, **tls)
         elif listen_sock is None and cfg.ws_port >= 0:
             self._ws_server = await self.loop.create_server(
-                lambda: WsConnection(self), cfg.host, cfg.ws_port, backlog=cfg.backlog, reuse_address=True)
+                lambda: WsConnection(self), cfg.host, cfg.ws_port, backlog=cfg.backlog, reuse_address=True, **tls)
         self.limits.start()
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
         if self._ws_server is not None:
             self.ws_port = self._ws_server.sockets[0].getsockname()[1]
-        _log.info("event=worker_ready worker=%d workers=%d listen=tcp://%s:%d ws=%d pid=%d",
-                  cfg.worker_index, cfg.workers, host, port, self.ws_port, os.getpid())
+        _log.info("event=worker_ready worker=%d workers=%d listen=tcp://%s:%d ws=%d tls=%s pid=%d",
+                  cfg.worker_index, cfg.workers, host, port, self.ws_port, "on" if self.tls else "off", os.getpid())
         return host, port
 
     def adopt(self, fd: int, data: bytes, websocket: bool = False) -> None:
@@ -119,11 +125,18 @@ class Gateway:
             try:
                 _, conn = await self.loop.connect_accepted_socket(lambda: factory(self, handed_off=True), sock)
             except OSError as exc:
-                _log.info("event=handoff_lost error=%r", exc)
+                _log.info("event=handoff_lost error=%s", log.q(repr(exc)))
                 sock.close()
                 return
             conn.feed_handed_off(data)
         self.loop.create_task(start())
+
+    def reload_tls(self) -> None:
+        """SIGHUP: load the certificate files again for new connections (a bad pair keeps the old one)."""
+        if self.tls is None:
+            _log.info("event=sighup action=none reason=no_tls")
+        else:
+            self.tls.reload()
 
     def _bus_pressure(self, paused: bool) -> None:
         """A link to another worker is backed up: stop reading clients until it drains."""
@@ -140,7 +153,7 @@ class Gateway:
         self.request_stop()
 
     def _store_failed(self, exc: BaseException) -> None:
-        _log.critical("event=stopping reason=store_failed error=%r", exc)
+        _log.critical("event=stopping reason=store_failed error=%s", log.q(repr(exc)))
         self.exit_code = 3
         self.request_stop()
 
@@ -194,14 +207,17 @@ def _cli_name() -> str:
     return f"{os.path.relpath(sys.executable)} -m gateway"
 
 
-def banner(host: str, port: int, data_dir: str, ws_port: int = -1) -> str:
+def banner(host: str, port: int, data_dir: str, ws_port: int = -1, tls: bool = False) -> str:
     cli = _cli_name()
     default_dir = os.path.abspath(data_dir) == os.path.abspath(default_data_dir())
     dd = "" if default_dir else f" --data-dir {data_dir}"
     pp = "" if port == DEFAULT_PORT else f" --port {port}"
-    ws = f" and ws://{host}:{ws_port}/ws" if ws_port >= 0 else ""
-    web = f"  web chat:     http://{host}:{ws_port}/  (log in with a token)\n" if ws_port >= 0 else ""
-    return (f"switchboard: listening on tcp://{host}:{port}{ws}\n"
+    s = "s" if tls else ""
+    ws = f" and ws{s}://{host}:{ws_port}/ws" if ws_port >= 0 else ""
+    web = f"  web chat:     http{s}://{host}:{ws_port}/  (log in with a token)\n" if ws_port >= 0 else ""
+    if tls:
+        pp += " --tls --ca CA.pem"
+    return (f"switchboard: listening on tcp://{host}:{port}{' with TLS' if tls else ''}{ws}\n"
             f"{web}"
             f"  data dir:     {os.path.abspath(data_dir)}\n"
             f"  get a token:  {cli} token issue alice{dd}\n"
@@ -214,7 +230,7 @@ def banner(host: str, port: int, data_dir: str, ws_port: int = -1) -> str:
 def run_worker(config: GatewayConfig, listen_sock, cluster: str, parent_fd: int, ready_fd: int = -1,
                ws_sock=None) -> int:
     """One worker process (forked by the supervisor before any event loop exists)."""
-    log.setup(config.log_level)
+    log.setup(config.log_level, config.log_levels, str(config.worker_index))
 
     async def main() -> int:
         gw = Gateway(config)
@@ -222,6 +238,7 @@ def run_worker(config: GatewayConfig, listen_sock, cluster: str, parent_fd: int,
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, gw.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, gw.reload_tls)
 
         def parent_readable():
             if not os.read(parent_fd, 1):         # EOF: the supervisor is gone
@@ -240,5 +257,5 @@ def run_worker(config: GatewayConfig, listen_sock, cluster: str, parent_fd: int,
 def run(config: GatewayConfig) -> int:
     """`switchboard serve`: a supervisor and its workers, until SIGTERM/SIGINT."""
     from .supervisor import Supervisor
-    log.setup(config.log_level)
+    log.setup(config.log_level, config.log_levels)
     return Supervisor(config).run()

@@ -77,7 +77,7 @@ class Supervisor:
             if cfg.ws_port >= 0:
                 self.ws_socks = self._bind(cfg.ws_port)
         except Exception as exc:
-            _log.error("event=cannot_start error=%s", exc)
+            _log.error("event=cannot_start error=%s", log.q(exc))
             return 1
         self.parent_r, self.parent_w = os.pipe()
         self.ready_r, self.ready_w = os.pipe()
@@ -92,7 +92,7 @@ class Supervisor:
         ws_port = self.ws_socks[0].getsockname()[1] if self.ws_socks else -1
         _log.info("event=supervisor_ready workers=%d listen=tcp://%s:%d ws=%d pid=%d",
                   cfg.workers, host, port, ws_port, os.getpid())
-        print(banner(host, port, cfg.data_dir, ws_port), flush=True)
+        print(banner(host, port, cfg.data_dir, ws_port, tls=bool(cfg.tls_cert)), flush=True)
         try:
             self._loop()
         finally:
@@ -129,6 +129,8 @@ class Supervisor:
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                 self._stop()
                 deadline = time.monotonic() + self.config.shutdown_grace + 5
+            if info is not None and info.si_signo == signal.SIGHUP and not self.stopping:
+                self._forward_sighup()
             self._reap()
             if self.stopping:
                 if not self.workers:
@@ -143,6 +145,15 @@ class Supervisor:
                 if when <= now:
                     del self.restart_at[k]
                     self._spawn(k)
+
+    def _forward_sighup(self) -> None:
+        """Each worker reloads the TLS certificate for its new connections."""
+        _log.info("event=sighup action=forward workers=%d", len(self.workers))
+        for pid in self.workers:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
 
     def _stop(self) -> None:
         self.stopping = True
@@ -185,6 +196,7 @@ class Supervisor:
             try:
                 os.close(self.parent_w)
                 os.close(self.ready_r)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)   # until the worker's loop handles it (TLS reload)
                 signal.pthread_sigmask(signal.SIG_SETMASK, set())
                 for socks in (self.listen_socks, self.ws_socks):
                     for i, sock in enumerate(socks):

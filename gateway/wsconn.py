@@ -166,7 +166,7 @@ class WsConnection(Connection):
             self._close_sent = True
             if self.writer is not None:
                 self.writer.closed = True
-            _log.info("closing websocket %s: %s (%d)", self.peer, reason or "-", code)
+            _log.info("event=ws_closed peer=%s code=%d reason=%s", log.q(self.peer), code, log.q(reason or "-"))
             self.transport.write(close_frame(code, reason))
         self.transport.close()
 

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"listening on tcp://([\d.]+):(\d+)")
-WS_READY = re.compile(r"ws://[\d.]+:(\d+)/ws")
+WS_READY = re.compile(r"wss?://[\d.]+:(\d+)/ws")
 
 
 @dataclass

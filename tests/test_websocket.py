@@ -492,4 +492,4 @@ def test_serve_refuses_a_bad_origin_setting(tmp_path, origin):
     from conftest import ROOT
     r = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "0", "--data-dir", str(tmp_path),
                         "--ws-origin", origin], cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and "WebSocket origin must be" in r.stderr, (r.returncode, r.stderr)
+    assert r.returncode == 2 and "WebSocket origin must be" in r.stderr, (r.returncode, r.stderr)

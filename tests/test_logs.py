@@ -1,0 +1,51 @@
+"""The log of a real gateway run: every line is one event with the same leading
+keys, and levels are set per component."""
+import asyncio
+import re
+import socket
+
+#: time, level, logger, worker, event, then key=value fields (a value is one word or a JSON string)
+LINE = re.compile(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d level=(DEBUG|INFO|WARNING|ERROR|CRITICAL) '
+                  r'logger=(switchboard\.[a-z]+) worker=(sup|\d+) event=([a-z_]+)'
+                  r'( [a-z_0-9]+=([^\s"]+|"([^"\\]|\\.)*"))*$')
+BANNER = re.compile(r"^(switchboard: listening on |  [a-z ]+: |$)")
+
+
+def _traffic(gw):
+    async def main():
+        async with gw.client("log-a") as a, gw.client("log-b") as b:
+            await a.send("log-b", "hello", timeout=10)
+            m = await b.recv(timeout=10)
+            await b.ack(m)
+    asyncio.run(asyncio.wait_for(main(), 30))
+    with socket.create_connection((gw.host, gw.port), timeout=5) as s:     # garbage: a closed connection
+        s.sendall(b"\xff" * 64)
+        s.settimeout(5)
+        while s.recv(4096):
+            pass
+
+
+def test_every_log_line_has_the_keys(gateway_factory):
+    gw = gateway_factory("--workers", "2", "--log-level", "DEBUG", "--hello-timeout", "1")
+    _traffic(gw)
+    gw.stop()
+    lines = gw.text.splitlines()
+    logged = [line for line in lines if not BANNER.match(line)]
+    bad = [line for line in logged if not LINE.match(line)]
+    assert not bad, "\n".join(bad)
+    events = {LINE.match(line).group(4) for line in logged}
+    assert {"worker_started", "worker_ready", "conn_closed", "worker_stopping"} <= events, events
+    workers = {LINE.match(line).group(3) for line in logged}
+    assert {"sup", "0", "1"} <= workers
+    assert not any("event=deliver" in line or "hello" in line.split("event=")[1] for line in logged)
+
+
+def test_levels_per_component(gateway_factory):
+    gw = gateway_factory("--workers", "1", "--log-level", "WARNING",
+                         "--log-levels", "switchboard.gateway=INFO,switchboard.conn=ERROR")
+    _traffic(gw)
+    gw.stop()
+    text = gw.text
+    assert "logger=switchboard.gateway worker=0 event=worker_ready" in text       # INFO, allowed for it
+    assert "event=worker_started" not in text            # supervisor INFO: below WARNING
+    assert "event=conn_closed" not in text               # conn INFO: below its ERROR
