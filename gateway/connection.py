@@ -34,6 +34,9 @@ class Connection(asyncio.BufferedProtocol):
         self.transport = transport
         if self.handed_off:
             transport.pause_reading()        # the bytes the other worker read come first
+        else:
+            self.gateway.connects[self.WEBSOCKET] += 1
+        self.gateway.open_conns[self.WEBSOCKET] += 1
         self.gateway.connections.add(self)
         self._hello_timer = self.gateway.loop.call_later(self.gateway.config.hello_timeout,
                                                          self._hello_timed_out)
@@ -77,6 +80,7 @@ class Connection(asyncio.BufferedProtocol):
             self._hello_timer = None
         if self.session is not None:
             self.gateway.router.close_session(self.session)
+        self.gateway.open_conns[self.WEBSOCKET] -= 1
         self.gateway.connections.discard(self)
 
     # -- before WELCOME ----------------------------------------------------------
