@@ -153,13 +153,14 @@ class Admin:
     def _ready(self, live) -> tuple[bool, str]:
         if self.sup.stopping:
             return False, "draining"
+        down = []
         for k in range(self.sup.config.workers):
             cur = self.agg.current.get(k)
             if k not in live or not self.agg.fresh.get(k) or cur is None or cur.get("pid") != live[k]:
-                return False, f"worker {k} is not up"
-            if not cur.get("ready") or cur.get("draining"):
-                return False, f"worker {k} is not ready"
-        return True, "ready"
+                down.append(f"worker {k} is not up")
+            elif not cur.get("ready") or cur.get("draining"):
+                down.append(f"worker {k} is not ready")
+        return not down, "; ".join(down) or "ready"
 
     def readiness(self) -> tuple[bool, str]:
         if self.sup.stopping:                       # no need to ask anyone
