@@ -20,7 +20,7 @@ from .errors import UnexpectedFrame, MalformedFrame, StoreError
 from ._log cimport LogCore, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP, remember
 from .protocol import ErrorCode, FrameType
 
-_ERROR_CODES = frozenset(int(c) for c in ErrorCode)
+_ERROR_NAMES = {int(c): c.name for c in ErrorCode}
 
 
 cdef inline uint64_t _now_ms() noexcept:
@@ -168,8 +168,8 @@ cdef class SessionCore(FrameSink):
         if fatal and self.forwards_pending > 0:
             self._deferred_error = (code, reason, ref)
             return
-        if not fatal:
-            name = ErrorCode(code).name if code in _ERROR_CODES else str(code)
+        if not fatal:         # counted by name for the metrics (a dict lookup: quota floods stay cheap)
+            name = _ERROR_NAMES.get(code) or str(code)
             self._core.errors_sent[name] = self._core.errors_sent.get(name, 0) + 1
         self.out.write_error(code, ref, reason, fatal)
         if fatal:
