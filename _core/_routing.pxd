@@ -49,6 +49,8 @@ cdef enum:
     LT_LAST = 0x48
     RECEIPT_DELIVERED = 1
     RECEIPT_READ = 2
+    # routing latency histogram (SEND decoded -> ACK queued): bucket bounds in _routing.pyx
+    LAT_BUCKETS = 18
 
 
 cdef class RouteCore:
@@ -75,6 +77,10 @@ cdef class RouteCore:
     cdef public double msg_burst          # bucket size
     cdef readonly uint64_t rate_limited   # SENDs answered RATE_LIMITED
     cdef readonly uint64_t deferred       # live pushes left in the log for a paused session
+    cdef readonly uint64_t messages_in            # SENDs decoded from this worker's sessions
+    cdef readonly dict errors_sent                # non-fatal ERROR frames sent to sessions, by code name
+    cdef uint64_t _lat_counts[LAT_BUCKETS + 1]    # per bucket (not cumulative); the last is +Inf
+    cdef uint64_t _lat_sum_ns
     cdef dict _devices           # user -> tuple of registered devices (this worker's users)
     cdef public object _control  # Python policy for presence, typing, privacy frames
     cdef public object _receipt_later    # receipts whose user's worker is down: retried
@@ -90,7 +96,7 @@ cdef class RouteCore:
     cdef int route(self, SessionCore sender, uint64_t client_id, const char *to, Py_ssize_t to_len,
                    const char *payload, Py_ssize_t n) except -1
     cdef int route_remote(self, SessionCore sender, uint64_t client_id, str recipient,
-                          const char *payload, Py_ssize_t n) except -1
+                          const char *payload, Py_ssize_t n, uint64_t t0=*) except -1
     cdef int acked(self, SessionCore sender, uint64_t client_id, uint64_t msg_id, uint64_t ts) except -1
     cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
                             const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts) except -1
@@ -106,6 +112,7 @@ cdef class RouteCore:
     cdef bint _is_local(self, str recipient) except -1
     cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1
     cdef int _schedule(self, SessionCore s) except -1
+    cdef void _observe(self, uint64_t t0) noexcept
 
 
 cdef class LinkCore(SessionCore):

@@ -4,6 +4,8 @@ from ._codec import FrameSink, WriteBuffer
 
 def now_ms() -> int: ...
 
+LATENCY_BOUNDS: tuple[float, ...]
+
 class SessionCore(FrameSink):
     user: str
     device: str
@@ -43,6 +45,9 @@ class RouteCore:
     msg_burst: float
     rate_limited: int
     deferred: int
+    messages_in: int
+    errors_sent: dict[str, int]
+    def route_latency(self) -> tuple[tuple[float, ...], list[int], float]: ...
     def flush(self) -> None: ...
     def set_bus(self, link_to: Callable, owner_of: Callable[[str], int], is_local: Callable[[str], bool]) -> None: ...
     def set_worker(self, worker: int) -> None: ...

@@ -20,11 +20,28 @@ from .errors import UnexpectedFrame, MalformedFrame, StoreError
 from ._log cimport LogCore, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP, remember
 from .protocol import ErrorCode, FrameType
 
+_ERROR_NAMES = {int(c): c.name for c in ErrorCode}
+
 
 cdef inline uint64_t _now_ms() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_REALTIME, &ts)
     return <uint64_t>ts.tv_sec * 1000 + <uint64_t>(ts.tv_nsec // 1000000)
+
+
+cdef inline uint64_t _mono_ns() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
+
+
+#: upper bounds (seconds) of the routing latency histogram's buckets (Prometheus `le`)
+LATENCY_BOUNDS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
+                  0.1, 0.25, 0.5, 1.0, 2.5)
+cdef uint64_t _LAT_NS[LAT_BUCKETS]
+for _i, _b in enumerate(LATENCY_BOUNDS):
+    _LAT_NS[_i] = <uint64_t>round(_b * 1e9)
+assert len(LATENCY_BOUNDS) == LAT_BUCKETS
 
 
 def now_ms():
@@ -188,6 +205,9 @@ cdef class SessionCore(FrameSink):
         if fatal and self.forwards_pending > 0:
             self._deferred_error = (code, reason, ref)
             return
+        if not fatal:         # counted by name for the metrics (a dict lookup: quota floods stay cheap)
+            name = _ERROR_NAMES.get(code) or str(code)
+            self._core.errors_sent[name] = self._core.errors_sent.get(name, 0) + 1
         self.out.write_error(code, ref, reason, fatal)
         if fatal:
             self._close_after_flush = True
@@ -255,6 +275,7 @@ cdef class RouteCore:
         self._dirty = []
         self._flush_scheduled = False
         self._loop = loop
+        self.errors_sent = {}
         self.store = store
         self._last_id = store.last_id()
         self.max_payload = max_payload
@@ -280,8 +301,10 @@ cdef class RouteCore:
         """A SEND from a local session: store and deliver here, or forward it to
         the worker owning the recipient's shard (which ACKs once it is stored)."""
         cdef uint64_t msg_id, ts
+        cdef uint64_t t0 = _mono_ns()
         cdef dict dedup = sender._dedup if sender._dedup is not None else self._dedup_of(sender)
         cdef str recipient
+        self.messages_in += 1
         if self.msg_rate > 0 and not _take_token(sender, self.msg_rate, self.msg_burst):
             self.rate_limited += 1
             sender.error(ErrorCode.RATE_LIMITED, f"over {self.msg_rate:g} messages/s; retry later",
@@ -296,13 +319,14 @@ cdef class RouteCore:
             # a retry (e.g. after reconnect): answer with the original ACK, deliver nothing
             self.duplicates_dropped += 1
             sender.out.write_ack(client_id, (<tuple>seen)[0], (<tuple>seen)[1])
+            self._observe(t0)
             return sender._mark()
         try:
             recipient = PyUnicode_DecodeUTF8(to, to_len, NULL)
         except UnicodeDecodeError:
             raise MalformedFrame("recipient is not UTF-8") from None
         if not self._is_local(recipient):
-            return self.route_remote(sender, client_id, recipient, payload, n)
+            return self.route_remote(sender, client_id, recipient, payload, n, t0)
         if to_len and to[0] == 35 and self._group_send is not None:        # '#': a group, owned here
             try:
                 msg_id, ts = self._group_send(sender.user, sender.device, client_id, recipient,
@@ -310,14 +334,35 @@ cdef class RouteCore:
             except StoreError as exc:
                 sender.error(exc.code, str(exc), client_id, False)
                 return 0
-            return self.acked(sender, client_id, msg_id, ts)
+            self.acked(sender, client_id, msg_id, ts)
+            self._observe(t0)
+            return 0
         try:
             self.append_deliver(sender.user, sender.device, client_id, recipient, payload, n, &msg_id, &ts)
         except StoreError as exc:
             sender.error(exc.code, str(exc), client_id, False)
             return 0
         self.mirror(sender, recipient, msg_id, payload, n)
-        return self.acked(sender, client_id, msg_id, ts)
+        self.acked(sender, client_id, msg_id, ts)
+        self._observe(t0)
+        return 0
+
+    cdef void _observe(self, uint64_t t0) noexcept:
+        """One routing latency sample: a bucket index found by a short scan (most
+        samples land in the first few buckets) and two additions."""
+        cdef uint64_t d = _mono_ns() - t0
+        cdef int i = 0
+        while i < LAT_BUCKETS and d > _LAT_NS[i]:
+            i += 1
+        self._lat_counts[i] += 1
+        self._lat_sum_ns += d
+
+    def route_latency(self):
+        """(bucket upper bounds in s, count per bucket with +Inf last, sum in s): SEND
+        decoded -> its ACK queued (after the local store append, or when the owning
+        worker's FWD_ACK arrived). Not cumulative; the exposition makes it so."""
+        return (LATENCY_BOUNDS, [self._lat_counts[i] for i in range(LAT_BUCKETS + 1)],
+                self._lat_sum_ns / 1e9)
 
     cdef int acked(self, SessionCore sender, uint64_t client_id, uint64_t msg_id, uint64_t ts) except -1:
         cdef dict dedup = sender._dedup if sender._dedup is not None else self._dedup_of(sender)
@@ -467,7 +512,7 @@ cdef class RouteCore:
         self.receipts_sent += 1
 
     cdef int route_remote(self, SessionCore sender, uint64_t client_id, str recipient,
-                          const char *payload, Py_ssize_t n) except -1:
+                          const char *payload, Py_ssize_t n, uint64_t t0=0) except -1:
         """FWD to the owner of the recipient's shard over the bus; the ACK comes back
         as FWD_ACK once the owner has stored (and, in `always` mode, synced) it."""
         cdef LinkCore link = None
@@ -488,7 +533,7 @@ cdef class RouteCore:
             if dev != "" and dev != sender.device:      # copy for the mirror once ACKed
                 keep = (recipient, PyBytes_FromStringAndSize(payload, n))
                 break
-        self._pending_fwd[seq] = (sender, client_id, link, keep)
+        self._pending_fwd[seq] = (sender, client_id, link, keep, t0)
         sender.forwards_pending += 1
         out = link.out
         start = out.begin_frame(LT_FWD, 0)
@@ -544,7 +589,7 @@ cdef class RouteCore:
         retries with the same id; the owner drops it if it had stored it)."""
         cdef SessionCore sender
         for seq in [k for k, v in self._pending_fwd.items() if (<tuple>v)[2] is link]:
-            sender, client_id, _, _ = self._pending_fwd.pop(seq)
+            sender, client_id, _, _, _ = self._pending_fwd.pop(seq)
             sender.error(ErrorCode.UNAVAILABLE, "the recipient's worker went away; retry", client_id, False)
             sender.forward_done()
 
@@ -763,6 +808,7 @@ cdef class LinkCore(SessionCore):
                     core.mirror(origin, keep[0], msg_id, <bytes>keep[1], len(<bytes>keep[1]))
                 if not origin.closed:
                     core.acked(origin, (<tuple>entry)[1], msg_id, ts)
+                    core._observe(<uint64_t>(<tuple>entry)[4])
                 origin.forward_done()
             return 0
         if ftype == LT_RCPT:

@@ -22,6 +22,7 @@ Why it is built this way:
   Old sparse segments are compacted (live messages copied to the head) so one
   long-offline recipient does not pin the disk.
 """
+import bisect
 import collections
 import errno
 import os
@@ -164,6 +165,10 @@ class _Worker(threading.Thread):
                 self.loop.call_soon_threadsafe(done, result, exc)
 
 
+#: upper bounds (seconds) of the fdatasync latency histogram's buckets (Prometheus `le`)
+SYNC_BOUNDS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 class GroupCommit:
     """The durability policy over a set of segments (one log, or all the shard
     logs of a worker): `commit(then, arg)` runs `then(arg)` once the appends made
@@ -184,6 +189,8 @@ class GroupCommit:
         self.on_fatal = None
         self.syncs = 0
         self.sync_seconds = 0.0
+        #: fdatasync rounds per SYNC_BOUNDS bucket (not cumulative; the last is +Inf)
+        self.sync_buckets = [0] * (len(SYNC_BOUNDS) + 1)
         self._waiting: list = []
         self._inflight = False
         self._timer = None
@@ -245,6 +252,7 @@ class GroupCommit:
             return
         self.syncs += 1
         self.sync_seconds += seconds
+        self.sync_buckets[bisect.bisect_left(SYNC_BOUNDS, seconds)] += 1
         for then, arg in batch:
             then(arg)
         if self._waiting:

@@ -1,4 +1,4 @@
-"""The `switchboard` command: serve, token, send, recv, chat, presence, group, bench.
+"""The `switchboard` command: serve, token, send, recv, chat, presence, group, bench, stats, drain.
 
 Client commands take --host/--port (same defaults as serve) and either
 --token T or --data-dir D (a token is derived from the server secret there,
@@ -11,7 +11,7 @@ import json
 import sys
 
 from . import __version__
-from .config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WS_PORT, GatewayConfig, default_data_dir
+from .config import DEFAULT_ADMIN_PORT, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WS_PORT, GatewayConfig, default_data_dir
 from .settings import SettingError
 
 EXIT_ERROR = 1
@@ -96,6 +96,12 @@ def _ws_port(text: str) -> int:
     return port
 
 
+def _add_admin_endpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--admin-host", default=DEFAULT_HOST, help=f"admin listener address (default {DEFAULT_HOST})")
+    p.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT,
+                   help=f"admin listener port (default {DEFAULT_ADMIN_PORT})")
+
+
 def _add_endpoint(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"gateway address (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gateway TCP port (default {DEFAULT_PORT})")
@@ -155,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log segment file size, e.g. 64M (default 64M)")
     p.add_argument("--message-ttl", type=_positive(float), default=GatewayConfig.message_ttl,
                    help="seconds an undelivered message is kept (default 30 days)")
+    p.add_argument("--admin-host", default=GatewayConfig.admin_host,
+                   help="address of the admin listener: /metrics, /healthz, /readyz, POST /drain "
+                        "(default %(default)s; it has no authentication: keep it off public networks)")
+    p.add_argument("--admin-port", type=_ws_port, default=None,
+                   help=f"admin listener port; 0 picks one, 'off' turns it off "
+                        f"(default {DEFAULT_ADMIN_PORT}, or 0 when --port is 0)")
+    p.add_argument("--metrics-refresh", type=_positive(float), default=GatewayConfig.metrics_refresh,
+                   help="seconds between the supervisor's polls of the workers' counters (default %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     _add_limits(p)
     p.add_argument("--config", metavar="FILE", default=None,
@@ -213,6 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with the same client machinery. See docs/benchmarks.md.")
     from bench.cli import add_arguments as add_bench_arguments
     add_bench_arguments(p)
+
+    p = verbs.add_parser("stats", help="live view of a running gateway's metrics",
+                         description="Scrape the admin listener's /metrics every --interval seconds and print "
+                                     "per-worker and total connections, rates (from successive scrapes), "
+                                     "backlog, log size, errors, restarts and latency quantiles.")
+    _add_admin_endpoint(p)
+    p.add_argument("--interval", type=_positive(float), default=1.0, help="seconds between scrapes (default 1)")
+    p.add_argument("--once", action="store_true", help="two scrapes --interval apart, one table, exit")
+    p.add_argument("--count", type=_positive(int), default=None, help="exit after N tables")
+
+    p = verbs.add_parser("drain", help="rolling restart: move clients away in batches, then exit",
+                         description="Tell a running gateway to drain: /readyz turns 503 and new connections "
+                                     "are refused at once, connected sessions get GOAWAY --batch at a time "
+                                     "every --pause seconds (they reconnect, to another instance behind a load "
+                                     "balancer or to this one's successor), and the gateway exits when they "
+                                     "are gone.")
+    _add_admin_endpoint(p)
+    p.add_argument("--batch", type=_positive(int), default=None,
+                   help=f"sessions per batch, over all workers (default {GatewayConfig.drain_batch})")
+    p.add_argument("--pause", type=float, default=None,
+                   help=f"seconds between batches (default {GatewayConfig.drain_pause:g})")
+    p.add_argument("--wait", type=_positive(float), default=None, metavar="S",
+                   help="wait up to S seconds for the gateway to exit")
 
     p = verbs.add_parser("chat", help="interactive chat",
                          description="Type lines to send them; '/to USER' switches recipient; Ctrl-D quits.")
@@ -496,6 +533,14 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.verb == "token":
             return _token(args)
+        if args.verb in ("stats", "drain"):
+            from .stats import AdminError, run_drain, run_stats
+            try:
+                if args.verb == "stats":
+                    return run_stats(args.admin_host, args.admin_port, args.interval, args.once, args.count)
+                return run_drain(args.admin_host, args.admin_port, args.batch, args.pause, args.wait)
+            except AdminError as exc:
+                raise CliError(str(exc)) from None
         if args.verb == "bench":
             from bench.cli import run as run_bench
             return run_bench(args)

@@ -133,6 +133,9 @@ class Client:
         self._reconnect_task: asyncio.Task | None = None
         self._reconnect_hint = 0.0
         self.reconnects = 0
+        #: the last GOAWAY from the server (why it asked us to reconnect) and when (the loop's clock)
+        self.goaway: frames.Goaway | None = None
+        self.goaway_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------
     async def connect(self) -> frames.Welcome:
@@ -390,6 +393,7 @@ class Client:
                     self._fatal = err
         elif t is frames.Goaway:
             self._reconnect_hint = frame.reconnect_ms / 1000
+            self.goaway, self.goaway_at = frame, asyncio.get_running_loop().time()
 
     def _resend(self, client_id: int) -> None:
         entry = self._unacked.get(client_id)

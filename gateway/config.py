@@ -8,6 +8,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7400
 #: the WebSocket listener (browsers: the chat page at /, the protocol at /ws)
 DEFAULT_WS_PORT = 7401
+#: the admin HTTP listener (/metrics, /healthz, /readyz, POST /drain)
+DEFAULT_ADMIN_PORT = 7402
 
 
 def default_data_dir() -> str:
@@ -102,6 +104,17 @@ class GatewayConfig:
     slow_consumer_timeout: float = 30.0
     #: period of the limits sweep: slow consumers, idle sessions (spread over a ping interval), log summaries
     limits_sweep_interval: float = 1.0
+    #: address of the admin HTTP listener (/metrics, /healthz, /readyz, POST /drain); loopback by default
+    admin_host: str = DEFAULT_HOST
+    #: admin listener port; 0 picks a free one, -1 turns it off
+    admin_port: int = DEFAULT_ADMIN_PORT
+    #: seconds between the supervisor's polls of the workers' counters (also on every scrape): what a
+    #: worker counted since the last poll is lost if it dies
+    metrics_refresh: float = 1.0
+    #: `switchboard drain` default: sessions told to reconnect per batch (over all workers)
+    drain_batch: int = 100
+    #: `switchboard drain` default: seconds between batches
+    drain_pause: float = 1.0
 
     def validate(self) -> None:
         if not (0 <= self.port <= 65535):
@@ -145,6 +158,16 @@ class GatewayConfig:
                              f"({self.out_high_water}) or 0")
         if self.limits_sweep_interval <= 0:
             raise ValueError("limits_sweep_interval must be positive")
+        if not (-1 <= self.admin_port <= 65535):
+            raise ValueError(f"admin port must be 0..65535 (or off), got {self.admin_port}")
+        if not self.admin_host:
+            raise ValueError("admin host must not be empty")
+        if not (0.05 <= self.metrics_refresh <= 3600):
+            raise ValueError(f"metrics refresh must be between 0.05 and 3600 seconds, got {self.metrics_refresh}")
+        if self.drain_batch < 1:
+            raise ValueError(f"drain batch must be at least 1, got {self.drain_batch}")
+        if not (0 <= self.drain_pause <= 3600):
+            raise ValueError(f"drain pause must be between 0 and 3600 seconds, got {self.drain_pause}")
         if self.store not in ("log", "memory"):
             raise ValueError(f"store must be 'log' or 'memory', not {self.store!r}")
         self.log_config().validate()

@@ -40,6 +40,9 @@ class Connection(asyncio.BufferedProtocol):
             return                           # refused (connection limits): already closing
         if self.handed_off:
             transport.pause_reading()        # the bytes the other worker read come first
+        else:
+            self.gateway.connects[self.WEBSOCKET] += 1
+        self.gateway.open_conns[self.WEBSOCKET] += 1
         self.gateway.connections.add(self)
         self._hello_timer = self.gateway.loop.call_later(self.gateway.config.hello_timeout,
                                                          self._hello_timed_out)
@@ -89,6 +92,7 @@ class Connection(asyncio.BufferedProtocol):
         self._cancel_hello_timer()
         if self.session is not None:
             self.gateway.router.close_session(self.session)
+        self.gateway.open_conns[self.WEBSOCKET] -= 1
         self.gateway.connections.discard(self)
         self.gateway.limits.release(self)
 

@@ -19,7 +19,7 @@ from router.sharding import DEFAULT_SHARDS, ShardMap, check_layout
 
 from . import log
 from .auth import TokenAuthority, load_or_create_secret
-from .config import DEFAULT_PORT, GatewayConfig, default_data_dir
+from .config import DEFAULT_ADMIN_PORT, DEFAULT_PORT, GatewayConfig, default_data_dir
 from .bus import LocalBus
 from .connection import Connection
 from .limits import Limits
@@ -52,6 +52,11 @@ class Gateway:
         self.handoffs_in = 0
         self.limits = Limits(self)
         self.tls = None                      # tls.Reloader: the listeners' SSLContext, reloaded on SIGHUP
+        self.connects = [0, 0]           # accepted on the [TCP, WebSocket] listener (metrics)
+        self.open_conns = [0, 0]         # open now, [TCP, WebSocket]
+        self.ready = False               # serving (gateway/metrics.py reports it for /readyz)
+        self.draining = False
+        self.drained = 0                 # sessions told to go by drain()
 
     @staticmethod
     def now_ms() -> int:
@@ -110,6 +115,7 @@ class Gateway:
         host, port = sock.getsockname()[:2]
         if self._ws_server is not None:
             self.ws_port = self._ws_server.sockets[0].getsockname()[1]
+        self.ready = True
         _log.info("event=worker_ready worker=%d workers=%d listen=tcp://%s:%d ws=%d tls=%s pid=%d",
                   cfg.worker_index, cfg.workers, host, port, self.ws_port, "on" if self.tls else "off", os.getpid())
         return host, port
@@ -157,6 +163,33 @@ class Gateway:
         self.exit_code = 3
         self.request_stop()
 
+    def drain(self, batch: int, pause: float) -> int:
+        """`switchboard drain` (through the supervisor): stop accepting, send the
+        sessions GOAWAY(SHUTTING_DOWN) `batch` at a time with `pause` seconds between
+        batches (each with a reconnect hint spread over the pause), then stop as on
+        SIGTERM. Returns how many sessions it will tell."""
+        if self.draining or self._server is None:
+            return 0
+        self.draining = True
+        for server in (self._server, self._ws_server):
+            if server is not None:
+                server.close()
+        sessions = self.router.all_sessions() + [s for ss in self.router._send_only.values() for s in ss]
+        self.loop.create_task(self._drain(sessions, batch, pause))
+        return len(sessions)
+
+    async def _drain(self, sessions: list, batch: int, pause: float) -> None:
+        hint_ms = int(pause * 1000)
+        for i in range(0, len(sessions), batch):
+            if i:
+                await asyncio.sleep(pause)
+            for s in sessions[i:i + batch]:
+                if not s.closed:
+                    s.goaway(GoawayCode.SHUTTING_DOWN, random.randint(0, hint_ms), "server draining")
+                    self.drained += 1
+        _log.info("event=drained worker=%d sessions=%d", self.config.worker_index, self.drained)
+        self.request_stop()
+
     def request_stop(self) -> None:
         if self._stopping is not None:
             self._stopping.set()
@@ -170,6 +203,7 @@ class Gateway:
         give connections `shutdown_grace` seconds to finish, then cut the rest."""
         if self._server is None:
             return
+        self.ready = False
         self._server.close()
         if self._ws_server is not None:
             self._ws_server.close()
@@ -207,7 +241,8 @@ def _cli_name() -> str:
     return f"{os.path.relpath(sys.executable)} -m gateway"
 
 
-def banner(host: str, port: int, data_dir: str, ws_port: int = -1, tls: bool = False) -> str:
+def banner(host: str, port: int, data_dir: str, ws_port: int = -1, tls: bool = False,
+           admin: tuple | None = None) -> str:
     cli = _cli_name()
     default_dir = os.path.abspath(data_dir) == os.path.abspath(default_data_dir())
     dd = "" if default_dir else f" --data-dir {data_dir}"
@@ -215,6 +250,10 @@ def banner(host: str, port: int, data_dir: str, ws_port: int = -1, tls: bool = F
     s = "s" if tls else ""
     ws = f" and ws{s}://{host}:{ws_port}/ws" if ws_port >= 0 else ""
     web = f"  web chat:     http{s}://{host}:{ws_port}/  (log in with a token)\n" if ws_port >= 0 else ""
+    if admin is not None:
+        ap = "" if admin[1] == DEFAULT_ADMIN_PORT else f" --admin-port {admin[1]}"
+        web += (f"  metrics:      http://{admin[0]}:{admin[1]}/metrics  (/healthz, /readyz; "
+                f"live view: {cli} stats{ap})\n")
     if tls:
         pp += " --tls --ca CA.pem"
     return (f"switchboard: listening on tcp://{host}:{port}{' with TLS' if tls else ''}{ws}\n"
@@ -235,6 +274,8 @@ def run_worker(config: GatewayConfig, listen_sock, cluster: str, parent_fd: int,
     async def main() -> int:
         gw = Gateway(config)
         await gw.start(listen_sock=listen_sock, cluster=cluster, ws_sock=ws_sock)
+        from .metrics import serve_worker
+        await serve_worker(gw, cluster)          # the supervisor's admin thread asks here
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, gw.request_stop)

@@ -87,7 +87,7 @@ def _int(text: str) -> int:
 def parse_text(f, text: str):
     """A setting's value from text (environment; TOML strings for numbers)."""
     kind = _kind(f)
-    if f.name == "ws_port" and text.strip().lower() == "off":
+    if f.name in ("ws_port", "admin_port") and text.strip().lower() == "off":
         return -1
     if kind is bool:
         low = text.strip().lower()
@@ -171,8 +171,10 @@ def resolve(flags: dict, environ=None, config_file: str | None = None) -> Gatewa
         chosen.update(load_file(config_file))
     chosen.update(load_env(environ))
     chosen.update(flags)
-    if "ws_port" not in chosen and chosen.get("port", (None,))[0] == 0:
-        chosen["ws_port"] = (0, "--port 0")          # a test gateway: both listeners on free ports
+    if chosen.get("port", (None,))[0] == 0:          # a test gateway: every listener on a free port
+        for name in ("ws_port", "admin_port"):
+            if name not in chosen:
+                chosen[name] = (0, "--port 0")
     cfg = GatewayConfig(**{k: v for k, (v, _) in chosen.items()})
     try:
         cfg.validate()

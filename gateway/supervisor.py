@@ -12,6 +12,7 @@ worker (gateway/bus.py). Workers watch a pipe from the supervisor and stop at on
 the supervisor dies, so a restarted one can bind the port again.
 """
 import errno
+import math
 import os
 import secrets
 import signal
@@ -26,7 +27,8 @@ from .config import GatewayConfig
 
 _log = log.get("switchboard.supervisor")
 
-SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# SIGUSR2: the admin thread asks the main loop to start a drain (gateway/admin.py)
+SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2}
 MAX_BACKOFF = 5.0
 STABLE_AFTER = 10.0       # a worker that lived this long resets its backoff
 
@@ -45,6 +47,10 @@ class Supervisor:
         self.restart_at: dict[int, float] = {}
         self.stopping = False
         self.exit_code = 0
+        self.restarts: dict[int, int] = {}       # worker index -> restarts after a death (metrics)
+        self.admin = None                        # the admin HTTP listener (gateway/admin.py), unless off
+        self.drain_request = None                # (batch, pause) from the admin thread
+        self.draining = False
 
     def _bind(self, port: int) -> list[socket.socket]:
         """One listening socket per worker on `port` (SO_REUSEPORT)."""
@@ -76,12 +82,19 @@ class Supervisor:
             self.listen_socks = self._bind(cfg.port)
             if cfg.ws_port >= 0:
                 self.ws_socks = self._bind(cfg.ws_port)
+            if cfg.admin_port >= 0:
+                from .admin import Admin
+                self.admin = Admin(self)
+                admin_host, admin_port = self.admin.bind()
+                _log.info("event=admin_listening url=http://%s:%d/", admin_host, admin_port)
         except Exception as exc:
             _log.error("event=cannot_start error=%s", log.q(exc))
             return 1
         self.parent_r, self.parent_w = os.pipe()
         self.ready_r, self.ready_w = os.pipe()
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        if self.admin is not None:
+            self.admin.start()               # after the mask: signals stay with the main thread
         for k in range(cfg.workers):
             self._spawn(k)
         if not self._wait_ready(cfg.workers, timeout=60):
@@ -92,10 +105,13 @@ class Supervisor:
         ws_port = self.ws_socks[0].getsockname()[1] if self.ws_socks else -1
         _log.info("event=supervisor_ready workers=%d listen=tcp://%s:%d ws=%d pid=%d",
                   cfg.workers, host, port, ws_port, os.getpid())
-        print(banner(host, port, cfg.data_dir, ws_port, tls=bool(cfg.tls_cert)), flush=True)
+        admin = self.admin.server.server_address[:2] if self.admin is not None else None
+        print(banner(host, port, cfg.data_dir, ws_port, tls=bool(cfg.tls_cert), admin=admin), flush=True)
         try:
             self._loop()
         finally:
+            if self.admin is not None:
+                self.admin.stop()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         return self.exit_code
 
@@ -129,8 +145,16 @@ class Supervisor:
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                 self._stop()
                 deadline = time.monotonic() + self.config.shutdown_grace + 5
-            if info is not None and info.si_signo == signal.SIGHUP and not self.stopping:
+            elif info is not None and info.si_signo == signal.SIGHUP and not self.stopping:
                 self._forward_sighup()
+            elif info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT) and self.draining:
+                self.draining = False            # SIGTERM during a drain: stop now (GOAWAY to what is left)
+                self._stop()
+                deadline = time.monotonic() + self.config.shutdown_grace + 5
+            elif info is not None and info.si_signo == signal.SIGUSR2 and self.drain_request is not None:
+                request, self.drain_request = self.drain_request, None
+                if not self.stopping:
+                    deadline = self._drain(*request)
             self._reap()
             if self.stopping:
                 if not self.workers:
@@ -165,6 +189,37 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
+    def _drain(self, batch: int, pause: float) -> float:
+        """`switchboard drain`: refuse new connections (the listening sockets close
+        everywhere, so a load balancer or a client moves on at once), tell the workers
+        to send their sessions GOAWAY `batch` at a time (split over the workers, at
+        least one each) every `pause` seconds, and exit when they are done. Returns
+        the deadline after which what is left is killed."""
+        self.stopping = self.draining = True
+        self.restart_at.clear()
+        for sock in (*self.listen_socks, *self.ws_socks):
+            sock.close()
+        from .metrics import ask
+        live = sorted((k, pid) for pid, k in self.workers.items())
+        sessions = batches = 0
+        for i, (k, pid) in enumerate(live):
+            share = max(batch // len(live) + (1 if i < batch % len(live) else 0), 1)
+            answer = ask(self.cluster, k, f"drain {share} {pause!r}", 2.0)
+            if answer is None or "sessions" not in answer:
+                _log.error("event=drain_refused worker=%d pid=%d action=sigterm answer=%r", k, pid, answer)
+                os.kill(pid, signal.SIGTERM)
+                continue
+            sessions += answer["sessions"]
+            batches = max(batches, math.ceil(answer["sessions"] / share))
+        seconds = max(batches - 1, 0) * pause
+        _log.info("event=drain workers=%d sessions=%d batch=%d pause=%.3fs batches=%d seconds=%.1f",
+                  len(live), sessions, batch, pause, batches, seconds)
+        if self.admin is not None:
+            self.admin.drain_answer = {"draining": True, "workers": len(live), "sessions": sessions,
+                                       "batch": batch, "pause": pause, "batches": batches, "seconds": seconds}
+            self.admin.drain_done.set()
+        return time.monotonic() + seconds + self.config.shutdown_grace + 5
+
     def _reap(self) -> None:
         while self.workers:
             try:
@@ -182,6 +237,7 @@ class Supervisor:
                     self.exit_code = code if code > 0 else 1
                 _log.info("event=worker_stopped worker=%d pid=%d status=%d", k, pid, code)
                 continue
+            self.restarts[k] = self.restarts.get(k, 0) + 1
             lived = time.monotonic() - self.started.get(k, 0)
             self.failures[k] = 0 if lived > STABLE_AFTER else self.failures.get(k, 0) + 1
             delay = min(self.config.restart_backoff * 2 ** max(self.failures[k] - 1, 0), MAX_BACKOFF)
@@ -194,6 +250,8 @@ class Supervisor:
         if pid == 0:                                  # the worker
             code = 1
             try:
+                if self.admin is not None:
+                    self.admin.close_in_child()
                 os.close(self.parent_w)
                 os.close(self.ready_r)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)   # until the worker's loop handles it (TLS reload)

@@ -19,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"listening on tcp://([\d.]+):(\d+)")
 WS_READY = re.compile(r"wss?://[\d.]+:(\d+)/ws")
+ADMIN = re.compile(r"event=admin_listening url=http://([\d.]+):(\d+)/")
 
 
 @dataclass
@@ -30,6 +31,7 @@ class GatewayProcess:
     output: list = field(default_factory=list)
     reader: threading.Thread | None = None
     ws_port: int = -1          # the WebSocket listener (-1: off)
+    admin_port: int = -1       # the admin listener: /metrics, /healthz, /readyz, POST /drain (-1: off)
 
     def token(self, user: str, device: str = "", ttl: float = 3600, now: float | None = None) -> str:
         from gateway.auth import TokenAuthority, load_secret
@@ -78,8 +80,10 @@ def start_gateway(data_dir: Path, *args: str, env: dict | None = None, timeout: 
         m = READY.search(line)
         if m:
             ws = WS_READY.search(line)
+            admin = ADMIN.search("".join(lines))
             gw = GatewayProcess(proc, m.group(1), int(m.group(2)), data_dir, lines,
-                                ws_port=int(ws.group(1)) if ws else -1)
+                                ws_port=int(ws.group(1)) if ws else -1,
+                                admin_port=int(admin.group(2)) if admin else -1)
             gw.reader = threading.Thread(target=_drain, args=(proc, lines), daemon=True)
             gw.reader.start()
             return gw

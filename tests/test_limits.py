@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from test_metrics import scrape, value
+
 from _core import frames as F
 from _core.errors import ServerError
 from _core.protocol import ErrorCode, GoawayCode
@@ -127,6 +129,7 @@ def test_message_rate_limited_then_ok(gateway_factory):
                 await a.send("bob", "over", timeout=5)
             assert exc.value.code == ErrorCode.RATE_LIMITED
             assert a.connected                           # non-fatal: the session goes on
+            refused = 1
             deadline = time.monotonic() + 5
             while True:                                  # refilled at 20/s
                 try:
@@ -134,11 +137,16 @@ def test_message_rate_limited_then_ok(gateway_factory):
                     break
                 except ServerError as e:
                     assert e.code == ErrorCode.RATE_LIMITED and time.monotonic() < deadline
+                    refused += 1
                     await asyncio.sleep(0.02)
             got = [(await b.recv(timeout=5)).text for _ in range(6)]
             assert got == ["m0", "m1", "m2", "m3", "m4", "later"]     # the refused one was not stored
-    asyncio.run(main())
+            return refused
+    refused = asyncio.run(main())
     wait_for_log(gw, r"event=limit kind=msg_rate count=\d+ ")
+    samples = scrape(gw)                                 # operators see it in /metrics
+    assert value(samples, "rate_limited_total") == refused
+    assert value(samples, "errors_total", code="RATE_LIMITED") == refused
 
 
 def test_idle_timeout(gateway_factory):
@@ -272,4 +280,4 @@ def test_garbage_flood_and_slowloris_do_not_starve_chat(gateway_factory):
           f"(median {statistics.median(base) * 1000:.2f} / {statistics.median(under) * 1000:.2f} ms)")
     assert p_under < 20 * p_base + 0.25, (p_base, p_under)
     text = gw.text
-    assert "(HELLO_TIMEOUT)" in text                      # slowloris connections were cut at the hello timeout
+    assert "event=conn_closed" in text and "code=HELLO_TIMEOUT" in text   # slowloris cut at the hello timeout
