@@ -52,6 +52,7 @@ class Gateway:
         self.handoffs_in = 0
         self.limits = Limits(self)
         self.tls = None                      # tls.Reloader: the listeners' SSLContext, reloaded on SIGHUP
+        self.admin_server = None             # the Unix socket the supervisor's admin thread asks (gateway/metrics.py)
         self.connects = [0, 0]           # accepted on the [TCP, WebSocket] listener (metrics)
         self.open_conns = [0, 0]         # open now, [TCP, WebSocket]
         self.ready = False               # serving (gateway/metrics.py reports it for /readyz)
@@ -275,7 +276,9 @@ def run_worker(config: GatewayConfig, listen_sock, cluster: str, parent_fd: int,
         gw = Gateway(config)
         await gw.start(listen_sock=listen_sock, cluster=cluster, ws_sock=ws_sock)
         from .metrics import serve_worker
-        await serve_worker(gw, cluster)          # the supervisor's admin thread asks here
+        # the supervisor's admin thread asks here; the server object must be kept:
+        # collected, it closes its socket (drain and /metrics then lost this worker)
+        gw.admin_server = await serve_worker(gw, cluster)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, gw.request_stop)
