@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "(its processes are found by this port)")
     p.add_argument("--data-dir", help="the running gateway's data dir (tokens are made from its secret)")
     p.add_argument("--ping-interval", type=float, default=30.0,
-                   help="seconds between keepalive PINGs per session (default %(default)s; 0: none)")
+                   help="seconds between keepalive PINGs per session (default %(default)s; 0: none, and a "
+                        "gateway closes sessions silent for 3 of its ping intervals)")
     p.add_argument("--concurrency", type=_int, default=256, help="handshakes in flight per client (default 256)")
     p.add_argument("--clients", type=_int, default=None,
                    help="client processes (default: enough for 19,000 sessions each)")
@@ -67,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "its own gateway unless --port is given.")
     _throughput_flags(p, against="switchboard")
     p.add_argument("--host", default="127.0.0.1", help="address of a running gateway (with --port)")
-    p.add_argument("--port", type=int, default=0, help="measure the gateway already listening here")
+    p.add_argument("--port", type=int, default=0, help="measure the gateway already listening here (start it "
+                                                       "with --msg-rate 0: its per-session message rate limit "
+                                                       "would otherwise be what is measured)")
     p.add_argument("--data-dir", help="the running gateway's data dir (tokens are made from its secret)")
     _server_flags(p, default_workers=1)
 
