@@ -40,14 +40,18 @@ cdef enum:
     MADV_POPULATE_WRITE_ = 23     # Linux 5.14+; older kernels fall back to touching pages
 
 
-def write_out(int fd):
-    """Write the file's dirty pages to the device and wait for them (no cache
-    flush, no metadata): a group commit writes out every dirty segment this way,
-    then one fdatasync flushes the device cache for all of them. Raises OSError."""
+def write_out(int fd, bint wait=True):
+    """Write the file's dirty pages to the device (no cache flush, no metadata):
+    with wait=False only start the writes, with wait=True also wait for them. A
+    group commit starts every dirty segment's writes, then waits for each (the
+    writes overlap on the device), then one fdatasync flushes the device cache
+    for all of them. Raises OSError."""
     cdef int rc
+    cdef unsigned int flags = SYNC_FILE_RANGE_WRITE
+    if wait:
+        flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
     with nogil:
-        rc = sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
-                             SYNC_FILE_RANGE_WAIT_AFTER)
+        rc = sync_file_range(fd, 0, 0, flags)
     if rc != 0:
         import os
         raise OSError(errno, os.strerror(errno))

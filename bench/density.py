@@ -156,8 +156,13 @@ def measure(server, args, progress_label: str | None = None) -> dict:
             idle_cpu = (procstat.cpu_seconds(pids) - cpu0) / (time.perf_counter() - t_idle)
             mem, kern = procstat.memory(pids), procstat.kernel()
             rtts = sorted(x for c in checks for x in c["rtt_ms"])
+            lost = {}
+            for r in replies:
+                for reason, c in r["lost"].items():
+                    lost[reason] = lost.get(reason, 0) + c
             row = {
                 "sessions": live, "opened": opened, "failed": sum(failed.values()), "failed_reasons": failed,
+                "lost": sum(lost.values()), "lost_reasons": lost,
                 "connect_secs": round(secs, 3), "connects_per_s": round(opened / secs) if secs else None,
                 "server_rss_delta": mem["rss"] - mem0["rss"], "server_uss_delta": mem["uss"] - mem0["uss"],
                 "server_anon_delta": mem["anon"] - mem0["anon"], "server_file_delta": mem["file"] - mem0["file"],
@@ -194,6 +199,7 @@ def measure(server, args, progress_label: str | None = None) -> dict:
 
 
 COLUMNS = [("sessions", "sessions", ","), ("connects_per_s", "conn/s", ","), ("failed", "failed", ","),
+           ("lost", "lost", ","),
            ("anon_per_session", "heap B/sess", ",.0f"), ("marginal_anon_per_session", "marginal", ",.0f"),
            ("file_per_session", "mapped B/sess", ",.0f"), ("uss_per_session", "USS B/sess", ",.0f"),
            ("kernel_per_session", "kernel B", ",.0f"),
@@ -208,6 +214,9 @@ def summary(result: dict) -> str:
              f"final PING: {result['final_answered']:,} of {result['final_sessions']:,} sessions answered"]
     if result["failed_reasons"]:
         lines.append("failed connects: " + ", ".join(f"{k} x{v}" for k, v in result["failed_reasons"].items()))
+    lost = result["steps"][-1].get("lost_reasons") if result["steps"] else None
+    if lost:
+        lines.append("sessions closed by the server: " + ", ".join(f"{k} x{v}" for k, v in lost.items()))
     return "\n".join(lines)
 
 
@@ -241,5 +250,6 @@ def run(args) -> int:
         why = report.plot_density(args.plot, {r["server"]: r["steps"] for r in results})
         if why:
             print(f"no plot: {why}", file=sys.stderr)
-    ok = all(r["final_answered"] >= r["final_sessions"] and r["failed_reasons"] == {} for r in results)
+    ok = all(r["final_answered"] >= r["final_sessions"] == args.sessions and r["failed_reasons"] == {}
+             for r in results)
     return 0 if ok else 1

@@ -25,7 +25,7 @@ FIRST_PORT, LAST_PORT = 10_000, 32_000
 
 
 class Session(asyncio.Protocol):
-    __slots__ = ("client", "transport", "pending", "ready", "user", "waiter", "index")
+    __slots__ = ("client", "transport", "pending", "ready", "user", "waiter", "index", "why")
 
     def __init__(self, client, user, index):
         self.client = client
@@ -35,6 +35,7 @@ class Session(asyncio.Protocol):
         self.user = user
         self.index = index
         self.waiter = None
+        self.why = None          # what the server said before closing (GOAWAY, ERROR)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -55,6 +56,7 @@ class Session(asyncio.Protocol):
         self._wake(None)
 
     def on_failed(self, reason):
+        self.why = reason
         self._wake(reason)
         self.transport.close()
 
@@ -73,7 +75,7 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc):
         self._wake("closed by server before ready")
         if self.ready:
-            self.client.lost[type(exc).__name__ if exc else "closed by server"] += 1
+            self.client.lost[self.why or (type(exc).__name__ if exc else "closed by server")] += 1
             self.client.live.pop(self.index, None)
 
 
@@ -215,23 +217,29 @@ class Client:
         return {"ok": len(sample) - missing, "failed": missing, "rtt_ms": [(time.perf_counter() - t0) * 1000]}
 
     async def keepalive(self) -> None:
-        """PING every session once per interval, spread evenly (ten slices a second)."""
-        interval = self.args.ping_interval
+        """PING every session at least once per interval, spread evenly. Paced by
+        the clock, not by ticks: while the client is busy opening sessions its
+        ticks come late, and a session not pinged for 3 of the server's ping
+        intervals is closed as idle. A pass covers the sessions open when it
+        starts; ones opened meanwhile are in the next pass (sent their HELLO
+        within the interval, so they are not idle yet)."""
+        interval = self.args.ping_interval * 0.9          # a margin for a late pass
         if interval <= 0:
             return
         ping = self.dialect.ping()
-        cursor = 0
+        batch, cursor, started = [], 0, time.monotonic()
         while True:
             await asyncio.sleep(0.1)
-            live = list(self.live.values()) if cursor == 0 or cursor >= len(self.live) else live
-            if cursor >= len(live):
-                cursor = 0
-                continue
-            k = max(1, int(len(live) * 0.1 / interval))
-            for s in live[cursor:cursor + k]:
+            now = time.monotonic()
+            if cursor >= len(batch):
+                batch, cursor, started = list(self.live.values()), 0, now
+                if not batch:
+                    continue
+            due = min(len(batch), int(len(batch) * (now - started) / interval) + 1)
+            for s in batch[cursor:due]:
                 if not s.transport.is_closing():
                     s.transport.write(ping)
-            cursor += k
+            cursor = max(cursor, due)
 
 
 async def main(args) -> None:

@@ -13,6 +13,14 @@ from _core.codec import encode
 from _core.protocol import FrameType
 
 
+def _goaway_name(code: int) -> str:
+    from _core.protocol import GoawayCode
+    try:
+        return GoawayCode(code).name
+    except ValueError:
+        return str(code)
+
+
 class Dialect:
     name = "?"
     #: the session is usable once this many greeting replies arrived
@@ -66,6 +74,9 @@ class Switchboard(Dialect):
             elif ftype == FrameType.ERROR:
                 code, _ = struct.unpack_from("!HQ", body, 0)
                 conn.on_failed(f"ERROR {code}: {body[12:].decode(errors='replace')}")
+            elif ftype == FrameType.GOAWAY:              # why the server is about to close it
+                (code,) = struct.unpack_from("!H", body, 0)
+                conn.why = f"GOAWAY {_goaway_name(code)}"
         conn.pending = buf[pos:] if pos < n else b""
 
 

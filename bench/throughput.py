@@ -100,6 +100,8 @@ COLUMNS = [("server", "server", ""), ("payload_bytes", "bytes", ","), ("msgs_per
 def label(name: str, args) -> str:
     if name != "switchboard":
         return name
+    if getattr(args, "port", 0):
+        return f"switchboard (running on port {args.port})"    # its settings are its own
     return f"switchboard ({args.workers}w, {args.durability}{', no receipts' if args.receipts == 'off' else ''})"
 
 

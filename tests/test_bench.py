@@ -99,3 +99,22 @@ def test_throughput_group_fan_out_and_open_loop(tmp_path):
 def test_throughput_rejects_bad_sizes():
     r = bench("throughput", "--size", "8")
     assert r.returncode != 0 and "--size must be 16..65000" in r.stderr
+
+
+def test_density_keeps_sessions_alive_past_the_idle_timeout(gateway_factory, tmp_path):
+    """Keepalives paced by the clock: with a 0.3 s ping interval and a 0.6 s idle
+    timeout, 300 sessions held for 2 s are all still there; without keepalives
+    the gateway closes them as idle and the run says so and fails."""
+    gw = gateway_factory("--workers", "2", "--ping-interval-ms", "300", "--idle-timeout-pings", "2")
+    out = tmp_path / "d.json"
+    r = bench("density", "--port", str(gw.port), "--data-dir", str(gw.data_dir), "--sessions", "300",
+              "--warmup", "10", "--ping-interval", "0.3", "--idle-window", "2", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())["results"][0]
+    assert res["final_answered"] == res["final_sessions"] == 300 and res["steps"][-1]["lost"] == 0
+
+    r = bench("density", "--port", str(gw.port), "--data-dir", str(gw.data_dir), "--sessions", "50",
+              "--warmup", "1", "--ping-interval", "0", "--idle-window", "2", "--json", str(out))
+    assert r.returncode == 1
+    last = json.loads(out.read_text())["results"][0]["steps"][-1]
+    assert last["lost_reasons"].get("GOAWAY IDLE_TIMEOUT", 0) > 0, last
