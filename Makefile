@@ -32,7 +32,7 @@ bench: build
 
 # The numbers in docs/benchmarks.md come from these (see there for the exact flags).
 bench-density: build
-	$(BIN)/switchboard bench density --sessions 1M --step 100k --workers 64 --concurrency 64 \
+	$(BIN)/switchboard bench density --sessions 1M --step 100k --workers 64 --concurrency 64 --ping-interval 60 \
 		--json docs/results/density-1m.json --plot docs/density-1m.png
 
 bench-throughput: build

@@ -7,6 +7,7 @@ ports per destination, so the orchestrator runs many of these, each bound to
 its own 127.0.0.x address."""
 import argparse
 import asyncio
+import collections
 import errno
 import json
 import os
@@ -89,6 +90,7 @@ class Client:
         self.next_port = FIRST_PORT
         self.pongs = 0
         self.awaiting = set()          # sessions that have not answered the last ping_all
+        self.due = collections.deque()  # (last PING or HELLO time, session), oldest first
         self.loop = asyncio.get_running_loop()
         self.messages = {}
 
@@ -112,6 +114,7 @@ class Client:
                 else type(exc).__name__
         if reason is None:
             self.live[i] = s
+            self.due.append((time.monotonic(), s))
         else:
             failed[reason] += 1
             if s.transport is not None:
@@ -217,29 +220,23 @@ class Client:
         return {"ok": len(sample) - missing, "failed": missing, "rtt_ms": [(time.perf_counter() - t0) * 1000]}
 
     async def keepalive(self) -> None:
-        """PING every session at least once per interval, spread evenly. Paced by
-        the clock, not by ticks: while the client is busy opening sessions its
-        ticks come late, and a session not pinged for 3 of the server's ping
-        intervals is closed as idle. A pass covers the sessions open when it
-        starts; ones opened meanwhile are in the next pass (sent their HELLO
-        within the interval, so they are not idle yet)."""
-        interval = self.args.ping_interval * 0.9          # a margin for a late pass
+        """PING each session once per interval after its last PING (or its
+        HELLO), paced by the clock: sessions wait in a queue ordered by when they
+        are due, so every gap is one interval however late a tick comes (a
+        session silent for 3 of the server's ping intervals is closed as idle)."""
+        interval = self.args.ping_interval
         if interval <= 0:
             return
         ping = self.dialect.ping()
-        batch, cursor, started = [], 0, time.monotonic()
+        due = self.due
         while True:
             await asyncio.sleep(0.1)
-            now = time.monotonic()
-            if cursor >= len(batch):
-                batch, cursor, started = list(self.live.values()), 0, now
-                if not batch:
-                    continue
-            due = min(len(batch), int(len(batch) * (now - started) / interval) + 1)
-            for s in batch[cursor:due]:
-                if not s.transport.is_closing():
+            limit = time.monotonic() - interval
+            while due and due[0][0] <= limit:
+                _, s = due.popleft()
+                if s.index in self.live:                     # closed ones drop out here
                     s.transport.write(ping)
-            cursor = max(cursor, due)
+                    due.append((limit + interval, s))
 
 
 async def main(args) -> None:
