@@ -50,7 +50,7 @@ class GatewayConfig:
     max_devices: int = 4
     #: members of one group
     max_group_members: int = 1024
-    #: remembered client message ids per device, for dropping retried SENDs
+    #: client message ids remembered per device (at least this many), for dropping retried SENDs
     dedup_window: int = 4096
     #: seconds before a dead worker is restarted (doubling per quick death, at most 5 s)
     restart_backoff: float = 0.1
