@@ -311,3 +311,31 @@ def test_large_payload_and_burst_of_small_messages(gateway_proc):
             assert [m.id for m in got] == [a.id for a in acks]
             await next_is_marker(gw, alice, bob, "bob")
     asyncio.run(main())
+
+
+def test_dedup_window_keeps_the_newest_ids_as_it_trims(gateway_factory):
+    """The dedup table trims in one pass at twice the window: after 3x the window
+    of SENDs, the newest `window` ids are still answered with their original ACK
+    and nothing is stored twice."""
+    gw = gateway_factory("--workers", "1", "--dedup-window", "4")
+    r = Raw(gw)
+    try:
+        r.hello(gw.token("alice"), device="raw")
+        acks = {}
+        for cid in range(1, 13):
+            r.send(encode(F.Send(cid, "bob", b"m%d" % cid)))
+            acks[cid] = r.frame()
+            assert isinstance(acks[cid], F.Ack) and acks[cid].client_id == cid
+        for cid in range(9, 13):                     # the newest 4: retries, answered as before
+            r.send(encode(F.Send(cid, "bob", b"again")))
+            assert r.frame() == acks[cid]
+    finally:
+        r.close()
+
+    async def main():
+        async with gw.client("bob") as bob:
+            got = await recv_n(bob, 12)
+            assert [m.payload for m in got] == [b"m%d" % i for i in range(1, 13)]
+            async with gw.client("alice", device="sdk") as alice:
+                await next_is_marker(gw, alice, bob, "bob")     # and no "again" behind them
+    asyncio.run(main())
