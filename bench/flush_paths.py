@@ -2,16 +2,14 @@
 
     python bench/flush_paths.py   (writes a 64 MiB file under the current directory)
 """
-import mmap, os, time, statistics
-SIZE = 64 << 20
+import os
+import time
+import statistics
+
+from bench.segfile import prepared
+
 path = "flushtest.seg"
-fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-os.posix_fallocate(fd, 0, SIZE)
-z = bytes(1 << 20)
-for off in range(0, SIZE, 1 << 20):
-    os.pwrite(fd, z, off)
-os.fsync(fd)
-m = mmap.mmap(fd, SIZE)
+fd, m = prepared(path)
 rec = b"r" * 100
 batch = 64
 def run(method, n=400):

@@ -2,16 +2,13 @@
 
     python bench/fsync_tail.py   (writes a 64 MiB file under the current directory)
 """
-import mmap, os, time
-SIZE = 64 << 20
+import os
+import time
+
+from bench.segfile import prepared
+
 path = "fsynctail.seg"
-fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-os.posix_fallocate(fd, 0, SIZE)
-z = bytes(1 << 20)
-for off in range(0, SIZE, 1 << 20):
-    os.pwrite(fd, z, off)
-os.fsync(fd)
-m = mmap.mmap(fd, SIZE)
+fd, m = prepared(path)
 def run(kind, n=8000):
     pos = 0; times = []
     for i in range(n):

@@ -60,6 +60,22 @@ def refused(r: Raw, code: ErrorCode) -> None:
     assert isinstance(err, F.Error) and err.fatal and err.code == code, err
 
 
+
+def admitted_again(gw, addr: str, refused_with: int | None = None, within: float = 5.0) -> None:
+    """Retry a HELLO from `addr` until it gets WELCOME (within `within` s); a
+    refusal in between must carry `refused_with` when that is given."""
+    deadline = time.monotonic() + within
+    while True:
+        with RawFrom(gw, addr) as r:
+            r.send(encode(F.Hello(1, gw.token("again"), "raw", 0)))
+            f = r.frame()
+        if isinstance(f, F.Welcome):
+            return
+        if refused_with is not None:
+            assert isinstance(f, F.Error) and f.code == refused_with, f
+        assert time.monotonic() < deadline, f
+        time.sleep(0.05)                                 # pacing the retries, as a client backs off
+
 def test_connections_per_ip(gateway_factory):
     gw = gateway_factory("--workers", "1", "--max-conns-per-ip", "3")
     held = [RawFrom(gw, "127.0.0.2") for _ in range(3)]
@@ -71,14 +87,7 @@ def test_connections_per_ip(gateway_factory):
         other.hello(gw.token("other"))
     held.pop().close()
     wait_for_log(gw, r"event=limit kind=max_connections_per_ip count=1 peer=127\.0\.0\.2")
-    deadline = time.monotonic() + 5                      # the server sees the close, then admits again
-    while True:
-        with RawFrom(gw, "127.0.0.2") as again:
-            again.send(encode(F.Hello(1, gw.token("again"), "raw", 0)))
-            f = again.frame()
-        if isinstance(f, F.Welcome):
-            break
-        assert time.monotonic() < deadline, f
+    admitted_again(gw, "127.0.0.2")                     # the server sees the close, then admits again
     for r in held:
         r.close()
     assert len(re.findall(r"kind=max_connections_per_ip count=1 ", gw.text)) == 1   # logged once
@@ -106,16 +115,7 @@ def test_connect_rate_per_ip(gateway_factory):
     with RawFrom(gw, "127.0.0.8") as r:                  # its own bucket
         r.hello(gw.token("other"))
     wait_for_log(gw, r"event=limit kind=connect_rate_per_ip count=1 peer=127\.0\.0\.7")
-    deadline = time.monotonic() + 5                      # refilled at 5/s: admitted again
-    while True:
-        with RawFrom(gw, "127.0.0.7") as r:
-            r.send(encode(F.Hello(1, gw.token("later"), "raw", 0)))
-            f = r.frame()
-        if isinstance(f, F.Welcome):
-            break
-        assert isinstance(f, F.Error) and f.code == ErrorCode.RATE_LIMITED
-        assert time.monotonic() < deadline
-        time.sleep(0.05)                                 # pacing the retries, as a client backs off
+    admitted_again(gw, "127.0.0.7", ErrorCode.RATE_LIMITED)   # refilled at 5/s
 
 
 def test_message_rate_limited_then_ok(gateway_factory):
