@@ -16,6 +16,22 @@ def _int(text: str) -> int:
     return value
 
 
+DENSITY_SERVERS = ("switchboard", "floor", "websockets", "nats", "redis")
+ROUTING_SERVERS = ("switchboard", "nats", "websockets")     # the floor and redis route no messages
+
+
+def _servers(allowed: tuple):
+    """A comma list of server names, each one of `allowed`."""
+    def parse(text: str) -> str:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown server {', '.join(bad) or repr(text)}; "
+                                             f"choose from {', '.join(allowed)}")
+        return ",".join(names)
+    return parse
+
+
 def _server_flags(p, default_workers: int) -> None:
     p.add_argument("--workers", type=_int, default=default_workers,
                    help="gateway worker processes when the benchmark starts its own (default %(default)s)")
@@ -36,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "gateway unless --port is given.")
     p.add_argument("--sessions", type=_int, default=20_000, help="sessions to reach, e.g. 1M (default 20k)")
     p.add_argument("--step", type=_int, default=None, help="sessions added per step (default: a fifth)")
-    p.add_argument("--against", default="switchboard",
+    p.add_argument("--against", default="switchboard", type=_servers(DENSITY_SERVERS),
                    help="comma list of servers measured one after another in this run: switchboard, floor "
                         "(bare uvloop), websockets, nats, redis (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address of a running gateway (with --port)")
@@ -80,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "client machinery, and prints ratios.")
     p.add_argument("--sessions", type=_int, default=15_000,
                    help="idle sessions per server for the density part (one process each; default 15k)")
-    p.add_argument("--peers", default="floor,redis,nats,websockets",
+    p.add_argument("--peers", default="floor,redis,nats,websockets", type=_servers(DENSITY_SERVERS),
                    help="peers besides switchboard (default %(default)s)")
     _throughput_flags(p, against=None)
     p.add_argument("--plot", metavar="PNG", help="plot of the density part (needs matplotlib)")
@@ -89,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _throughput_flags(p, against) -> None:
     if against:
-        p.add_argument("--against", default=against,
+        p.add_argument("--against", default=against, type=_servers(ROUTING_SERVERS),
                        help="comma list of servers measured in this run: switchboard, nats, websockets "
                             "(default %(default)s)")
     p.add_argument("--pairs", type=_int, default=100, help="flows (sender + receivers) (default 100)")
@@ -113,13 +129,16 @@ def run(args) -> int:
     for size in str(getattr(args, "size", "32")).split(","):
         if not size.isdigit() or not 16 <= int(size) <= 65_000:
             raise SystemExit(f"--size must be 16..65000 bytes, got {size!r}")
-    if args.bench_verb == "density":
-        from . import density
-        if args.step is None:
-            args.step = max(1, args.sessions // 5)
-        return density.run(args)
-    if args.bench_verb == "throughput":
-        from . import throughput
-        return throughput.run(args)
-    from . import compare
-    return compare.run(args)
+    try:
+        if args.bench_verb == "density":
+            from . import density
+            if args.step is None:
+                args.step = max(1, args.sessions // 5)
+            return density.run(args)
+        if args.bench_verb == "throughput":
+            from . import throughput
+            return throughput.run(args)
+        from . import compare
+        return compare.run(args)
+    except RuntimeError as exc:          # a server that would not start, a client process that died
+        raise SystemExit(f"switchboard bench: {exc}") from None

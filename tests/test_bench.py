@@ -118,3 +118,21 @@ def test_density_keeps_sessions_alive_past_the_idle_timeout(gateway_factory, tmp
     assert r.returncode == 1
     last = json.loads(out.read_text())["results"][0]["steps"][-1]
     assert last["lost_reasons"].get("GOAWAY IDLE_TIMEOUT", 0) > 0, last
+
+
+def test_unknown_or_non_routing_servers_are_clear_errors():
+    r = bench("density", "--against", "switchboard,nosuch")
+    assert r.returncode == 2 and "unknown server nosuch" in r.stderr
+    r = bench("throughput", "--against", "redis")           # redis routes no messages
+    assert r.returncode == 2 and "unknown server redis" in r.stderr
+    assert "choose from switchboard, nats, websockets" in r.stderr
+
+
+def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
+    """nats-server missing from PATH: one line naming it, exit status 1, no traceback."""
+    import os
+    env = {**os.environ, "PATH": str(tmp_path)}              # no nats-server here
+    r = subprocess.run([sys.executable, "-m", "gateway", "bench", "throughput", "--against", "nats",
+                        "--duration", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 1, r.stderr
+    assert "switchboard bench: nats-server is not installed" in r.stderr and "Traceback" not in r.stderr
