@@ -1,6 +1,5 @@
-from typing import Callable, Protocol
+from typing import Protocol
 
-from . import frames
 
 class Sink(Protocol):
     def __call__(self, ftype: int, flags: int, body: memoryview) -> None: ...

@@ -11,7 +11,6 @@ keepalive PINGs, and a round-trip check on a sample of sessions. At the end
 every session is PINGed and must answer."""
 import json
 import math
-import os
 import queue
 import subprocess
 import sys

@@ -10,7 +10,6 @@ latency of a message is that of its last member.
 import argparse
 import asyncio
 import json
-import os
 import struct
 import sys
 import tempfile

@@ -74,7 +74,6 @@ async def bench_group_commit(d, durability, seconds, batch=64, rate=None):
     start = time.perf_counter()
     end = start + seconds
     produced = 0
-    sizes = {}
 
     def done_n(arg):
         nonlocal acked, inflight

@@ -18,7 +18,7 @@ async def main():
     store.open(); store.start(loop)
     r = Router(store, loop=loop)
     a = r.open_session("alice", "p", transport=T())
-    b = r.open_session("bob", "p", transport=T())
+    r.open_session("bob", "p", transport=T())          # online: every SEND is also a DELIVER
     dec = Decoder(a, 1 << 20)
     per = 500
     batches = [b"".join(encode(F.Send(i * per + j + 1, "bob", b"x" * 32)) for j in range(per)) for i in range(400)]

@@ -43,7 +43,6 @@ def measure(server, args, size: int) -> dict:
             if not line.startswith('{"ready"'):
                 raise RuntimeError(f"a load process failed to connect to {server.name}")
         pids = server.pids()
-        cpu0, lcpu0 = procstat.cpu_seconds(pids), procstat.cpu_seconds([p.pid for p in procs])
         t0 = time.perf_counter()
         for p in procs:
             p.stdin.write("go\n")

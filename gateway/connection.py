@@ -184,11 +184,6 @@ class Connection(asyncio.BufferedProtocol):
             self.fail(ErrorCode.HELLO_TIMEOUT, "no HELLO within "
                       f"{self.gateway.config.hello_timeout:g} s")
 
-    @property
-    def peer(self):
-        """The client's address, for log lines (not stored: it is rarely needed)."""
-        return self.transport.get_extra_info("peername") if self.transport is not None else None
-
     # -- errors -------------------------------------------------------------------
     def fail(self, code: int, reason: str) -> None:
         """Answer ERROR (fatal) and close; the rest of the worker is unaffected."""

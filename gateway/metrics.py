@@ -19,7 +19,6 @@ import os
 import socket
 import time
 
-from _core._routing import LATENCY_BOUNDS
 
 from . import log
 

@@ -23,7 +23,7 @@ from _core.protocol import LENGTH_SIZE, FrameType
 
 from . import log
 from .connection import Connection
-from .handshake import MAX_REQUEST, WS_PATH, HttpReject, parse_request, request_end, response, upgrade
+from .handshake import MAX_REQUEST, WS_PATH, HttpReject, parse_request, request_end, upgrade
 
 _log = log.get("switchboard.ws")
 

@@ -6,7 +6,6 @@ stopped by PID at teardown.
 """
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading

@@ -5,10 +5,8 @@ flag, ref 0), that the server then closes the connection, and that the server
 still serves well-behaved clients afterwards.
 """
 import asyncio
-import collections
 import os
 import random
-import socket
 import struct
 import time
 import uuid
@@ -17,7 +15,7 @@ import pytest
 
 from _core import frames as F
 from _core.protocol import ErrorCode, FrameType
-from _core.pycodec import Decoder, decode_body, encode
+from _core.pycodec import encode
 from gateway.auth import TokenAuthority
 
 HEADER = struct.Struct("!IBB")

@@ -1,15 +1,13 @@
 """End-to-end behaviour of a real gateway process, mostly through the client SDK."""
 import asyncio
-import collections
 import os
-import socket
 import time
 
 import pytest
 
 from _core import frames as F
 from _core.protocol import ErrorCode, GoawayCode
-from _core.pycodec import Decoder, decode_body, encode
+from _core.pycodec import encode
 from gateway.client import Client, ServerError
 
 MAX_FRAME = 65536

@@ -19,7 +19,7 @@ from test_metrics import scrape, value
 from _core import frames as F
 from _core.errors import ServerError
 from _core.protocol import ErrorCode, GoawayCode
-from _core.pycodec import Decoder, decode_body, encode
+from _core.pycodec import Decoder, encode
 
 from rawclient import Raw
 

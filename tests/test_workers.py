@@ -5,7 +5,6 @@ import asyncio
 import os
 import re
 import signal
-import struct
 import time
 
 import pytest
@@ -13,7 +12,6 @@ import pytest
 from _core import frames as F
 from _core.protocol import GoawayCode
 from _core.pycodec import encode
-from conftest import start_gateway
 from rawclient import Raw
 from storm import assert_exactly_once_in_order, run_storm
 from router.sharding import shard_of
