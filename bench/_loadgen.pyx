@@ -9,13 +9,13 @@ number and a send timestamp; receivers check the sequence (exactly once, in
 order) and record latency. The same machinery speaks three wire formats:
 Switchboard's frames, the NATS text protocol and WebSocket (the relay peer).
 """
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport malloc, realloc, free, qsort, strtol
+from libc.stdlib cimport malloc, free, qsort, strtol
 from libc.string cimport memcpy, memchr, memmove, memcmp
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-from _core._codec cimport sb_load16, sb_load32, sb_load64, sb_store16, sb_store32, sb_store64
+from _core._codec cimport WriteBuffer, MAX_RECEIVED_IDS, sb_load16, sb_load32, sb_load64
 
 cdef enum:
     SWITCHBOARD = 0
@@ -36,6 +36,7 @@ cdef enum:
     STAMP = 16                 # payload starts with seq (8) and send time (8)
 
 DIALECTS = {"switchboard": SWITCHBOARD, "nats": NATS, "websockets": WEBSOCKET}
+cdef bytes _ZEROS = bytes(65536)          # payload padding after the stamp (sizes are capped below it)
 
 
 cdef inline uint64_t now_ns() noexcept nogil:
@@ -280,27 +281,19 @@ cdef class Conn:
         return pos
 
     cdef int _send_received(self) except -1:
-        """One RECEIVED frame (or a few, 4096 ids each) for every DELIVER of this read."""
-        cdef Py_ssize_t count = self.nacks, i = 0, k, size = 0
-        cdef unsigned char *p
-        while i < count:
-            k = min(count - i, 4096)
-            size += 8 + 8 * k
-            i += k
-        out = PyBytes_FromStringAndSize(NULL, size)
-        p = <unsigned char *>PyBytes_AS_STRING(out)
-        i = 0
-        while i < count:
-            k = min(count - i, 4096)
-            sb_store32(p, 2 + 2 + 8 * k)
-            p[4] = FT_RECEIVED
-            p[5] = 0
-            sb_store16(p + 6, <uint16_t>k)
-            memcpy(p + 8, self.acks + 8 * i, 8 * k)
-            p += 8 + 8 * k
+        """One RECEIVED frame (or a few, MAX_RECEIVED_IDS each) for every DELIVER
+        and RECEIPT of this read, built with the codec's WriteBuffer."""
+        cdef WriteBuffer out = self.flow.out_acks
+        cdef Py_ssize_t i = 0, k, start
+        while i < self.nacks:
+            k = min(self.nacks - i, MAX_RECEIVED_IDS)
+            start = out.begin_frame(FT_RECEIVED, 0)
+            out.put_u16(<uint16_t>k)
+            out.put_raw(<const char *>self.acks + 8 * i, 8 * k)
+            out.end_frame(start)
             i += k
         self.nacks = 0
-        self.transport.write(out)
+        self.transport.write(out.take_bytes())
         return 0
 
     cdef Py_ssize_t _parse_nats(self) except -1:
@@ -371,14 +364,8 @@ cdef class Flow:
     cdef public uint64_t rate_budget   # open loop: messages allowed so far (0: closed loop)
     cdef public bint open_loop
     cdef public bint started           # set at "go": nothing is sent before every flow is ready
-    cdef unsigned char *out
-    cdef Py_ssize_t out_len, out_cap
-
-    def __cinit__(self):
-        self.out = NULL
-
-    def __dealloc__(self):
-        free(self.out)
+    cdef WriteBuffer out                # this pump's messages, one write
+    cdef WriteBuffer out_acks           # a receiver's RECEIVED frames for one read
 
     def __init__(self, Stats stats, str dialect, str target, Py_ssize_t size, int window):
         self.stats = stats
@@ -386,6 +373,8 @@ cdef class Flow:
         self.size = max(size, STAMP)
         self.window = window
         self.receivers = []
+        self.out = WriteBuffer()
+        self.out_acks = WriteBuffer()
         t = target.encode()
         if self.dialect == SWITCHBOARD:
             self.head = bytes([len(t)]) + t                  # after the client id
@@ -418,59 +407,35 @@ cdef class Flow:
             self.stats.sent += 1
             k += 1
         if k:
-            self.sender.transport.write(PyBytes_FromStringAndSize(<char *>self.out, self.out_len))
-            self.out_len = 0
+            self.sender.transport.write(self.out.take_bytes())
         return k
 
     cdef int _append(self, uint64_t seq) except -1:
+        """One message into `out`: our SEND frame (through the codec's
+        WriteBuffer), a NATS PUB, or a masked WebSocket binary frame."""
+        cdef WriteBuffer out = self.out
         cdef Py_ssize_t hl = PyBytes_GET_SIZE(self.head)
-        cdef Py_ssize_t body, frame, ws_len
-        cdef unsigned char *p
+        cdef Py_ssize_t ws_len = hl + self.size, start = 0
         if self.dialect == SWITCHBOARD:
-            body = 8 + hl + self.size
-            frame = 4 + 2 + body
-        elif self.dialect == NATS:
-            frame = hl + self.size + 2
-        else:
-            ws_len = hl + self.size
-            frame = (2 if ws_len < 126 else 4 if ws_len < 65536 else 10) + 4 + ws_len
-        if self.out_len + frame > self.out_cap:
-            self.out_cap = max(2 * self.out_cap, self.out_len + frame, 65536)
-            p = <unsigned char *>realloc(self.out, self.out_cap)
-            if p == NULL:
-                raise MemoryError()
-            self.out = p
-        p = self.out + self.out_len
-        self.out_len += frame
-        if self.dialect == SWITCHBOARD:
-            sb_store32(p, 2 + body)
-            p[4] = FT_SEND
-            p[5] = 0
-            sb_store64(p + 6, seq)                          # client id = sequence number
-            memcpy(p + 14, PyBytes_AS_STRING(self.head), hl)
-            p += 14 + hl
-        elif self.dialect == NATS:
-            memcpy(p, PyBytes_AS_STRING(self.head), hl)
-            p += hl
-            p[self.size] = 13
-            p[self.size + 1] = 10
-        else:
-            p[0] = 0x82
+            start = out.begin_frame(FT_SEND, 0)
+            out.put_u64(seq)                                # client id = sequence number
+        elif self.dialect == WEBSOCKET:
+            out.put_u8(0x82)
             if ws_len < 126:
-                p[1] = 0x80 | ws_len
-                p += 2
+                out.put_u8(0x80 | ws_len)
             elif ws_len < 65536:
-                p[1] = 0x80 | 126
-                sb_store16(p + 2, <uint16_t>ws_len)
-                p += 4
+                out.put_u8(0x80 | 126)
+                out.put_u16(<uint16_t>ws_len)
             else:
-                p[1] = 0x80 | 127
-                sb_store64(p + 2, ws_len)
-                p += 10
-            p[0] = p[1] = p[2] = p[3] = 0                   # mask key 0: the payload goes as is
-            p += 4
-            memcpy(p, PyBytes_AS_STRING(self.head), hl)
-            p += hl
-        sb_store64(p, seq)
-        sb_store64(p + 8, now_ns())
+                out.put_u8(0x80 | 127)
+                out.put_u64(ws_len)
+            out.put_u32(0)                                  # mask key 0: the payload goes as is
+        out.put_raw(PyBytes_AS_STRING(self.head), hl)
+        out.put_u64(seq)
+        out.put_u64(now_ns())
+        out.put_raw(PyBytes_AS_STRING(_ZEROS), self.size - STAMP)
+        if self.dialect == SWITCHBOARD:
+            out.end_frame(start)
+        elif self.dialect == NATS:
+            out.put_raw(b"\r\n", 2)
         return 0
