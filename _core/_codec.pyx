@@ -170,7 +170,7 @@ cdef object _decode(uint8_t ftype, uint8_t flags, const unsigned char *body, Py_
     cdef Cursor c
     cdef uint8_t b8
     cdef uint16_t a16, k
-    cdef uint32_t a32, b32, c32
+    cdef uint32_t a32, b32, c32, d32
     cdef uint64_t a64, b64, c64
     cdef str s1, s2, s3
     c.p = body
@@ -234,7 +234,8 @@ cdef object _decode(uint8_t ftype, uint8_t flags, const unsigned char *body, Py_
         s1 = cur_str16(&c, MAX_TOKEN_LENGTH)
         s2 = cur_str8(&c, 1)
         cur_u64(&c, &a64)
-        frame = F.Hello(a16, s1, s2, a64, bool(flags & FLAG_SEND_ONLY))
+        cur_u64(&c, &b64)
+        frame = F.Hello(a16, s1, s2, a64, bool(flags & FLAG_SEND_ONLY), b64)
     elif ftype == FT_WELCOME:
         cur_u16(&c, &a16)
         cur_u64(&c, &a64)
@@ -244,7 +245,9 @@ cdef object _decode(uint8_t ftype, uint8_t flags, const unsigned char *body, Py_
         cur_u32(&c, &b32)
         cur_u32(&c, &c32)
         cur_u64(&c, &b64)
-        frame = F.Welcome(a16, a64, s1, s2, a32, b32, c32, b64)
+        cur_u64(&c, &c64)
+        cur_u32(&c, &d32)
+        frame = F.Welcome(a16, a64, s1, s2, a32, b32, c32, b64, c64, d32)
     elif ftype == FT_ERROR:
         cur_u16(&c, &a16)
         cur_u64(&c, &a64)
@@ -477,7 +480,7 @@ cdef int _encode_into(WriteBuffer buf, object frame) except -1:
     t = type(frame)
     if t is F.Send:
         start = buf.begin_frame(FT_SEND, 0)
-        buf.put_u64(frame.client_id)
+        buf.put_u64(frame.seq)
         buf.put_id(frame.to, False)
         PyObject_GetBuffer(frame.payload, &view, PyBUF_SIMPLE)
         try:
@@ -523,7 +526,7 @@ cdef int _encode_into(WriteBuffer buf, object frame) except -1:
         for i in frame.msg_ids:
             buf.put_u64(i)
     elif t is F.Ack:
-        return buf.write_ack(frame.client_id, frame.msg_id, frame.timestamp_ms)
+        return buf.write_ack(frame.seq, frame.msg_id, frame.timestamp_ms)
     elif t is F.Received:
         if len(frame.msg_ids) > MAX_RECEIVED_IDS:
             raise ValueError("too many ids in one RECEIVED frame")
@@ -541,6 +544,7 @@ cdef int _encode_into(WriteBuffer buf, object frame) except -1:
         buf.put_text16(frame.token, MAX_TOKEN_LENGTH)
         buf.put_id(frame.device, False)
         buf.put_u64(frame.resume_after)
+        buf.put_u64(frame.producer)
     elif t is F.Welcome:
         start = buf.begin_frame(FT_WELCOME, 0)
         buf.put_u16(frame.version)
@@ -551,6 +555,8 @@ cdef int _encode_into(WriteBuffer buf, object frame) except -1:
         buf.put_u32(frame.max_payload)
         buf.put_u32(frame.ping_interval_ms)
         buf.put_u64(frame.server_time_ms)
+        buf.put_u64(frame.producer)
+        buf.put_u32(frame.send_window)
     elif t is F.Error:
         start = buf.begin_frame(FT_ERROR, FLAG_FATAL if frame.fatal else 0)
         buf.put_u16(frame.code)

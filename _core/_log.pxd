@@ -1,6 +1,7 @@
 # The memory-mapped append log: segments and the in-memory index over them.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from ._codec cimport WriteBuffer
+from ._producers cimport ProducerTable
 
 cdef enum:
     SEGMENT_HEADER_SIZE = 64
@@ -10,9 +11,18 @@ cdef enum:
     REC_CONSUME = 2
     # MESSAGE: header, u32 payload_len, u64 msg_id, u64 ts, u64 client_id, 5 id lengths
     MESSAGE_FIXED = 12 + 4 + 24 + 5
-    # META: header, u8 key length, u32 value length
+    # META: header, u8 key length, u32 value length (read only: written as REC_META_L)
     META_FIXED = 12 + 1 + 4
     REC_META = 3
+    # MESSAGE_P: MESSAGE with the sender's producer id (u64) after client_id: the
+    # record of an original SEND, whose client_id is the producer's seq
+    REC_MESSAGE_P = 4
+    MESSAGE_P_FIXED = MESSAGE_FIXED + 8
+    # META_L: header, u16 key length, u32 value length (keys up to 65535 bytes)
+    REC_META_L = 5
+    META_L_FIXED = 12 + 2 + 4
+    # META keys of the producer checkpoints (_core/_producers.pyx), then "user\0device"
+    # (a str constant in _log.pyx: PRODUCER_META)
     # MESSAGE flags
     MSG_RECEIPT = 0x01            # a receipt for the inbox's user (payload: kind)
     MSG_MIRROR = 0x02             # a copy of what the user sent from another device
@@ -26,6 +36,7 @@ ctypedef struct MsgView:
     uint64_t msg_id
     uint64_t ts
     uint64_t client_id
+    uint64_t producer             # 0 in records that are no original SEND
     const char *recipient
     Py_ssize_t recipient_len
     const char *recipient_device
@@ -93,17 +104,18 @@ cdef class LogCore:
     cdef readonly uint64_t expired
     cdef readonly uint64_t unrecorded_consumes
     cdef readonly Py_ssize_t pending_total
+    cdef public ProducerTable producers   # idempotent-send state of this shard (rebuilt on recovery)
 
     cdef Py_ssize_t _place(self, Py_ssize_t length, bint is_message) except -1
     cdef Py_ssize_t _write_message(self, const char *rp, Py_ssize_t rl, const char *rdp, Py_ssize_t rdl,
-                                   uint64_t msg_id, uint64_t ts, uint64_t client_id,
+                                   uint64_t msg_id, uint64_t ts, uint64_t client_id, uint64_t producer,
                                    const char *sp, Py_ssize_t sl, const char *sdp, Py_ssize_t sdl,
                                    const char *cp, Py_ssize_t cl, uint8_t flags,
                                    const char *payload, Py_ssize_t n) except -1
     cdef Inbox _inbox(self, str recipient, bint create)
     cdef int append_message(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t client_id,
                             str sender, str sender_device, str conversation, uint8_t flags,
-                            const char *payload, Py_ssize_t n) except -1
+                            const char *payload, Py_ssize_t n, uint64_t producer=*) except -1
     cdef int consume_ids(self, str recipient, str device, object ids, list consumed) except -1
     cdef int _record_consume(self, str recipient, str device, list removed) except -1
     cdef list _pending_locs(self, str recipient, str device)

@@ -11,7 +11,7 @@ live in `_core/log.py`.
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_AsUTF8AndSize
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint16_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport qsort
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
@@ -19,6 +19,7 @@ from posix.mman cimport mmap, munmap, madvise, PROT_READ, PROT_WRITE, MAP_SHARED
 
 from ._codec cimport sb_load16, sb_load32, sb_load64, sb_store16, sb_store32, sb_store64, FLAG_GROUP, FLAG_MIRROR
 
+from ._producers cimport ProducerTable
 from .errors import StoreError
 from .protocol import ErrorCode
 
@@ -92,6 +93,12 @@ cdef bint _parse_message(const unsigned char *r, Py_ssize_t length, MsgView *m) 
     m.msg_id = sb_load64(r + 16)
     m.ts = sb_load64(r + 24)
     m.client_id = sb_load64(r + 32)
+    m.producer = 0
+    if r[8] == REC_MESSAGE_P:
+        if length < MESSAGE_P_FIXED:
+            return False
+        m.producer = sb_load64(r + 40)
+        pos = 48
     m.recipient_len = r[pos]
     m.recipient = <const char *>r + pos + 1
     pos += 1 + m.recipient_len
@@ -117,6 +124,31 @@ cdef bint _parse_message(const unsigned char *r, Py_ssize_t length, MsgView *m) 
     pos += 1 + m.conversation_len
     m.payload = <const char *>r + pos
     return pos + m.payload_len == length and m.recipient_len > 0
+
+
+cdef bint _meta_view(const unsigned char *r, Py_ssize_t length, const unsigned char **key, Py_ssize_t *kl,
+                     const unsigned char **value, Py_ssize_t *vl) noexcept nogil:
+    """Key and value of a META (u8 key length) or META_L (u16) record; False if inconsistent."""
+    cdef Py_ssize_t k
+    if r[8] == REC_META:
+        if length < META_FIXED or META_FIXED + r[12] > length:
+            return False
+        kl[0] = r[12]
+        key[0] = r + 13
+        k = 13 + kl[0]
+    else:
+        if length < META_L_FIXED or META_L_FIXED + <Py_ssize_t>sb_load16(r + 12) > length:
+            return False
+        kl[0] = sb_load16(r + 12)
+        key[0] = r + 14
+        k = 14 + kl[0]
+    vl[0] = sb_load32(r + k)
+    value[0] = r + k + 4
+    return k + 4 + vl[0] == length
+
+
+#: META key prefix of a producer checkpoint (`ProducerTable.checkpoint`), then "user\0device"
+PRODUCER_META = "\x00seq\x00"
 
 
 cdef inline str _text(const char *p, Py_ssize_t n):
@@ -292,22 +324,22 @@ cdef class Segment:
         cdef uint32_t length
         cdef const unsigned char *r
         cdef MsgView m
-        cdef Py_ssize_t idl
+        cdef Py_ssize_t idl, kl, vl
+        cdef const unsigned char *kp
+        cdef const unsigned char *vp
         if off < SEGMENT_HEADER_SIZE or off + RECORD_HEADER_SIZE > self.size:
             return False
         r = self.base + off
         length = sb_load32(r)
         if length < RECORD_HEADER_SIZE or off + <Py_ssize_t>length > self.size:
             return False
-        if (r[8] != REC_MESSAGE and r[8] != REC_CONSUME and r[8] != REC_META) or r[10] != 0 or r[11] != 0:
+        if r[8] < REC_MESSAGE or r[8] > REC_META_L or r[10] != 0 or r[11] != 0:
             return False
-        if r[8] == REC_MESSAGE:
+        if r[8] == REC_MESSAGE or r[8] == REC_MESSAGE_P:
             if not _parse_message(r, length, &m):
                 return False
-        elif r[8] == REC_META:
-            if length < META_FIXED or META_FIXED + r[12] > length:
-                return False
-            if <Py_ssize_t>length != META_FIXED + r[12] + <Py_ssize_t>sb_load32(r + 13 + r[12]):
+        elif r[8] == REC_META or r[8] == REC_META_L:
+            if not _meta_view(r, length, &kp, &kl, &vp, &vl):
                 return False
         else:
             if length < CONSUME_FIXED:
@@ -449,6 +481,7 @@ cdef class LogCore:
         self._inboxes = {}
         self._segments = {}
         self._meta = {}
+        self.producers = ProducerTable()
         self._active = None
         self.max_pending = max_pending
         self.ttl_ms = ttl_ms
@@ -505,17 +538,18 @@ cdef class LogCore:
         return a.end
 
     cdef Py_ssize_t _write_message(self, const char *rp, Py_ssize_t rl, const char *rdp, Py_ssize_t rdl,
-                                   uint64_t msg_id, uint64_t ts, uint64_t client_id,
+                                   uint64_t msg_id, uint64_t ts, uint64_t client_id, uint64_t producer,
                                    const char *sp, Py_ssize_t sl, const char *sdp, Py_ssize_t sdl,
                                    const char *cp, Py_ssize_t cl, uint8_t flags,
                                    const char *payload, Py_ssize_t n) except -1:
-        """Write one MESSAGE record into the active segment; returns its offset."""
-        cdef Py_ssize_t length = MESSAGE_FIXED + rl + rdl + sl + sdl + cl + n
+        """Write one MESSAGE record (MESSAGE_P with a producer) into the active
+        segment; returns its offset."""
+        cdef Py_ssize_t k = 48 if producer else 40
+        cdef Py_ssize_t length = (MESSAGE_P_FIXED if producer else MESSAGE_FIXED) + rl + rdl + sl + sdl + cl + n
         cdef Py_ssize_t off = self._place(length, True)
         cdef Segment a = self._active
         cdef unsigned char *r = a.base + off
-        cdef Py_ssize_t k = 40
-        r[8] = REC_MESSAGE
+        r[8] = REC_MESSAGE_P if producer else REC_MESSAGE
         r[9] = flags
         r[10] = 0
         r[11] = 0
@@ -523,6 +557,8 @@ cdef class LogCore:
         sb_store64(r + 16, msg_id)
         sb_store64(r + 24, ts)
         sb_store64(r + 32, client_id)
+        if producer:
+            sb_store64(r + 40, producer)
         _put_id(r + k, rp, rl)
         k += 1 + rl
         _put_id(r + k, rdp, rdl)
@@ -551,8 +587,9 @@ cdef class LogCore:
 
     cdef int append_message(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t client_id,
                             str sender, str sender_device, str conversation, uint8_t flags,
-                            const char *payload, Py_ssize_t n) except -1:
-        """Append to one device's inbox (device "" = the user's shared inbox)."""
+                            const char *payload, Py_ssize_t n, uint64_t producer=0) except -1:
+        """Append to one device's inbox (device "" = the user's shared inbox). An
+        original SEND carries its `producer` (and its seq as `client_id`)."""
         cdef Py_ssize_t rl, rdl, sl, sdl, cl, off
         cdef const char *rp = _utf8(recipient, &rl)
         cdef const char *rdp = _utf8(device, &rdl)
@@ -564,8 +601,8 @@ cdef class LogCore:
         if inbox is not None and inbox.live >= self.max_pending:
             raise StoreError(f"{recipient} has {inbox.live} undelivered messages (the limit)",
                              ErrorCode.QUOTA_EXCEEDED)
-        off = self._write_message(rp, rl, rdp, rdl, msg_id, ts, client_id, sp, sl, sdp, sdl, cp, cl, flags,
-                                  payload, n)
+        off = self._write_message(rp, rl, rdp, rdl, msg_id, ts, client_id, producer, sp, sl, sdp, sdl, cp, cl,
+                                  flags, payload, n)
         if inbox is None:
             inbox = self._inbox(key, True)
         inbox.push(msg_id, (self._active.segment_id << 32) | <uint64_t>off)
@@ -576,13 +613,14 @@ cdef class LogCore:
         return 0
 
     def append(self, str recipient, uint64_t msg_id, uint64_t ts, str sender, str sender_device,
-               payload, uint64_t client_id=0, *, str device="", int flags=0, str conversation=""):
+               payload, uint64_t client_id=0, *, str device="", int flags=0, str conversation="",
+               uint64_t producer=0):
         """OfflineStore.append: the payload is copied into the log."""
         cdef Py_buffer view
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
             self.append_message(recipient, device, msg_id, ts, client_id, sender, sender_device, conversation,
-                                <uint8_t>flags, <const char *>view.buf, view.len)
+                                <uint8_t>flags, <const char *>view.buf, view.len, producer)
         finally:
             PyBuffer_Release(&view)
 
@@ -803,22 +841,25 @@ cdef class LogCore:
     def meta_put(self, str key, bytes value):
         """Record `value` for `key` (empty: delete it). Kept across compaction while latest."""
         cdef Py_ssize_t kl, off, length
-        cdef const char *kp = _utf8(key, &kl)
+        cdef const char *kp = PyUnicode_AsUTF8AndSize(key, &kl)
         cdef unsigned char *r
         cdef Segment a
-        length = META_FIXED + kl + len(value)
+        if kl > 65535:
+            raise ValueError("META key longer than 65535 bytes")
+        length = META_L_FIXED + kl + len(value)
         off = self._place(length, False)
         if off < 0:
             raise StoreError("storage full: cannot record state", ErrorCode.STORAGE_FULL)
         a = self._active
         r = a.base + off
-        r[8] = REC_META
+        r[8] = REC_META_L
         r[9] = 0
         r[10] = 0
         r[11] = 0
-        _put_id(r + 12, kp, kl)
-        sb_store32(r + 13 + kl, <uint32_t>len(value))
-        memcpy(r + 17 + kl, <const char *>value, len(value))
+        sb_store16(r + 12, <uint16_t>kl)
+        memcpy(r + 14, kp, kl)
+        sb_store32(r + 14 + kl, <uint32_t>len(value))
+        memcpy(r + 18 + kl, <const char *>value, len(value))
         a.seal_record(off, length)
         self._meta_set(key, (a.segment_id << 32) | <uint64_t>off, len(value) == 0)
 
@@ -837,13 +878,15 @@ cdef class LogCore:
 
     def meta_get(self, str key):
         cdef const unsigned char *r
-        cdef Py_ssize_t kl
+        cdef const unsigned char *kp
+        cdef const unsigned char *vp
+        cdef Py_ssize_t kl, vl
         loc = self._meta.get(key)
         if loc is None:
             return None
         r = self._record(loc)
-        kl = r[12]
-        return PyBytes_FromStringAndSize(<const char *>r + 17 + kl, sb_load32(r + 13 + kl))
+        _meta_view(r, sb_load32(r), &kp, &kl, &vp, &vl)
+        return PyBytes_FromStringAndSize(<const char *>vp, vl)
 
     def meta_keys(self, str prefix=""):
         return [k for k in self._meta if k.startswith(prefix)]
@@ -869,7 +912,9 @@ cdef class LogCore:
         cdef const unsigned char *r
         cdef MsgView m
         cdef uint16_t count
-        cdef Py_ssize_t k, rl
+        cdef Py_ssize_t k, rl, kl, vl
+        cdef const unsigned char *kp
+        cdef const unsigned char *vp
         cdef Inbox inbox
         status = "clean"
         regions = []
@@ -877,13 +922,16 @@ cdef class LogCore:
             r = seg.base + pos
             length = sb_load32(r)
             if length != 0 and seg.record_valid(pos):
-                if r[8] == REC_MESSAGE:
+                if r[8] == REC_MESSAGE or r[8] == REC_MESSAGE_P:
                     _parse_message(r, length, &m)
                     self._recover_message(seg, pos, &m, now_ms, dedup, dedup_window)
-                elif r[8] == REC_META:
-                    k = r[12]
-                    self._meta_set(_text(<const char *>r + 13, k), (seg.segment_id << 32) | <uint64_t>pos,
-                                   sb_load32(r + 13 + k) == 0)
+                elif r[8] == REC_META or r[8] == REC_META_L:
+                    _meta_view(r, length, &kp, &kl, &vp, &vl)
+                    key = _text(<const char *>kp, kl)
+                    self._meta_set(key, (seg.segment_id << 32) | <uint64_t>pos, vl == 0)
+                    if vl and key.startswith(PRODUCER_META):
+                        self.producers.restore(key[len(PRODUCER_META):],
+                                               PyBytes_FromStringAndSize(<const char *>vp, vl), seg.segment_id)
                 else:
                     count = sb_load16(r + 12)
                     rl = r[14]
@@ -933,12 +981,9 @@ cdef class LogCore:
             if table is None:
                 table = dedup[key] = {}
             remember(<dict>table, m.client_id, (m.msg_id, m.ts), dedup_window)
-        elif m.client_id and m.flags == 0:
-            key = (_text(m.sender, m.sender_len), _text(m.sender_device, m.sender_device_len))
-            table = dedup.get(key)
-            if table is None:
-                table = dedup[key] = {}
-            remember(<dict>table, m.client_id, (m.msg_id, m.ts), dedup_window)
+        elif m.producer and m.flags == 0:
+            self.producers.stored(_text(m.sender, m.sender_len) + "\x00" + _text(m.sender_device, m.sender_device_len),
+                                  m.producer, m.client_id, m.msg_id, m.ts, seg.segment_id)
         if m.ts + self.ttl_ms <= now_ms:
             self.expired += 1
             return 0
@@ -996,7 +1041,9 @@ cdef class LogCore:
         cdef uint32_t length
         cdef const unsigned char *r
         cdef MsgView m
-        cdef Py_ssize_t off, q, i
+        cdef Py_ssize_t off, q, i, kl, vl
+        cdef const unsigned char *kp
+        cdef const unsigned char *vp
         cdef Segment a
         cdef uint64_t here
         cdef Inbox inbox
@@ -1011,8 +1058,9 @@ cdef class LogCore:
                 continue
             budget -= 1
             here = (seg.segment_id << 32) | <uint64_t>pos
-            if r[8] == REC_META:
-                key = _text(<const char *>r + 13, r[12])
+            if r[8] == REC_META or r[8] == REC_META_L:
+                _meta_view(r, length, &kp, &kl, &vp, &vl)
+                key = _text(<const char *>kp, kl)
                 if self._meta.get(key) == here:
                     off = self._place(length, False)
                     if off < 0:
@@ -1021,7 +1069,7 @@ cdef class LogCore:
                     memcpy(a.base + off + 8, r + 8, length - 8)
                     a.seal_record(off, length)
                     self._meta_set(key, (a.segment_id << 32) | <uint64_t>off, False)
-            elif r[8] == REC_MESSAGE:
+            elif r[8] == REC_MESSAGE or r[8] == REC_MESSAGE_P:
                 _parse_message(r, length, &m)
                 inbox = self._inbox(_ikey(_text(m.recipient, m.recipient_len),
                                           _text(m.recipient_device, m.recipient_device_len)), False)
@@ -1061,7 +1109,8 @@ def bench_append(LogCore log, Py_ssize_t n, Py_ssize_t payload_size, uint64_t fi
     else:
         rp = _utf8(recipients[0], &rl)
         for i in range(n):
-            log._write_message(rp, rl, "", 0, first_id + i, ts, 0, "alice", 5, "phone", 5, "", 0, 0, p, payload_size)
+            log._write_message(rp, rl, "", 0, first_id + i, ts, 0, 0, "alice", 5, "phone", 5, "", 0, 0, p,
+                               payload_size)
     return time.perf_counter() - t
 
 

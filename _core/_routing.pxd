@@ -1,6 +1,7 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from ._codec cimport FrameSink, WriteBuffer
 from ._log cimport LogCore
+from ._producers cimport SendState, ProducerTable
 
 
 cdef class RouteCore
@@ -17,7 +18,10 @@ cdef class SessionCore(FrameSink):
     cdef object _close           # callable(): close the transport after the last flush
     cdef object _transport       # or an object with write() and close() (the gateway's transport)
     cdef RouteCore _core
-    cdef dict _dedup             # client message id -> (msg_id, ts) for this device; None until its first SEND
+    cdef public uint64_t producer             # whose sequence this session's SEND seqs continue
+    cdef bint _fresh_producer                 # handed out in this session's WELCOME: its seqs start at 1
+    cdef SendState _send         # this device's stream state; None until its first SEND
+    cdef str _pkey               # "user\0device", the producer tables' key; None until its first SEND
     cdef bint _queued            # already in the core's flush list this loop turn
     cdef bint _close_after_flush
     cdef public bint send_only                # sends only: gets no DELIVERs, is no registered device
@@ -47,6 +51,7 @@ cdef enum:
     LT_CTRL = 0x47
     LT_HANDOFF_WS = 0x48
     LT_LAST = 0x48
+    FWD_DUPLICATE = 0x01         # FWD_ACK flag: a retry the owner had stored (no mirror again)
     RECEIPT_DELIVERED = 1
     RECEIPT_READ = 2
     # routing latency histogram (SEND decoded -> ACK queued): bucket bounds in _routing.pyx
@@ -55,7 +60,8 @@ cdef enum:
 
 cdef class RouteCore:
     cdef dict _sessions          # user -> its SessionCore, or a list of them (several devices online)
-    cdef dict _dedup_tables      # (user, device) -> dict, survives reconnects
+    cdef dict _dedup_tables      # (group\0member, "") -> {origin id: (msg_id, ts)}: group copies made
+    cdef dict _send_states       # "user\0device" -> SendState of this worker's devices (survives reconnects)
     cdef list _dirty
     cdef bint _flush_scheduled
     cdef object _loop
@@ -69,6 +75,7 @@ cdef class RouteCore:
     cdef readonly uint64_t messages_routed
     cdef readonly uint64_t messages_delivered_live
     cdef readonly uint64_t duplicates_dropped
+    cdef readonly uint64_t out_of_order       # SENDs refused OUT_OF_ORDER (resend in order)
     cdef readonly uint64_t forwarded
     cdef readonly uint64_t quota_skipped
     cdef readonly uint64_t receipts_sent
@@ -93,22 +100,30 @@ cdef class RouteCore:
     cdef object _is_local_fn
 
     cdef uint64_t _next_id(self, uint64_t now_ms)
-    cdef int route(self, SessionCore sender, uint64_t client_id, const char *to, Py_ssize_t to_len,
+    cdef int route(self, SessionCore sender, uint64_t seq, const char *to, Py_ssize_t to_len,
                    const char *payload, Py_ssize_t n) except -1
-    cdef int route_remote(self, SessionCore sender, uint64_t client_id, str recipient,
+    cdef int route_remote(self, SessionCore sender, uint64_t seq, str recipient,
                           const char *payload, Py_ssize_t n, uint64_t t0=*) except -1
-    cdef int acked(self, SessionCore sender, uint64_t client_id, uint64_t msg_id, uint64_t ts) except -1
+    cdef int acked(self, SessionCore sender, uint64_t seq, uint64_t msg_id, uint64_t ts) except -1
+    cdef SendState _send_state_of(self, SessionCore s)
+    cdef ProducerTable _producers_for(self, str recipient)
+    cdef uint64_t _active_segment(self, str recipient)
+    cdef int _refuse(self, SessionCore sender, ProducerTable table, uint64_t seq, int code, str reason) except -1
+    cdef int _admit(self, ProducerTable table, str key, uint64_t producer, uint64_t seq,
+                    uint64_t *msg_id, uint64_t *ts) except -1
     cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
-                            const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts) except -1
+                            const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts,
+                            uint64_t producer=*) except -1
     cdef tuple devices_of(self, str user)
-    cdef dict _dedup_of(self, SessionCore s)
     cdef int _store(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t ref,
                     str sender, str sender_device, str conversation, uint8_t flags,
-                    const char *payload, Py_ssize_t n) except -1
+                    const char *payload, Py_ssize_t n, uint64_t producer=*) except -1
     cdef int mirror(self, SessionCore sender, str recipient, uint64_t origin, const char *payload,
                     Py_ssize_t n) except -1
-    cdef int accept_forward(self, LinkCore link, uint64_t seq, str sender, str device, uint64_t client_id,
-                            str recipient, const char *payload, Py_ssize_t n) except -1
+    cdef int accept_forward(self, LinkCore link, uint64_t fwd_seq, str sender, str device, uint64_t producer,
+                            uint64_t seq, str recipient, const char *payload, Py_ssize_t n) except -1
+    cdef int forward_answered(self, uint64_t fwd_seq, int code, str reason, uint64_t msg_id, uint64_t ts,
+                              bint duplicate) except -1
     cdef bint _is_local(self, str recipient) except -1
     cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1
     cdef int _schedule(self, SessionCore s) except -1

@@ -18,9 +18,13 @@ from ._codec cimport (Cursor, cur_u8, cur_u64, cur_u16, cur_bytes8, cur_done, cu
 from ._codec import encode_into
 from .errors import UnexpectedFrame, MalformedFrame, StoreError
 from ._log cimport LogCore, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP, remember
+from ._producers cimport (SendState, ProducerTable, ADMIT_NEW, ADMIT_DUPLICATE, ADMIT_FENCED,
+                          ADMIT_OUT_OF_ORDER)
 from .protocol import ErrorCode, FrameType
 
 _ERROR_NAMES = {int(c): c.name for c in ErrorCode}
+#: group copies remembered per (group, member), so a fan-out retried after a restart makes none twice
+cdef Py_ssize_t COPY_WINDOW = 4096
 
 
 cdef inline uint64_t _now_ms() noexcept:
@@ -53,6 +57,14 @@ cdef inline uint32_t _mono_ms() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <uint32_t>(<uint64_t>ts.tv_sec * 1000 + <uint64_t>(ts.tv_nsec // 1000000))
+
+
+cdef inline bint _final(int code) noexcept:
+    """A SEND refused with `code` is refused for good: the client reports it and
+    never sends that seq again. Any other refusal is resent, in order."""
+    return (code == ErrorCode.PAYLOAD_TOO_LARGE or code == ErrorCode.BAD_RECIPIENT
+            or code == ErrorCode.QUOTA_EXCEEDED or code == ErrorCode.NOT_A_MEMBER
+            or code == ErrorCode.NO_SUCH_GROUP or code == ErrorCode.FENCED)
 
 
 cdef inline bint _take_token(SessionCore s, double rate, double burst) noexcept:
@@ -106,7 +118,10 @@ cdef class SessionCore(FrameSink):
         self.closed = False
         self._queued = False
         self._close_after_flush = False
-        self._dedup = None
+        self.producer = 0
+        self._fresh_producer = False
+        self._send = None
+        self._pkey = None
         self.send_only = False
         self.forwards_pending = 0
         self._deferred_error = None
@@ -258,8 +273,9 @@ cdef class RouteCore:
 
     def __init__(self, store, *, loop=None, Py_ssize_t max_payload=64512, Py_ssize_t dedup_window=4096):
         self._sessions = {}
-        # client ids seen per device; a durable store hands back what it recovered
+        # group copies made per member; a durable store hands back what it recovered
         self._dedup_tables = dict(getattr(store, "recovered_dedup", None) or {})
+        self._send_states = {}
         self._log = store if isinstance(store, LogCore) else None
         self._pending_fwd = {}
         self._fwd_seq = 0
@@ -296,56 +312,139 @@ cdef class RouteCore:
         """This process's worker index (0..63), folded into every id it makes."""
         self._worker_bits = worker & 0x3F
 
-    cdef int route(self, SessionCore sender, uint64_t client_id, const char *to, Py_ssize_t to_len,
+    cdef int route(self, SessionCore sender, uint64_t seq, const char *to, Py_ssize_t to_len,
                    const char *payload, Py_ssize_t n) except -1:
         """A SEND from a local session: store and deliver here, or forward it to
-        the worker owning the recipient's shard (which ACKs once it is stored)."""
-        cdef uint64_t msg_id, ts
+        the worker owning the recipient's shard (which ACKs once it is stored).
+        `seq` orders and deduplicates it (`_core/_producers.pyx`)."""
+        cdef uint64_t msg_id = 0, ts = 0
         cdef uint64_t t0 = _mono_ns()
-        cdef dict dedup = sender._dedup if sender._dedup is not None else self._dedup_of(sender)
+        cdef SendState st = sender._send if sender._send is not None else self._send_state_of(sender)
+        cdef ProducerTable table
+        cdef int admit
+        cdef bint is_group
+        cdef uint64_t seg
         cdef str recipient
         self.messages_in += 1
+        if seq == 0:
+            raise MalformedFrame("SEND seq 0: a producer's seqs start at 1")
+        if st.check(seq) == ADMIT_OUT_OF_ORDER:
+            self.out_of_order += 1
+            sender.error(ErrorCode.OUT_OF_ORDER, f"seq {seq} is out of order: resend from seq "
+                         f"{st.resume_at if st.resume_at else st.max_seen + 1}, in order", seq, False)
+            return 0
         if self.msg_rate > 0 and not _take_token(sender, self.msg_rate, self.msg_burst):
             self.rate_limited += 1
+            st.failed(seq)
             sender.error(ErrorCode.RATE_LIMITED, f"over {self.msg_rate:g} messages/s; retry later",
-                         client_id, False)
+                         seq, False)
             return 0
         if n > self.max_payload:
             sender.error(ErrorCode.PAYLOAD_TOO_LARGE,
-                         f"payload of {n} bytes exceeds the limit of {self.max_payload}", client_id, False)
+                         f"payload of {n} bytes exceeds the limit of {self.max_payload}", seq, False)
             return 0
-        seen = dedup.get(client_id)
-        if seen is not None:
-            # a retry (e.g. after reconnect): answer with the original ACK, deliver nothing
-            self.duplicates_dropped += 1
-            sender.out.write_ack(client_id, (<tuple>seen)[0], (<tuple>seen)[1])
-            self._observe(t0)
-            return sender._mark()
         try:
             recipient = PyUnicode_DecodeUTF8(to, to_len, NULL)
         except UnicodeDecodeError:
             raise MalformedFrame("recipient is not UTF-8") from None
         if not self._is_local(recipient):
-            return self.route_remote(sender, client_id, recipient, payload, n, t0)
-        if to_len and to[0] == 35 and self._group_send is not None:        # '#': a group, owned here
-            try:
-                msg_id, ts = self._group_send(sender.user, sender.device, client_id, recipient,
-                                              PyBytes_FromStringAndSize(payload, n))
-            except StoreError as exc:
-                sender.error(exc.code, str(exc), client_id, False)
-                return 0
-            self.acked(sender, client_id, msg_id, ts)
+            return self.route_remote(sender, seq, recipient, payload, n, t0)
+        table = self._producers_for(recipient)
+        admit = self._admit(table, sender._pkey, sender.producer, seq, &msg_id, &ts)
+        if admit == ADMIT_DUPLICATE:
+            # a retry (e.g. after a reconnect): the original answer, nothing stored or mirrored again
+            self.duplicates_dropped += 1
+            if msg_id == 0 and ts != 0:
+                sender.error(<int>ts, "this SEND was refused before", seq, False)
+            else:
+                sender.out.write_ack(seq, msg_id, ts)
+                sender._mark()
             self._observe(t0)
             return 0
+        if admit != ADMIT_NEW:
+            return self._refuse(sender, None, seq, ErrorCode.FENCED if admit == ADMIT_FENCED
+                                else ErrorCode.OUT_OF_ORDER, "refused by the recipient's shard")
+        seg = self._active_segment(recipient)
+        is_group = to_len and to[0] == 35 and self._group_send is not None      # '#': a group, owned here
         try:
-            self.append_deliver(sender.user, sender.device, client_id, recipient, payload, n, &msg_id, &ts)
+            if is_group:
+                msg_id, ts = self._group_send(sender.user, sender.device, seq, recipient,
+                                              PyBytes_FromStringAndSize(payload, n), sender.producer)
+            else:
+                self.append_deliver(sender.user, sender.device, seq, recipient, payload, n, &msg_id, &ts,
+                                    sender.producer)
         except StoreError as exc:
-            sender.error(exc.code, str(exc), client_id, False)
-            return 0
-        self.mirror(sender, recipient, msg_id, payload, n)
-        self.acked(sender, client_id, msg_id, ts)
+            return self._refuse(sender, table, seq, exc.code, str(exc))
+        table.stored(sender._pkey, sender.producer, seq, msg_id, ts, seg or self._active_segment(recipient))
+        if not is_group:
+            self.mirror(sender, recipient, msg_id, payload, n)
+        self.acked(sender, seq, msg_id, ts)
         self._observe(t0)
         return 0
+
+    cdef int _admit(self, ProducerTable table, str key, uint64_t producer, uint64_t seq,
+                    uint64_t *msg_id, uint64_t *ts) except -1:
+        return table.admit(key, producer, seq, msg_id, ts)
+
+    cdef int _refuse(self, SessionCore sender, ProducerTable table, uint64_t seq, int code, str reason) except -1:
+        """A local SEND was not stored: tell the client; unless refused for good,
+        hold the device's later seqs until this one is sent again."""
+        cdef bint final = _final(code)
+        if table is not None:
+            table.refused(sender._pkey, sender.producer, seq, code, final)
+        if not final:
+            sender._send.failed(seq)
+        if code == ErrorCode.OUT_OF_ORDER:
+            self.out_of_order += 1
+        sender.error(code, reason, seq, False)
+        return 0
+
+    cdef SendState _send_state_of(self, SessionCore s):
+        """The device's stream state, made at its first SEND (an idle session costs
+        none) and kept across reconnects; a newer producer replaces it."""
+        if s._pkey is None:
+            s._pkey = s.user + "\x00" + s.device
+        st = self._send_states.get(s._pkey)
+        if st is None or (<SendState>st).producer < s.producer:
+            st = SendState(s.producer, s._fresh_producer)
+            self._send_states[s._pkey] = st
+        s._send = <SendState>st
+        return <SendState>st
+
+    def bind_producer(self, SessionCore s, uint64_t producer):
+        """At HELLO: the producer this session sends as — the client's (it continues
+        that sequence), or a new one if it gave 0. Returns it (for WELCOME), or
+        raises FencedError if a newer producer of this device is already known."""
+        if producer == 0:
+            producer = self._next_id(_now_ms())     # unique and increasing: newer producers are larger
+            s._fresh_producer = True
+        else:
+            st = self._send_states.get(s.user + "\x00" + s.device)
+            if st is not None and (<SendState>st).producer > producer:
+                from .errors import ProtocolError
+                raise ProtocolError(f"producer {producer} of {s.device} was replaced by a newer one; "
+                                    "start a new sequence (HELLO producer 0)", ErrorCode.FENCED)
+        s.producer = producer
+        return producer
+
+    cdef uint64_t _active_segment(self, str recipient):
+        """The segment the recipient's shard log appends to now: a record stored
+        from here on lands in it or a later one, so a checkpoint made before this
+        segment is deleted covers it (0: no log, or no segment yet)."""
+        cdef LogCore log = self._log
+        if self._log_for is not None:
+            log = <LogCore>self._log_for(recipient)
+        if log is None or log._active is None:
+            return 0
+        return log._active.segment_id
+
+    cdef ProducerTable _producers_for(self, str recipient):
+        """The idempotent-send state of the recipient's shard store."""
+        if self._log_for is not None:
+            return (<LogCore>self._log_for(recipient)).producers
+        if self._log is not None:
+            return self._log.producers
+        return <ProducerTable>self.store.producers
 
     cdef void _observe(self, uint64_t t0) noexcept:
         """One routing latency sample: a bucket index found by a short scan (most
@@ -364,12 +463,9 @@ cdef class RouteCore:
         return (LATENCY_BOUNDS, [self._lat_counts[i] for i in range(LAT_BUCKETS + 1)],
                 self._lat_sum_ns / 1e9)
 
-    cdef int acked(self, SessionCore sender, uint64_t client_id, uint64_t msg_id, uint64_t ts) except -1:
-        cdef dict dedup = sender._dedup if sender._dedup is not None else self._dedup_of(sender)
-        sender.out.write_ack(client_id, msg_id, ts)
-        sender._mark()
-        remember(dedup, client_id, (msg_id, ts), self.dedup_window)
-        return 0
+    cdef int acked(self, SessionCore sender, uint64_t seq, uint64_t msg_id, uint64_t ts) except -1:
+        sender.out.write_ack(seq, msg_id, ts)
+        return sender._mark()
 
     cdef tuple devices_of(self, str user):
         """The inboxes a message for `user` goes to: one per registered device, or
@@ -388,20 +484,21 @@ cdef class RouteCore:
 
     cdef int _store(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t ref,
                     str sender, str sender_device, str conversation, uint8_t flags,
-                    const char *payload, Py_ssize_t n) except -1:
+                    const char *payload, Py_ssize_t n, uint64_t producer=0) except -1:
         cdef LogCore log = self._log
         if self._log_for is not None:
             log = <LogCore>self._log_for(recipient)
         if log is not None:               # the payload's one copy: into the mapped log
             log.append_message(recipient, device, msg_id, ts, ref, sender, sender_device, conversation, flags,
-                               payload, n)
+                               payload, n, producer)
         else:
             self.store.append(recipient, msg_id, ts, sender, sender_device, PyBytes_FromStringAndSize(payload, n),
-                              ref, device=device, flags=flags, conversation=conversation)
+                              ref, device=device, flags=flags, conversation=conversation, producer=producer)
         return 0
 
     cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
-                            const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts) except -1:
+                            const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts,
+                            uint64_t producer=0) except -1:
         """Store in every device inbox of the recipient (this worker owns it), under
         one message id, and push to its online devices. Raises StoreError (nothing
         stored) on a full disk, or when no inbox of the recipient has room."""
@@ -414,7 +511,7 @@ cdef class RouteCore:
         for dev in devices:
             try:
                 self._store(recipient, <str>dev, msg_id[0], ts[0], client_id, sender, sender_device, "", 0,
-                            payload, n)
+                            payload, n, producer)
                 stored += 1
             except StoreError as exc:
                 if exc.code != ErrorCode.QUOTA_EXCEEDED:
@@ -511,34 +608,37 @@ cdef class RouteCore:
                 s._mark()
         self.receipts_sent += 1
 
-    cdef int route_remote(self, SessionCore sender, uint64_t client_id, str recipient,
+    cdef int route_remote(self, SessionCore sender, uint64_t seq, str recipient,
                           const char *payload, Py_ssize_t n, uint64_t t0=0) except -1:
         """FWD to the owner of the recipient's shard over the bus; the ACK comes back
         as FWD_ACK once the owner has stored (and, in `always` mode, synced) it."""
         cdef LinkCore link = None
-        cdef uint64_t seq
+        cdef uint64_t fwd_seq
         cdef Py_ssize_t start
         if self._link_to is not None:
             found = self._link_to(self._owner_of(recipient))
             if found is not None:
                 link = <LinkCore>found
         if link is None or link.closed:
+            sender._send.failed(seq)
             sender.error(ErrorCode.UNAVAILABLE, f"the worker serving {recipient} is restarting; retry",
-                         client_id, False)
+                         seq, False)
             return 0
         self._fwd_seq += 1
-        seq = self._fwd_seq
+        fwd_seq = self._fwd_seq
         keep = None
-        for dev in self.devices_of(sender.user):
-            if dev != "" and dev != sender.device:      # copy for the mirror once ACKed
-                keep = (recipient, PyBytes_FromStringAndSize(payload, n))
-                break
-        self._pending_fwd[seq] = (sender, client_id, link, keep, t0)
+        if not recipient.startswith("#"):
+            for dev in self.devices_of(sender.user):
+                if dev != "" and dev != sender.device:      # copy for the mirror once ACKed
+                    keep = (recipient, PyBytes_FromStringAndSize(payload, n))
+                    break
+        self._pending_fwd[fwd_seq] = (sender, seq, link, keep, t0)
         sender.forwards_pending += 1
         out = link.out
         start = out.begin_frame(LT_FWD, 0)
+        out.put_u64(fwd_seq)
         out.put_u64(seq)
-        out.put_u64(client_id)
+        out.put_u64(sender.producer)
         out.put_id(sender.user, False)
         out.put_id(sender.device, True)
         out.put_id(recipient, False)
@@ -547,51 +647,90 @@ cdef class RouteCore:
         self.forwarded += 1
         return link._mark()
 
-    cdef int accept_forward(self, LinkCore link, uint64_t seq, str sender, str device, uint64_t client_id,
-                            str recipient, const char *payload, Py_ssize_t n) except -1:
-        """A FWD from another worker: this worker owns the recipient's shard."""
-        cdef uint64_t msg_id, ts
+    cdef int accept_forward(self, LinkCore link, uint64_t fwd_seq, str sender, str device, uint64_t producer,
+                            uint64_t seq, str recipient, const char *payload, Py_ssize_t n) except -1:
+        """A FWD from another worker: this worker owns the recipient's shard, and
+        its producer table decides whether the SEND is new, a retry or early."""
+        cdef uint64_t msg_id = 0, ts = 0, seg
         cdef Py_ssize_t start
-        key = (sender, device)
-        table = self._dedup_tables.get(key)
-        if table is None:
-            table = self._dedup_tables[key] = {}
-        seen = (<dict>table).get(client_id)
+        cdef int admit, code = 0
+        cdef uint8_t dup = 0
+        cdef str key = sender + "\x00" + device
+        cdef ProducerTable table = self._producers_for(recipient)
         out = link.out
-        if seen is not None:
-            msg_id = (<tuple>seen)[0]
-            ts = (<tuple>seen)[1]
+        admit = self._admit(table, key, producer, seq, &msg_id, &ts)
+        if admit == ADMIT_DUPLICATE:
             self.duplicates_dropped += 1
+            if msg_id == 0 and ts != 0:
+                code = <int>ts
+                reason = "this SEND was refused before"
+            dup = FWD_DUPLICATE
+        elif admit == ADMIT_FENCED:
+            code = ErrorCode.FENCED
+            reason = f"a newer producer of {device} took over its sequence"
+        elif admit == ADMIT_OUT_OF_ORDER:
+            code = ErrorCode.OUT_OF_ORDER
+            reason = "an earlier seq of this device was refused here; resend from it, in order"
         else:
+            seg = self._active_segment(recipient)
             try:
                 if recipient.startswith("#") and self._group_send is not None:
-                    msg_id, ts = self._group_send(sender, device, client_id, recipient,
-                                                  PyBytes_FromStringAndSize(payload, n))
+                    msg_id, ts = self._group_send(sender, device, seq, recipient,
+                                                  PyBytes_FromStringAndSize(payload, n), producer)
                 else:
-                    self.append_deliver(sender, device, client_id, recipient, payload, n, &msg_id, &ts)
+                    self.append_deliver(sender, device, seq, recipient, payload, n, &msg_id, &ts, producer)
             except StoreError as exc:
-                start = out.begin_frame(LT_FWD_ERR, 0)
-                out.put_u64(seq)
-                out.put_u16(exc.code)
-                out.put_text16(str(exc), 1000)
-                out.end_frame(start)
-                return link._mark()
-            remember(<dict>table, client_id, (msg_id, ts), self.dedup_window)
-        start = out.begin_frame(LT_FWD_ACK, 0)
-        out.put_u64(seq)
+                code = exc.code
+                reason = str(exc)
+                table.refused(key, producer, seq, code, _final(code))
+            else:
+                table.stored(key, producer, seq, msg_id, ts, seg or self._active_segment(recipient))
+        if code:
+            start = out.begin_frame(LT_FWD_ERR, 0)
+            out.put_u64(fwd_seq)
+            out.put_u16(code)
+            out.put_text16(reason, 1000)
+            out.end_frame(start)
+            return link._mark()
+        start = out.begin_frame(LT_FWD_ACK, dup)
+        out.put_u64(fwd_seq)
         out.put_u64(msg_id)
         out.put_u64(ts)
         out.end_frame(start)
         return link._mark()
 
+    cdef int forward_answered(self, uint64_t fwd_seq, int code, str reason, uint64_t msg_id, uint64_t ts,
+                              bint duplicate) except -1:
+        """The owner answered a FWD: ACK (and mirror, unless it was a retry) or
+        the error, to the sending session; a refusal for now holds its later seqs."""
+        cdef SessionCore origin
+        cdef uint64_t seq
+        entry = self._pending_fwd.pop(fwd_seq, None)
+        if entry is None:
+            return 0
+        origin = (<tuple>entry)[0]
+        seq = (<tuple>entry)[1]
+        if code:
+            if not _final(code):
+                origin._send.failed(seq)
+            if code == ErrorCode.OUT_OF_ORDER:
+                self.out_of_order += 1
+            origin.error(code, reason, seq, False)
+        else:
+            keep = (<tuple>entry)[3]
+            if keep is not None and not duplicate:
+                self.mirror(origin, keep[0], msg_id, <bytes>keep[1], len(<bytes>keep[1]))
+            if not origin.closed:
+                self.acked(origin, seq, msg_id, ts)
+                self._observe(<uint64_t>(<tuple>entry)[4])
+        return origin.forward_done()
+
     def fail_link(self, LinkCore link):
         """A link broke: every SEND waiting on it gets UNAVAILABLE (the client
-        retries with the same id; the owner drops it if it had stored it)."""
-        cdef SessionCore sender
-        for seq in [k for k, v in self._pending_fwd.items() if (<tuple>v)[2] is link]:
-            sender, client_id, _, _, _ = self._pending_fwd.pop(seq)
-            sender.error(ErrorCode.UNAVAILABLE, "the recipient's worker went away; retry", client_id, False)
-            sender.forward_done()
+        resends it, in order, with the same seq; the owner drops it if it had stored it)."""
+        for fwd_seq in [k for k, v in self._pending_fwd.items() if (<tuple>v)[2] is link]:
+            self.forward_answered(fwd_seq, ErrorCode.UNAVAILABLE, "the recipient's worker went away; retry",
+                                  0, 0, False)
 
     cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1:
         """A device acknowledged delivery: drop the entries from its inbox, and tell
@@ -660,7 +799,7 @@ cdef class RouteCore:
                                        PyUnicode_AsUTF8(group), len(group.encode()), origin,
                                        PyBytes_AS_STRING(payload), len(payload), FLAG_GROUP)
                 s._mark()
-        remember(<dict>table, origin, (msg_id, ts), self.dedup_window)
+        remember(<dict>table, origin, (msg_id, ts), COPY_WINDOW)
         return True
 
     cdef bint _is_local(self, str recipient) except -1:
@@ -720,17 +859,7 @@ cdef class RouteCore:
             self._sessions[s.user] = [online, s]
 
     def _attach_send_only(self, SessionCore s):
-        """A session that only sends: no routing to it (its dedup table comes with its first SEND)."""
-
-    cdef dict _dedup_of(self, SessionCore s):
-        """The device's table of client ids already answered, made at its first
-        SEND: an idle session costs none (and it outlives reconnects)."""
-        key = (s.user, s.device)
-        table = self._dedup_tables.get(key)
-        if table is None:
-            table = self._dedup_tables[key] = {}
-        s._dedup = table
-        return table
+        """A session that only sends: no routing to it (its send state comes with its first SEND)."""
 
     def _detach(self, SessionCore s):
         """The session's connection is gone."""
@@ -773,7 +902,7 @@ cdef class LinkCore(SessionCore):
 
     cdef int on_frame(self, uint8_t ftype, uint8_t flags, const unsigned char *body, Py_ssize_t n) except -1:
         cdef Cursor c
-        cdef uint64_t seq, client_id, msg_id, ts
+        cdef uint64_t fwd_seq, seq, producer, msg_id, ts
         cdef const char *p
         cdef Py_ssize_t k
         cdef str sender, device, recipient
@@ -786,31 +915,22 @@ cdef class LinkCore(SessionCore):
         c.p = body
         c.end = body + n
         if ftype == LT_FWD:
+            cur_u64(&c, &fwd_seq)
             cur_u64(&c, &seq)
-            cur_u64(&c, &client_id)
+            cur_u64(&c, &producer)
             cur_bytes8(&c, &p, &k, 1)
             sender = PyUnicode_DecodeUTF8(p, k, NULL)
             cur_bytes8(&c, &p, &k, 0)
             device = PyUnicode_DecodeUTF8(p, k, NULL)
             cur_bytes8(&c, &p, &k, 1)
             recipient = PyUnicode_DecodeUTF8(p, k, NULL)
-            return core.accept_forward(self, seq, sender, device, client_id, recipient,
+            return core.accept_forward(self, fwd_seq, sender, device, producer, seq, recipient,
                                        <const char *>c.p, c.end - c.p)
         if ftype == LT_FWD_ACK:
-            cur_u64(&c, &seq)
+            cur_u64(&c, &fwd_seq)
             cur_u64(&c, &msg_id)
             cur_u64(&c, &ts)
-            entry = core._pending_fwd.pop(seq, None)
-            if entry is not None:
-                origin = (<tuple>entry)[0]
-                keep = (<tuple>entry)[3]
-                if keep is not None:
-                    core.mirror(origin, keep[0], msg_id, <bytes>keep[1], len(<bytes>keep[1]))
-                if not origin.closed:
-                    core.acked(origin, (<tuple>entry)[1], msg_id, ts)
-                    core._observe(<uint64_t>(<tuple>entry)[4])
-                origin.forward_done()
-            return 0
+            return core.forward_answered(fwd_seq, 0, None, msg_id, ts, flags & FWD_DUPLICATE)
         if ftype == LT_RCPT:
             cur_bytes8(&c, &p, &k, 1)
             recipient = PyUnicode_DecodeUTF8(p, k, NULL)
@@ -823,15 +943,10 @@ cdef class LinkCore(SessionCore):
             core.receipt(recipient, kind, msg_id, sender, device)
             return 0
         if ftype == LT_FWD_ERR:
-            cur_u64(&c, &seq)
+            cur_u64(&c, &fwd_seq)
             cur_u16(&c, &code)
             reason = cur_str16(&c, 65535)
-            entry = core._pending_fwd.pop(seq, None)
-            if entry is not None:
-                origin = (<tuple>entry)[0]
-                origin.error(code, reason, (<tuple>entry)[1], False)
-                origin.forward_done()
-            return 0
+            return core.forward_answered(fwd_seq, code, reason, 0, 0, False)
         view = PyBytes_FromStringAndSize(<const char *>body, n)
         self._control(self, ftype, view)
         return 0

@@ -13,6 +13,8 @@ class Hello:
     device: str
     resume_after: int = 0
     send_only: bool = False
+    #: the producer whose sequence this client continues (from an earlier WELCOME); 0: a new one
+    producer: int = 0
 
 
 @dataclass(slots=True)
@@ -25,18 +27,22 @@ class Welcome:
     max_payload: int
     ping_interval_ms: int
     server_time_ms: int
+    #: the producer this session's SENDs belong to; their seqs continue its sequence
+    producer: int = 0
+    #: the most SENDs the client may have without an answer
+    send_window: int = 0
 
 
 @dataclass(slots=True)
 class Send:
-    client_id: int
+    seq: int                # this producer's sequence number: 1, 2, 3, ...
     to: str
     payload: bytes
 
 
 @dataclass(slots=True)
 class Ack:
-    client_id: int
+    seq: int
     msg_id: int
     timestamp_ms: int
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import picologging
-from ._log import LogCore, Segment, crc32c, crc32c_hardware, write_out
+from ._log import PRODUCER_META, LogCore, Segment, crc32c, crc32c_hardware, write_out
 from .errors import StoreError
 from .logfmt import q
 from .protocol import ErrorCode
@@ -65,7 +65,8 @@ class LogConfig:
     max_pending: int = 10_000
     #: compact the front segment when fewer than this fraction of its messages are live
     compact_below: float = 0.5
-    dedup_window: int = 4096
+    #: a device's SENDs whose answers each shard remembers (the send window, PROTOCOL.md section 6)
+    dedup_window: int = 256
     #: bytes kept free in the active segment for acknowledgements when the disk is full
     consume_reserve: int = 256 << 10
 
@@ -368,6 +369,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         config = config or LogConfig()
         config.validate()
         super().__init__(config.max_pending, int(config.ttl_s * 1000), config.consume_reserve)
+        self.producers.window = config.dedup_window
         self.directory = Path(directory)
         self.config = config
         self.loop = None
@@ -715,12 +717,27 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         for seg in segs:
             if seg is self.active or seg.live > 0:
                 break
+            if not self._checkpoint_producers(seg):
+                break
             self._remove_segment(seg.segment_id)
             quarantine = seg.quarantined
             self._worker.submit(lambda pause, s=seg, q=quarantine: self._retire(s, q))
             _log.info("event=segment_%s segment=%d", "quarantined" if quarantine else "deleted", seg.segment_id)
             removed = True
         return removed
+
+    def _checkpoint_producers(self, seg) -> bool:
+        """Before `seg` is deleted: every device whose highest stored seq is
+        proven only by a record in it gets a checkpoint (a META record at the
+        head), so its retries are still recognised after a restart. False if
+        there is no room for them (the segment stays, and is tried again)."""
+        try:
+            for key in self.producers.in_segment(seg.segment_id):
+                self.meta_put(PRODUCER_META + key, self.producers.checkpoint(key))
+                self.producers.get(key).segment = 0       # proven by the checkpoint from now on
+        except StoreError:
+            return False
+        return True
 
     def _compact_front(self, budget: int) -> bool:
         segs = self.segments

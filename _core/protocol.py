@@ -5,7 +5,8 @@ tests/test_codec.py checks that the two never drift apart.
 """
 from enum import IntEnum
 
-PROTOCOL_VERSION = 1
+#: 2: HELLO/WELCOME carry the producer, SEND's first field is a per-producer seq (PROTOCOL.md section 11)
+PROTOCOL_VERSION = 2
 
 #: u32 length prefix, then u8 type and u8 flags. The length counts type+flags+body.
 LENGTH_SIZE = 4
@@ -105,6 +106,10 @@ class ErrorCode(IntEnum):
     NO_SUCH_GROUP = 30
     GROUP_EXISTS = 31
     BAD_REQUEST = 32
+    #: the SEND's seq is not the next this device may send: an earlier one failed, or a gap; resend in order
+    OUT_OF_ORDER = 33
+    #: a newer producer of this device took over its sequence: this one may not send
+    FENCED = 34
     INTERNAL = 50
 
 

@@ -122,9 +122,10 @@ def decode_body(ftype: int, flags: int, body):
     elif ftype == FrameType.PONG:
         frame = F.Pong(c.u64())
     elif ftype == FrameType.HELLO:
-        frame = F.Hello(c.u16(), c.str16(MAX_TOKEN_LENGTH), c.str8(1), c.u64(), bool(flags & FLAG_SEND_ONLY))
+        version, token, device, resume = c.u16(), c.str16(MAX_TOKEN_LENGTH), c.str8(1), c.u64()
+        frame = F.Hello(version, token, device, resume, bool(flags & FLAG_SEND_ONLY), c.u64())
     elif ftype == FrameType.WELCOME:
-        frame = F.Welcome(c.u16(), c.u64(), c.str8(1), c.str8(1), c.u32(), c.u32(), c.u32(), c.u64())
+        frame = F.Welcome(c.u16(), c.u64(), c.str8(1), c.str8(1), c.u32(), c.u32(), c.u32(), c.u64(), c.u64(), c.u32())
     elif ftype == FrameType.ERROR:
         frame = F.Error(c.u16(), c.u64(), c.str16(), bool(flags & FLAG_FATAL))
     elif ftype == FrameType.GOAWAY:
@@ -180,7 +181,7 @@ def _text16(s: str, limit: int = 65535) -> bytes:
 def _body(frame) -> tuple[int, int, bytes]:
     t = type(frame)
     if t is F.Send:
-        return FrameType.SEND, 0, _U64.pack(frame.client_id) + _id(frame.to) + bytes(frame.payload)
+        return FrameType.SEND, 0, _U64.pack(frame.seq) + _id(frame.to) + bytes(frame.payload)
     if t is F.Deliver:
         mirror = (_id(frame.peer) + _U64.pack(frame.origin_id)) if frame.peer else b""
         kind = (FLAG_GROUP if frame.group else FLAG_MIRROR) if frame.peer else 0
@@ -211,7 +212,7 @@ def _body(frame) -> tuple[int, int, bytes]:
         return FrameType.READ, 0, (_id(frame.peer) + _U16.pack(len(frame.msg_ids))
                                    + b"".join(_U64.pack(i) for i in frame.msg_ids))
     if t is F.Ack:
-        return FrameType.ACK, 0, _U64.pack(frame.client_id) + _U64.pack(frame.msg_id) + _U64.pack(frame.timestamp_ms)
+        return FrameType.ACK, 0, _U64.pack(frame.seq) + _U64.pack(frame.msg_id) + _U64.pack(frame.timestamp_ms)
     if t is F.Received:
         if len(frame.msg_ids) > MAX_RECEIVED_IDS:
             raise ValueError("too many ids in one RECEIVED frame")
@@ -222,11 +223,12 @@ def _body(frame) -> tuple[int, int, bytes]:
         return FrameType.PONG, 0, _U64.pack(frame.nonce)
     if t is F.Hello:
         return FrameType.HELLO, FLAG_SEND_ONLY if frame.send_only else 0, (_U16.pack(frame.version) + _text16(frame.token, MAX_TOKEN_LENGTH)
-                                    + _id(frame.device) + _U64.pack(frame.resume_after))
+                                    + _id(frame.device) + _U64.pack(frame.resume_after) + _U64.pack(frame.producer))
     if t is F.Welcome:
         return FrameType.WELCOME, 0, (_U16.pack(frame.version) + _U64.pack(frame.session_id) + _id(frame.user)
                                       + _id(frame.device) + _U32.pack(frame.max_frame) + _U32.pack(frame.max_payload)
-                                      + _U32.pack(frame.ping_interval_ms) + _U64.pack(frame.server_time_ms))
+                                      + _U32.pack(frame.ping_interval_ms) + _U64.pack(frame.server_time_ms)
+                                      + _U64.pack(frame.producer) + _U32.pack(frame.send_window))
     if t is F.Error:
         return (FrameType.ERROR, FLAG_FATAL if frame.fatal else 0,
                 _U16.pack(frame.code) + _U64.pack(frame.ref) + _text16(frame.reason))

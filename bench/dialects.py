@@ -10,7 +10,7 @@ import struct
 
 from _core import frames as F
 from _core.codec import encode
-from _core.protocol import FrameType
+from _core.protocol import PROTOCOL_VERSION, FrameType
 
 
 def _goaway_name(code: int) -> str:
@@ -45,7 +45,7 @@ class Switchboard(Dialect):
         self.authority = TokenAuthority(load_secret(data_dir))
 
     def greeting(self, user):
-        return encode(F.Hello(1, self.authority.issue(user, ttl=7 * 86400), "d", 0))
+        return encode(F.Hello(PROTOCOL_VERSION, self.authority.issue(user, ttl=7 * 86400), "d", 0))
 
     def ping(self):
         return self._PING.pack(10, FrameType.PING, 0, 0)

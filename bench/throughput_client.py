@@ -18,7 +18,8 @@ def _greeting(dialect: str, name: str, receiver: bool, subject: str, args) -> by
         from gateway.auth import TokenAuthority, load_secret
         token = TokenAuthority(load_secret(args.data_dir)).issue(name, ttl=86400)
         send_only = not receiver and not args.receipts
-        return encode(F.Hello(1, token, "load", 0, send_only))
+        from _core.protocol import PROTOCOL_VERSION
+        return encode(F.Hello(PROTOCOL_VERSION, token, "load", 0, send_only))
     if dialect == "nats":
         sub = f"SUB {subject} 1\r\n" if receiver else ""
         return f'CONNECT {{"verbose":false,"pedantic":false,"name":"{name}"}}\r\n{sub}PING\r\n'.encode()

@@ -4,7 +4,14 @@ delivered messages, ack, and reconnect with resume.
 Each message reaches the application once: DELIVERs at or below the highest
 id already handed out are dropped (ids increase within a recipient's stream),
 and `resume_after` tells the server what was already processed.
+
+Sends are an ordered outbox (PROTOCOL.md section 6): each SEND carries the next
+seq of this client's producer; one refused for now (UNAVAILABLE, STORAGE_FULL,
+RATE_LIMITED, OUT_OF_ORDER) is sent again, with every later refused one, in seq
+order, after a backoff that doubles while refusals continue. So the server
+stores a device's messages once and in the order they were sent.
 """
+import collections
 import asyncio
 import itertools
 import json
@@ -29,7 +36,26 @@ class Receipt:
     by_device: str
     timestamp_ms: int
 
-_FATAL_AUTH = {ErrorCode.AUTH_FAILED, ErrorCode.TOKEN_EXPIRED, ErrorCode.UNSUPPORTED_VERSION}
+_FATAL_AUTH = {ErrorCode.AUTH_FAILED, ErrorCode.TOKEN_EXPIRED, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.FENCED}
+#: a SEND refused with these is sent again (same seq, in order); any other code fails it
+_RESEND = {ErrorCode.UNAVAILABLE, ErrorCode.STORAGE_FULL, ErrorCode.RATE_LIMITED, ErrorCode.OUT_OF_ORDER}
+#: resend backoff: first delay and cap (seconds); jittered to 50-100%
+RESEND_FIRST, RESEND_MAX = 0.05, 2.0
+
+
+def _retrieved(fut: asyncio.Future) -> None:
+    """Done callback: mark the exception as seen, so a send the application gave
+    up waiting for does not log "Future exception was never retrieved"."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class _Outgoing:
+    """One SEND in the outbox: its frame, its future, and whether it must be resent."""
+    __slots__ = ("data", "fut", "refused")
+
+    def __init__(self, data: bytes, fut: asyncio.Future):
+        self.data, self.fut, self.refused = data, fut, False
 
 
 class ConnectionClosed(ConnectionError):
@@ -56,7 +82,8 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
-    client_id: int
+    seq: int
+    #: the server's message id; 0 for a retry of a SEND stored so long ago that the server no longer knows it
     id: int
     timestamp_ms: int
 
@@ -100,8 +127,10 @@ class Client:
     server has stored the message; ``async for m in c`` yields delivered
     messages, which the application acknowledges with ``await c.ack(m)``.
     With ``reconnect=True`` a lost connection is re-established with backoff;
-    unacknowledged sends are retried with their client ids (the server drops
-    duplicates) and delivery resumes where it stopped.
+    unanswered sends are sent again with their seqs, in order (the server drops
+    duplicates), and delivery resumes where it stopped. At most
+    ``welcome.send_window`` sends are in flight; ``send`` waits for room. A
+    send whose ``timeout`` expires stays in the outbox and is still delivered.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 7400, token: str = "", device: str = "main",
@@ -123,7 +152,14 @@ class Client:
         self._proto: _Protocol | None = None
         self._welcome_fut: asyncio.Future | None = None
         self._ids = itertools.count(int.from_bytes(os.urandom(7), "big"))
-        self._unacked: dict[int, tuple[asyncio.Future, bytes]] = {}   # client id -> (future, frame)
+        #: the producer this client's seqs belong to (from WELCOME; 0 until the first one)
+        self.producer = 0
+        self._next_seq = 1
+        self._outbox: collections.OrderedDict[int, _Outgoing] = collections.OrderedDict()   # seq order
+        self._room = asyncio.Event()
+        self._room.set()
+        self._resend_timer: asyncio.TimerHandle | None = None
+        self._resend_delay = RESEND_FIRST
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._seen_hwm = resume_after      # highest msg id handed to the application
         self._acked_hwm = resume_after     # highest msg id the application acknowledged
@@ -158,14 +194,17 @@ class Client:
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         self._welcome_fut = loop.create_future()
+        self._welcome_fut.add_done_callback(_retrieved)
         _, proto = await loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=self.ssl)
         self._proto = proto
         proto.transport.write(encode(frames.Hello(PROTOCOL_VERSION, self.token, self.device, self._acked_hwm,
-                                                  self.send_only)))
+                                                  self.send_only, self.producer)))
         self.welcome = await self._welcome_fut
+        self.producer = self.welcome.producer
         self._keepalive(proto)
-        for _, data in self._unacked.values():      # retries keep their client ids
-            proto.transport.write(data)
+        for out in self._outbox.values():           # in seq order, with their seqs: the server drops retries
+            out.refused = False
+            proto.transport.write(out.data)
         if self._watching:
             proto.transport.write(encode(frames.Subscribe(tuple(sorted(self._watching)), True)))
 
@@ -202,20 +241,66 @@ class Client:
 
     # -- sending -----------------------------------------------------------------
     async def send(self, to: str, payload: bytes | str, timeout: float | None = None) -> SendResult:
-        """Send and wait for the server's ACK (the message is stored)."""
+        """Send and wait for the server's ACK (the message is stored). Waits for
+        room first if ``send_window`` sends are in flight. A timeout stops the
+        waiting, not the send: it stays queued and is delivered in order."""
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         self._check_usable()
-        client_id = next(self._ids)
-        data = encode(frames.Send(client_id, to, payload))
-        fut = asyncio.get_running_loop().create_future()
-        self._unacked[client_id] = (fut, data)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while len(self._outbox) >= self._send_window():
+            self._room.clear()
+            await asyncio.wait_for(self._room.wait(), None if deadline is None else max(0, deadline - loop.time()))
+            self._check_usable()
+        seq = self._next_seq
+        self._next_seq += 1
+        fut = loop.create_future()
+        fut.add_done_callback(_retrieved)
+        out = self._outbox[seq] = _Outgoing(encode(frames.Send(seq, to, payload)), fut)
         if self.connected:
-            self._proto.transport.write(data)
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        finally:
-            self._unacked.pop(client_id, None)
+            self._proto.transport.write(out.data)
+        return await asyncio.wait_for(asyncio.shield(fut), None if deadline is None else
+                                      max(0, deadline - loop.time()))
+
+    def _send_window(self) -> int:
+        return (self.welcome.send_window if self.welcome is not None and self.welcome.send_window else 256)
+
+    def _answered(self, seq: int, result=None, exc: BaseException | None = None) -> None:
+        """A SEND is resolved: out of the outbox, its future done, room for one more."""
+        out = self._outbox.pop(seq, None)
+        if out is None:
+            return
+        if not out.fut.done():
+            if exc is not None:
+                out.fut.set_exception(exc)
+            else:
+                out.fut.set_result(result)
+        self._room.set()
+
+    def _refused(self, seq: int) -> None:
+        """Refused for now: send it (and every later refused one) again after the backoff."""
+        out = self._outbox.get(seq)
+        if out is None:
+            return
+        out.refused = True
+        if self._resend_timer is None:
+            delay = self._resend_delay * (0.5 + random.random() / 2)
+            self._resend_delay = min(self._resend_delay * 2, RESEND_MAX)
+            self._resend_timer = asyncio.get_running_loop().call_later(delay, self._resend_refused)
+
+    def _resend_refused(self) -> None:
+        self._resend_timer = None
+        if not self.connected:
+            return                    # the reconnect resends the whole outbox
+        for out in self._outbox.values():
+            if out.refused:
+                out.refused = False
+                self._proto.transport.write(out.data)
+
+    def pending_sends(self) -> int:
+        """SENDs not answered yet (in flight or waiting to be resent)."""
+        return len(self._outbox)
 
     async def ping(self, timeout: float | None = 10.0) -> float:
         """Round trip time in seconds."""
@@ -362,9 +447,9 @@ class Client:
                 self._typing.get_nowait()
             self._typing.put_nowait(frame)
         elif t is frames.Ack:
-            entry = self._unacked.get(frame.client_id)
-            if entry is not None and not entry[0].done():
-                entry[0].set_result(SendResult(frame.client_id, frame.msg_id, frame.timestamp_ms))
+            if frame.seq in self._outbox:
+                self._resend_delay = RESEND_FIRST
+                self._answered(frame.seq, SendResult(frame.seq, frame.msg_id, frame.timestamp_ms))
         elif t is frames.Welcome:
             if self._welcome_fut is not None and not self._welcome_fut.done():
                 self._welcome_fut.set_result(frame)
@@ -379,13 +464,11 @@ class Client:
                 if not req.done():
                     req.set_exception(err)
                 return
-            entry = self._unacked.get(frame.ref) if frame.ref else None
-            if entry is not None and not frame.fatal and frame.code == ErrorCode.UNAVAILABLE:
-                # the recipient's worker is restarting: send again, same client id
-                asyncio.get_running_loop().call_later(0.05 + random.random() * 0.1, self._resend, frame.ref)
-            elif entry is not None and not frame.fatal:
-                if not entry[0].done():
-                    entry[0].set_exception(err)
+            pending = not frame.fatal and frame.ref in self._outbox
+            if pending and frame.code in _RESEND:
+                self._refused(frame.ref)            # same seq, in order, after the backoff
+            elif pending:
+                self._answered(frame.ref, exc=err)  # refused for good (or a code this client does not know)
             elif frame.fatal:
                 if self._welcome_fut is not None and not self._welcome_fut.done():
                     self._welcome_fut.set_exception(err)
@@ -394,11 +477,6 @@ class Client:
         elif t is frames.Goaway:
             self._reconnect_hint = frame.reconnect_ms / 1000
             self.goaway, self.goaway_at = frame, asyncio.get_running_loop().time()
-
-    def _resend(self, client_id: int) -> None:
-        entry = self._unacked.get(client_id)
-        if entry is not None and not entry[0].done() and self.connected:
-            self._proto.transport.write(entry[1])
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         if self._welcome_fut is not None and not self._welcome_fut.done():
@@ -447,7 +525,9 @@ class Client:
             raise ConnectionClosed("client is closed")
 
     def _fail_all(self, exc: BaseException) -> None:
-        for fut, _ in self._unacked.values():
-            if not fut.done():
-                fut.set_exception(exc)
+        for seq in list(self._outbox):
+            self._answered(seq, exc=exc)
+        if self._resend_timer is not None:
+            self._resend_timer.cancel()
+            self._resend_timer = None
         self._inbox.put_nowait(exc if isinstance(exc, ConnectionClosed) else ConnectionClosed(str(exc)))

@@ -50,8 +50,8 @@ class GatewayConfig:
     max_devices: int = 4
     #: members of one group
     max_group_members: int = 1024
-    #: client message ids remembered per device (at least this many), for dropping retried SENDs
-    dedup_window: int = 4096
+    #: the send window: SENDs a device may have unanswered; each shard remembers that many answers per device
+    dedup_window: int = 256
     #: seconds before a dead worker is restarted (doubling per quick death, at most 5 s)
     restart_backoff: float = 0.1
     #: SIGTERM: seconds connections get to finish before they are cut

@@ -132,7 +132,7 @@ class Connection(asyncio.BufferedProtocol):
                                  gw.router.max_payload, cfg.ping_interval_ms, gw.now_ms())
         self.session = gw.router.open_session(user, device, **self.session_io(),
                                               resume_after=hello.resume_after, welcome=welcome,
-                                              send_only=hello.send_only)
+                                              send_only=hello.send_only, producer=hello.producer)
         self.decoder.max_frame = cfg.max_frame
         self.decoder.set_sink(self.session)
         gw.limits.session_opened(self)

@@ -120,15 +120,16 @@ class GroupService:
             raise StoreError(f"a group has at most {self.max_members} members", ErrorCode.GROUP_FULL)
 
     # -- messages -----------------------------------------------------------------------
-    def send(self, sender: str, device: str, client_id: int, group: str, payload: bytes) -> tuple:
-        """A SEND to `group` (owned here): store it once, ACK, fan out."""
+    def send(self, sender: str, device: str, seq: int, group: str, payload: bytes, producer: int = 0) -> tuple:
+        """A SEND to `group` (owned here): store it once, ACK, fan out. The router
+        has checked `seq` of `producer` against the group shard's producer table."""
         state = self.get(group)
         if state is None:
             raise StoreError(f"no group {group}", ErrorCode.NO_SUCH_GROUP)
         if sender not in state["members"]:
             raise StoreError(f"{sender} is not a member of {group}", ErrorCode.NOT_A_MEMBER)
         msg_id, ts = self.router.new_id()
-        self.router.store.append(group, msg_id, ts, sender, device, payload, client_id)
+        self.router.store.append(group, msg_id, ts, sender, device, payload, seq, producer=producer)
         job = {"origin": msg_id, "ts": ts, "sender": sender, "device": device, "group": group,
                "payload": payload, "pending": set(state["members"])}
         self.jobs[msg_id] = job

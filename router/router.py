@@ -27,10 +27,12 @@ class Router(RouteCore):
     """Routes 1:1 messages between sessions; hands everything to the offline store first."""
 
     def __init__(self, store: OfflineStore | None = None, *, loop=None,
-                 max_frame: int = DEFAULT_MAX_FRAME, dedup_window: int = 4096, max_devices: int = 4,
+                 max_frame: int = DEFAULT_MAX_FRAME, dedup_window: int = 256, max_devices: int = 4,
                  max_group_members: int = 1024):
-        super().__init__(store if store is not None else MemoryStore(), loop=loop,
-                         max_payload=max_frame - DELIVER_OVERHEAD, dedup_window=dedup_window)
+        store = store if store is not None else MemoryStore()
+        if isinstance(store, MemoryStore):
+            store.producers.window = dedup_window     # a durable log takes it from its LogConfig
+        super().__init__(store, loop=loop, max_payload=max_frame - DELIVER_OVERHEAD, dedup_window=dedup_window)
         self.max_frame = max_frame
         self.max_devices = max_devices
         self.presence = PresenceService(self)
@@ -47,7 +49,7 @@ class Router(RouteCore):
 
     def open_session(self, user: str, device: str, write=None, close=None, *, transport=None,
                      resume_after: int = 0, welcome: frames.Welcome | None = None,
-                     send_only: bool = False) -> Session:
+                     send_only: bool = False, producer: int = 0) -> Session:
         """Register an authenticated device and queue its backlog.
 
         `write(bytes)` sends to the client, `close()` closes its transport; or
@@ -56,7 +58,10 @@ class Router(RouteCore):
         A second session of the same user and device replaces the first (GOAWAY
         REPLACED). If `welcome` is given it is written before the backlog.
         `resume_after` is the highest message id the client has already
-        processed: those are consumed instead of delivered again. A `send_only`
+        processed: those are consumed instead of delivered again. `producer` is
+        the one whose SEND sequence the client continues (HELLO), or 0 for a new
+        one; WELCOME carries the session's producer and the send window.
+        Raises ProtocolError(FENCED) for a producer a newer one replaced. A `send_only`
         session (a bot, a CLI) is no registered device and gets no DELIVERs.
         Raises ProtocolError(DEVICE_LIMIT) past `max_devices` devices online.
         """
@@ -72,8 +77,10 @@ class Router(RouteCore):
         if transport is None and (write is None or close is None):
             raise TypeError("open_session needs write and close, or transport")
         session = Session(self, user, device, next(self._session_ids), write, close, transport)
+        producer = self.bind_producer(session, producer)
         if welcome is not None:
-            session.write_frame(dataclasses.replace(welcome, session_id=session.session_id))
+            session.write_frame(dataclasses.replace(welcome, session_id=session.session_id, producer=producer,
+                                                    send_window=self.dedup_window))
         if send_only:
             session.send_only = True
             self._attach_send_only(session)

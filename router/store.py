@@ -6,6 +6,7 @@ recipient acknowledges delivery (RECEIVED). The durable memory-mapped log
 """
 from typing import Iterable, NamedTuple, Protocol
 
+from _core._producers import ProducerTable
 from _core.errors import StoreError
 
 
@@ -69,9 +70,11 @@ class MemoryStore:
         self._meta: dict[str, bytes] = {}
         self.max_pending = max_pending_per_recipient
         self._last_id = 0
+        #: idempotent-send state (PROTOCOL.md section 6); kept as long as the store, like the messages
+        self.producers = ProducerTable()
 
     def append(self, recipient, msg_id, timestamp_ms, sender, sender_device, payload, client_id=0, *,
-               device="", flags=0, conversation=""):
+               device="", flags=0, conversation="", producer=0):
         key = inbox_key(recipient, device)
         inbox = self._inboxes.get(key)
         if inbox is None:

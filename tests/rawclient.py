@@ -4,6 +4,7 @@ import socket
 import struct
 
 from _core import frames as F
+from _core.protocol import PROTOCOL_VERSION
 from _core.pycodec import Decoder, decode_body, encode
 
 
@@ -69,8 +70,9 @@ class Raw(SocketClient):
         self.frames.clear()
         return out, self.closed
 
-    def hello(self, token: str, device: str = "raw", resume_after: int = 0) -> F.Welcome:
-        self.send(encode(F.Hello(1, token, device, resume_after)))
+    def hello(self, token: str, device: str = "raw", resume_after: int = 0, producer: int = 0,
+              send_only: bool = False) -> F.Welcome:
+        self.send(encode(F.Hello(PROTOCOL_VERSION, token, device, resume_after, send_only, producer)))
         w = self.frame()
         assert isinstance(w, F.Welcome), w
         return w

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from _core import frames as F
-from _core.protocol import ErrorCode, FrameType
+from _core.protocol import PROTOCOL_VERSION, ErrorCode, FrameType
 from _core.pycodec import encode
 from gateway.auth import TokenAuthority
 
@@ -57,7 +57,7 @@ def assert_still_serving(gw):
     asyncio.run(main())
 
 
-def hello(token: str, device: str = "raw", version: int = 1) -> bytes:
+def hello(token: str, device: str = "raw", version: int = PROTOCOL_VERSION) -> bytes:
     return encode(F.Hello(version, token, device, 0))
 
 
@@ -88,7 +88,8 @@ AUTH_CASES = {
     "tampered-user": (lambda gw: hello(_tamper(gw.token("alice"))), ErrorCode.AUTH_FAILED),
     "expired": (lambda gw: hello(gw.token("alice", ttl=1, now=time.time() - 100)), ErrorCode.TOKEN_EXPIRED),
     "wrong-device": (lambda gw: hello(gw.token("alice", device="phone"), device="laptop"), ErrorCode.AUTH_FAILED),
-    "version-2": (lambda gw: hello(gw.token("alice"), version=2), ErrorCode.UNSUPPORTED_VERSION),
+    "version-1": (lambda gw: hello(gw.token("alice"), version=1), ErrorCode.UNSUPPORTED_VERSION),
+    "version-3": (lambda gw: hello(gw.token("alice"), version=3), ErrorCode.UNSUPPORTED_VERSION),
     "version-0": (lambda gw: hello(gw.token("alice"), version=0), ErrorCode.UNSUPPORTED_VERSION),
 }
 
@@ -147,7 +148,7 @@ def test_partial_hello_times_out(gateway_proc):
     F.Ping(7),
     F.Received((1,)),
     F.Pong(7),
-    F.Welcome(1, 1, "alice", "d", 65536, 65006, 30000, 0),
+    F.Welcome(2, 1, "alice", "d", 65536, 65006, 30000, 0),
 ], ids=lambda f: type(f).__name__)
 def test_first_frame_must_be_hello(gateway_proc, frame):
     assert_fatal(exchange(gateway_proc, encode(frame)), ErrorCode.UNEXPECTED_FRAME)
@@ -166,7 +167,7 @@ def test_oversize_frame_before_auth_decided_from_prefix(gateway_proc):
 
 def test_pre_auth_limit_is_inclusive(gateway_proc):
     # a HELLO of exactly 4096 bytes passes the size check and fails on its trailing bytes
-    body = encode(F.Hello(1, gateway_proc.token("alice"), "raw", 0))[6:]
+    body = encode(F.Hello(2, gateway_proc.token("alice"), "raw", 0))[6:]
     body += b"\0" * (4096 - 2 - len(body))
     frame = HEADER.pack(4096, FrameType.HELLO, 0) + body
     assert_fatal(exchange(gateway_proc, frame), ErrorCode.MALFORMED_FRAME)
@@ -187,12 +188,12 @@ def test_frame_of_exactly_max_frame_is_accepted_after_auth(gateway_proc):
     with Raw(gateway_proc) as r:
         w = r.hello(gateway_proc.token("alice"))
         payload_len = w.max_frame - 2 - 8 - 1 - 3
-        frame = encode(F.Send(5, "bob", b"p" * payload_len))
+        frame = encode(F.Send(1, "bob", b"p" * payload_len))
         assert struct.unpack_from("!I", frame)[0] == w.max_frame
         r.send(frame)
         err = r.frame()
         assert isinstance(err, F.Error)
-        assert (ErrorCode(err.code), err.fatal, err.ref) == (ErrorCode.PAYLOAD_TOO_LARGE, False, 5)
+        assert (ErrorCode(err.code), err.fatal, err.ref) == (ErrorCode.PAYLOAD_TOO_LARGE, False, 1)
         r.send(encode(F.Ping(99)))
         assert r.frame() == F.Pong(99)
 
@@ -245,15 +246,15 @@ def test_malformed_frame_after_auth(gateway_proc, case):
 
 
 @pytest.mark.parametrize("frame", [
-    F.Hello(1, "", "raw", 0),
-    F.Welcome(1, 1, "alice", "raw", 65536, 65006, 30000, 0),
+    F.Hello(2, "", "raw", 0),
+    F.Welcome(2, 1, "alice", "raw", 65536, 65006, 30000, 0),
     F.Ack(1, 2, 3),
     F.Error(1, 0, "no", True),
     F.Goaway(1, 0, "bye"),
 ], ids=lambda f: type(f).__name__)
 def test_unexpected_frame_after_welcome(gateway_proc, frame):
     data = encode(frame) if not isinstance(frame, F.Hello) else encode(
-        F.Hello(1, gateway_proc.token("alice"), "raw", 0))
+        F.Hello(2, gateway_proc.token("alice"), "raw", 0))
     with Raw(gateway_proc) as r:
         r.hello(gateway_proc.token("alice"))
         r.send(data)
@@ -265,9 +266,9 @@ def test_acks_queued_before_a_fatal_error_are_sent_first(gateway_proc):
     # PROTOCOL.md 5.6: a fatal ERROR follows any ACKs already queued
     with Raw(gateway_proc) as r:
         r.hello(gateway_proc.token("alice"))
-        r.send(encode(F.Send(11, "bob", b"a")) + encode(F.Send(12, "bob", b"b")) + struct.pack("!I", 0))
+        r.send(encode(F.Send(1, "bob", b"a")) + encode(F.Send(2, "bob", b"b")) + struct.pack("!I", 0))
         frames, closed = r.until_eof()
-    assert [f.client_id for f in frames[:2] if isinstance(f, F.Ack)] == [11, 12], frames
+    assert [f.seq for f in frames[:2] if isinstance(f, F.Ack)] == [1, 2], frames
     assert_fatal((frames, closed), ErrorCode.MALFORMED_FRAME, preceding=2)
     got = drain_mailbox_first(gateway_proc, "bob")
     assert [m.payload for m in got[:2]] == [b"a", b"b"]
@@ -279,14 +280,14 @@ def test_acks_queued_before_a_fatal_error_are_sent_first(gateway_proc):
 def test_byte_at_a_time_client(gateway_proc):
     gw = gateway_proc
     with Raw(gw, nodelay=True) as r:
-        for b in encode(F.Hello(1, gw.token("alice"), "trickle", 0)):
+        for b in encode(F.Hello(2, gw.token("alice"), "trickle", 0)):
             r.send(bytes([b]))
         w = r.frame()
         assert isinstance(w, F.Welcome) and (w.user, w.device) == ("alice", "trickle")
-        for b in encode(F.Send(42, "bob", b"one byte at a time")):
+        for b in encode(F.Send(1, "bob", b"one byte at a time")):
             r.send(bytes([b]))
         ack = r.frame()
-        assert isinstance(ack, F.Ack) and ack.client_id == 42
+        assert isinstance(ack, F.Ack) and ack.seq == 1
         for b in encode(F.Ping(1234)):
             r.send(bytes([b]))
         assert r.frame() == F.Pong(1234)
@@ -404,7 +405,7 @@ def test_read_with_a_peer_that_is_not_utf8(gateway_proc):
 
 
 def test_send_only_session_has_nothing_to_acknowledge(gateway_proc):
-    hello_send_only = encode(F.Hello(1, gateway_proc.token("bot"), "bot", 0, True))
+    hello_send_only = encode(F.Hello(2, gateway_proc.token("bot"), "bot", 0, True))
     result = exchange(gateway_proc, hello_send_only + encode(F.Received((1,))))
     assert_fatal(result, ErrorCode.UNEXPECTED_FRAME, preceding=1)
     assert_still_serving(gateway_proc)

@@ -58,8 +58,8 @@ TYPE_OF = {F.Hello: FrameType.HELLO, F.Welcome: FrameType.WELCOME, F.Send: Frame
            F.Privacy: FrameType.PRIVACY, F.Group: FrameType.GROUP, F.GroupInfo: FrameType.GROUP_INFO}
 
 SAMPLES = [
-    F.Hello(1, "token-abc", "phone", 42),
-    F.Welcome(1, 7, "alice", "phone", 65536, 64000, 30000, 1_700_000_000_000),
+    F.Hello(2, "token-abc", "phone", 42),
+    F.Welcome(2, 7, "alice", "phone", 65536, 64000, 30000, 1_700_000_000_000),
     F.Send(1, "bob", b"hello"),
     F.Send(2**64 - 1, "b" * 255, b""),
     F.Ack(1, 2, 3),
@@ -72,7 +72,7 @@ SAMPLES = [
     F.Error(ErrorCode.RATE_LIMITED, 9, "slow down", True),
     F.Error(1, 0, "", False),
     F.Goaway(GoawayCode.DRAINING, 5000, "bye \u2603"),
-    F.Hello(1, "t", "cli", 0, True),
+    F.Hello(2, "t", "cli", 0, True),
     F.Deliver(4, 5, "alice", "laptop", b"sent from my laptop", "bob", 77),
     F.Receipt(9, 1, 77, "bob", "phone", 1_700_000_000_000),
     F.Receipt(10, 2, 2**64 - 1, "b" * 255, "", 0),
@@ -119,8 +119,8 @@ frames_st = st.one_of(
     st.builds(F.Hello, version=U16, token=tokens, device=ids, resume_after=U64, send_only=st.booleans()),
     st.builds(F.Welcome, version=U16, session_id=U64, user=ids, device=ids, max_frame=U32,
               max_payload=U32, ping_interval_ms=U32, server_time_ms=U64),
-    st.builds(F.Send, client_id=U64, to=ids, payload=payloads),
-    st.builds(F.Ack, client_id=U64, msg_id=U64, timestamp_ms=U64),
+    st.builds(F.Send, seq=U64, to=ids, payload=payloads),
+    st.builds(F.Ack, seq=U64, msg_id=U64, timestamp_ms=U64),
     st.builds(F.Deliver, msg_id=U64, timestamp_ms=U64, sender=ids, sender_device=opt_ids, payload=payloads),
     st.builds(F.Deliver, msg_id=U64, timestamp_ms=U64, sender=ids, sender_device=opt_ids, payload=payloads,
               peer=ids, origin_id=U64),
@@ -284,10 +284,10 @@ def test_id_token_and_received_limits(codec):
     with pytest.raises(ValueError):
         codec.encode(F.Send(1, "a" * (MAX_ID_LENGTH + 1), b""))
     # MAX_TOKEN_LENGTH, both directions
-    ok = F.Hello(1, "t" * MAX_TOKEN_LENGTH, "d", 0)
+    ok = F.Hello(2, "t" * MAX_TOKEN_LENGTH, "d", 0)
     assert codec.decode_body(FrameType.HELLO, 0, codec.encode(ok)[HEADER_SIZE:]) == ok
     with pytest.raises(ValueError):
-        codec.encode(F.Hello(1, "t" * (MAX_TOKEN_LENGTH + 1), "d", 0))
+        codec.encode(F.Hello(2, "t" * (MAX_TOKEN_LENGTH + 1), "d", 0))
     long_token = struct.pack("!HH", 1, MAX_TOKEN_LENGTH + 1) + b"t" * (MAX_TOKEN_LENGTH + 1) + b"\x01d" + bytes(8)
     with pytest.raises(MalformedFrame):
         codec.decode_body(FrameType.HELLO, 0, long_token)
@@ -558,10 +558,10 @@ def _bodies_with_text(t):
         (FrameType.SEND, q + s8 + b"payload"),
         (FrameType.DELIVER, q + q + s8 + d + b"payload"),
         (FrameType.DELIVER, q + q + d + s8 + b"payload"),
-        (FrameType.HELLO, struct.pack("!H", 1) + s16 + d + q),
-        (FrameType.HELLO, struct.pack("!HH", 1, 3) + b"tok" + s8 + q),
-        (FrameType.WELCOME, struct.pack("!H", 1) + q + s8 + d + bytes(12) + q),
-        (FrameType.WELCOME, struct.pack("!H", 1) + q + d + s8 + bytes(12) + q),
+        (FrameType.HELLO, struct.pack("!H", 2) + s16 + d + q + q),
+        (FrameType.HELLO, struct.pack("!HH", 2, 3) + b"tok" + s8 + q + q),
+        (FrameType.WELCOME, struct.pack("!H", 2) + q + s8 + d + bytes(12) + q + q + bytes(4)),
+        (FrameType.WELCOME, struct.pack("!H", 2) + q + d + s8 + bytes(12) + q + q + bytes(4)),
         (FrameType.ERROR, struct.pack("!H", 1) + q + s16),
         (FrameType.GOAWAY, struct.pack("!HI", 1, 0) + s16),
     ]
@@ -579,9 +579,9 @@ def test_empty_ids_rejected_where_required(codec):
     q = struct.pack("!Q", 1)
     for ftype, body in [(FrameType.SEND, q + b"\x00payload"),
                         (FrameType.DELIVER, q + q + b"\x00\x01dpayload"),
-                        (FrameType.HELLO, struct.pack("!HH", 1, 0) + b"\x00" + q),
-                        (FrameType.WELCOME, struct.pack("!H", 1) + q + b"\x00\x01d" + bytes(12) + q),
-                        (FrameType.WELCOME, struct.pack("!H", 1) + q + b"\x01u\x00" + bytes(12) + q)]:
+                        (FrameType.HELLO, struct.pack("!HH", 2, 0) + b"\x00" + q + q),
+                        (FrameType.WELCOME, struct.pack("!H", 2) + q + b"\x00\x01d" + bytes(12) + q + q + bytes(4)),
+                        (FrameType.WELCOME, struct.pack("!H", 2) + q + b"\x01u\x00" + bytes(12) + q + q + bytes(4))]:
         with pytest.raises(MalformedFrame):
             codec.decode_body(ftype, 0, body)
     # an empty sender device is allowed in DELIVER
@@ -613,7 +613,7 @@ def test_raising_max_frame_mid_stream(codec, path):
         decoded.append(codec.decode_body(ftype, flags, body))
 
     dec = codec.Decoder(hello_sink, PRE_AUTH_MAX_FRAME)
-    hello = F.Hello(1, "tok", "dev", 0)
+    hello = F.Hello(2, "tok", "dev", 0)
     # HELLO and a frame over the pre-auth limit in the same read
     assert deliver(dec, codec.encode(hello) + codec.encode(big), path) == 2
     assert deliver(dec, codec.encode(big), path) == 1
@@ -766,7 +766,7 @@ def test_sink_protocol_error_fails_the_decoder(codec):
     with pytest.raises(UnexpectedFrame):
         dec.feed(encode_all(codec, [F.Ping(1), F.Ping(2)]))
     with pytest.raises(UnexpectedFrame):
-        dec.feed(codec.encode(F.Hello(1, "t", "d", 0)))
+        dec.feed(codec.encode(F.Hello(2, "t", "d", 0)))
     assert seen == [FrameType.PING]
 
 
@@ -904,10 +904,10 @@ BAD_FRAMES = [
     F.Send(1, "\ud800", b"x"),                       # not encodable as UTF-8
     F.Deliver(1, 2, "", "d", b""),
     F.Deliver(1, 2, "s", "d" * 256, b""),
-    F.Hello(1, "t" * (MAX_TOKEN_LENGTH + 1), "d", 0),
-    F.Hello(1, "t", "", 0),
-    F.Welcome(1, 1, "u", "", 1, 1, 1, 1),
-    F.Welcome(1, 1, "u" * 256, "d", 1, 1, 1, 1),
+    F.Hello(2, "t" * (MAX_TOKEN_LENGTH + 1), "d", 0),
+    F.Hello(2, "t", "", 0),
+    F.Welcome(2, 1, "u", "", 1, 1, 1, 1),
+    F.Welcome(2, 1, "u" * 256, "d", 1, 1, 1, 1),
     F.Received(tuple(range(MAX_RECEIVED_IDS + 1))),
     F.Error(1, 0, "r" * 65536),
     F.Goaway(1, 0, "r" * 65536),
@@ -1021,8 +1021,8 @@ def test_switch_from_callable_sink_to_frame_sink_mid_batch(codec, path):
 
     dec = codec.Decoder(hello_sink)
     rest = [F.Send(i, "bob", bytes(i)) for i in range(50)] + [F.Ping(1)]
-    assert deliver(dec, encode_all(codec, [F.Hello(1, "t", "d", 0)] + rest), path) == 52
-    assert seen == [F.Hello(1, "t", "d", 0)]
+    assert deliver(dec, encode_all(codec, [F.Hello(2, "t", "d", 0)] + rest), path) == 52
+    assert seen == [F.Hello(2, "t", "d", 0)]
     assert (counter.frames, counter.sends, counter.payload_bytes) == _expected_counts(rest)
 
 

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from _core import frames as F
-from _core.protocol import ErrorCode, GoawayCode
+from _core.protocol import PROTOCOL_VERSION, ErrorCode, GoawayCode
 from _core.pycodec import encode
 from gateway.client import Client, ServerError
 
@@ -46,7 +46,7 @@ def test_exchange_both_ways_and_welcome(gateway_proc):
         async with gw.client("alice") as alice, gw.client("bob", device="phone") as bob:
             for c, user, device in ((alice, "alice", "main"), (bob, "bob", "phone")):
                 w = c.welcome
-                assert (w.version, w.user, w.device) == (1, user, device)
+                assert (w.version, w.user, w.device) == (PROTOCOL_VERSION, user, device)
                 assert (w.max_frame, w.max_payload) == (MAX_FRAME, MAX_PAYLOAD)
                 assert w.session_id != 0
                 assert w.ping_interval_ms > 0
@@ -143,25 +143,28 @@ def test_resume_after_skips_processed_messages(gateway_proc):
     asyncio.run(main())
 
 
-def test_duplicate_client_message_id_is_stored_once(gateway_proc):
+def test_s6_send_retry_same_seq_is_stored_once(gateway_proc):
+    """PROTOCOL.md section 6: a SEND whose seq this producer already sent gets the
+    original ACK and is not stored again, whatever its recipient or payload."""
     gw = gateway_proc
     r = Raw(gw)
     try:
-        r.hello(gw.token("alice"), device="raw")
-        frame = encode(F.Send(777, "bob", b"only once"))
+        w = r.hello(gw.token("alice"), device="raw")
+        assert w.producer != 0 and w.send_window > 0
+        frame = encode(F.Send(1, "bob", b"only once"))
         r.send(frame)
         a1 = r.frame()
         r.send(frame)
         a2 = r.frame()
         assert isinstance(a1, F.Ack) and isinstance(a2, F.Ack)
-        assert a1.client_id == 777
+        assert a1.seq == 1
         assert a2 == a1                      # the original ACK: same msg_id and timestamp
-        # same id, different payload and recipient: still the original ACK, nothing stored
-        r.send(encode(F.Send(777, "carol", b"something else")))
+        # same seq, another payload: still the original ACK, nothing stored
+        r.send(encode(F.Send(1, "bob", b"something else")))
         assert r.frame() == a1
-        r.send(encode(F.Send(778, "bob", b"marker")))
+        r.send(encode(F.Send(2, "bob", b"marker")))
         marker = r.frame()
-        assert isinstance(marker, F.Ack) and marker.client_id == 778 and marker.msg_id > a1.msg_id
+        assert isinstance(marker, F.Ack) and marker.seq == 2 and marker.msg_id > a1.msg_id
     finally:
         r.close()
 
@@ -311,22 +314,25 @@ def test_large_payload_and_burst_of_small_messages(gateway_proc):
     asyncio.run(main())
 
 
-def test_dedup_window_keeps_the_newest_ids_as_it_trims(gateway_factory):
-    """The dedup table trims in one pass at twice the window: after 3x the window
-    of SENDs, the newest `window` ids are still answered with their original ACK
-    and nothing is stored twice."""
+def test_s6_send_window_answers_retries_and_older_ones_without_an_id(gateway_factory):
+    """PROTOCOL.md section 6: the server keeps the answers of the last `send_window`
+    seqs of a device: retries within it get the original ACK; an older retry is
+    still recognised (ACK with msg_id 0) and nothing is ever stored twice."""
     gw = gateway_factory("--workers", "1", "--dedup-window", "4")
     r = Raw(gw)
     try:
-        r.hello(gw.token("alice"), device="raw")
+        assert r.hello(gw.token("alice"), device="raw").send_window == 4
         acks = {}
-        for cid in range(1, 13):
-            r.send(encode(F.Send(cid, "bob", b"m%d" % cid)))
-            acks[cid] = r.frame()
-            assert isinstance(acks[cid], F.Ack) and acks[cid].client_id == cid
-        for cid in range(9, 13):                     # the newest 4: retries, answered as before
-            r.send(encode(F.Send(cid, "bob", b"again")))
-            assert r.frame() == acks[cid]
+        for seq in range(1, 13):
+            r.send(encode(F.Send(seq, "bob", b"m%d" % seq)))
+            acks[seq] = r.frame()
+            assert isinstance(acks[seq], F.Ack) and acks[seq].seq == seq
+        for seq in range(9, 13):                     # the newest 4: retries, answered as before
+            r.send(encode(F.Send(seq, "bob", b"again")))
+            assert r.frame() == acks[seq]
+        r.send(encode(F.Send(3, "bob", b"again")))   # older than the window: known, id forgotten
+        old = r.frame()
+        assert isinstance(old, F.Ack) and (old.seq, old.msg_id) == (3, 0)
     finally:
         r.close()
 

@@ -67,7 +67,7 @@ def admitted_again(gw, addr: str, refused_with: int | None = None, within: float
     deadline = time.monotonic() + within
     while True:
         with RawFrom(gw, addr) as r:
-            r.send(encode(F.Hello(1, gw.token("again"), "raw", 0)))
+            r.send(encode(F.Hello(2, gw.token("again"), "raw", 0)))
             f = r.frame()
         if isinstance(f, F.Welcome):
             return

@@ -83,7 +83,7 @@ def test_metrics_count_known_traffic_and_survive_kill_9(gateway_factory):
 
     for _ in range(bad):                           # 3 refused HELLOs: AUTH_FAILED
         raw = Raw(gw)
-        raw.send(encode(F.Hello(1, "not-a-token", "raw", 0)))
+        raw.send(encode(F.Hello(2, "not-a-token", "raw", 0)))
         assert isinstance(raw.frame(), F.Error)
         raw.close()
 

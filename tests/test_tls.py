@@ -151,8 +151,8 @@ def test_websocket_over_tls(tls_gw, pki):
         url = f"wss://127.0.0.1:{gw.ws_port}/ws"
         ctx = client_context(str(pki["ca1"]))
         async with connect(url, ssl=ctx) as wa, connect(url, ssl=ctx) as wb:
-            await wa.send(encode(F.Hello(1, gw.token(a), "web", 0)))
-            await wb.send(encode(F.Hello(1, gw.token(b), "web", 0)))
+            await wa.send(encode(F.Hello(2, gw.token(a), "web", 0)))
+            await wb.send(encode(F.Hello(2, gw.token(b), "web", 0)))
             assert isinstance(frames_of(await wa.recv())[0], F.Welcome)
             assert isinstance(frames_of(await wb.recv())[0], F.Welcome)
             await wa.send(encode(F.Send(1, b, b"secure")))

@@ -41,7 +41,7 @@ def ws(gw, timeout: float = 5.0) -> WsRaw:
 def session(gw, user: str, device: str = "web") -> WsRaw:
     c = ws(gw)
     c.upgrade()
-    c.send_proto(F.Hello(1, gw.token(user), device, 0))
+    c.send_proto(F.Hello(2, gw.token(user), device, 0))
     w = c.next()
     assert isinstance(w, F.Welcome) and w.user == user, w
     return c
@@ -195,10 +195,10 @@ def test_chat_with_tcp_sdk_client(gw):
     async def main():
         async with gw.client(b) as cb:
             c = await asyncio.to_thread(session, gw, a)
-            c.send_proto(F.Send(7, b, b"from the browser"))
+            c.send_proto(F.Send(1, b, b"from the browser"))
             ack = await asyncio.to_thread(c.next)
             m = await cb.recv(timeout=5)
-            assert (ack.client_id, m.sender, m.text, m.id) == (7, a, "from the browser", ack.msg_id)
+            assert (ack.seq, m.sender, m.text, m.id) == (1, a, "from the browser", ack.msg_id)
             await cb.ack(m)
             r = await asyncio.to_thread(c.next)
             assert isinstance(r, F.Receipt) and (r.kind, r.msg_id, r.by) == (1, ack.msg_id, b)
@@ -242,7 +242,7 @@ def test_protocol_error_sends_error_then_1008(gw):
         assert code == 1008
     with ws(gw) as c:
         c.upgrade()
-        c.send_proto(F.Hello(1, "sb1.bad.token", "web", 0))
+        c.send_proto(F.Hello(2, "sb1.bad.token", "web", 0))
         code, _, before = c.close_code()
         assert before[0].code == ErrorCode.AUTH_FAILED and code == 1008
     assert_still_serving(gw)
@@ -325,12 +325,12 @@ def test_hostile_connection_next_to_a_chat(gw):
                 assert evil.close_code()[0] in (1002, 1003)
                 ack = ca.next()
                 d = cb.next()
-                assert (ack.client_id, d.payload, d.msg_id) == (i + 1, f"msg {i}".encode(), ack.msg_id)
+                assert (ack.seq, d.payload, d.msg_id) == (i + 1, f"msg {i}".encode(), ack.msg_id)
         with ws(gw) as junk:
             junk.send(b"\x00" * 64 + b"\r\n\r\n")
             assert junk.http(b"").status == 400
-        ca.send_proto(F.Send(100, b, b"last"))
-        assert ca.next().client_id == 100 and cb.next().payload == b"last"
+        ca.send_proto(F.Send(9, b, b"last"))
+        assert ca.next().seq == 9 and cb.next().payload == b"last"
 
 
 # -- fragmentation, sizes, masking --------------------------------------------------------
@@ -379,10 +379,10 @@ def test_many_small_messages_and_split_server_messages(gw):
         for m in range(50):
             ca.send_proto(*(F.Send(m * 40 + i + 1, b, b"p" * 200) for i in range(40)))
         acks = [ca.next() for _ in range(2000)]
-        assert sorted(x.client_id for x in acks) == list(range(1, 2001))
+        assert sorted(x.seq for x in acks) == list(range(1, 2001))
     with ws(gw) as cb:
         cb.upgrade()
-        cb.send_proto(F.Hello(1, gw.token(b), "web", 0))
+        cb.send_proto(F.Hello(2, gw.token(b), "web", 0))
         sizes = []
         got = []
         while len(got) < 2001:
@@ -393,7 +393,7 @@ def test_many_small_messages_and_split_server_messages(gw):
             got.extend(cb.protocol)
             cb.protocol.clear()
         assert isinstance(got[0], F.Welcome)
-        assert [d.msg_id for d in got[1:]] == [x.msg_id for x in sorted(acks, key=lambda x: x.client_id)]
+        assert [d.msg_id for d in got[1:]] == [x.msg_id for x in sorted(acks, key=lambda x: x.seq)]
         assert len(sizes) > 1 and max(sizes) <= 256 << 10
 
 
@@ -430,8 +430,8 @@ def test_websockets_library_client(gw):
         url = f"ws://{gw.host}:{gw.ws_port}/ws"
         async with connect(url, subprotocols=["switchboard.v1"]) as wa, connect(url) as wb:
             assert wa.subprotocol == "switchboard.v1"
-            await wa.send(encode(F.Hello(1, gw.token(a), "lib", 0)))
-            await wb.send(encode(F.Hello(1, gw.token(b), "lib", 0)))
+            await wa.send(encode(F.Hello(2, gw.token(a), "lib", 0)))
+            await wb.send(encode(F.Hello(2, gw.token(b), "lib", 0)))
             assert isinstance(frames_of(await wa.recv())[0], F.Welcome)
             assert isinstance(frames_of(await wb.recv())[0], F.Welcome)
             await wa.send(encode(F.Send(1, b, b"x" * 30000)))
@@ -462,16 +462,16 @@ def test_handoff_to_the_owning_worker(gateway_factory):
         for attempt in range(6):
             with WsRaw(gw2.host, gw2.ws_port) as c, WsRaw(gw2.host, gw2.ws_port) as p:
                 p.upgrade()
-                p.send_proto(F.Hello(1, gw2.token(peer), "web", 0))
+                p.send_proto(F.Hello(2, gw2.token(peer), "web", 0))
                 assert isinstance(p.next(), F.Welcome)
                 c.upgrade()
-                first = encode(F.Hello(1, gw2.token(me), "web", 0)) + encode(F.Send(1, peer, b"one"))
+                first = encode(F.Hello(2, gw2.token(me), "web", 0)) + encode(F.Send(1, peer, b"one"))
                 second = encode(F.Send(2, peer, b"two" * 100))
                 c.send(ws_frame(OP_BINARY, first + second[:10], fin=False) + ws_frame(OP_CONT, second[10:])
                        + ws_frame(OP_PING, b"after"))
                 got = [c.next(), c.next(), c.next()]
                 assert isinstance(got[0], F.Welcome) and got[0].user == me
-                assert sorted(f.client_id for f in got[1:]) == [1, 2]
+                assert sorted(f.seq for f in got[1:]) == [1, 2]
                 assert {p.next().payload, p.next().payload} == {b"one", b"two" * 100}
                 c.send(ws_frame(OP_PING, b"ok"))
                 while len(c.pongs) < 2:

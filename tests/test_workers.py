@@ -57,12 +57,12 @@ def test_duplicate_send_across_workers_is_delivered_once(gateway_factory):
     (a,), (b,) = users_on(0, 2, 1, "dup-a"), users_on(1, 2, 1, "dup-b")
     raw = Raw(gw)
     raw.hello(gw.token(a), "raw")
-    frame = encode(F.Send(4242, b, b"only once"))
+    frame = encode(F.Send(1, b, b"only once"))
     raw.send(frame)
     first = raw.frame()
-    raw.send(frame)                               # a retry with the same client id
+    raw.send(frame)                               # a retry with the same seq
     second = raw.frame()
-    raw.send(encode(F.Send(4243, b, b"marker")))
+    raw.send(encode(F.Send(2, b, b"marker")))
     marker = raw.frame()
     assert isinstance(first, F.Ack) and isinstance(second, F.Ack), (first, second)
     assert first.msg_id == second.msg_id
@@ -83,13 +83,13 @@ def test_handoff_carries_bytes_already_read(gateway_factory):
     target = users_on(1, 2, 1, "hs-target")[0]
     for i, user in enumerate(senders):
         raw = Raw(gw)
-        raw.send(encode(F.Hello(1, gw.token(user), "raw", 0)) + encode(F.Send(i + 1, target, f"m{i}".encode()))
+        raw.send(encode(F.Hello(2, gw.token(user), "raw", 0)) + encode(F.Send(1, target, f"m{i}".encode()))
                  + encode(F.Ping(i)))
         welcome = raw.frame()
         assert isinstance(welcome, F.Welcome) and welcome.user == user
         # the ACK may come after the PONG: storing can take a trip to another worker
         rest = sorted([raw.frame(), raw.frame()], key=lambda f: type(f).__name__)
-        assert isinstance(rest[0], F.Ack) and rest[0].client_id == i + 1, rest
+        assert isinstance(rest[0], F.Ack) and rest[0].seq == 1, rest
         assert rest[1] == F.Pong(i)
         raw.close()
 
@@ -220,7 +220,7 @@ def test_slow_link_pauses_senders_and_memory_stays_bounded(gateway_factory):
     while len(acks) < sent:
         f = raw.frame()
         if isinstance(f, F.Ack):
-            acks.add(f.client_id)
+            acks.add(f.seq)
     assert acks == set(range(1, sent + 1))
     raw.close()
     wait_for(lambda: "event=bus_resumed" in gw.text, "the bus to resume")

@@ -85,7 +85,7 @@ def test_idle_reader_holds_only_a_split_header():
 def test_handoff_state_round_trip():
     """Stop the inner decoder in the middle of a frame (as HELLO for another worker
     does), move state and raw rest to a fresh reader, and finish there."""
-    hello = encode(F.Hello(1, "t", "d", 0))
+    hello = encode(F.Hello(2, "t", "d", 0))
     after = encode(F.Send(1, "bob", b"abc" * 50))
     wire = ws_frame(OP_BINARY, hello + after[:20], fin=False) + ws_frame(OP_CONT, after[20:]) + \
         ws_frame(OP_BINARY, encode(F.Ping(3)))
@@ -97,7 +97,7 @@ def test_handoff_state_round_trip():
     d1 = Decoder(stop_at_hello, 1 << 20)
     r1 = WsReader(d1, lambda op, p: None, 1 << 20)
     r1.feed(wire[:len(wire) - 5])
-    assert frames == [F.Hello(1, "t", "d", 0)]
+    assert frames == [F.Hello(2, "t", "d", 0)]
     state, proto, rest = r1.take_state(), d1.take_buffered(), r1.take_rest() + wire[len(wire) - 5:]
     s = Sinks()
     s.reader.set_state(state)

@@ -10,12 +10,12 @@
 // Semantics follow gateway/client.py: every DELIVER reaches the application
 // once (ids at or below the highest handed out are dropped), `resumeAfter` is
 // the highest id the application acknowledged, sends without an ACK are
-// retried with their client ids after a reconnect (the server drops
+// sent again with their seqs, in order, after a reconnect (the server drops
 // duplicates), subscriptions are renewed after every WELCOME.
 //
 // Events (CustomEvent, data in `detail`): welcome, message, receipt, presence,
 // typing, status ("connecting" | "online" | "offline" | "closed"), error.
-// Ids (msg ids, client ids) are BigInt.
+// Ids (msg ids, seqs, producers) are BigInt.
 
 export const FrameType = Object.freeze({
   HELLO: 0x01, WELCOME: 0x02, SEND: 0x03, ACK: 0x04, DELIVER: 0x05, RECEIVED: 0x06, PING: 0x07,
@@ -27,11 +27,16 @@ export const ErrorCode = Object.freeze({
   UNSUPPORTED_VERSION: 5, AUTH_FAILED: 10, TOKEN_EXPIRED: 11, HELLO_TIMEOUT: 12, BAD_RECIPIENT: 20,
   PAYLOAD_TOO_LARGE: 21, RATE_LIMITED: 22, QUOTA_EXCEEDED: 23, STORAGE_FULL: 24, UNAVAILABLE: 25,
   DEVICE_LIMIT: 26, NOT_A_MEMBER: 27, NOT_ADMIN: 28, GROUP_FULL: 29, NO_SUCH_GROUP: 30,
-  GROUP_EXISTS: 31, BAD_REQUEST: 32, INTERNAL: 50,
+  GROUP_EXISTS: 31, BAD_REQUEST: 32, OUT_OF_ORDER: 33, FENCED: 34, INTERNAL: 50,
 });
+export const PROTOCOL_VERSION = 2;
+// a SEND refused with these is sent again (same seq, in order, after a backoff); others fail it
+const RESEND = new Set([ErrorCode.UNAVAILABLE, ErrorCode.STORAGE_FULL, ErrorCode.RATE_LIMITED,
+  ErrorCode.OUT_OF_ORDER]);
+const RESEND_FIRST_MS = 50, RESEND_MAX_MS = 2000;
 const GROUP_OPS = { create: 1, add: 2, remove: 3, promote: 4, demote: 5, leave: 6, rename: 7, info: 8 };
 const FATAL_AUTH = new Set([ErrorCode.AUTH_FAILED, ErrorCode.TOKEN_EXPIRED, ErrorCode.UNSUPPORTED_VERSION,
-  ErrorCode.DEVICE_LIMIT]);
+  ErrorCode.DEVICE_LIMIT, ErrorCode.FENCED]);
 const FLAG_FATAL = 0x01, FLAG_SEND_ONLY = 0x01, FLAG_MIRROR = 0x02, FLAG_GROUP = 0x04;
 const GOAWAY_REPLACED = 2;
 const MAX_IDS = 4096;
@@ -119,8 +124,9 @@ function decodeBody(type, flags, r) {
   const T = FrameType;
   switch (type) {
     case T.WELCOME: return { type, version: r.u16(), sessionId: r.u64(), user: r.str8(), device: r.str8(),
-      maxFrame: r.u32(), maxPayload: r.u32(), pingIntervalMs: r.u32(), serverTimeMs: r.u64() };
-    case T.ACK: return { type, clientId: r.u64(), id: r.u64(), ts: r.u64() };
+      maxFrame: r.u32(), maxPayload: r.u32(), pingIntervalMs: r.u32(), serverTimeMs: r.u64(),
+      producer: r.u64(), sendWindow: r.u32() };
+    case T.ACK: return { type, seq: r.u64(), id: r.u64(), ts: r.u64() };
     case T.DELIVER: {
       const f = { type, id: r.u64(), ts: r.u64(), sender: r.str8(), senderDevice: r.str8(), peer: "",
         originId: 0n, mirror: !!(flags & FLAG_MIRROR), group: "" };
@@ -170,8 +176,12 @@ export class Client extends EventTarget {
     this.ws = null;
     this.seenHwm = BigInt(resumeAfter);   // highest id handed to the application
     this.ackedHwm = BigInt(resumeAfter);  // highest id the application acknowledged: resume_after
-    this.nextId = randomId();
-    this.outbox = new Map();              // client id -> {frame, resolve, reject}
+    this.nextId = randomId();             // nonces and group request ids
+    this.producer = 0n;                   // whose seqs our SENDs carry (from WELCOME)
+    this.nextSeq = 1n;
+    this.outbox = new Map();              // seq -> {frame, resolve, reject, sent, refused}, in seq order
+    this.resendTimer = null;
+    this.resendDelay = RESEND_FIRST_MS;
     this.requests = new Map();            // group request id -> {resolve, reject}
     this.pongs = new Map();
     this.watching = new Set();
@@ -205,7 +215,7 @@ export class Client extends EventTarget {
     let settled = false;
     ws.onopen = () => {
       const f = new FrameWriter(FrameType.HELLO, this.sendOnly ? FLAG_SEND_ONLY : 0)
-        .u16(1).str16(this.token).str8(this.device).u64(this.ackedHwm).done();
+        .u16(PROTOCOL_VERSION).str16(this.token).str8(this.device).u64(this.ackedHwm).u64(this.producer).done();
       ws.send(f);
     };
     ws.onmessage = (ev) => {
@@ -263,7 +273,9 @@ export class Client extends EventTarget {
     this.backoff = 100;
     this.reconnects++;
     this.welcome = w;
-    for (const entry of this.outbox.values()) this._queue(entry.frame);     // retries keep their ids
+    this.producer = w.producer;
+    for (const entry of this.outbox.values()) entry.sent = entry.refused = false;
+    this._sendOutbox();                     // in seq order, with their seqs: the server drops retries
     if (this.watching.size) this._subscribeFrames([...this.watching], true);
     clearInterval(this.pingTimer);
     const interval = Math.max(1000, w.pingIntervalMs);
@@ -308,19 +320,53 @@ export class Client extends EventTarget {
     if (this.closed) throw new Error("client is closed");
   }
 
-  /** Send text or bytes; resolves {clientId, id, ts} when stored, rejects on a send error. */
+  /** Send text or bytes; resolves {seq, id, ts} when stored, rejects if refused for good.
+   * Sends are one ordered stream (PROTOCOL.md section 6): at most welcome.sendWindow in flight,
+   * the rest wait; one refused for now is sent again, in seq order, after a backoff. */
   send(to, payload) {
     this._check();
     const bytes = typeof payload === "string" ? utf8.encode(payload) : payload;
     if (this.welcome && bytes.length > this.welcome.maxPayload) {
       return Promise.reject(new ServerError(ErrorCode.PAYLOAD_TOO_LARGE, "payload too large"));
     }
-    const clientId = this.nextId++;
-    const frame = new FrameWriter(FrameType.SEND).u64(clientId).str8(to).bytes(bytes).done();
+    const seq = this.nextSeq++;
+    const frame = new FrameWriter(FrameType.SEND).u64(seq).str8(to).bytes(bytes).done();
     return new Promise((resolve, reject) => {
-      this.outbox.set(clientId, { frame, resolve, reject });
-      if (this.connected) this._queue(frame);
+      this.outbox.set(seq, { frame, resolve, reject, sent: false, refused: false });
+      this._sendOutbox();
     });
+  }
+
+  /** Write outbox entries not on the wire yet, oldest first, within the send window. */
+  _sendOutbox() {
+    if (!this.connected) return;
+    let inFlight = 0;
+    const window = this.welcome.sendWindow || 256;
+    for (const entry of this.outbox.values()) {
+      if (inFlight >= window) break;
+      if (!entry.sent) { entry.sent = true; this._queue(entry.frame); }
+      inFlight++;
+    }
+  }
+
+  _answered(seq) {
+    const entry = this.outbox.get(seq);
+    if (entry) { this.outbox.delete(seq); this._sendOutbox(); }
+    return entry;
+  }
+
+  _refused(seq) {
+    const entry = this.outbox.get(seq);
+    if (!entry) return;
+    entry.refused = true;
+    if (this.resendTimer) return;
+    const delay = this.resendDelay * (0.5 + Math.random() / 2);
+    this.resendDelay = Math.min(this.resendDelay * 2, RESEND_MAX_MS);
+    this.resendTimer = setTimeout(() => {
+      this.resendTimer = null;
+      if (!this.connected) return;          // the reconnect resends the whole outbox
+      for (const e of this.outbox.values()) if (e.refused) { e.refused = false; this._queue(e.frame); }
+    }, delay);
   }
 
   /** Acknowledge delivered messages (the server may drop them; the sender gets DELIVERED). */
@@ -438,10 +484,10 @@ export class Client extends EventTarget {
         }
         return;
       case T.ACK: {
-        const entry = this.outbox.get(f.clientId);
+        const entry = this._answered(f.seq);
         if (entry) {
-          this.outbox.delete(f.clientId);
-          entry.resolve({ clientId: f.clientId, id: f.id, ts: Number(f.ts) });
+          this.resendDelay = RESEND_FIRST_MS;
+          entry.resolve({ seq: f.seq, id: f.id, ts: Number(f.ts) });
         }
         return;
       }
@@ -471,13 +517,11 @@ export class Client extends EventTarget {
         const err = new ServerError(f.code, f.reason, f.ref, f.fatal);
         const req = f.ref ? this.requests.get(f.ref) : null;
         if (req) { this.requests.delete(f.ref); req.reject(err); return; }
-        const entry = f.ref ? this.outbox.get(f.ref) : null;
-        if (entry && !f.fatal && f.code === ErrorCode.UNAVAILABLE) {
-          setTimeout(() => { if (this.outbox.has(f.ref) && this.connected) this._queue(entry.frame); },
-            50 + Math.random() * 150);
-        } else if (entry && !f.fatal) {
-          this.outbox.delete(f.ref);
-          entry.reject(err);
+        const pending = !f.fatal && this.outbox.has(f.ref);
+        if (pending && RESEND.has(f.code)) {
+          this._refused(f.ref);
+        } else if (pending) {
+          this._answered(f.ref).reject(err);       // refused for good, or a code this client does not know
         } else {
           if (FATAL_AUTH.has(f.code)) this.fatal = err;
           this._emit("error", err);
@@ -491,6 +535,8 @@ export class Client extends EventTarget {
   _failAll(err) {
     for (const { reject } of this.outbox.values()) reject(err);
     this.outbox.clear();
+    clearTimeout(this.resendTimer);
+    this.resendTimer = null;
     for (const { reject } of this.requests.values()) reject(err);
     this.requests.clear();
   }

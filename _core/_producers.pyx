@@ -1,0 +1,259 @@
+"""Idempotent, ordered sends: per-device sequence numbers (docs/PROTOCOL.md section 6).
+
+Each device sends as a *producer* (an id the server hands out in WELCOME) and
+numbers its SENDs 1, 2, 3, ... Two places keep state, both memory per device,
+not per message:
+
+- `SendState`, on the worker serving the device, orders its stream: once a
+  seq has failed for now (UNAVAILABLE, STORAGE_FULL, ...), no later seq is
+  accepted until that one is sent again, so a device's messages are stored in
+  the order it sent them across retries. Lost when that worker restarts; the
+  client then resends in order anyway.
+- `ProducerTable`, one per shard store, remembers per device the highest seq
+  stored in that shard and the answers of the last `window` seqs, so a retry
+  gets its original ACK and is never stored twice. The log rebuilds it on
+  recovery from its records and from checkpoints written before a segment is
+  deleted (`_core/log.py`), so consuming and deleting forget nothing.
+
+A shard sees only the part of a device's stream sent to its users, in order
+(one link per worker pair, processed in order): so "seq <= high" there means
+"seen before", and a seq refused here for now blocks the later ones here too.
+"""
+from cpython.mem cimport PyMem_Realloc, PyMem_Free
+from libc.string cimport memmove
+
+from ._producers cimport ADMIT_NEW, ADMIT_DUPLICATE, ADMIT_FENCED, ADMIT_OUT_OF_ORDER
+
+#: answer of `ProducerTable.admit_py`: the names of the C enum
+ADMIT = {ADMIT_NEW: "new", ADMIT_DUPLICATE: "duplicate", ADMIT_FENCED: "fenced",
+         ADMIT_OUT_OF_ORDER: "out_of_order"}
+
+
+cdef class SendState:
+    """The device's stream as its serving worker sees it."""
+
+    def __init__(self, uint64_t producer, bint known):
+        self.producer = producer
+        self.max_seen = 0
+        self.resume_at = 0
+        self.known = known
+
+    cdef int check(self, uint64_t seq) except -1:
+        """ADMIT_NEW (route it: new, or a retry the shard will recognise) or
+        ADMIT_OUT_OF_ORDER (a gap, or an earlier seq failed and was not resent)."""
+        if self.resume_at:
+            if seq > self.resume_at:
+                return ADMIT_OUT_OF_ORDER
+            if seq == self.resume_at:
+                self.resume_at = 0
+        elif self.known and seq > self.max_seen + 1:
+            return ADMIT_OUT_OF_ORDER
+        if seq > self.max_seen:
+            self.max_seen = seq
+        return ADMIT_NEW
+
+    cdef int failed(self, uint64_t seq) except -1:
+        """`seq` was not stored and the client will send it again: hold the rest."""
+        if self.resume_at == 0 or seq < self.resume_at:
+            self.resume_at = seq
+        return 0
+
+    def __repr__(self):
+        return f"<SendState producer={self.producer} max_seen={self.max_seen} resume_at={self.resume_at}>"
+
+
+cdef class ProducerState:
+    """One device's sequence in one shard."""
+
+    def __cinit__(self):
+        self.ring = NULL
+        self.n = 0
+        self.cap = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.ring)
+
+    cdef int _reset(self, uint64_t producer) except -1:
+        self.producer = producer
+        self.high = 0
+        self.refused_from = 0
+        self.segment = 0
+        self.n = 0
+        return 0
+
+    cdef Py_ssize_t _find(self, uint64_t seq) noexcept:
+        cdef Py_ssize_t lo = 0, hi = self.n, mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.ring[3 * mid] < seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    cdef int _insert(self, uint64_t seq, uint64_t msg_id, uint64_t ts, Py_ssize_t window) except -1:
+        """Remember the answer for `seq`; keep only seqs within `window` of the newest.
+        Appends in the common case (seqs arrive in order); recovery may insert."""
+        cdef Py_ssize_t i, drop = 0
+        cdef uint64_t *grown
+        if seq > self.high:
+            self.high = seq
+        while drop < self.n and self.ring[3 * drop] + <uint64_t>window <= self.high:
+            drop += 1
+        if drop:
+            memmove(self.ring, self.ring + 3 * drop, 3 * (self.n - drop) * sizeof(uint64_t))
+            self.n -= drop
+        if seq + <uint64_t>window <= self.high:
+            return 0                               # older than the window: nothing to answer with
+        i = self._find(seq)
+        if i < self.n and self.ring[3 * i] == seq:
+            return 0                               # already known (one message, several inboxes)
+        if self.n == self.cap:
+            grown = <uint64_t *>PyMem_Realloc(self.ring, 3 * max(4, 2 * self.cap) * sizeof(uint64_t))
+            if grown == NULL:
+                raise MemoryError()
+            self.ring = grown
+            self.cap = max(4, 2 * self.cap)
+        if i < self.n:
+            memmove(self.ring + 3 * (i + 1), self.ring + 3 * i, 3 * (self.n - i) * sizeof(uint64_t))
+        self.ring[3 * i] = seq
+        self.ring[3 * i + 1] = msg_id
+        self.ring[3 * i + 2] = ts
+        self.n += 1
+        return 0
+
+    def entries(self):
+        """[(seq, msg_id, ts)] remembered, oldest first (msg_id 0: refused for good, ts = the code)."""
+        return [(self.ring[3 * i], self.ring[3 * i + 1], self.ring[3 * i + 2]) for i in range(self.n)]
+
+    @property
+    def memory(self):
+        """Bytes this state holds outside the object itself."""
+        return 3 * self.cap * sizeof(uint64_t)
+
+
+cdef class ProducerTable:
+    """Per device ("user\\0device"): the producer, the highest seq seen and the
+    answers of the last `window` seqs, for one shard."""
+
+    def __init__(self, Py_ssize_t window=256):
+        self._states = {}
+        self.window = window
+
+    cdef int admit(self, str key, uint64_t producer, uint64_t seq, uint64_t *msg_id, uint64_t *ts) except -1:
+        """May `seq` of `producer` be stored here? On ADMIT_DUPLICATE, `msg_id`/`ts`
+        are the original answer (msg_id 0: stored, id no longer known; or, with
+        ts != 0, refused for good with error code `ts`)."""
+        cdef ProducerState st = <ProducerState>self._states.get(key)
+        cdef Py_ssize_t i
+        if st is None or producer > st.producer:
+            return ADMIT_NEW
+        if producer < st.producer:
+            return ADMIT_FENCED
+        if st.refused_from:
+            if seq == st.refused_from:
+                return ADMIT_NEW
+            if seq > st.refused_from:
+                return ADMIT_OUT_OF_ORDER
+        if seq > st.high:
+            return ADMIT_NEW
+        i = st._find(seq)
+        if i < st.n and st.ring[3 * i] == seq:
+            msg_id[0] = st.ring[3 * i + 1]
+            ts[0] = st.ring[3 * i + 2]
+        else:
+            msg_id[0] = 0
+            ts[0] = 0
+        return ADMIT_DUPLICATE
+
+    cdef ProducerState _state(self, str key, uint64_t producer):
+        cdef ProducerState st = <ProducerState>self._states.get(key)
+        if st is None:
+            st = ProducerState()
+            st._reset(producer)
+            self._states[key] = st
+        elif producer > st.producer:
+            st._reset(producer)
+        return st
+
+    cdef int stored(self, str key, uint64_t producer, uint64_t seq, uint64_t msg_id, uint64_t ts,
+                    uint64_t segment) except -1:
+        """`seq` is stored under `msg_id` (its record is in log segment `segment`)."""
+        cdef ProducerState st = self._state(key, producer)
+        if producer < st.producer:
+            return 0                               # an old producer's record (recovery)
+        if st.refused_from and seq >= st.refused_from:
+            st.refused_from = 0
+        if seq >= st.high:
+            st.segment = segment
+        st._insert(seq, msg_id, ts, self.window)
+        return 0
+
+    cdef int refused(self, str key, uint64_t producer, uint64_t seq, int code, bint final) except -1:
+        """`seq` was not stored. `final`: the client must not send it again (too
+        large, bad recipient, ...): a retry gets the same answer. Otherwise later
+        seqs of this device wait here until `seq` is sent again."""
+        cdef ProducerState st = self._state(key, producer)
+        if producer != st.producer:
+            return 0
+        if final:
+            st._insert(seq, 0, <uint64_t>code, self.window)
+        elif st.refused_from == 0 or seq < st.refused_from:
+            st.refused_from = seq
+        return 0
+
+    # -- Python side: recovery, checkpoints, tests, metrics -------------------------------
+
+    def admit_py(self, str key, uint64_t producer, uint64_t seq):
+        """(answer name, msg_id, ts), as `admit`."""
+        cdef uint64_t msg_id = 0, ts = 0
+        cdef int r = self.admit(key, producer, seq, &msg_id, &ts)
+        return ADMIT[r], msg_id, ts
+
+    def stored_py(self, str key, uint64_t producer, uint64_t seq, uint64_t msg_id, uint64_t ts,
+                  uint64_t segment=0):
+        self.stored(key, producer, seq, msg_id, ts, segment)
+
+    def refused_py(self, str key, uint64_t producer, uint64_t seq, int code, bint final):
+        self.refused(key, producer, seq, code, final)
+
+    def get(self, str key):
+        return self._states.get(key)
+
+    def in_segment(self, uint64_t segment):
+        """Keys whose proof of `high` is in `segment` (checkpoint them before it goes)."""
+        cdef ProducerState st
+        return [k for k, st in self._states.items() if st.segment == segment and st.high]
+
+    def checkpoint(self, str key):
+        """The state of `key` as bytes: producer, high, then (seq, msg_id, ts) entries."""
+        cdef ProducerState st = <ProducerState>self._states[key]
+        import struct
+        parts = [struct.pack("!QQ", st.producer, st.high)]
+        for i in range(st.n):
+            if st.ring[3 * i + 1]:                 # stored ones only: refusals are not durable
+                parts.append(struct.pack("!QQQ", st.ring[3 * i], st.ring[3 * i + 1], st.ring[3 * i + 2]))
+        return b"".join(parts)
+
+    def restore(self, str key, bytes data, uint64_t segment):
+        """Merge a checkpoint (recovery): the newest producer and the highest seq win."""
+        cdef ProducerState st
+        import struct
+        producer, high = struct.unpack_from("!QQ", data, 0)
+        st = self._state(key, producer)
+        if producer < st.producer:
+            return
+        for off in range(16, len(data) - 23, 24):
+            seq, msg_id, ts = struct.unpack_from("!QQQ", data, off)
+            st._insert(seq, msg_id, ts, self.window)
+        if high >= st.high:
+            st.high = high
+            st.segment = segment
+
+    def __len__(self):
+        return len(self._states)
+
+    def memory(self):
+        """Bytes held by the rings (the objects themselves are ~100 bytes each)."""
+        cdef ProducerState st
+        return sum(st.memory for st in self._states.values())
