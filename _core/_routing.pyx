@@ -590,9 +590,7 @@ cdef class RouteCore:
             return
         ts = _now_ms()
         rid = self._next_id(ts)
-        devices = self.devices_of(target)
-        if devices[0] == "":
-            devices = ()      # no registered device (a bot that only sends): nothing to keep it for
+        devices = self.devices_of(target)     # ("",): no registered device yet, the shared inbox keeps it
         for dev in devices:
             try:
                 self._store(target, <str>dev, rid, ts, ref, by, by_device, "", MSG_RECEIPT, <const char *>&k, 1)
