@@ -319,3 +319,45 @@ def test_a_gateway_gives_up_on_a_shard_an_embedder_holds_after_lock_wait(tmp_pat
             proc.kill()
             proc.wait(10)
         holder.child.cleanup()
+
+
+def test_a_worker_waiting_for_a_shard_gives_its_shards_back_when_its_supervisor_dies(tmp_path):
+    """kill -9 of the supervisor while its worker waits for a held shard: the worker
+    stops waiting and exits, so the shards it had taken are not kept from the
+    next gateway for lock_wait seconds."""
+    data = tmp_path / "data"
+    held_dir = data / "log" / "shard-0005"
+    holder = Child(held_dir, "never", "small", 12, 1_000_000, tmp_path / "holder.err")
+    proc = None
+    try:
+        assert holder.readline().startswith("READY ")
+        proc = subprocess.Popen(serve_cmd(data, "--workers", "1"), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        worker = None
+        for line in proc.stdout:                 # ends at EOF: the gateway would have exited
+            if "event=worker_started" in line:
+                worker = int(line.split("pid=")[1].split()[0])
+            if "event=shard_lock_wait" in line:
+                break
+        assert worker is not None, "no worker started"
+        free = DirLock(data / "log" / "shard-0006")
+        assert not free.try_acquire()            # the waiting worker has taken the free shards
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        wait_for(lambda: not os.path.exists(f"/proc/{worker}") or
+                 open(f"/proc/{worker}/stat").read().split()[2] == "Z", "the orphaned worker to exit")
+        assert free.try_acquire()
+        free.release()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        holder.cleanup()
+
+
+def test_serve_on_a_data_dir_it_cannot_lock_is_one_line_and_exit_1(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    out = subprocess.run(serve_cmd(not_a_dir), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert (out.stdout + out.stderr).splitlines() == [f"switchboard: cannot lock data dir {not_a_dir}: File exists"]
