@@ -72,3 +72,20 @@ class WebSocketError(Exception):
     @property
     def reason(self) -> str:
         return self.args[0]
+
+
+class DataDirInUse(Exception):
+    """Another process holds the lock of this directory (a gateway's data dir or one
+    shard log): two writers would append over each other's records, so the second
+    opener is refused instead of sharing it. `pid` is the holder's, if it wrote it."""
+
+    def __init__(self, directory, pid: int | None):
+        self.directory = str(directory)
+        self.pid = pid
+        super().__init__(f"{self.directory} is in use by another process" + (f" (pid {pid})" if pid else ""))
+
+
+class LogNotOpen(RuntimeError):
+    """An append log was written to (or started) before open() recovered its
+    directory: a writer that has not scanned the segments would create segment
+    files over the stored ones. Call open() first."""

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import picologging
 from ._log import PRODUCER_META, LogCore, Segment, crc32c, crc32c_hardware, write_out
-from .errors import StoreError
+from .dirlock import DirLock
+from .errors import LogNotOpen, StoreError
 from .logfmt import q
 from .protocol import ErrorCode
 
@@ -50,6 +51,7 @@ FORMAT_VERSION = 2                           # 2: per-device inboxes, conversati
 ZERO_CHUNK = 1 << 20
 MIN_SEGMENT = 1 << 20
 DURABILITY_MODES = ("always", "interval", "never")
+LOCK_POLL_S = 0.05                           # how often a shard held by another process is tried again
 
 
 def now_ms() -> int:
@@ -360,12 +362,20 @@ class _DeviceRegistry:
 
 
 class AppendLog(_Committed, _DeviceRegistry, LogCore):
-    """The durable OfflineStore of one shard."""
+    """The durable OfflineStore of one shard.
+
+    One process at a time: open() takes the directory's lock (`_core/dirlock.py`)
+    before it reads anything, and nothing is written before open() has
+    recovered the directory: a writer that has not scanned the segments would
+    number its first segment 1 and rename it over the stored one."""
 
     def __init__(self, directory, config: LogConfig | None = None, *, fault: str | None = None,
-                 worker: "_Worker | None" = None, committer: GroupCommit | None = None, lazy: bool = False):
+                 worker: "_Worker | None" = None, committer: GroupCommit | None = None, lazy: bool = False,
+                 lock: DirLock | None = None):
         """`worker` and `committer` are shared when one process holds several
-        logs (one per shard); `lazy` creates the first segment on first append."""
+        logs (one per shard); `lazy` creates the first segment on first append;
+        `lock` is the directory's lock when the caller already holds it (the
+        caller then releases it), else open() takes one and close() releases it."""
         config = config or LogConfig()
         config.validate()
         super().__init__(config.max_pending, int(config.ttl_s * 1000), config.consume_reserve)
@@ -395,6 +405,9 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self.cold_starts = 0                 # first segments of lazy logs, made on first append
         self.last_full_error = None
         self._closed = False
+        self._lock = lock
+        self._own_lock = False
+        self._recovered = False              # open() has scanned the directory: writes are allowed
 
     # -- files ----------------------------------------------------------------------
     def _header(self, segment_id: int, nonce: int, id_floor: int = 0, size: int = 0) -> bytes:
@@ -468,8 +481,13 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
 
     # -- recovery -------------------------------------------------------------------
     def open(self) -> RecoveryReport:
-        """Scan every segment and rebuild the index (before the loop serves anyone)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Lock the directory (DataDirInUse if another process has it), scan every
+        segment and rebuild the index (before the loop serves anyone)."""
+        if self._closed:
+            raise LogNotOpen(f"the log in {self.directory} was closed; make a new AppendLog")
+        if self._lock is None or not self._lock.held:
+            self._lock = DirLock(self.directory).acquire()
+            self._own_lock = True
         for stray in self.directory.glob(".*.seg.tmp"):
             stray.unlink()
         report = self.report
@@ -524,10 +542,16 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             self._set_active(scans[data_last][0])
         elif self._spares:
             self._install(self._spares.popleft())
+        self._recovered = True
         _log.info("event=recovered dir=%s segments=%d bytes=%d pending=%d seconds=%.3f s_per_gib=%.2f crc32c_hw=%s",
                   self.directory, report.segments, report.bytes_scanned, report.pending, report.seconds,
                   report.seconds_per_gib, crc32c_hardware())
         return report
+
+    def _require_recovered(self) -> None:
+        if not self._recovered:
+            raise LogNotOpen(f"the log in {self.directory} was written to before open() recovered it "
+                             f"(new segments would be made over the stored ones): call open() first")
 
     def _open_existing(self, path: Path, report: RecoveryReport) -> Segment | None:
         try:
@@ -561,7 +585,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
     # -- running --------------------------------------------------------------------
     def start(self, loop) -> None:
         """Start the worker thread (if this log owns it), the durability policy (if
-        it owns that) and maintenance; call from the event loop."""
+        it owns that) and maintenance; call from the event loop, after open()."""
+        self._require_recovered()
         self.loop = loop
         if self._own_worker:
             self._worker.loop = loop
@@ -578,7 +603,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self._maint = loop.call_later(1.0, self.maintain)
 
     def _roll(self):
-        """Called by LogCore when the active segment is full."""
+        """Called by LogCore when the active segment is full (or there is none yet)."""
+        self._require_recovered()
         if self.failed is not None:
             raise StoreError("storage failed; see the server log", ErrorCode.INTERNAL)
         if self._spares:
@@ -802,6 +828,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             self._retire(self._spares.popleft(), False)
         for seg in unclaimed:                # finished by the worker, never handed over
             self._retire(seg, False)
+        if self._own_lock:                   # last: every file is closed and synced
+            self._lock.release()
 
 
 class ShardedLog(_Committed):
@@ -809,9 +837,14 @@ class ShardedLog(_Committed):
     on the shard's first message), sharing one worker thread and one group
     commit, so a loop turn's ACKs wait for a single round of fdatasyncs however
     many shards it touched. Implements the OfflineStore interface by routing
-    each call to the recipient's shard."""
+    each call to the recipient's shard.
 
-    def __init__(self, root, config: LogConfig, shard_map, *, fault: str | None = None):
+    It holds the lock of every shard it owns from open() to close(), logs or
+    not yet: a shard's log may only be created by the process that will write it."""
+
+    def __init__(self, root, config: LogConfig, shard_map, *, fault: str | None = None, lock_wait: float = 0.0):
+        """`lock_wait`: seconds open() waits for shards another process holds (a
+        draining predecessor about to exit) before it raises DataDirInUse."""
         config.validate()
         self.root = Path(root)
         self.config = config
@@ -824,13 +857,15 @@ class ShardedLog(_Committed):
         self.recovered_dedup: dict = {}
         self.loop = None
         self.reports: dict[int, RecoveryReport] = {}
+        self.lock_wait = lock_wait
+        self.locks: dict[int, DirLock] = {}
 
     def _dir(self, shard: int) -> Path:
         return self.root / f"shard-{shard:04d}"
 
     def _new_log(self, shard: int) -> AppendLog:
         lg = AppendLog(self._dir(shard), self.config, fault=self.fault, worker=self._worker,
-                       committer=self.committer, lazy=True)
+                       committer=self.committer, lazy=True, lock=self.locks.get(shard))
         self.reports[shard] = lg.open()
         for key, table in lg.recovered_dedup.items():
             self.recovered_dedup.setdefault(key, {}).update(table)
@@ -839,12 +874,14 @@ class ShardedLog(_Committed):
             lg.start(self.loop)
         return lg
 
-    def open(self) -> RecoveryReport:
-        """Recover every owned shard that has a log (before anyone is served)."""
+    def open(self, cancelled=None) -> RecoveryReport:
+        """Lock every owned shard and recover each that has a log as soon as its
+        lock is ours (before anyone is served). `cancelled()` True ends a wait for
+        held shards early (the worker's supervisor is gone: give the shards back)."""
         self.root.mkdir(parents=True, exist_ok=True)
         total = RecoveryReport()
-        for shard in self.map.owned_shards():
-            if self._dir(shard).is_dir():
+        for shard in self._lock_shards(cancelled or (lambda: False)):
+            if any(self._dir(shard).glob("*.seg")):
                 r = self._new_log(shard).report
                 total.segments += r.segments
                 total.bytes_scanned += r.bytes_scanned
@@ -856,6 +893,35 @@ class ShardedLog(_Committed):
         _log.info("event=recovered_shards dir=%s shards=%d segments=%d pending=%d seconds=%.3f",
                   self.root, len(self.logs), total.segments, total.pending, total.seconds)
         return total
+
+    def _lock_shards(self, cancelled):
+        """Yield each owned shard once its lock is ours: free ones at once, held
+        ones as their holders let go (a drained predecessor's workers exit one by
+        one), polled since a blocking flock cannot time out; past `lock_wait`
+        seconds, release everything and raise DataDirInUse."""
+        waiting = {shard: DirLock(self._dir(shard)) for shard in self.map.owned_shards()}
+        start = time.monotonic()
+        waited = 0
+        while True:
+            for shard, lock in list(waiting.items()):
+                if lock.try_acquire():
+                    del waiting[shard]
+                    self.locks[shard] = lock
+                    yield shard
+            if not waiting:
+                if waited:
+                    _log.info("event=shard_locks_taken dir=%s shards=%d waited=%.2fs",
+                              self.root, waited, time.monotonic() - start)
+                return
+            if not waited:
+                waited = len(waiting)
+                holders = sorted({str(lock.holder() or "unknown") for lock in waiting.values()})
+                _log.warning("event=shard_lock_wait dir=%s shards=%d held_by=%s wait_up_to=%gs",
+                             self.root, waited, ",".join(holders), self.lock_wait)
+            if time.monotonic() - start >= self.lock_wait or cancelled():
+                self.close()
+                raise next(iter(waiting.values())).in_use()
+            time.sleep(LOCK_POLL_S)
 
     def start(self, loop) -> None:
         self.loop = loop
@@ -948,3 +1014,6 @@ class ShardedLog(_Committed):
         for lg in self.logs.values():
             lg.close()
         self._worker.stop()
+        for lock in self.locks.values():     # last: a successor may take the shards now
+            lock.release()
+        self.locks.clear()

@@ -3,6 +3,11 @@
 Client commands take --host/--port (same defaults as serve) and either
 --token T or --data-dir D (a token is derived from the server secret there,
 for use on the server's own machine).
+
+In JSON output every id (u64: message ids, origin ids) is a decimal string:
+real ids are (ms << 22 | ...), above 2^53, and jq or JavaScript read JSON
+numbers as doubles, which round them. Timestamps (ms) stay numbers: they are
+far below 2^53.
 """
 import argparse
 import asyncio
@@ -184,17 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", default=None, help="server data directory holding the secret")
 
     p = verbs.add_parser("send", help="send one message and wait for the server ACK",
-                         description="Send TEXT and print the server message id once it is stored.")
+                         description="Send TEXT and print the server message id once it is stored: a decimal "
+                                     "u64 on one line (above 2^53: keep it as a string; jq and JavaScript "
+                                     "round it as a number), or with --json {\"id\": \"...\", \"ts\": ms}.")
     _add_identity(p, "cli-send")
     p.add_argument("--to", required=True, metavar="USER", help="recipient user id")
     p.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds to wait for the ACK (default 10)")
+    p.add_argument("--json", action="store_true", help="print the ACK as JSON: the id as a string, ts in ms")
     p.add_argument("text", metavar="TEXT")
 
     p = verbs.add_parser("recv", help="print delivered messages and receipts as JSON lines; ack them",
                          description="Print delivered messages as JSON lines (from, id, text, ts, device; "
-                                     "peer for copies of what this user sent from another device) and "
-                                     "acknowledge them; receipts for this user's messages are printed as "
-                                     "lines with a receipt field (delivered/read, msg_id, by, device).")
+                                     "peer and origin_id for copies of what this user sent from another "
+                                     "device, group and origin_id for group messages) and acknowledge them; "
+                                     "receipts for this user's messages are printed as lines with a receipt "
+                                     "field (delivered/read, msg_id, by, device, ts). Ids are JSON strings "
+                                     "(u64 above 2^53: exact in jq and JavaScript); ts is a number (ms).")
     _add_identity(p, "main")
     p.add_argument("--count", type=_positive(int), default=None, help="exit after N messages")
     p.add_argument("--timeout", type=_positive(float), default=None,
@@ -351,7 +361,7 @@ async def _send(args) -> int:
         raise CliError(f"no ACK within {args.timeout:g} s: the message may or may not be stored") from None
     finally:
         await client.close()
-    print(result.id)
+    print(json.dumps({"id": str(result.id), "ts": result.timestamp_ms}) if args.json else result.id)
     return 0
 
 
@@ -361,13 +371,17 @@ def _json_line(m) -> str:
     except UnicodeDecodeError:
         import base64
         body = {"payload_b64": base64.b64encode(m.payload).decode("ascii")}
-    extra = {"peer": m.peer, "origin_id": m.origin_id} if m.peer else {}
-    return json.dumps({"from": m.sender, "device": m.sender_device, "id": m.id, "ts": m.timestamp_ms, **body,
+    extra = {}
+    if m.peer:
+        extra = {"peer": m.peer, "origin_id": str(m.origin_id)}
+    elif m.group:
+        extra = {"group": m.group, "origin_id": str(m.origin_id)}
+    return json.dumps({"from": m.sender, "device": m.sender_device, "id": str(m.id), "ts": m.timestamp_ms, **body,
                        **extra}, ensure_ascii=False)
 
 
 def _receipt_line(r) -> str:
-    return json.dumps({"receipt": r.kind, "msg_id": r.msg_id, "by": r.by, "device": r.by_device,
+    return json.dumps({"receipt": r.kind, "msg_id": str(r.msg_id), "by": r.by, "device": r.by_device,
                        "ts": r.timestamp_ms}, ensure_ascii=False)
 
 

@@ -56,6 +56,9 @@ class GatewayConfig:
     restart_backoff: float = 0.1
     #: SIGTERM: seconds connections get to finish before they are cut
     shutdown_grace: float = 5.0
+    #: seconds a worker waits for shard logs another process holds (a drained predecessor still exiting) before
+    #: it gives up (exit 4)
+    lock_wait: float = 300.0
     #: GOAWAY reconnect hints are spread uniformly over this many ms
     reconnect_spread_ms: int = 5_000
     #: listen(2) queue of each listening socket
@@ -164,6 +167,8 @@ class GatewayConfig:
             raise ValueError("admin host must not be empty")
         if not (0.05 <= self.metrics_refresh <= 3600):
             raise ValueError(f"metrics refresh must be between 0.05 and 3600 seconds, got {self.metrics_refresh}")
+        if not (0 <= self.lock_wait <= 86400):
+            raise ValueError(f"lock wait must be between 0 and 86400 seconds, got {self.lock_wait}")
         if self.drain_batch < 1:
             raise ValueError(f"drain batch must be at least 1, got {self.drain_batch}")
         if not (0 <= self.drain_pause <= 3600):

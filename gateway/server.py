@@ -2,6 +2,7 @@
 import asyncio
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -58,6 +59,7 @@ class Gateway:
         self.ready = False               # serving (gateway/metrics.py reports it for /readyz)
         self.draining = False
         self.drained = 0                 # sessions told to go by drain()
+        self.parent_fd = -1              # readable (EOF) once the supervisor is gone; -1: no supervisor
 
     @staticmethod
     def now_ms() -> int:
@@ -77,8 +79,8 @@ class Gateway:
         self.shards = ShardMap(DEFAULT_SHARDS, cfg.workers, cfg.worker_index)
         if cfg.store == "log":
             check_layout(cfg.data_dir, DEFAULT_SHARDS)
-            store = ShardedLog(Path(cfg.data_dir) / "log", cfg.log_config(), self.shards)
-            store.open()                     # recovery: before anyone is served
+            store = ShardedLog(Path(cfg.data_dir) / "log", cfg.log_config(), self.shards, lock_wait=cfg.lock_wait)
+            store.open(self._parent_gone_now)  # the owned shards' locks, then recovery: before anyone is served
             store.start(self.loop)
             store.on_fatal = self._store_failed
         else:
@@ -150,6 +152,10 @@ class Gateway:
         for c in self.connections:
             if not c.transport.is_closing():
                 (c.transport.pause_reading if paused else c.transport.resume_reading)()
+
+    def _parent_gone_now(self) -> bool:
+        """Polled while waiting for shard locks (no event loop watches the pipe yet)."""
+        return self.parent_fd >= 0 and bool(select.select([self.parent_fd], [], [], 0)[0])
 
     def parent_gone(self) -> None:
         """The supervisor died: stop listening at once (so a new one can bind), then stop."""
@@ -274,6 +280,7 @@ def run_worker(config: GatewayConfig, listen_sock, cluster: str, parent_fd: int,
 
     async def main() -> int:
         gw = Gateway(config)
+        gw.parent_fd = parent_fd
         await gw.start(listen_sock=listen_sock, cluster=cluster, ws_sock=ws_sock)
         from .metrics import serve_worker
         # the supervisor's admin thread asks here; the server object must be kept:

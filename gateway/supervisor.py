@@ -10,6 +10,13 @@ while it restarts wait in its queue instead of being refused. After HELLO a
 connection whose user lives on another worker's shards is handed to that
 worker (gateway/bus.py). Workers watch a pipe from the supervisor and stop at once if
 the supervisor dies, so a restarted one can bind the port again.
+
+One gateway per data dir: the supervisor holds DATA_DIR/LOCK from start to exit
+(a second `serve` exits 4 with one line), and each worker holds the locks of the
+shard logs it owns (`_core/dirlock.py`), so a killed worker's shards are free for
+its successor at once. A drain lets go of the data dir as soon as the listeners
+close: the next gateway may start then, and its workers take the shards over as
+the draining workers exit.
 """
 import errno
 import math
@@ -21,6 +28,9 @@ import sys
 import time
 import traceback
 
+from _core.dirlock import DirLock
+from _core.errors import DataDirInUse
+
 from . import log
 from .auth import load_or_create_secret
 from .config import GatewayConfig
@@ -31,6 +41,8 @@ _log = log.get("switchboard.supervisor")
 SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2}
 MAX_BACKOFF = 5.0
 STABLE_AFTER = 10.0       # a worker that lived this long resets its backoff
+EXIT_IN_USE = 4           # the data dir (or a shard log in it) is held by another process
+READY_TIMEOUT = 60.0      # seconds workers get to recover their logs and join the bus (plus lock_wait)
 
 
 class Supervisor:
@@ -51,6 +63,8 @@ class Supervisor:
         self.admin = None                        # the admin HTTP listener (gateway/admin.py), unless off
         self.drain_request = None                # (batch, pause) from the admin thread
         self.draining = False
+        self.lock = None                         # DATA_DIR/LOCK, held until exit or a drain
+        self.last_status: dict[int, int] = {}    # worker index -> exit status of its last process
 
     def _bind(self, port: int) -> list[socket.socket]:
         """One listening socket per worker on `port` (SO_REUSEPORT)."""
@@ -76,7 +90,17 @@ class Supervisor:
         from .server import banner
         cfg = self.config
         try:
-            os.makedirs(cfg.data_dir, exist_ok=True)
+            self.lock = DirLock(cfg.data_dir).acquire()     # first: before anything in it is read or made
+        except DataDirInUse as exc:
+            holder = f" (pid {exc.pid})" if exc.pid else ""
+            print(f"switchboard: data dir {os.path.abspath(cfg.data_dir)} is in use by another gateway{holder}; "
+                  f"stop or drain it first, or give another --data-dir", file=sys.stderr, flush=True)
+            return EXIT_IN_USE
+        except OSError as exc:
+            print(f"switchboard: cannot lock data dir {os.path.abspath(cfg.data_dir)}: {exc.strerror or exc}",
+                  file=sys.stderr, flush=True)
+            return 1
+        try:
             load_or_create_secret(cfg.data_dir)
             check_layout(cfg.data_dir, DEFAULT_SHARDS)
             self.listen_socks = self._bind(cfg.port)
@@ -97,9 +121,11 @@ class Supervisor:
             self.admin.start()               # after the mask: signals stay with the main thread
         for k in range(cfg.workers):
             self._spawn(k)
-        if not self._wait_ready(cfg.workers, timeout=60):
+        if not self._wait_ready(cfg.workers, timeout=READY_TIMEOUT + cfg.lock_wait):
             self._stop()
             self._loop()
+            if EXIT_IN_USE in self.last_status.values():
+                return EXIT_IN_USE
             return self.exit_code or 1
         host, port = self.listen_socks[0].getsockname()[:2]
         ws_port = self.ws_socks[0].getsockname()[1] if self.ws_socks else -1
@@ -199,6 +225,11 @@ class Supervisor:
         self.restart_at.clear()
         for sock in (*self.listen_socks, *self.ws_socks):
             sock.close()
+        if self.lock is not None:
+            # no new clients and no restarts from here: a successor may start now; its
+            # workers wait for each shard's lock until ours exit (ShardedLog.open)
+            self.lock.release()
+            _log.info("event=data_dir_released reason=drain dir=%s", log.q(os.path.abspath(self.config.data_dir)))
         from .metrics import ask
         live = sorted((k, pid) for pid, k in self.workers.items())
         sessions = batches = 0
@@ -232,6 +263,7 @@ class Supervisor:
             if k is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
+            self.last_status[k] = code
             if self.stopping:
                 if code not in (0, -signal.SIGTERM):
                     self.exit_code = code if code > 0 else 1
@@ -250,6 +282,7 @@ class Supervisor:
         if pid == 0:                                  # the worker
             code = 1
             try:
+                self.lock.forget()                   # the data dir's lock stays the supervisor's
                 if self.admin is not None:
                     self.admin.close_in_child()
                 os.close(self.parent_w)
@@ -263,6 +296,10 @@ class Supervisor:
                 from .server import run_worker
                 code = run_worker(cfg, self.listen_socks[k], self.cluster, self.parent_r, self.ready_w,
                                   self.ws_socks[k] if self.ws_socks else None)
+            except DataDirInUse as exc:
+                _log.error("event=cannot_start worker=%d reason=shard_log_in_use dir=%s held_by=%s waited=%gs",
+                           k, log.q(exc.directory), exc.pid or "unknown", cfg.lock_wait)
+                code = EXIT_IN_USE
             except BaseException:
                 traceback.print_exc()
             finally:

@@ -63,7 +63,10 @@ class GatewayProcess:
         return pids
 
 
-def start_gateway(data_dir: Path, *args: str, env: dict | None = None, timeout: float = 20.0) -> GatewayProcess:
+def start_gateway(data_dir: Path, *args: str, env: dict | None = None, timeout: float = 20.0,
+                  on_line=None) -> GatewayProcess:
+    """`on_line(line)` sees every line printed before the banner (the test can act
+    on what the starting gateway reports)."""
     if "--segment-size" not in args:
         args = ("--segment-size", "2M", *args)      # tests don't need 64 MiB of zeros per server
     cmd = [sys.executable, "-m", "gateway", "serve", "--port", "0", "--data-dir", str(data_dir), *args]
@@ -76,6 +79,8 @@ def start_gateway(data_dir: Path, *args: str, env: dict | None = None, timeout: 
         if not line:
             break
         lines.append(line)
+        if on_line is not None:
+            on_line(line)
         m = READY.search(line)
         if m:
             ws = WS_READY.search(line)
@@ -101,8 +106,8 @@ def _drain(proc, lines: list) -> None:
 def gateway_factory(tmp_path):
     started = []
 
-    def factory(*args, env=None, data_dir=None):
-        gw = start_gateway(data_dir or tmp_path / f"data{len(started)}", *args, env=env)
+    def factory(*args, env=None, data_dir=None, on_line=None):
+        gw = start_gateway(data_dir or tmp_path / f"data{len(started)}", *args, env=env, on_line=on_line)
         started.append(gw)
         return gw
 

@@ -10,6 +10,7 @@ no consumes: the child spends most of its time copying records into the
 mapping, so a kill often lands in the middle of one).
 
 Protocol on stdout, one line each, flushed:
+    IN_USE <pid>            open() was refused: another process (pid) holds the directory; exit 4
     READY <last_id>         after open() and start()
     ACK <msg_id>            after commit(then, arg) called `then` for that append
     TRY <msg_id>            just before consume() of an earlier message
@@ -26,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _core.errors import DataDirInUse  # noqa: E402
 from _core.log import AppendLog, LogConfig, now_ms  # noqa: E402
 
 RECIPIENTS = 5
@@ -58,7 +60,11 @@ def emit(line: str) -> None:
 async def main(directory: str, durability: str, mode: str, seed: int, iterations: int) -> None:
     loop = asyncio.get_running_loop()
     log = AppendLog(directory, config(durability))
-    log.open()
+    try:
+        log.open()
+    except DataDirInUse as exc:
+        emit(f"IN_USE {exc.pid}")
+        sys.exit(4)
     log.start(loop)
     emit(f"READY {log.last_id()}")
     rng = random.Random(seed)

@@ -184,3 +184,74 @@ def test_two_browsers_and_an_sdk_client_chat(gateway_factory, browsers):
     pb.quit()
     open_chat(pa, bob)
     wait(pa, "bob's last seen", lambda: status(pa).startswith("last seen"))
+
+
+def test_ids_above_2_53_stay_exact_in_the_page_its_history_and_its_receipts(gateway_factory, browsers):
+    """Ids are ms << 22 | worker << 16 | sequence; those made in the same millisecond
+    as another need more than a double. A burst of them reaches the page, is
+    acknowledged (RECEIVED) by exact id, survives a reload from the page's
+    localStorage history, and is read (READ) by exact id; then the server holds
+    nothing for the page's device."""
+    gw = gateway_factory("--workers", "2")
+    tag = uuid.uuid4().hex[:6]
+    dana, sender, device = f"dana{tag}", f"pysender{tag}", "chrome-d"
+    page = browsers(f"http://{gw.host}:{gw.ws_port}/")
+    login(page, gw.token(dana), device)
+
+    # the module's own id rule: exact strings in, rounded Numbers refused
+    checks = page.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('/switchboard.js').then(({ toU64 }) => {"
+        "  let refused = '';"
+        "  try { toU64(2 ** 53 + 2); } catch (e) { refused = e.name + ': ' + e.message; }"
+        "  done([toU64('18446744073709551615').toString(), typeof toU64('7'), refused]);"
+        "}).catch((e) => done(['failed', String(e)]));")
+    assert checks[:2] == ["18446744073709551615", "bigint"]
+    assert checks[2].startswith("TypeError: a u64 id must be a BigInt or a decimal string"), checks
+
+    loop = Loop()
+    try:
+        c = gw.client(sender, "sdk")
+        loop.run(c.connect())
+
+        async def burst():
+            return await asyncio.gather(*(c.send(dana, f"exact {i}") for i in range(20)))
+        sent = sorted(r.id for r in loop.run(burst()))
+        assert any(float(i) != i for i in sent), "no id in the burst needs more than a double"
+
+        async def receipts(kind):
+            got = set()
+            while len(got) < len(sent):
+                r = await c.recv_receipt(timeout=WAIT)
+                if r.kind == kind:
+                    assert r.by == dana
+                    got.add(r.msg_id)
+            return got
+        # the page acknowledged every message by its exact id (a rounded one matches nothing)
+        assert loop.run(receipts("delivered"), timeout=2 * WAIT) == set(sent)
+
+        history = "return JSON.parse(localStorage.getItem(arguments[0]))[arguments[1]].msgs.map(m => m.id);"
+        assert page.execute_script(history, f"sb:{dana}:history", sender) == [str(i) for i in sent]
+
+        # a new page load: the history comes back from localStorage, resumes after the exact id
+        page.refresh()
+        wait(page, "logged in again", lambda: page.execute_script(
+            "return document.getElementById('conn-status').textContent === 'online';"))
+        wait(page, "the conversation from history", lambda: has_contact(page, sender))
+        open_chat(page, sender)
+        wait(page, "the burst on screen", lambda: texts(page) == [f"exact {i}" for i in range(20)])
+        on_screen = page.execute_script("return [...document.querySelectorAll('.msg')].map(e => e.dataset.id);")
+        assert on_screen == [str(i) for i in sent]
+        # opening it sent READ with the ids read back from storage
+        assert loop.run(receipts("read"), timeout=2 * WAIT) == set(sent)
+        page.quit()
+
+        async def nothing_held():
+            async with gw.client(dana, device) as same_device:
+                await same_device.ping()             # the PONG comes after any backlog
+                with pytest.raises(asyncio.TimeoutError):
+                    await same_device.recv(timeout=0.05)
+        loop.run(nothing_held())
+        loop.run(c.close())
+    finally:
+        loop.stop()

@@ -65,7 +65,7 @@ def test_send_then_recv(gateway_proc):
     lines = r.stdout.splitlines()
     assert len(lines) == 1, r.stdout
     m = json.loads(lines[0])
-    assert (m["from"], m["text"], m["id"]) == ("alice", text, msg_id)
+    assert (m["from"], m["text"], m["id"]) == ("alice", text, str(msg_id))
     assert m["device"] == "cli-send"
     assert isinstance(m["ts"], int) and abs(m["ts"] - time.time() * 1000) < 60_000
 
@@ -85,7 +85,7 @@ def test_send_with_issued_token(gateway_proc):
     r = sb("recv", "--as", "erin", "--count", "1", "--timeout", "5", *endpoint(gw))
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
-    assert (m["from"], m["text"], m["id"]) == ("dave", "via token", msg_id)
+    assert (m["from"], m["text"], m["id"]) == ("dave", "via token", str(msg_id))
 
 
 def test_send_nothing_listening(tmp_path):
@@ -117,7 +117,7 @@ def test_recv_without_count_prints_what_arrived(gateway_proc):
     for text in ("first", "second"):
         r = sb("send", "--as", "alice", "--to", "bob", text, *endpoint(gw))
         assert r.returncode == 0, r.stderr
-        ids.append(int(r.stdout))
+        ids.append(r.stdout.strip())
     r = sb("recv", "--as", "bob", "--timeout", "1.5", *endpoint(gw))
     assert r.returncode == 0, r.stderr
     got = [json.loads(line) for line in r.stdout.splitlines()]
@@ -214,8 +214,8 @@ def test_recv_shows_receipts_as_well_as_messages(gateway_proc):
     r = sb("recv", "--as", "alice", "--timeout", "2", *endpoint(gw))
     assert r.returncode == 0, r.stderr
     lines = [json.loads(l) for l in r.stdout.splitlines()]
-    assert {(l["receipt"], l["msg_id"], l["by"]) for l in lines} == {("delivered", msg_id, "bobby"),
-                                                                     ("read", msg_id, "bobby")}
+    assert {(l["receipt"], l["msg_id"], l["by"]) for l in lines} == {("delivered", str(msg_id), "bobby"),
+                                                                     ("read", str(msg_id), "bobby")}
 
 
 def test_presence_command_is_no_device(gateway_proc):
@@ -238,3 +238,58 @@ def test_presence_command_is_no_device(gateway_proc):
             with pytest.raises(asyncio.TimeoutError):
                 await ghost.recv(timeout=0.05)
     asyncio.run(check())
+
+
+def as_javascript_reads_it(line: str) -> dict:
+    """JSON as JavaScript's JSON.parse and jq 1.6 read it: every number a double."""
+    return json.loads(line, parse_int=float)
+
+
+def test_json_ids_stay_exact_where_numbers_are_doubles(gateway_proc):
+    """Ids are ms << 22 | worker << 16 | sequence: those made in the same millisecond
+    as another have low bits a double cannot hold. Every id the CLI prints in JSON
+    (messages, origin ids of mirror copies and group messages, receipts, send
+    --json) is a string, so it survives a parser that reads numbers as doubles."""
+    import asyncio
+    gw = gateway_proc
+    burst = 20
+
+    async def send_burst():
+        async with gw.client("big-alice", "other"):       # a second device: it gets mirror copies
+            pass
+        async with gw.client("big-alice", "main") as a:
+            g = await a.group("create", "#big-ids", members=["big-bob"])
+            assert set(g["members"]) == {"big-alice", "big-bob"}
+            direct = await asyncio.gather(*(a.send("big-bob", f"direct {i}") for i in range(burst)))
+            grouped = await asyncio.gather(*(a.send("#big-ids", f"group {i}") for i in range(burst)))
+        return [r.id for r in direct], [r.id for r in grouped]
+    direct, grouped = asyncio.run(send_burst())
+    assert any(float(i) != i for i in direct + grouped), "no id in the burst needs more than a double"
+
+    r = sb("recv", "--as", "big-bob", "--count", 2 * burst, "--timeout", "10", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+    got = [as_javascript_reads_it(line) for line in r.stdout.splitlines()]
+    assert all(isinstance(m["id"], str) for m in got)
+    assert [int(m["id"]) for m in got if "group" not in m] == direct
+    assert [m["text"] for m in got if "group" not in m] == [f"direct {i}" for i in range(burst)]
+    assert [int(m["origin_id"]) for m in got if m.get("group") == "#big-ids"] == grouped
+    assert all(isinstance(m["ts"], float) and m["ts"] == int(m["ts"]) for m in got)   # ms: exact as numbers
+
+    r = sb("recv", "--as", "big-alice", "--device", "other", "--count", burst, "--timeout", "10", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+    mirrors = [as_javascript_reads_it(line) for line in r.stdout.splitlines()]
+    mirrors = [m for m in mirrors if m.get("peer") == "big-bob"]
+    assert [int(m["origin_id"]) for m in mirrors] == direct
+
+    r = sb("recv", "--as", "big-alice", "--device", "main", "--timeout", "2", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+    receipts = [as_javascript_reads_it(line) for line in r.stdout.splitlines()]
+    delivered = {int(x["msg_id"]) for x in receipts if x.get("receipt") == "delivered" and x["by"] == "big-bob"}
+    assert set(direct) <= delivered
+
+    r = sb("send", "--json", "--as", "big-alice", "--to", "big-bob", "one more", *endpoint(gw))
+    assert r.returncode == 0, r.stderr
+    sent = as_javascript_reads_it(r.stdout)
+    assert set(sent) == {"id", "ts"} and isinstance(sent["id"], str) and int(sent["id"]) >> 22 > 0
+    r = sb("recv", "--as", "big-bob", "--count", 1, "--timeout", "10", *endpoint(gw))
+    assert as_javascript_reads_it(r.stdout)["id"] == sent["id"]

@@ -406,7 +406,8 @@ def write_records(directory, logs, n=20, running=False, payload=b"p" * 300):
         for mid in ids:
             log.append("bob", mid, mid >> 22, "s", "d", payload + mid.to_bytes(8, "big"))
         await until(lambda: spare_ready(log) and len(seg_files(live)) >= 2, what="spare segment files")
-        shutil.copytree(live, directory)
+        # a spare being prepared meanwhile may come and go as .tmp: a kill leaves it or not
+        shutil.copytree(live, directory, ignore=shutil.ignore_patterns(".*.seg.tmp"))
 
     if running:
         live = Path(str(directory) + "-live")

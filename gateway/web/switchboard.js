@@ -15,7 +15,11 @@
 //
 // Events (CustomEvent, data in `detail`): welcome, message, receipt, presence,
 // typing, status ("connecting" | "online" | "offline" | "closed"), error.
-// Ids (msg ids, seqs, producers) are BigInt.
+// Ids (msg ids, origin ids, seqs, producers, receipt ids, resumeAfter) are BigInt
+// end to end: ids are ms << 22 | worker << 16 | sequence, above 2^53, where a
+// Number has already lost digits. Methods taking ids (ack, read, resumeAfter)
+// accept BigInt or a decimal string (how JSON keeps them) and refuse a Number
+// that is not a safe integer. Timestamps (ts, lastSeenMs) are Numbers (ms).
 
 export const FrameType = Object.freeze({
   HELLO: 0x01, WELCOME: 0x02, SEND: 0x03, ACK: 0x04, DELIVER: 0x05, RECEIVED: 0x06, PING: 0x07,
@@ -40,6 +44,7 @@ const FATAL_AUTH = new Set([ErrorCode.AUTH_FAILED, ErrorCode.TOKEN_EXPIRED, Erro
 const FLAG_FATAL = 0x01, FLAG_SEND_ONLY = 0x01, FLAG_MIRROR = 0x02, FLAG_GROUP = 0x04;
 const GOAWAY_REPLACED = 2;
 const MAX_IDS = 4096;
+const U64_MAX = 0xFFFFFFFFFFFFFFFFn;
 const utf8 = new TextEncoder();
 const fromUtf8 = new TextDecoder("utf-8", { fatal: true });
 
@@ -49,6 +54,23 @@ export class ServerError extends Error {
     super(`${name}: ${reason}`);
     Object.assign(this, { code, reason, ref, fatal, name: "ServerError" });
   }
+}
+
+// -- ids ---------------------------------------------------------------------------------
+
+/** A u64 as BigInt, exactly: a BigInt as it is, a decimal string parsed, a Number
+ *  only while it is a safe integer (past 2^53 it has already been rounded). */
+export function toU64(v) {
+  let b = null;
+  if (typeof v === "bigint") b = v;
+  else if (typeof v === "string" && /^[0-9]{1,20}$/.test(v)) b = BigInt(v);
+  else if (typeof v === "number" && Number.isSafeInteger(v)) b = BigInt(v);
+  if (b === null) {
+    throw new TypeError(`a u64 id must be a BigInt or a decimal string, not ${typeof v} ${String(v)}` +
+      (Number.isInteger(v) ? " (a Number above 2^53 has lost digits)" : ""));
+  }
+  if (b < 0n || b > U64_MAX) throw new RangeError(`not a u64: ${b}`);
+  return b;
 }
 
 // -- encoding ---------------------------------------------------------------------------
@@ -64,7 +86,7 @@ class FrameWriter {
   bytes(b) { this.parts.push(b); this.size += b.length; return this; }
   u8(v) { return this.bytes(Uint8Array.of(v)); }
   u16(v) { const b = new Uint8Array(2); new DataView(b.buffer).setUint16(0, v); return this.bytes(b); }
-  u64(v) { const b = new Uint8Array(8); new DataView(b.buffer).setBigUint64(0, BigInt(v)); return this.bytes(b); }
+  u64(v) { const b = new Uint8Array(8); new DataView(b.buffer).setBigUint64(0, toU64(v)); return this.bytes(b); }
   str8(s, min = 1) {
     const b = utf8.encode(s);
     if (b.length < min || b.length > 255) throw new RangeError(`id must be ${min}..255 bytes: ${s}`);
@@ -164,7 +186,7 @@ export class Client extends EventTarget {
    * @param {string} o.url         ws://host:port/ws
    * @param {string} o.token       from `switchboard token issue`
    * @param {string} o.device      this device's id
-   * @param {bigint} [o.resumeAfter] highest id already processed (persist it)
+   * @param {bigint|string} [o.resumeAfter] highest id already processed (persist it, as a string)
    * @param {boolean} [o.sendOnly]  a sender that is no device
    * @param {boolean} [o.reconnect] re-connect with backoff (default true)
    */
@@ -174,8 +196,8 @@ export class Client extends EventTarget {
     Object.assign(this, { url, token, device, sendOnly, reconnect, maxBackoffMs });
     this.welcome = null;
     this.ws = null;
-    this.seenHwm = BigInt(resumeAfter);   // highest id handed to the application
-    this.ackedHwm = BigInt(resumeAfter);  // highest id the application acknowledged: resume_after
+    this.seenHwm = toU64(resumeAfter);    // highest id handed to the application
+    this.ackedHwm = this.seenHwm;         // highest id the application acknowledged: resume_after
     this.nextId = randomId();             // nonces and group request ids
     this.producer = 0n;                   // whose seqs our SENDs carry (from WELCOME)
     this.nextSeq = 1n;
@@ -369,9 +391,9 @@ export class Client extends EventTarget {
     }, delay);
   }
 
-  /** Acknowledge delivered messages (the server may drop them; the sender gets DELIVERED). */
+  /** Acknowledge delivered messages, or their ids (the server may drop them; the sender gets DELIVERED). */
   ack(...messages) {
-    const ids = messages.map((m) => (typeof m === "bigint" ? m : m.id));
+    const ids = messages.map((m) => toU64(typeof m === "object" && m !== null ? m.id : m));
     for (const id of ids) if (id > this.ackedHwm) this.ackedHwm = id;
     this._received(ids);
   }
@@ -391,7 +413,7 @@ export class Client extends EventTarget {
     for (const m of messages) {
       if (m.mirror || (this.welcome && m.sender === this.welcome.user)) continue;
       const list = byPeer.get(m.sender) || [];
-      list.push(m.group ? m.originId : m.id);
+      list.push(toU64(m.group ? m.originId : m.id));
       byPeer.set(m.sender, list);
     }
     for (const [peer, ids] of byPeer) {
