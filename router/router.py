@@ -69,15 +69,15 @@ class Router(RouteCore):
         if not send_only and len(online) >= self.max_devices:
             raise ProtocolError(f"{user} already has {len(online)} devices online (the limit is "
                                 f"{self.max_devices})", ErrorCode.DEVICE_LIMIT)
+        if transport is None and (write is None or close is None):
+            raise TypeError("open_session needs write and close, or transport")
+        session = Session(self, user, device, next(self._session_ids), write, close, transport)
+        producer = self.bind_producer(session, producer)       # FENCED before anything changes
         for old in self.sessions_of(user):
             if old.device == device:
                 # its queued ACKs, then the GOAWAY, go out with this turn's batch; then it closes
                 old.goaway(GoawayCode.REPLACED, 0, "replaced by a newer connection of this device")
                 self._unroute(old)
-        if transport is None and (write is None or close is None):
-            raise TypeError("open_session needs write and close, or transport")
-        session = Session(self, user, device, next(self._session_ids), write, close, transport)
-        producer = self.bind_producer(session, producer)
         if welcome is not None:
             session.write_frame(dataclasses.replace(welcome, session_id=session.session_id, producer=producer,
                                                     send_window=self.dedup_window))

@@ -191,3 +191,50 @@ def test_s6_pipelined_sends_stay_in_order_across_kills_of_the_recipients_worker(
     seen = [m.text for m in got]
     assert seen == [f"m{i}" for i in range(n)]
     assert [m.id for m in got] == sorted(m.id for m in got)
+
+
+def test_s4_fenced_an_older_producer_of_the_device_may_not_send(gateway_factory):
+    """PROTOCOL.md section 4, FENCED: once a newer producer of a device has sent, a HELLO
+    with the older one is refused (fatal) where the device's stream is known, and a
+    SEND of it reaching a shard that saw the newer one is refused (non-fatal)."""
+    gw = gateway_factory("--workers", "1")
+    with Raw(gw) as r:
+        old = r.hello(gw.token("fence-a"), device="phone").producer
+        r.send(encode(F.Send(1, "fence-b", b"old 1")))
+        assert isinstance(r.frame(), F.Ack)
+    with Raw(gw) as r:
+        new = r.hello(gw.token("fence-a"), device="phone").producer
+        assert new > old
+        r.send(encode(F.Send(1, "fence-b", b"new 1")))
+        assert isinstance(r.frame(), F.Ack)
+    with Raw(gw) as r:
+        r.send(encode(F.Hello(2, gw.token("fence-a"), "phone", 0, False, old)))
+        frames, closed = r.until_eof()
+        assert closed and [(f.code, f.fatal) for f in frames] == [(ErrorCode.FENCED, True)]
+    gw.proc.send_signal(signal.SIGKILL)            # the device's stream state is gone; the shard's is not
+    gw.proc.wait(10)
+    gw2 = gateway_factory("--workers", "1", data_dir=gw.data_dir)
+    with Raw(gw2) as r:
+        assert r.hello(gw2.token("fence-a"), device="phone", producer=old).producer == old
+        r.send(encode(F.Send(2, "fence-b", b"old 2")))
+        err = r.frame()
+        assert isinstance(err, F.Error) and (err.code, err.ref, err.fatal) == (ErrorCode.FENCED, 2, False)
+    assert [m.text for m in asyncio.run(_drain(gw2, "fence-b", 2))] == ["old 1", "new 1"]
+
+
+def test_s7_receipts_for_a_send_only_user_wait_in_its_shared_inbox(gateway_proc):
+    """Defect 5: a bot that only sends (no registered device) still gets the
+    DELIVERED receipt when its first device connects."""
+    gw = gateway_proc
+
+    async def main():
+        async with gw.client("rcpt-bot", "cli", send_only=True) as bot:
+            sent = await bot.send("rcpt-bob", "hello from a bot")
+        async with gw.client("rcpt-bob") as bob:
+            m = await bob.recv(timeout=5)
+            await bob.ack(m)
+            await bob.ping()
+        async with gw.client("rcpt-bot", "phone") as phone:
+            r = await phone.recv_receipt(timeout=5)
+            assert (r.kind, r.msg_id, r.by) == ("delivered", sent.id, "rcpt-bob")
+    asyncio.run(main())
