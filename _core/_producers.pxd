@@ -11,6 +11,7 @@ cdef enum:
 
 
 cdef class SendState:
+    cdef readonly str key              # "user\0device": the producer tables' key
     cdef public uint64_t producer
     cdef public uint64_t max_seen      # highest seq accepted from this producer
     cdef public uint64_t resume_at     # a seq that failed: nothing after it is accepted before it

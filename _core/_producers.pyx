@@ -32,7 +32,8 @@ ADMIT = {ADMIT_NEW: "new", ADMIT_DUPLICATE: "duplicate", ADMIT_FENCED: "fenced",
 cdef class SendState:
     """The device's stream as its serving worker sees it."""
 
-    def __init__(self, uint64_t producer, bint known):
+    def __init__(self, str key, uint64_t producer, bint known):
+        self.key = key
         self.producer = producer
         self.max_seen = 0
         self.resume_at = 0

@@ -21,7 +21,6 @@ cdef class SessionCore(FrameSink):
     cdef public uint64_t producer             # whose sequence this session's SEND seqs continue
     cdef bint _fresh_producer                 # handed out in this session's WELCOME: its seqs start at 1
     cdef SendState _send         # this device's stream state; None until its first SEND
-    cdef str _pkey               # "user\0device", the producer tables' key; None until its first SEND
     cdef bint _queued            # already in the core's flush list this loop turn
     cdef bint _close_after_flush
     cdef public bint send_only                # sends only: gets no DELIVERs, is no registered device

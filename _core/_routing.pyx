@@ -121,7 +121,6 @@ cdef class SessionCore(FrameSink):
         self.producer = 0
         self._fresh_producer = False
         self._send = None
-        self._pkey = None
         self.send_only = False
         self.forwards_pending = 0
         self._deferred_error = None
@@ -350,7 +349,7 @@ cdef class RouteCore:
         if not self._is_local(recipient):
             return self.route_remote(sender, seq, recipient, payload, n, t0)
         table = self._producers_for(recipient)
-        admit = self._admit(table, sender._pkey, sender.producer, seq, &msg_id, &ts)
+        admit = self._admit(table, sender._send.key, sender.producer, seq, &msg_id, &ts)
         if admit == ADMIT_DUPLICATE:
             # a retry (e.g. after a reconnect): the original answer, nothing stored or mirrored again
             self.duplicates_dropped += 1
@@ -375,7 +374,7 @@ cdef class RouteCore:
                                     sender.producer)
         except StoreError as exc:
             return self._refuse(sender, table, seq, exc.code, str(exc))
-        table.stored(sender._pkey, sender.producer, seq, msg_id, ts, seg or self._active_segment(recipient))
+        table.stored(sender._send.key, sender.producer, seq, msg_id, ts, seg or self._active_segment(recipient))
         if not is_group:
             self.mirror(sender, recipient, msg_id, payload, n)
         self.acked(sender, seq, msg_id, ts)
@@ -391,7 +390,7 @@ cdef class RouteCore:
         hold the device's later seqs until this one is sent again."""
         cdef bint final = _final(code)
         if table is not None:
-            table.refused(sender._pkey, sender.producer, seq, code, final)
+            table.refused(sender._send.key, sender.producer, seq, code, final)
         if not final:
             sender._send.failed(seq)
         if code == ErrorCode.OUT_OF_ORDER:
@@ -402,12 +401,11 @@ cdef class RouteCore:
     cdef SendState _send_state_of(self, SessionCore s):
         """The device's stream state, made at its first SEND (an idle session costs
         none) and kept across reconnects; a newer producer replaces it."""
-        if s._pkey is None:
-            s._pkey = s.user + "\x00" + s.device
-        st = self._send_states.get(s._pkey)
+        key = s.user + "\x00" + s.device
+        st = self._send_states.get(key)
         if st is None or (<SendState>st).producer < s.producer:
-            st = SendState(s.producer, s._fresh_producer)
-            self._send_states[s._pkey] = st
+            st = SendState(key, s.producer, s._fresh_producer)
+            self._send_states[key] = st
         s._send = <SendState>st
         return <SendState>st
 
