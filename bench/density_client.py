@@ -26,7 +26,7 @@ FIRST_PORT, LAST_PORT = 10_000, 32_000
 
 
 class Session(asyncio.Protocol):
-    __slots__ = ("client", "transport", "pending", "ready", "user", "waiter", "index", "why")
+    __slots__ = ("client", "transport", "pending", "ready", "user", "waiter", "index", "why", "seq")
 
     def __init__(self, client, user, index):
         self.client = client
@@ -37,6 +37,7 @@ class Session(asyncio.Protocol):
         self.index = index
         self.waiter = None
         self.why = None          # what the server said before closing (GOAWAY, ERROR)
+        self.seq = 0             # SEND seqs of this session's producer (PROTOCOL.md section 6)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -195,7 +196,8 @@ class Client:
             fut = self.loop.create_future()
             self.messages[tag] = fut
             t0 = time.perf_counter()
-            a.write(self.dialect.send(k + 1 + int(t0 * 1000), b.user, b"density check " + tag))
+            a.seq += 1
+            a.write(self.dialect.send(a.seq, b.user, b"density check " + tag))
             try:
                 t1 = await asyncio.wait_for(fut, timeout)
                 ok += 1

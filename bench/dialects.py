@@ -50,8 +50,8 @@ class Switchboard(Dialect):
     def ping(self):
         return self._PING.pack(10, FrameType.PING, 0, 0)
 
-    def send(self, client_id: int, to: str, payload: bytes) -> bytes:
-        return encode(F.Send(client_id, to, payload))
+    def send(self, seq: int, to: str, payload: bytes) -> bytes:
+        return encode(F.Send(seq, to, payload))
 
     def feed(self, conn, data):
         buf = conn.pending + data if conn.pending else data

@@ -17,7 +17,6 @@ import pytest
 from test_metrics import scrape, value
 
 from _core import frames as F
-from _core.errors import ServerError
 from _core.protocol import ErrorCode, GoawayCode
 from _core.pycodec import Decoder, encode
 
@@ -119,33 +118,23 @@ def test_connect_rate_per_ip(gateway_factory):
 
 
 def test_message_rate_limited_then_ok(gateway_factory):
+    """Past the burst a SEND is refused for now (RATE_LIMITED, non-fatal); the SDK
+    sends it again after its backoff, in order, and it is stored once."""
     gw = gateway_factory("--workers", "1", "--msg-rate", "20", "--msg-burst", "5")
 
     async def main():
         async with gw.client("alice") as a, gw.client("bob") as b:
             for i in range(5):
                 await a.send("bob", f"m{i}", timeout=5)
-            with pytest.raises(ServerError) as exc:
-                await a.send("bob", "over", timeout=5)
-            assert exc.value.code == ErrorCode.RATE_LIMITED
-            assert a.connected                           # non-fatal: the session goes on
-            refused = 1
-            deadline = time.monotonic() + 5
-            while True:                                  # refilled at 20/s
-                try:
-                    await a.send("bob", "later", timeout=5)
-                    break
-                except ServerError as e:
-                    assert e.code == ErrorCode.RATE_LIMITED and time.monotonic() < deadline
-                    refused += 1
-                    await asyncio.sleep(0.02)
+            later = await a.send("bob", "over", timeout=10)   # refused, then resent by the SDK
+            assert a.connected and later.id > 0             # non-fatal: the session went on
             got = [(await b.recv(timeout=5)).text for _ in range(6)]
-            assert got == ["m0", "m1", "m2", "m3", "m4", "later"]     # the refused one was not stored
-            return refused
-    refused = asyncio.run(main())
+            assert got == ["m0", "m1", "m2", "m3", "m4", "over"]     # once, in order
+    asyncio.run(main())
     wait_for_log(gw, r"event=limit kind=msg_rate count=\d+ ")
     samples = scrape(gw)                                 # operators see it in /metrics
-    assert value(samples, "rate_limited_total") == refused
+    refused = value(samples, "rate_limited_total")
+    assert 1 <= refused <= 4, refused                    # the backoff (from 50 ms) outwaits a 50 ms refill
     assert value(samples, "errors_total", code="RATE_LIMITED") == refused
 
 

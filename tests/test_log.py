@@ -25,7 +25,7 @@ from _core.protocol import ErrorCode
 SEG = 1 << 20
 REC = struct.Struct("!IIBBH")          # length, crc, type, flags, reserved
 MSG_FIXED = struct.Struct("!IQQQ")     # payload length, msg_id, ts, client_id (after REC)
-REC_MESSAGE, REC_CONSUME = 1, 2
+REC_MESSAGE, REC_CONSUME, REC_MESSAGE_P = 1, 2, 4     # and 3, 5: META with a u8 / u16 key length
 
 
 def cfg(**kw) -> LogConfig:
@@ -109,7 +109,7 @@ def parse_segment(path) -> tuple[dict, list]:
         if length == 0:
             break
         raw = data[pos:pos + length]
-        assert rtype in (REC_MESSAGE, REC_CONSUME, 3) and reserved == 0
+        assert rtype in (REC_MESSAGE, REC_CONSUME, 3, REC_MESSAGE_P, 5) and reserved == 0
         assert crc == crc32c(raw[8:], crc32c(struct.pack("!QQQ", nonce, sid, pos))), f"crc at {pos}"
         records.append((pos, length, rtype, raw))
         pos += (length + 7) & ~7
@@ -117,9 +117,10 @@ def parse_segment(path) -> tuple[dict, list]:
 
 
 def message_fields(raw: bytes) -> tuple:
-    """(msg_id, ts, client_id, recipient, sender, sender_device, payload) of a MESSAGE record."""
+    """(msg_id, ts, client_id, recipient, sender, sender_device, payload) of a MESSAGE record
+    (MESSAGE_P: the producer's u64 follows client_id)."""
     n, msg_id, ts, client_id = MSG_FIXED.unpack_from(raw, 12)
-    pos, ids = 40, []
+    pos, ids = (48 if raw[8] == REC_MESSAGE_P else 40), []
     for _ in range(5):          # recipient, recipient device, sender, sender device, conversation
         ln = raw[pos]
         ids.append(raw[pos + 1:pos + 1 + ln].decode())
@@ -162,12 +163,12 @@ def test_crc32c_known_vector_and_chaining():
 
 # -- reopen -----------------------------------------------------------------------------------
 
-def test_reopen_restores_pending_payloads_last_id_and_dedup(tmp_path, logs):
+def test_reopen_restores_pending_payloads_last_id_and_producers(tmp_path, logs):
     rng = random.Random(7)
     nid = Ids()
     recipients = ["alice", "bob", "carol", "dave-ü"]
     sent = {r: [] for r in recipients}
-    dedup, cids = {}, {}
+    producers, cids = {}, {}
     log = logs(tmp_path)
     assert log.open().segments == 0
     for i in range(400):
@@ -175,12 +176,12 @@ def test_reopen_restores_pending_payloads_last_id_and_dedup(tmp_path, logs):
         mid = nid()
         sender, device = rng.choice([("eve", "phone"), ("frank", "laptop"), ("eve", "")])
         payload = rng.randbytes(rng.choice([0, 1, 7, 100, 3000]))
-        client_id = i + 1 if i % 4 else 0
-        log.append(r, mid, mid >> 22, sender, device, payload, client_id)
+        seq = i + 1 if i % 4 else 0                   # a seq of producer 77, or no original SEND
+        log.append(r, mid, mid >> 22, sender, device, payload, seq, producer=77 if seq else 0)
         sent[r].append((mid, mid >> 22, sender, device, payload))
-        cids[mid] = client_id
-        if client_id:
-            dedup.setdefault((sender, device), {})[client_id] = (mid, mid >> 22)
+        cids[mid] = seq
+        if seq:
+            producers.setdefault(f"{sender}\x00{device}", []).append((seq, mid, mid >> 22))
     last = max(m[0] for v in sent.values() for m in v)
     # consume some: half of alice's, every third of bob's, all of carol's; unknown ids are ignored
     gone = set(m[0] for m in sent["alice"][::2]) | set(m[0] for m in sent["bob"][::3]) \
@@ -197,7 +198,7 @@ def test_reopen_restores_pending_payloads_last_id_and_dedup(tmp_path, logs):
     # the file, read with this test's own reading of the format (CRCs checked in parse_segment)
     (path,) = seg_files(tmp_path)
     _hdr, records = parse_segment(path)
-    messages = [message_fields(raw) for _o, _n, t, raw in records if t == REC_MESSAGE]
+    messages = [message_fields(raw) for _o, _n, t, raw in records if t in (REC_MESSAGE, REC_MESSAGE_P)]
     assert len(messages) == 400 and sum(t == REC_CONSUME for _o, _n, t, _r in records) == 3
     by_id = {m[0]: m for m in messages}
     for r, msgs in sent.items():
@@ -215,7 +216,13 @@ def test_reopen_restores_pending_payloads_last_id_and_dedup(tmp_path, logs):
         assert [(d.msg_id, d.timestamp_ms, d.sender, d.sender_device, bytes(d.payload))
                 for d in delivered(again, r)] == [tuple(m) for m in msgs]
     assert again.last_id() == last
-    assert again.recovered_dedup == dedup
+    for key, entries in producers.items():         # consumed or not, every seq is remembered
+        st = again.producers.get(key)
+        assert (st.producer, st.high) == (77, entries[-1][0])
+        # the answers of the last `window` seqs (by number: the device's stream, not this shard's part)
+        assert st.entries() == [e for e in entries if e[0] + again.producers.window > st.high]
+        assert again.producers.admit_py(key, 77, entries[-1][0]) == ("duplicate", entries[-1][1], entries[-1][2])
+        assert again.producers.admit_py(key, 77, entries[-1][0] + 1)[0] == "new"
 
     # consume_through: everything of dave's up to and including his third message
     dave = left["dave-ü"]

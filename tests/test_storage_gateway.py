@@ -6,8 +6,11 @@ import subprocess
 
 import pytest
 
+from _core import frames as F
+from _core.codec import encode
 from _core.protocol import ErrorCode
 from gateway.client import ConnectionClosed, ServerError
+from rawclient import Raw
 
 
 @pytest.fixture
@@ -28,30 +31,33 @@ def test_full_disk_refuses_sends_clearly_and_keeps_delivering(gateway_factory, s
     gw = gateway_factory("--segment-size", "1M", "--max-pending", "1000000", data_dir=small_disk / "data")
     payload = b"x" * 8000
 
-    async def main():
-        async with gw.client("alice", "phone") as alice:
-            stored = []
-            for _ in range(2000):                      # bounded: 6 MiB can't hold 2000 x 8 KB
-                try:
-                    stored.append((await alice.send("bob", payload, timeout=10)).id)
-                except ServerError as exc:
-                    assert exc.code == ErrorCode.STORAGE_FULL, exc
-                    assert "storage full" in exc.reason
-                    break
-            else:
-                pytest.fail("the disk never filled up")
-            assert len(stored) > 10
-            # the session is still usable, and what was stored is delivered intact
-            await alice.ping()
-            async with gw.client("bob", "phone") as bob:
-                got = [await bob.recv(timeout=10) for _ in stored]
-                assert [m.id for m in got] == stored
-                assert all(m.payload == payload for m in got)
-                await bob.ack(*got)
-                await bob.ping()
-            return stored
+    stored = []
+    with Raw(gw, timeout=10) as alice:             # raw: the SDK would wait and resend STORAGE_FULL
+        alice.hello(gw.token("alice"), device="phone")
+        for seq in range(1, 2001):                 # bounded: 6 MiB can't hold 2000 x 8 KB
+            alice.send(encode(F.Send(seq, "bob", payload)))
+            f = alice.frame()
+            if isinstance(f, F.Error):
+                assert (f.code, f.ref, f.fatal) == (ErrorCode.STORAGE_FULL, seq, False), f
+                assert "storage full" in f.reason
+                break
+            stored.append(f.msg_id)
+        else:
+            pytest.fail("the disk never filled up")
+        assert len(stored) > 10
+        alice.send(encode(F.Ping(5)))              # the session is still usable
+        assert alice.frame() == F.Pong(5)
 
-    stored = asyncio.run(main())
+    async def main():
+        # what was stored is delivered intact
+        async with gw.client("bob", "phone") as bob:
+            got = [await bob.recv(timeout=10) for _ in stored]
+            assert [m.id for m in got] == stored
+            assert all(m.payload == payload for m in got)
+            await bob.ack(*got)
+            await bob.ping()
+
+    asyncio.run(main())
     assert gw.alive()
     # after a restart on the same full disk nothing was lost or resurrected
     assert gw.stop() == 0
