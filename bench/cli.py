@@ -102,6 +102,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="PNG", help="plot of the density part (needs matplotlib)")
     _server_flags(p, default_workers=1)
 
+    p = kinds.add_parser("soak", help="kill -9 loops under pipelined load: lost, duplicated, reordered",
+                         description="Pipelined SDK senders and receivers while the gateway (whole process "
+                                     "group, restarted on the same port and data dir) or one worker "
+                                     "(restarted by the supervisor) is killed with SIGKILL every --every "
+                                     "ACKs. Reports ACKed, delivered, lost, duplicates, reorderings per "
+                                     "(sender, recipient) and the unavailability after each kill; exits 1 "
+                                     "unless lost, duplicates and reorderings are all 0.")
+    p.add_argument("--cycles", type=_int, default=50, help="kills (default %(default)s)")
+    p.add_argument("--kill", choices=["gateway", "worker"], default="gateway",
+                   help="what is killed (default %(default)s)")
+    p.add_argument("--every", type=_int, default=500, help="ACKs between kills (default %(default)s)")
+    p.add_argument("--senders", type=_int, default=4, help="sending devices (default %(default)s)")
+    p.add_argument("--recipients", type=_int, default=4, help="receiving users (default %(default)s)")
+    p.add_argument("--window", type=_int, default=64, help="SENDs in flight per sender (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=900, help="give up after this many seconds (default %(default)s)")
+    _server_flags(p, default_workers=2)
+
 
 def _throughput_flags(p, against) -> None:
     if against:
@@ -135,6 +152,9 @@ def run(args) -> int:
             if args.step is None:
                 args.step = max(1, args.sessions // 5)
             return density.run(args)
+        if args.bench_verb == "soak":
+            from . import soak
+            return soak.run(args)
         if args.bench_verb == "throughput":
             from . import throughput
             return throughput.run(args)
