@@ -259,6 +259,17 @@ cdef object _decode(uint8_t ftype, uint8_t flags, const unsigned char *body, Py_
     return frame
 
 
+def utf8_valid(data):
+    """Whether `data` is valid UTF-8 by the C check the routing core applies to
+    fields it does not decode (a SEND's recipient); tests hold it to Python's decoder."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        return bool(sb_utf8_valid(<const unsigned char *>view.buf, view.len))
+    finally:
+        PyBuffer_Release(&view)
+
+
 def decode_body(int ftype, int flags, body):
     """Decode one frame body (any bytes-like object) into a `frames` object."""
     cdef Py_buffer view

@@ -55,6 +55,12 @@ class _Cursor:
         except UnicodeDecodeError:
             raise MalformedFrame("string is not UTF-8") from None
 
+    def boolean(self) -> bool:
+        v = self.u8()
+        if v > 1:
+            raise MalformedFrame(f"a boolean is 0 or 1, not {v}")
+        return v == 1
+
     def str8(self, min_len: int = 0) -> str:
         n = self.u8()
         if n < min_len:
@@ -89,15 +95,15 @@ def decode_body(ftype: int, flags: int, body):
     elif ftype == FrameType.RECEIPT:
         frame = F.Receipt(c.u64(), c.u8(), c.u64(), c.str8(1), c.str8(), c.u64())
     elif ftype == FrameType.SUBSCRIBE:
-        on = c.u8()
+        on = c.boolean()
         n = c.u16()
         if n > MAX_SUBSCRIBE:
             raise MalformedFrame("too many users in SUBSCRIBE")
-        frame = F.Subscribe(tuple(c.str8(1) for _ in range(n)), bool(on))
+        frame = F.Subscribe(tuple(c.str8(1) for _ in range(n)), on)
     elif ftype == FrameType.PRESENCE:
-        frame = F.Presence(c.str8(1), bool(c.u8()), c.u64())
+        frame = F.Presence(c.str8(1), c.boolean(), c.u64())
     elif ftype == FrameType.TYPING:
-        frame = F.Typing(c.str8(1), bool(c.u8()))
+        frame = F.Typing(c.str8(1), c.boolean())
     elif ftype == FrameType.GROUP:
         frame = F.Group(c.u64(), c.u8(), c.str8(1), c.str16())
     elif ftype == FrameType.GROUP_INFO:

@@ -1149,3 +1149,44 @@ def test_view_derived_from_body_never_shows_other_bytes(codec):
         other.buffer_updated(len(data))
     expected = first[HEADER_SIZE:]
     assert kept and all(bytes(v) == expected for v in kept)
+
+
+# -- booleans and the routing core's UTF-8 check (PROTOCOL.md sections 1 and 3) ----------------
+
+@pytest.mark.parametrize("frame,at", [(F.Subscribe(("alice",), True), 0), (F.Typing("bob", True), -1),
+                                      (F.Presence("bob", True, 5), 4)], ids=["SUBSCRIBE", "TYPING", "PRESENCE"])
+def test_booleans_are_0_or_1(codec, frame, at):
+    """Section 1, Booleans: 0 or 1; any other value is MALFORMED_FRAME (both codecs)."""
+    wire = bytearray(codec.encode(frame))
+    body = wire[HEADER_SIZE:]
+    for value, expect in ((0, False), (1, True)):
+        body[at] = value
+        decoded = codec.decode_body(wire[4], wire[5], bytes(body))
+        assert getattr(decoded, {F.Subscribe: "on", F.Typing: "typing", F.Presence: "online"}[type(frame)]) is expect
+    for value in (2, 0x80, 0xFF):
+        body[at] = value
+        with pytest.raises(MalformedFrame):
+            codec.decode_body(wire[4], wire[5], bytes(body))
+
+
+def _python_says_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+UTF8_EDGES = [b"", b"a" * 17, "\u00e9\u20ac\U0001F600".encode(), b"\xc0\x80", b"\xc1\xbf", b"\xe0\x80\x80",
+              b"\xed\xa0\x80", b"\xed\x9f\xbf", b"\xf0\x8f\xbf\xbf", b"\xf4\x8f\xbf\xbf", b"\xf4\x90\x80\x80",
+              b"\xf5\x80\x80\x80", b"\xff", b"abcdefg\xc3", b"abcdefgh\xe2\x82", b"\x80", "\u20ac".encode() * 85]
+
+
+@settings(SETTINGS, max_examples=400)
+@given(data=st.one_of(st.binary(max_size=300), st.text(max_size=100).map(lambda s: s.encode()),
+                      st.sampled_from(UTF8_EDGES),
+                      st.tuples(st.text(max_size=20), st.binary(max_size=4)).map(lambda t: t[0].encode() + t[1])))
+def test_routing_utf8_check_agrees_with_python(data):
+    """The C check the router applies to a SEND's recipient accepts exactly what Python's
+    decoder accepts (strict UTF-8: no overlong forms, no surrogates, nothing past U+10FFFF)."""
+    assert _codec.utf8_valid(data) == _python_says_utf8(data)
