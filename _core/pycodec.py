@@ -8,7 +8,7 @@ from struct import Struct
 
 from . import frames as F
 from .errors import FrameTooLarge, MalformedFrame, UnknownFrameType
-from .protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_GROUP, FLAG_MIRROR, FLAG_SEND_ONLY, HEADER_SIZE, LENGTH_SIZE,
+from .protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_GROUP, FLAG_MIRROR, FLAG_MORE, FLAG_SEND_ONLY, HEADER_SIZE, LENGTH_SIZE,
                        MAX_ID_LENGTH, MAX_RECEIVED_IDS, MAX_SUBSCRIBE, MAX_TOKEN_LENGTH, MIN_FRAME,
                        PRIVACY_HIDE_LAST_SEEN, FrameType)
 
@@ -107,7 +107,7 @@ def decode_body(ftype: int, flags: int, body):
     elif ftype == FrameType.GROUP:
         frame = F.Group(c.u64(), c.u8(), c.str8(1), c.str16())
     elif ftype == FrameType.GROUP_INFO:
-        frame = F.GroupInfo(c.u64(), c.str16())
+        frame = F.GroupInfo(c.u64(), c.str16(), bool(flags & FLAG_MORE))
     elif ftype == FrameType.PRIVACY:
         frame = F.Privacy(bool(c.u8() & PRIVACY_HIDE_LAST_SEEN))
     elif ftype == FrameType.READ:
@@ -208,7 +208,8 @@ def _body(frame) -> tuple[int, int, bytes]:
     if t is F.Group:
         return FrameType.GROUP, 0, _U64.pack(frame.request_id) + _U8.pack(frame.op) + _id(frame.group) + _text16(frame.arg)
     if t is F.GroupInfo:
-        return FrameType.GROUP_INFO, 0, _U64.pack(frame.request_id) + _text16(frame.info)
+        return (FrameType.GROUP_INFO, FLAG_MORE if frame.more else 0,
+                _U64.pack(frame.request_id) + _text16(frame.info))
     if t is F.Privacy:
         return FrameType.PRIVACY, 0, _U8.pack(PRIVACY_HIDE_LAST_SEEN if frame.hide_last_seen else 0)
     if t is F.Read:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from _core import _codec, pycodec
 from _core import frames as F
 from _core.errors import FrameTooLarge, MalformedFrame, ProtocolError, UnexpectedFrame, UnknownFrameType
-from _core.protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_GROUP, FLAG_MIRROR, FLAG_SEND_ONLY, HEADER_SIZE,
+from _core.protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_GROUP, FLAG_MIRROR, FLAG_MORE, FLAG_SEND_ONLY, HEADER_SIZE,
                             LENGTH_SIZE, MAX_ID_LENGTH, MAX_RECEIVED_IDS, MAX_TOKEN_LENGTH, MIN_FRAME, PRE_AUTH_MAX_FRAME, ErrorCode,
                             FrameType, GoawayCode)
 
@@ -88,6 +88,7 @@ SAMPLES = [
     F.Privacy(False),
     F.Group(7, 1, "#team", '{"name": "Team", "members": ["bob"]}'),
     F.GroupInfo(7, '{"group": "#team"}'),
+    F.GroupInfo(8, '{"group": "#te', True),
     F.Deliver(11, 12, "alice", "phone", b"to the team", "#team", 99, True),
 ]
 
@@ -132,7 +133,7 @@ frames_st = st.one_of(
     st.builds(F.Typing, peer=ids, typing=st.booleans()),
     st.builds(F.Privacy, hide_last_seen=st.booleans()),
     st.builds(F.Group, request_id=U64, op=st.integers(0, 255), group=ids, arg=reasons),
-    st.builds(F.GroupInfo, request_id=U64, info=reasons),
+    st.builds(F.GroupInfo, request_id=U64, info=reasons, more=st.booleans()),
     st.builds(F.Deliver, msg_id=U64, timestamp_ms=U64, sender=ids, sender_device=opt_ids, payload=payloads,
               peer=ids, origin_id=U64, group=st.just(True)),
     st.builds(F.Received, msg_ids=msg_ids),
@@ -232,6 +233,7 @@ def test_every_frame_type_encodes_with_its_type_byte(codec):
         expected = (FLAG_FATAL if isinstance(frame, F.Error) and frame.fatal
                     else FLAG_SEND_ONLY if isinstance(frame, F.Hello) and frame.send_only
                     else (FLAG_GROUP if frame.group else FLAG_MIRROR) if isinstance(frame, F.Deliver) and frame.peer
+                    else FLAG_MORE if isinstance(frame, F.GroupInfo) and frame.more
                     else 0)
         assert flags == expected
 
