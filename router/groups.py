@@ -52,7 +52,7 @@ def encode_state(state: dict) -> bytes:
 def decode_state(raw: bytes) -> dict:
     """The state `encode_state` made (or the JSON of a data dir written before it)."""
     if raw[:1] == b"{":
-        return json.loads(raw)
+        return _from_json(json.loads(raw))
     if raw[0] != _STATE_FORMAT:
         raise ValueError(f"unknown group state format {raw[0]}")
     n = raw[1]
@@ -65,6 +65,17 @@ def decode_state(raw: bytes) -> dict:
         role, k = raw[pos], raw[pos + 1]
         members[raw[pos + 2:pos + 2 + k].decode()] = _ROLE_NAME[role]
         pos += 2 + k
+    return {"name": name, "members": members}
+
+
+def _from_json(state: dict) -> dict:
+    """A state stored as JSON by an older version, which took names and member ids of any
+    length: what cannot be an id is dropped (no copy could ever be stored for it), a name is
+    cut to 255 bytes, and the group keeps an admin."""
+    name = state["name"].encode()[:255].decode("utf-8", "ignore") or "#"
+    members = {u: r for u, r in state["members"].items() if _is_user_id(u)}
+    if members and "admin" not in members.values():
+        members[min(members)] = "admin"
     return {"name": name, "members": members}
 
 

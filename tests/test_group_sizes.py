@@ -317,6 +317,10 @@ def test_stored_state_is_compact_and_reads_the_old_json():
     assert len(raw) == 1 + 1 + 255 + 2 + MAX_GROUP_MEMBERS * (1 + 1 + 255) < (1 << 20) * 3 // 4
     assert decode_state(raw) == state
     assert decode_state(json.dumps(state).encode()) == state            # a data dir from before
+    # older versions took any name and member id: what cannot be one is dropped or cut, an admin stays
+    old = {"name": "n" * 300, "members": {"x" * 256: "admin", "#g": "member", "bob": "member", "al": "member"}}
+    assert decode_state(json.dumps(old).encode()) == {"name": "n" * 255, "members": {"bob": "member", "al": "admin"}}
+    assert decode_state(encode_state(decode_state(json.dumps(old).encode()))) == decode_state(json.dumps(old).encode())
 
 
 def test_error_reasons_are_cut_to_fit_the_smallest_frame():
@@ -339,3 +343,32 @@ def test_error_reasons_are_cut_to_fit_the_smallest_frame():
     (length, err), = got
     assert length <= 1024 and err.reason.startswith("not members: \U0001F600")
     assert len(err.reason.encode()) <= 1000 and len(err.reason.encode()) > 996
+
+
+def test_a_group_stored_as_json_by_an_older_version_still_works(gateway_factory, tmp_path):
+    """A data dir whose group state an older version wrote as JSON (with a member id it should
+    have refused): the group answers, the bad id is gone, and its next change is kept."""
+    from _core.log import LogConfig, ShardedLog
+    data = tmp_path / "d"
+    assert gateway_factory("--workers", "1", data_dir=data).stop() == 0     # the secret and the layout
+    store = ShardedLog(data / "log", LogConfig(segment_size=2 << 20), ShardMap(DEFAULT_SHARDS, 1, 0))
+    store.open()
+    old = {"name": "Old", "members": {"owner": "admin", "bob": "member", "x" * 256: "member"}}
+    store.meta_put_for("#old", "g\x00#old", json.dumps(old).encode())
+    store.close()
+    gw = gateway_factory("--workers", "2", data_dir=data)
+
+    async def main():
+        async with gw.client("owner") as o:
+            assert (await o.group("info", "#old")) == {"group": "#old", "name": "Old",
+                                                       "members": {"owner": "admin", "bob": "member"}}
+            await o.group("add", "#old", members=["carol"])
+    asyncio.run(main())
+    assert gw.stop() == 0
+    gw2 = gateway_factory("--workers", "1", data_dir=data)
+
+    async def after():
+        async with gw2.client("owner") as o:
+            assert (await o.group("info", "#old"))["members"] == {"owner": "admin", "bob": "member",
+                                                                  "carol": "member"}
+    asyncio.run(after())
