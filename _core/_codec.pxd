@@ -10,6 +10,7 @@ cdef extern from "wire.h":
     void sb_store16(unsigned char *p, uint16_t v) nogil
     void sb_store32(unsigned char *p, uint32_t v) nogil
     void sb_store64(unsigned char *p, uint64_t v) nogil
+    int sb_utf8_valid(const unsigned char *p, size_t n) nogil
 
 # Mirrors _core/protocol.py (tests check they agree).
 cdef enum:

@@ -24,6 +24,7 @@ cdef extern from "Python.h":
 cdef enum:
     SMALL_PENDING = 16384     # incomplete frames up to this size are re-read via scratch
     WRITE_INITIAL = 256
+    MAX_REASON = 1000         # bytes of an ERROR's reason the routing core writes
 
 # All connections read into this one buffer and parse in place; only the bytes
 # of an incomplete frame are copied out. An idle connection holds no read buffer.
@@ -262,6 +263,17 @@ cdef object _decode(uint8_t ftype, uint8_t flags, const unsigned char *body, Py_
     return frame
 
 
+def utf8_valid(data):
+    """Whether `data` is valid UTF-8 by the C check the routing core applies to
+    fields it does not decode (a SEND's recipient); tests hold it to Python's decoder."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        return bool(sb_utf8_valid(<const unsigned char *>view.buf, view.len))
+    finally:
+        PyBuffer_Release(&view)
+
+
 def decode_body(int ftype, int flags, body):
     """Decode one frame body (any bytes-like object) into a `frames` object."""
     cdef Py_buffer view
@@ -442,10 +454,20 @@ cdef class WriteBuffer:
         return self.end_frame(start)
 
     cdef int write_error(self, uint16_t code, uint64_t ref, str reason, bint fatal) except -1:
+        # the reason (which may quote ids) is cut to MAX_REASON bytes at a character boundary,
+        # so that an ERROR fits in the smallest max_frame (1024)
+        cdef bytes text = reason.encode("utf-8", "replace")
+        cdef Py_ssize_t n = len(text)
+        cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(text)
         cdef Py_ssize_t start = self.begin_frame(FT_ERROR, FLAG_FATAL if fatal else 0)
+        if n > MAX_REASON:
+            n = MAX_REASON
+            while n > 0 and (p[n] & 0xC0) == 0x80:
+                n -= 1
         self.put_u16(code)
         self.put_u64(ref)
-        self.put_text16(reason[:1000], 65535)
+        self.put_u16(<uint16_t>n)
+        self.put_raw(<const char *>p, n)
         return self.end_frame(start)
 
     cdef int write_u64_frame(self, uint8_t ftype, uint64_t v) except -1:

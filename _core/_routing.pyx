@@ -11,7 +11,8 @@ from libc.stdint cimport uint16_t
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME, CLOCK_MONOTONIC
 
 from cpython.unicode cimport PyUnicode_AsUTF8
-from ._codec cimport (Cursor, cur_u8, cur_u64, cur_u16, cur_bytes8, cur_done, cur_str16, sb_load64, FT_READ,
+from ._codec cimport (Cursor, cur_u8, cur_u64, cur_u16, cur_bytes8, cur_done, cur_str16, sb_load64, sb_utf8_valid,
+                      FT_READ,
                       FT_SUBSCRIBE, FT_TYPING, FT_PRIVACY, FT_GROUP, FLAG_GROUP,
                       FT_SEND, FT_RECEIVED, FT_PING, FT_PONG, FT_GOAWAY, MAX_RECEIVED_IDS,
                       SWITCHBOARD_DEBUG)
@@ -143,6 +144,8 @@ cdef class SessionCore(FrameSink):
         if ftype == FT_SEND:
             cur_u64(&c, &client_id)
             cur_bytes8(&c, &to, &to_len, 1)
+            if not sb_utf8_valid(<const unsigned char *>to, to_len):
+                raise MalformedFrame("SEND recipient is not UTF-8")   # a body check: before any answer to it
             return self._core.route(self, client_id, to, to_len, <const char *>c.p, c.end - c.p)
         if ftype == FT_RECEIVED:
             cur_u16(&c, &count)
@@ -157,7 +160,8 @@ cdef class SessionCore(FrameSink):
             self.out.write_u64_frame(FT_PONG, client_id)
             return self._mark()
         if ftype == FT_PONG:
-            return 0
+            cur_u64(&c, &client_id)
+            return cur_done(&c)              # checked like any body, then ignored
         if FT_SUBSCRIBE <= ftype <= FT_TYPING or ftype == FT_PRIVACY or ftype == FT_GROUP:
             if self._core._control is None:
                 raise UnexpectedFrame(f"{FrameType(ftype).name} is not supported by this server")

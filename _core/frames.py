@@ -142,7 +142,9 @@ class Group:
 @dataclass(slots=True)
 class GroupInfo:
     request_id: int
-    info: str            # JSON object: {"group", "name", "members": {user: "admin"|"member"}}
+    info: str            # JSON object: {"group", "name", "members": {user: "admin"|"member"}}, or a piece of it
+    #: the answer continues in the next GROUP_INFO (flag MORE): join the pieces' `info` in order
+    more: bool = False
 
 
 ALL = (Hello, Welcome, Send, Ack, Deliver, Received, Ping, Pong, Error, Goaway, Receipt, Read, Subscribe, Presence, Typing, Privacy, Group, GroupInfo)

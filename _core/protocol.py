@@ -57,6 +57,8 @@ FLAG_SEND_ONLY = 0x01
 FLAG_MIRROR = 0x02
 #: DELIVER flag: a group message; `peer` is the group id, `origin_id` the id its sender got.
 FLAG_GROUP = 0x04
+#: GROUP_INFO flag: this frame holds a piece of the answer; the next GROUP_INFO continues it
+FLAG_MORE = 0x01
 #: group ids start with this; user ids may not
 GROUP_PREFIX = "#"
 

@@ -8,7 +8,7 @@ from struct import Struct
 
 from . import frames as F
 from .errors import FrameTooLarge, MalformedFrame, UnknownFrameType
-from .protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_GROUP, FLAG_MIRROR, FLAG_SEND_ONLY, HEADER_SIZE, LENGTH_SIZE,
+from .protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_GROUP, FLAG_MIRROR, FLAG_MORE, FLAG_SEND_ONLY, HEADER_SIZE, LENGTH_SIZE,
                        MAX_ID_LENGTH, MAX_RECEIVED_IDS, MAX_SUBSCRIBE, MAX_TOKEN_LENGTH, MIN_FRAME,
                        PRIVACY_HIDE_LAST_SEEN, FrameType)
 
@@ -55,6 +55,12 @@ class _Cursor:
         except UnicodeDecodeError:
             raise MalformedFrame("string is not UTF-8") from None
 
+    def boolean(self) -> bool:
+        v = self.u8()
+        if v > 1:
+            raise MalformedFrame(f"a boolean is 0 or 1, not {v}")
+        return v == 1
+
     def str8(self, min_len: int = 0) -> str:
         n = self.u8()
         if n < min_len:
@@ -89,19 +95,19 @@ def decode_body(ftype: int, flags: int, body):
     elif ftype == FrameType.RECEIPT:
         frame = F.Receipt(c.u64(), c.u8(), c.u64(), c.str8(1), c.str8(), c.u64())
     elif ftype == FrameType.SUBSCRIBE:
-        on = c.u8()
+        on = c.boolean()
         n = c.u16()
         if n > MAX_SUBSCRIBE:
             raise MalformedFrame("too many users in SUBSCRIBE")
-        frame = F.Subscribe(tuple(c.str8(1) for _ in range(n)), bool(on))
+        frame = F.Subscribe(tuple(c.str8(1) for _ in range(n)), on)
     elif ftype == FrameType.PRESENCE:
-        frame = F.Presence(c.str8(1), bool(c.u8()), c.u64())
+        frame = F.Presence(c.str8(1), c.boolean(), c.u64())
     elif ftype == FrameType.TYPING:
-        frame = F.Typing(c.str8(1), bool(c.u8()))
+        frame = F.Typing(c.str8(1), c.boolean())
     elif ftype == FrameType.GROUP:
         frame = F.Group(c.u64(), c.u8(), c.str8(1), c.str16())
     elif ftype == FrameType.GROUP_INFO:
-        frame = F.GroupInfo(c.u64(), c.str16())
+        frame = F.GroupInfo(c.u64(), c.str16(), bool(flags & FLAG_MORE))
     elif ftype == FrameType.PRIVACY:
         frame = F.Privacy(bool(c.u8() & PRIVACY_HIDE_LAST_SEEN))
     elif ftype == FrameType.READ:
@@ -203,7 +209,8 @@ def _body(frame) -> tuple[int, int, bytes]:
     if t is F.Group:
         return FrameType.GROUP, 0, _U64.pack(frame.request_id) + _U8.pack(frame.op) + _id(frame.group) + _text16(frame.arg)
     if t is F.GroupInfo:
-        return FrameType.GROUP_INFO, 0, _U64.pack(frame.request_id) + _text16(frame.info)
+        return (FrameType.GROUP_INFO, FLAG_MORE if frame.more else 0,
+                _U64.pack(frame.request_id) + _text16(frame.info))
     if t is F.Privacy:
         return FrameType.PRIVACY, 0, _U8.pack(PRIVACY_HIDE_LAST_SEEN if frame.hide_last_seen else 0)
     if t is F.Read:

@@ -115,6 +115,8 @@ class TokenAuthority:
             (expiry,) = struct.unpack_from("!Q", body, 2 + ulen + dlen)
         except (IndexError, UnicodeDecodeError, struct.error):
             raise AuthError("malformed token") from None
+        if not user or len(body) != 2 + ulen + dlen + 8:     # as issue() makes them: a user id, nothing after
+            raise AuthError("malformed token")
         if user.startswith("#"):
             raise AuthError("user ids may not start with '#'")
         if expiry <= (time.time() if now is None else now):

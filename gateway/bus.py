@@ -30,7 +30,10 @@ LT_LINK_HELLO = 0x45
 LT_CTRL = 0x47            # presence and typing (JSON: low rate, and easy to read in a capture)
 LT_HANDOFF_WS = 0x48      # a WebSocket connection past its handshake (gateway/wsconn.py says what it carries)
 LT_LAST = 0x48
-LINK_MAX_FRAME = 16 << 20
+#: Largest frame on a link. It must hold the largest message a worker sends another: a FWD
+#: of the largest payload (max_frame is at most 16 MiB) and a group copy, whose JSON carries
+#: that payload in base64 (4/3 of it, 22.4 MB), and a group's answer (a few MB at most).
+LINK_MAX_FRAME = 32 << 20
 READ_SIZE = 1 << 18
 #: queued bytes to one worker past which this worker stops reading its clients
 HIGH_WATER = 8 << 20
@@ -125,7 +128,10 @@ class Link:
         want = bool(self.out)
         if want != self._writer:
             self._writer = want
-            (self.bus.loop.add_writer if want else self.bus.loop.remove_writer)(self.sock.fileno(), self._flush)
+            if want:                 # more than the socket takes at once: the rest when it is writable
+                self.bus.loop.add_writer(self.sock.fileno(), self._flush)
+            else:
+                self.bus.loop.remove_writer(self.sock.fileno())
         self.bus.pressure_check()
 
     def close(self, exc=None) -> None:
@@ -221,7 +227,10 @@ class LocalBus:
         that worker is down (these are hints, re-sent on the next change)."""
         if self.link_to(worker) is None:
             return False
-        self.outgoing[worker].queue(link_frame(LT_CTRL, json.dumps(msg, separators=(",", ":")).encode()), None)
+        body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(body) + 2 > LINK_MAX_FRAME:      # the other end would drop the link on it
+            raise ValueError(f"a {msg.get('t')!r} message of {len(body)} bytes is over the link's frame limit")
+        self.outgoing[worker].queue(link_frame(LT_CTRL, body), None)
         return True
 
     def hand_off(self, worker: int, fd: int, data: bytes, websocket: bool = False) -> bool:

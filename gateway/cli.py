@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-devices", type=_positive(int), default=GatewayConfig.max_devices,
                    help="devices of one user online at once (default %(default)s)")
     p.add_argument("--max-group-members", type=_positive(int), default=GatewayConfig.max_group_members,
-                   help="members of one group (default %(default)s)")
+                   help="members of one group, 1..2048 (default %(default)s)")
     p.add_argument("--store", choices=["log", "memory"], default=GatewayConfig.store,
                    help="where undelivered messages live: the durable log (default) or memory")
     p.add_argument("--durability", choices=["always", "interval", "never"], default=GatewayConfig.durability,

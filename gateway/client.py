@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from _core import frames
 from _core.codec import Decoder, decode_body, encode
 from _core.errors import ProtocolError, ServerError
-from _core.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ErrorCode, GroupOp, ReceiptKind
+from _core.protocol import DEFAULT_MAX_FRAME, MAX_SUBSCRIBE, PROTOCOL_VERSION, ErrorCode, GroupOp, ReceiptKind
 
 __all__ = ["Client", "Message", "Receipt", "SendResult", "ServerError", "ConnectionClosed"]
 
@@ -146,6 +146,7 @@ class Client:
         self._typing: asyncio.Queue = asyncio.Queue(maxsize=1_000)
         self._watching: set[str] = set()      # re-subscribed after a reconnect
         self._requests: dict[int, asyncio.Future] = {}    # group operations by request id
+        self._info_pieces: dict[int, list[str]] = {}      # a GROUP_INFO answer in pieces (flag MORE), so far
         self.connect_timeout = connect_timeout
         self.max_backoff = max_backoff
         self.welcome: frames.Welcome | None = None
@@ -205,8 +206,7 @@ class Client:
         for out in self._outbox.values():           # in seq order, with their seqs: the server drops retries
             out.refused = False
             proto.transport.write(out.data)
-        if self._watching:
-            proto.transport.write(encode(frames.Subscribe(tuple(sorted(self._watching)), True)))
+        self._write_subscribe(sorted(self._watching), True)
 
     def _keepalive(self, proto) -> None:
         """PING every ping interval (from WELCOME) while this connection is current:
@@ -340,15 +340,32 @@ class Client:
         """Follow these users' presence: a PRESENCE comes at once, then on every change."""
         new = [u for u in users if u not in self._watching]
         self._watching.update(new)
-        if new and self.connected:
-            for i in range(0, len(new), 1024):
-                self._proto.transport.write(encode(frames.Subscribe(tuple(new[i:i + 1024]), True)))
+        if self.connected:
+            self._write_subscribe(new, True)
 
     async def unsubscribe(self, *users: str) -> None:
         gone = [u for u in users if u in self._watching]
         self._watching.difference_update(gone)
-        if gone and self.connected:
-            self._proto.transport.write(encode(frames.Subscribe(tuple(gone), False)))
+        if self.connected:
+            self._write_subscribe(gone, False)
+
+    def _write_subscribe(self, users: list[str], on: bool) -> None:
+        """SUBSCRIBE frames for `users`: at most 1024 users and max_frame bytes each
+        (1024 ids of 255 bytes would be 262 KB, over the default limit of 64 KiB)."""
+        room = self._max_frame() - 2 - 3            # type, flags; on and count
+        batch, size = [], 0
+        for u in users:
+            cost = 1 + len(u.encode())
+            if batch and (len(batch) == MAX_SUBSCRIBE or size + cost > room):
+                self._proto.transport.write(encode(frames.Subscribe(tuple(batch), on)))
+                batch, size = [], 0
+            batch.append(u)
+            size += cost
+        if batch:
+            self._proto.transport.write(encode(frames.Subscribe(tuple(batch), on)))
+
+    def _max_frame(self) -> int:
+        return self.welcome.max_frame if self.welcome is not None else DEFAULT_MAX_FRAME
 
     async def recv_presence(self, timeout: float | None = None) -> frames.Presence:
         """The next presence change (user, online, last_seen_ms; 0 when hidden or unknown)."""
@@ -374,16 +391,25 @@ class Client:
     async def group(self, action: str, group: str, *, timeout: float | None = 10.0, **arg) -> dict:
         """A group operation (create, add, remove, promote, demote, leave, rename,
         info) with its argument (members=[...], name=...). Returns the group:
-        {"group", "name", "members": {user: "admin"|"member"}}."""
+        {"group", "name", "members": {user: "admin"|"member"}}. One request must fit in
+        one frame (max_frame): add many members with several ADDs (ValueError if not)."""
         self._check_usable()
         op = GroupOp[action.upper()]
         req = next(self._ids)
+        text = json.dumps(arg, ensure_ascii=False)
+        size = 2 + 8 + 1 + 1 + len(group.encode()) + 2 + len(text.encode())    # the frame's length field
+        if size > self._max_frame() or len(text.encode()) > 0xFFFF:
+            raise ValueError(f"this {action} request would be a {size}-byte frame, over the server's limit of "
+                             f"{self._max_frame()} (or its argument over 65535 bytes): send its members in "
+                             "several requests")
+        data = encode(frames.Group(req, op, group, text))
         fut = self._requests[req] = asyncio.get_running_loop().create_future()
-        self._proto.transport.write(encode(frames.Group(req, op, group, json.dumps(arg))))
+        self._proto.transport.write(data)
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._requests.pop(req, None)
+            self._info_pieces.pop(req, None)
 
     async def read(self, *messages: Message) -> None:
         """Tell the senders these messages were read (READ receipts)."""
@@ -423,9 +449,16 @@ class Client:
                             frame.peer, frame.origin_id)
             self._inbox.put_nowait(m)
         elif t is frames.GroupInfo:
-            fut = self._requests.pop(frame.request_id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(json.loads(frame.info))
+            if frame.request_id not in self._requests:
+                return
+            pieces = self._info_pieces.setdefault(frame.request_id, [])
+            pieces.append(frame.info)
+            if frame.more:
+                return                  # the answer continues in the next GROUP_INFO
+            del self._info_pieces[frame.request_id]
+            fut = self._requests.pop(frame.request_id)
+            if not fut.done():
+                fut.set_result(json.loads("".join(pieces)))
         elif t is frames.Receipt:
             # informational: acknowledged at once (a lost receipt is no lost message)
             proto.transport.write(encode(frames.Received((frame.id,))))

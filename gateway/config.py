@@ -48,7 +48,7 @@ class GatewayConfig:
     max_pending_per_recipient: int = 10_000
     #: devices of one user online at once (each registered device gets every message)
     max_devices: int = 4
-    #: members of one group
+    #: members of one group (1..2048: a full group's state fits in one record of the smallest log segment)
     max_group_members: int = 1024
     #: the send window: SENDs a device may have unanswered; each shard remembers that many answers per device
     dedup_window: int = 256
@@ -134,6 +134,10 @@ class GatewayConfig:
         from router.sharding import DEFAULT_SHARDS
         if not (1 <= self.workers <= DEFAULT_SHARDS):
             raise ValueError(f"workers must be between 1 and {DEFAULT_SHARDS} (the number of shards)")
+        from router.groups import MAX_GROUP_MEMBERS
+        if not (1 <= self.max_group_members <= MAX_GROUP_MEMBERS):
+            raise ValueError(f"max group members must be between 1 and {MAX_GROUP_MEMBERS}, "
+                             f"got {self.max_group_members}")
         if self.hello_timeout <= 0:
             raise ValueError("hello timeout must be positive")
         if not (1024 <= self.max_frame <= 16 * 1024 * 1024):

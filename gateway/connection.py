@@ -7,7 +7,7 @@ import socket
 
 from _core import frames
 from _core.codec import Decoder, decode_body, encode
-from _core.errors import ProtocolError, UnexpectedFrame
+from _core.errors import MalformedFrame, ProtocolError, UnexpectedFrame
 from _core.protocol import PROTOCOL_VERSION, ErrorCode, FrameType
 
 from . import log
@@ -107,10 +107,15 @@ class Connection(asyncio.BufferedProtocol):
     def _hello_sink(self, ftype, flags, body):
         if ftype != FrameType.HELLO:
             raise UnexpectedFrame(f"expected HELLO, got {FrameType(ftype).name}")
-        hello = decode_body(ftype, flags, body)
-        if hello.version != PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {hello.version} is not supported; this server "
+        # the version comes first and is checked first: another version's HELLO may have
+        # another layout, and must be told UNSUPPORTED_VERSION rather than MALFORMED_FRAME
+        if len(body) < 2:
+            raise MalformedFrame("HELLO ends before its version")
+        version = int.from_bytes(body[:2], "big")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {version} is not supported; this server "
                                 f"speaks {PROTOCOL_VERSION}", ErrorCode.UNSUPPORTED_VERSION)
+        hello = decode_body(ftype, flags, body)
         gw = self.gateway
         try:
             user, device = gw.authority.verify(hello.token, hello.device)

@@ -9,10 +9,16 @@ member's worker stores it for every device but the sending one). The group's
 copy is consumed once every member has its own; after a restart, unconsumed
 group messages are fanned out again, and members drop copies they already have
 (deduplicated by the group message's id).
+
+Sizes: the state is stored in a compact binary form (`encode_state`), so a full
+group fits in one log record of the smallest segment; the answer to an operation
+(GROUP_INFO, JSON) is cut into frames of at most the session's frame limit
+(`info_pages`), so the member limit does not depend on max_frame.
 """
 import asyncio
 import base64
 import json
+import struct
 
 from _core import frames
 from _core.errors import StoreError
@@ -20,10 +26,92 @@ from _core.protocol import GROUP_PREFIX, MAX_ID_LENGTH, ErrorCode, GroupOp
 
 KEY = "g\x00{}"
 RETRY_S = 1.0
+#: The largest member limit a server may be set to (`max_group_members`). A full group's
+#: stored state is at most 259 + 257 bytes per member (526,595 bytes at 2048): it always fits
+#: in one record of the smallest log segment (1 MiB).
+MAX_GROUP_MEMBERS = 2048
+#: GROUP_INFO's fixed part: the frame's type and flags, request_id, the info's u16 length
+_INFO_OVERHEAD = 2 + 8 + 2
+_STATE_FORMAT = 1                 # first byte of a stored state (a JSON one, from before, starts with "{")
+_ROLE_BYTE = {"member": 0, "admin": 1}
+_ROLE_NAME = ("member", "admin")
+
+
+def encode_state(state: dict) -> bytes:
+    """A group's state as stored: format byte, name (str8), member count (u16), then per
+    member its role byte and id (str8): at most 259 + 257 bytes per member."""
+    name = state["name"].encode()
+    out = [struct.pack("!BB", _STATE_FORMAT, len(name)), name, struct.pack("!H", len(state["members"]))]
+    for user, role in state["members"].items():
+        u = user.encode()
+        out.append(struct.pack("!BB", _ROLE_BYTE[role], len(u)))
+        out.append(u)
+    return b"".join(out)
+
+
+def decode_state(raw: bytes) -> dict:
+    """The state `encode_state` made (or the JSON of a data dir written before it)."""
+    if raw[:1] == b"{":
+        return _from_json(json.loads(raw))
+    if raw[0] != _STATE_FORMAT:
+        raise ValueError(f"unknown group state format {raw[0]}")
+    n = raw[1]
+    pos = 2 + n
+    name = raw[2:pos].decode()
+    (count,) = struct.unpack_from("!H", raw, pos)
+    pos += 2
+    members = {}
+    for _ in range(count):
+        role, k = raw[pos], raw[pos + 1]
+        members[raw[pos + 2:pos + 2 + k].decode()] = _ROLE_NAME[role]
+        pos += 2 + k
+    return {"name": name, "members": members}
+
+
+def _from_json(state: dict) -> dict:
+    """A state stored as JSON by an older version, which took names and member ids of any
+    length: what cannot be an id is dropped (no copy could ever be stored for it), a name is
+    cut to 255 bytes, and the group keeps an admin."""
+    name = state["name"].encode()[:255].decode("utf-8", "ignore") or "#"
+    members = {u: r for u, r in state["members"].items() if _is_user_id(u)}
+    if members and "admin" not in members.values():
+        members[min(members)] = "admin"
+    return {"name": name, "members": members}
+
+
+def info_pages(text: str, max_frame: int) -> list[str]:
+    """`text` cut into pieces that each fit in one GROUP_INFO of at most `max_frame`
+    (and in its u16 length), at UTF-8 character boundaries so that each is valid text."""
+    limit = min(0xFFFF, max_frame - _INFO_OVERHEAD)
+    data = text.encode()
+    pages = []
+    start = 0
+    while True:
+        end = min(start + limit, len(data))
+        while end < len(data) and data[end] & 0xC0 == 0x80:     # not inside a character
+            end -= 1
+        pages.append(data[start:end].decode())
+        if end == len(data):
+            return pages
+        start = end
+
+
+def _utf8_length(s) -> int:
+    """Bytes of `s` in UTF-8; -1 if it is no text (not a str, or a lone surrogate from a JSON escape)."""
+    try:
+        return len(s.encode()) if isinstance(s, str) else -1
+    except UnicodeEncodeError:
+        return -1
+
+
+def _is_user_id(u) -> bool:
+    return 1 <= _utf8_length(u) <= MAX_ID_LENGTH and not u.startswith(GROUP_PREFIX)
 
 
 class GroupService:
     def __init__(self, router, *, max_members: int = 1024):
+        if not 1 <= max_members <= MAX_GROUP_MEMBERS:
+            raise ValueError(f"the group member limit must be 1..{MAX_GROUP_MEMBERS}, not {max_members}")
         self.router = router
         self.max_members = max_members
         self._cache: dict[str, dict | None] = {}
@@ -38,11 +126,11 @@ class GroupService:
     def get(self, group: str) -> dict | None:
         if group not in self._cache:
             raw = self.router.store.meta_get_for(group, KEY.format(group))
-            self._cache[group] = json.loads(raw) if raw else None
+            self._cache[group] = decode_state(raw) if raw else None
         return self._cache[group]
 
     def _put(self, group: str, state: dict | None) -> None:
-        self.router.store.meta_put_for(group, KEY.format(group), json.dumps(state).encode() if state else b"")
+        self.router.store.meta_put_for(group, KEY.format(group), encode_state(state) if state else b"")
         self._cache[group] = state
 
     @staticmethod
@@ -59,17 +147,20 @@ class GroupService:
         if not group.startswith(GROUP_PREFIX) or len(group.encode()) > MAX_ID_LENGTH:
             raise StoreError(f"group ids start with {GROUP_PREFIX!r} and are at most 255 bytes", ErrorCode.BAD_REQUEST)
         users = arg.get("members", [])
-        if not isinstance(users, list) or not all(isinstance(u, str) and u and not u.startswith(GROUP_PREFIX)
-                                                  for u in users):
-            raise StoreError("members must be a list of user ids", ErrorCode.BAD_REQUEST)
+        if not isinstance(users, list) or not all(_is_user_id(u) for u in users):
+            raise StoreError(f"members must be a list of user ids (1..{MAX_ID_LENGTH} bytes, not starting with "
+                             f"{GROUP_PREFIX!r})", ErrorCode.BAD_REQUEST)
         state = self.get(group)
         if op == GroupOp.CREATE:
             if state is not None:
                 raise StoreError(f"{group} exists", ErrorCode.GROUP_EXISTS)
+            name = arg.get("name", group)
+            if not 1 <= _utf8_length(name) <= 255:
+                raise StoreError("a name is 1..255 bytes", ErrorCode.BAD_REQUEST)
             members = {u: "member" for u in users}
             members[actor] = "admin"
             self._limit(members)
-            state = {"name": str(arg.get("name") or group), "members": members}
+            state = {"name": name, "members": members}
             self._put(group, state)
             return self.info(group, state)
         if state is None:
@@ -106,7 +197,7 @@ class GroupService:
                 raise StoreError("a group needs an admin", ErrorCode.BAD_REQUEST)
         elif op == GroupOp.RENAME:
             name = arg.get("name")
-            if not isinstance(name, str) or not name or len(name.encode()) > 255:
+            if not 1 <= _utf8_length(name) <= 255:
                 raise StoreError("a name is 1..255 bytes", ErrorCode.BAD_REQUEST)
             state = {**state, "name": name}
         else:
@@ -194,7 +285,8 @@ class GroupService:
                 reply = {"code": ErrorCode.BAD_REQUEST, "reason": "the argument must be a JSON object"}
             else:
                 try:
-                    reply = {"info": json.dumps(self.apply(msg["op"], msg["actor"], msg["group"], arg))}
+                    reply = {"info": json.dumps(self.apply(msg["op"], msg["actor"], msg["group"], arg),
+                                                ensure_ascii=False)}
                 except StoreError as exc:
                     reply = {"code": int(exc.code), "reason": str(exc)}
             self._route({"t": "greply", "to": msg["actor"], "device": msg["device"], "req": msg["req"], **reply},
@@ -202,8 +294,10 @@ class GroupService:
         elif t == "greply":
             for s in self.router.reply_sessions(msg["to"]):
                 if s.device == msg["device"]:
-                    if "info" in msg:
-                        s.write_frame(frames.GroupInfo(msg["req"], msg["info"]))
+                    if "info" in msg:            # one frame, or consecutive pieces (flag MORE on all but the last)
+                        pages = info_pages(msg["info"], self.router.max_frame)
+                        for i, page in enumerate(pages):
+                            s.write_frame(frames.GroupInfo(msg["req"], page, i < len(pages) - 1))
                     else:
                         s.error(msg["code"], msg["reason"], msg["req"], False)
         elif t == "gcopy":

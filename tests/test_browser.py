@@ -255,3 +255,32 @@ def test_ids_above_2_53_stay_exact_in_the_page_its_history_and_its_receipts(gate
         loop.run(c.close())
     finally:
         loop.stop()
+
+
+def test_ids_count_bytes_on_the_page(gateway_factory, browsers):
+    """PROTOCOL.md section 1: ids are 1..255 bytes, not characters. The page takes a device
+    name of 85 three-byte characters (255 bytes) and refuses 86, with a message; likewise a
+    contact."""
+    gw = gateway_factory("--workers", "1", "--store", "memory")
+    user = "\u00fc" * 127 + "u"                                    # 255 bytes
+    d = browsers(f"http://{gw.host}:{gw.ws_port}/")
+    d.find_element(By.ID, "login-token").send_keys(gw.token(user))
+    dev = d.find_element(By.ID, "login-device")
+    dev.clear()
+    dev.send_keys("\u20ac" * 86)                                   # 258 bytes
+    d.find_element(By.ID, "login-button").click()
+    wait(d, "device refused", lambda: "1..255 bytes" in d.find_element(By.ID, "login-error").text)
+    assert d.find_element(By.ID, "app").get_attribute("hidden") is not None
+    dev.clear()
+    dev.send_keys("\u20ac" * 85)                                   # 255 bytes
+    d.find_element(By.ID, "login-button").click()
+    wait(d, "login", lambda: d.execute_script(
+        "return !document.getElementById('app').hidden && "
+        "document.getElementById('conn-status').textContent === 'online';"))
+    assert d.find_element(By.ID, "me").text == f"{user} · {'€' * 85}"
+    d.find_element(By.ID, "add-contact").send_keys("x" * 256)
+    d.find_element(By.ID, "add-contact-button").click()
+    wait(d, "contact refused", lambda: "1..255 bytes" in d.find_element(By.ID, "add-error").text)
+    d.find_element(By.ID, "add-contact").clear()                  # the refused id stays for editing
+    open_chat(d, "\u00e9" * 127 + "x")                           # 255 bytes: a chat opens
+    assert d.find_element(By.ID, "add-error").text == ""

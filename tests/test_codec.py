@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from _core import _codec, pycodec
 from _core import frames as F
 from _core.errors import FrameTooLarge, MalformedFrame, ProtocolError, UnexpectedFrame, UnknownFrameType
-from _core.protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_GROUP, FLAG_MIRROR, FLAG_SEND_ONLY, HEADER_SIZE,
+from _core.protocol import (DEFAULT_MAX_FRAME, FLAG_FATAL, FLAG_GROUP, FLAG_MIRROR, FLAG_MORE, FLAG_SEND_ONLY, HEADER_SIZE,
                             LENGTH_SIZE, MAX_ID_LENGTH, MAX_RECEIVED_IDS, MAX_TOKEN_LENGTH, MIN_FRAME, PRE_AUTH_MAX_FRAME, ErrorCode,
                             FrameType, GoawayCode)
 
@@ -88,6 +88,7 @@ SAMPLES = [
     F.Privacy(False),
     F.Group(7, 1, "#team", '{"name": "Team", "members": ["bob"]}'),
     F.GroupInfo(7, '{"group": "#team"}'),
+    F.GroupInfo(8, '{"group": "#te', True),
     F.Deliver(11, 12, "alice", "phone", b"to the team", "#team", 99, True),
 ]
 
@@ -132,7 +133,7 @@ frames_st = st.one_of(
     st.builds(F.Typing, peer=ids, typing=st.booleans()),
     st.builds(F.Privacy, hide_last_seen=st.booleans()),
     st.builds(F.Group, request_id=U64, op=st.integers(0, 255), group=ids, arg=reasons),
-    st.builds(F.GroupInfo, request_id=U64, info=reasons),
+    st.builds(F.GroupInfo, request_id=U64, info=reasons, more=st.booleans()),
     st.builds(F.Deliver, msg_id=U64, timestamp_ms=U64, sender=ids, sender_device=opt_ids, payload=payloads,
               peer=ids, origin_id=U64, group=st.just(True)),
     st.builds(F.Received, msg_ids=msg_ids),
@@ -232,6 +233,7 @@ def test_every_frame_type_encodes_with_its_type_byte(codec):
         expected = (FLAG_FATAL if isinstance(frame, F.Error) and frame.fatal
                     else FLAG_SEND_ONLY if isinstance(frame, F.Hello) and frame.send_only
                     else (FLAG_GROUP if frame.group else FLAG_MIRROR) if isinstance(frame, F.Deliver) and frame.peer
+                    else FLAG_MORE if isinstance(frame, F.GroupInfo) and frame.more
                     else 0)
         assert flags == expected
 
@@ -1149,3 +1151,44 @@ def test_view_derived_from_body_never_shows_other_bytes(codec):
         other.buffer_updated(len(data))
     expected = first[HEADER_SIZE:]
     assert kept and all(bytes(v) == expected for v in kept)
+
+
+# -- booleans and the routing core's UTF-8 check (PROTOCOL.md sections 1 and 3) ----------------
+
+@pytest.mark.parametrize("frame,at", [(F.Subscribe(("alice",), True), 0), (F.Typing("bob", True), -1),
+                                      (F.Presence("bob", True, 5), 4)], ids=["SUBSCRIBE", "TYPING", "PRESENCE"])
+def test_booleans_are_0_or_1(codec, frame, at):
+    """Section 1, Booleans: 0 or 1; any other value is MALFORMED_FRAME (both codecs)."""
+    wire = bytearray(codec.encode(frame))
+    body = wire[HEADER_SIZE:]
+    for value, expect in ((0, False), (1, True)):
+        body[at] = value
+        decoded = codec.decode_body(wire[4], wire[5], bytes(body))
+        assert getattr(decoded, {F.Subscribe: "on", F.Typing: "typing", F.Presence: "online"}[type(frame)]) is expect
+    for value in (2, 0x80, 0xFF):
+        body[at] = value
+        with pytest.raises(MalformedFrame):
+            codec.decode_body(wire[4], wire[5], bytes(body))
+
+
+def _python_says_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+UTF8_EDGES = [b"", b"a" * 17, "\u00e9\u20ac\U0001F600".encode(), b"\xc0\x80", b"\xc1\xbf", b"\xe0\x80\x80",
+              b"\xed\xa0\x80", b"\xed\x9f\xbf", b"\xf0\x8f\xbf\xbf", b"\xf4\x8f\xbf\xbf", b"\xf4\x90\x80\x80",
+              b"\xf5\x80\x80\x80", b"\xff", b"abcdefg\xc3", b"abcdefgh\xe2\x82", b"\x80", "\u20ac".encode() * 85]
+
+
+@settings(SETTINGS, max_examples=400)
+@given(data=st.one_of(st.binary(max_size=300), st.text(max_size=100).map(lambda s: s.encode()),
+                      st.sampled_from(UTF8_EDGES),
+                      st.tuples(st.text(max_size=20), st.binary(max_size=4)).map(lambda t: t[0].encode() + t[1])))
+def test_routing_utf8_check_agrees_with_python(data):
+    """The C check the router applies to a SEND's recipient accepts exactly what Python's
+    decoder accepts (strict UTF-8: no overlong forms, no surrogates, nothing past U+10FFFF)."""
+    assert _codec.utf8_valid(data) == _python_says_utf8(data)

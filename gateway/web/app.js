@@ -2,7 +2,7 @@
 // groups, delivery/read ticks, presence, typing. All protocol work is in
 // switchboard.js; this file is state + rendering. History lives in this
 // browser's localStorage (the server keeps only what is not yet delivered).
-import { Client } from "./switchboard.js";
+import { Client, idProblem } from "./switchboard.js";
 
 const $ = (id) => document.getElementById(id);
 const RANK = { failed: -1, pending: 0, sent: 1, delivered: 2, read: 3 };
@@ -272,7 +272,8 @@ $("login-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const token = $("login-token").value.trim();
   const dev = $("login-device").value.trim();
-  $("login-error").textContent = "";
+  $("login-error").textContent = idProblem(dev, "A device name");   // ids count bytes, not characters
+  if ($("login-error").textContent) return;
   $("login-button").disabled = true;
   start(token, dev).then(() => {
     sessionStorage.setItem("sb:token", token);
@@ -291,7 +292,8 @@ $("logout").addEventListener("click", () => {
 $("add-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const peer = $("add-contact").value.trim();
-  if (!peer) return;
+  $("add-error").textContent = idProblem(peer, peer.startsWith("#") ? "A group id" : "A user id");
+  if (!peer || $("add-error").textContent) return;
   $("add-contact").value = "";
   open(peer);
   save();
@@ -300,9 +302,13 @@ $("group-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   const id = $("group-id").value.trim();
   const members = $("group-members").value.split(",").map((s) => s.trim()).filter(Boolean);
-  $("group-error").textContent = "";
+  const name = $("group-name").value.trim() || id;
+  $("group-error").textContent = idProblem(id, "A group id") || idProblem(name, "A group name") ||
+    members.map((m) => idProblem(m, `Member ${m}`) || (m.startsWith("#") ? `Member ${m} is a group id` : ""))
+      .find(Boolean) || "";
+  if ($("group-error").textContent) return;
   try {
-    await client.group("create", id, { name: $("group-name").value.trim() || id, members });
+    await client.group("create", id, { name, members });
     e.target.reset();
     open(id);
     save();

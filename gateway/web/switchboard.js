@@ -41,9 +41,10 @@ const RESEND_FIRST_MS = 50, RESEND_MAX_MS = 2000;
 const GROUP_OPS = { create: 1, add: 2, remove: 3, promote: 4, demote: 5, leave: 6, rename: 7, info: 8 };
 const FATAL_AUTH = new Set([ErrorCode.AUTH_FAILED, ErrorCode.TOKEN_EXPIRED, ErrorCode.UNSUPPORTED_VERSION,
   ErrorCode.DEVICE_LIMIT, ErrorCode.FENCED]);
-const FLAG_FATAL = 0x01, FLAG_SEND_ONLY = 0x01, FLAG_MIRROR = 0x02, FLAG_GROUP = 0x04;
+const FLAG_FATAL = 0x01, FLAG_SEND_ONLY = 0x01, FLAG_MIRROR = 0x02, FLAG_GROUP = 0x04, FLAG_MORE = 0x01;
 const GOAWAY_REPLACED = 2;
 const MAX_IDS = 4096;
+const MAX_SUBSCRIBE = 1024;
 const U64_MAX = 0xFFFFFFFFFFFFFFFFn;
 const utf8 = new TextEncoder();
 const fromUtf8 = new TextDecoder("utf-8", { fatal: true });
@@ -71,6 +72,13 @@ export function toU64(v) {
   }
   if (b < 0n || b > U64_MAX) throw new RangeError(`not a u64: ${b}`);
   return b;
+}
+
+/** Why `s` cannot be an id (a user, device or group id: 1..255 bytes of UTF-8), or "" if it
+ * can. Lengths count bytes, not characters: 255 ASCII letters, or 85 characters such as €. */
+export function idProblem(s, what = "an id") {
+  const n = utf8.encode(s).length;
+  return n >= 1 && n <= 255 ? "" : `${what} must be 1..255 bytes of UTF-8 (this is ${n})`;
 }
 
 // -- encoding ---------------------------------------------------------------------------
@@ -164,7 +172,8 @@ function decodeBody(type, flags, r) {
       by: r.str8(), byDevice: r.str8(), ts: r.u64() };
     case T.PRESENCE: return { type, user: r.str8(), online: r.u8() !== 0, lastSeenMs: Number(r.u64()) };
     case T.TYPING: return { type, peer: r.str8(), typing: r.u8() !== 0 };
-    case T.GROUP_INFO: return { type, requestId: r.u64(), info: JSON.parse(r.str16()) };
+    // `text` is the answer's JSON, or a piece of it when `more` (the next GROUP_INFO continues it)
+    case T.GROUP_INFO: return { type, requestId: r.u64(), text: r.str16(), more: !!(flags & FLAG_MORE) };
     case T.ERROR: return { type, code: r.u16(), ref: r.u64(), reason: r.str16(), fatal: !!(flags & FLAG_FATAL) };
     case T.GOAWAY: return { type, code: r.u16(), reconnectMs: r.u32(), reason: r.str16() };
     case T.PING: case T.PONG: return { type, nonce: r.u64() };
@@ -193,6 +202,8 @@ export class Client extends EventTarget {
   constructor({ url, token, device = "web", resumeAfter = 0n, sendOnly = false, reconnect = true,
     maxBackoffMs = 5000 }) {
     super();
+    const problem = idProblem(device, "a device id");
+    if (problem) throw new RangeError(problem);
     Object.assign(this, { url, token, device, sendOnly, reconnect, maxBackoffMs });
     this.welcome = null;
     this.ws = null;
@@ -204,7 +215,7 @@ export class Client extends EventTarget {
     this.outbox = new Map();              // seq -> {frame, resolve, reject, sent, refused}, in seq order
     this.resendTimer = null;
     this.resendDelay = RESEND_FIRST_MS;
-    this.requests = new Map();            // group request id -> {resolve, reject}
+    this.requests = new Map();            // group request id -> {resolve, reject, pieces}
     this.pongs = new Map();
     this.watching = new Set();
     this.pending = [];                    // frames queued this task, sent as one message
@@ -438,13 +449,24 @@ export class Client extends EventTarget {
     if (gone.length && this.connected) this._subscribeFrames(gone, false);
   }
 
+  /** SUBSCRIBE frames of at most 1024 users and maxFrame bytes each (1024 ids of 255 bytes
+   * would be 262 KB, over the default limit of 64 KiB). */
   _subscribeFrames(users, on) {
-    for (let i = 0; i < users.length; i += 1024) {
-      const chunk = users.slice(i, i + 1024);
-      const w = new FrameWriter(FrameType.SUBSCRIBE).u8(on ? 1 : 0).u16(chunk.length);
-      for (const u of chunk) w.str8(u);
+    const room = (this.welcome?.maxFrame ?? 65536) - 2 - 3;
+    let batch = [], size = 0;
+    const write = () => {
+      const w = new FrameWriter(FrameType.SUBSCRIBE).u8(on ? 1 : 0).u16(batch.length);
+      for (const u of batch) w.str8(u);
       this._queue(w.done());
+      batch = []; size = 0;
+    };
+    for (const u of users) {
+      const cost = 1 + utf8.encode(u).length;
+      if (batch.length && (batch.length === MAX_SUBSCRIBE || size + cost > room)) write();
+      batch.push(u);
+      size += cost;
     }
+    if (batch.length) write();
   }
 
   /** Tell `peer` this user is (or stopped) typing: a hint, never stored. */
@@ -456,15 +478,21 @@ export class Client extends EventTarget {
     if (this.connected) this._queue(new FrameWriter(FrameType.PRIVACY).u8(hideLastSeen ? 1 : 0).done());
   }
 
-  /** A group operation; resolves to the group {group, name, members: {user: role}}. */
+  /** A group operation; resolves to the group {group, name, members: {user: role}}. One
+   * request must fit in one frame (maxFrame): add many members with several "add"s. */
   group(action, group, arg = {}) {
     this._check();
     const op = GROUP_OPS[action];
     if (!op) throw new RangeError(`unknown group action ${action}`);
     const req = this.nextId++;
     const frame = new FrameWriter(FrameType.GROUP).u64(req).u8(op).str8(group).str16(JSON.stringify(arg)).done();
+    const maxFrame = this.welcome?.maxFrame ?? 65536;
+    if (frame.length - 4 > maxFrame) {
+      throw new RangeError(`this ${action} request is ${frame.length - 4} bytes, over the server's frame limit ` +
+        `of ${maxFrame}: send its members in several requests`);
+    }
     return new Promise((resolve, reject) => {
-      this.requests.set(req, { resolve, reject });
+      this.requests.set(req, { resolve, reject, pieces: [] });
       if (!this.connected) { this.requests.delete(req); reject(new Error("not connected")); return; }
       this._queue(frame);
     });
@@ -519,7 +547,11 @@ export class Client extends EventTarget {
       case T.TYPING: this._emit("typing", f); return;
       case T.GROUP_INFO: {
         const req = this.requests.get(f.requestId);
-        if (req) { this.requests.delete(f.requestId); req.resolve(f.info); }
+        if (!req) return;
+        req.pieces.push(f.text);
+        if (f.more) return;                  // the answer continues in the next GROUP_INFO
+        this.requests.delete(f.requestId);
+        req.resolve(JSON.parse(req.pieces.join("")));
         return;
       }
       case T.PING: this._queue(new FrameWriter(T.PONG).u64(f.nonce).done()); return;
