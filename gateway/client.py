@@ -254,10 +254,11 @@ class Client:
             await asyncio.wait_for(self._room.wait(), None if deadline is None else max(0, deadline - loop.time()))
             self._check_usable()
         seq = self._next_seq
+        data = encode(frames.Send(seq, to, payload))      # a bad recipient raises here: no seq is used up
         self._next_seq += 1
         fut = loop.create_future()
         fut.add_done_callback(_retrieved)
-        out = self._outbox[seq] = _Outgoing(encode(frames.Send(seq, to, payload)), fut)
+        out = self._outbox[seq] = _Outgoing(data, fut)
         if self.connected:
             self._proto.transport.write(out.data)
         return await asyncio.wait_for(asyncio.shield(fut), None if deadline is None else

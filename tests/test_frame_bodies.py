@@ -301,9 +301,9 @@ def test_2_order_body_before_retry_answer(server):
     user = "order-retry-" + uuid.uuid4().hex[:6]
     with Raw(server) as r:
         r.hello(server.token(user))
-        r.send(encode(F.Send(7, RCPT, b"first")))
+        r.send(encode(F.Send(1, RCPT, b"first")))
         assert isinstance(r.frame(), F.Ack)
-        r.send(not_utf8(encode(F.Send(7, RCPT, b"first")), RCPT))
+        r.send(not_utf8(encode(F.Send(1, RCPT, b"first")), RCPT))
         assert_fatal(r.until_eof(), ErrorCode.MALFORMED_FRAME)
 
 

@@ -362,8 +362,9 @@ export class Client extends EventTarget {
     if (this.welcome && bytes.length > this.welcome.maxPayload) {
       return Promise.reject(new ServerError(ErrorCode.PAYLOAD_TOO_LARGE, "payload too large"));
     }
-    const seq = this.nextSeq++;
+    const seq = this.nextSeq;
     const frame = new FrameWriter(FrameType.SEND).u64(seq).str8(to).bytes(bytes).done();
+    this.nextSeq++;                       // after the encoding: a bad recipient uses up no seq
     return new Promise((resolve, reject) => {
       this.outbox.set(seq, { frame, resolve, reject, sent: false, refused: false });
       this._sendOutbox();
