@@ -7,7 +7,8 @@ import socket
 
 from _core import frames
 from _core.codec import Decoder, decode_body, encode
-from _core.errors import ProtocolError, UnexpectedFrame
+from _core.errors import MalformedFrame, ProtocolError, UnexpectedFrame
+from _core.ids import id_problem
 from _core.protocol import PROTOCOL_VERSION, ErrorCode, FrameType
 
 from . import log
@@ -112,6 +113,9 @@ class Connection(asyncio.BufferedProtocol):
             raise ProtocolError(f"protocol version {hello.version} is not supported; this server "
                                 f"speaks {PROTOCOL_VERSION}", ErrorCode.UNSUPPORTED_VERSION)
         gw = self.gateway
+        problem = id_problem(hello.device)
+        if problem is not None:
+            raise MalformedFrame(f"HELLO device: {problem}")
         try:
             user, device = gw.authority.verify(hello.token, hello.device)
         except AuthError as exc:

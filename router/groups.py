@@ -16,7 +16,8 @@ import json
 
 from _core import frames
 from _core.errors import StoreError
-from _core.protocol import GROUP_PREFIX, MAX_ID_LENGTH, ErrorCode, GroupOp
+from _core.ids import group_id_problem, is_user_id
+from _core.protocol import ErrorCode, GroupOp
 
 KEY = "g\x00{}"
 RETRY_S = 1.0
@@ -56,12 +57,12 @@ class GroupService:
 
     def apply(self, op: int, actor: str, group: str, arg: dict) -> dict:
         """One operation at the group's owner; raises StoreError(code, reason) to refuse."""
-        if not group.startswith(GROUP_PREFIX) or len(group.encode()) > MAX_ID_LENGTH:
-            raise StoreError(f"group ids start with {GROUP_PREFIX!r} and are at most 255 bytes", ErrorCode.BAD_REQUEST)
+        problem = group_id_problem(group)
+        if problem is not None:
+            raise StoreError(f"not a legal group id: {problem}", ErrorCode.BAD_REQUEST)
         users = arg.get("members", [])
-        if not isinstance(users, list) or not all(isinstance(u, str) and u and not u.startswith(GROUP_PREFIX)
-                                                  for u in users):
-            raise StoreError("members must be a list of user ids", ErrorCode.BAD_REQUEST)
+        if not isinstance(users, list) or not all(isinstance(u, str) and is_user_id(u) for u in users):
+            raise StoreError("members must be a list of legal user ids", ErrorCode.BAD_REQUEST)
         state = self.get(group)
         if op == GroupOp.CREATE:
             if state is not None:
