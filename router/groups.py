@@ -23,6 +23,14 @@ KEY = "g\x00{}"
 RETRY_S = 1.0
 
 
+def _is_name(name) -> bool:
+    """A group's display name: any text of 1..255 bytes of UTF-8."""
+    try:
+        return isinstance(name, str) and 1 <= len(name.encode("utf-8")) <= 255
+    except UnicodeEncodeError:            # a lone surrogate from a JSON escape
+        return False
+
+
 class GroupService:
     def __init__(self, router, *, max_members: int = 1024):
         self.router = router
@@ -63,6 +71,9 @@ class GroupService:
         users = arg.get("members", [])
         if not isinstance(users, list) or not all(isinstance(u, str) and is_user_id(u) for u in users):
             raise StoreError("members must be a list of legal user ids", ErrorCode.BAD_REQUEST)
+        name = arg.get("name")
+        if "name" in arg and not _is_name(name):
+            raise StoreError("a group name is a string of 1..255 bytes", ErrorCode.BAD_REQUEST)
         state = self.get(group)
         if op == GroupOp.CREATE:
             if state is not None:
@@ -70,7 +81,7 @@ class GroupService:
             members = {u: "member" for u in users}
             members[actor] = "admin"
             self._limit(members)
-            state = {"name": str(arg.get("name") or group), "members": members}
+            state = {"name": group if name is None else name, "members": members}
             self._put(group, state)
             return self.info(group, state)
         if state is None:
@@ -106,9 +117,8 @@ class GroupService:
             if "admin" not in members.values():
                 raise StoreError("a group needs an admin", ErrorCode.BAD_REQUEST)
         elif op == GroupOp.RENAME:
-            name = arg.get("name")
-            if not isinstance(name, str) or not name or len(name.encode()) > 255:
-                raise StoreError("a name is 1..255 bytes", ErrorCode.BAD_REQUEST)
+            if name is None:
+                raise StoreError("RENAME needs a name", ErrorCode.BAD_REQUEST)
             state = {**state, "name": name}
         else:
             raise StoreError(f"unknown group operation {op}", ErrorCode.BAD_REQUEST)
