@@ -99,6 +99,11 @@ class TokenAuthority:
 
     def verify(self, token: str, device: str, now: float | None = None) -> tuple[str, str]:
         """(user, device) the token grants, or AuthError."""
+        return self.grant(token, device, now)[:2]
+
+    def grant(self, token: str, device: str, now: float | None = None) -> tuple[str, str, int]:
+        """(user, device, expiry in Unix seconds) the token grants, or AuthError.
+        A session opened with it ends at the expiry (gateway/limits.py)."""
         if not token.startswith(_PREFIX) or token.count(".") != 2:
             raise AuthError("malformed token")
         body_text, mac_text = token[len(_PREFIX):].split(".")
@@ -124,4 +129,4 @@ class TokenAuthority:
             raise AuthError("token expired", ErrorCode.TOKEN_EXPIRED)
         if bound and bound != device:
             raise AuthError(f"token is for device {bound!r}, not {device!r}")
-        return user, device
+        return user, device, expiry
