@@ -169,7 +169,7 @@ def test_s4_rate_limited_sends_are_not_stored_and_may_be_retried(gw_fast):
         async with gw_fast.client(alice) as a:
             results = await asyncio.gather(*(one(a, i) for i in range(10)))    # one write, one burst
             refused = [i for i, r in enumerate(results) if r is None]
-            assert len(refused) >= 4 and a.connected, results
+            assert refused and a.connected, results     # 5 at once, then 20/s: some are refused
             deadline = time.monotonic() + 10
             for i in refused:                     # retried later, as section 4 says
                 while results[i] is None:
@@ -225,8 +225,8 @@ def test_s4_unavailable_while_the_owners_worker_restarts(gw2):
     assert (err.code, err.fatal, err.ref) == (ErrorCode.UNAVAILABLE, False, 1), err
     refused = None
     for _ in range(10):                               # a HELLO accepted by worker 0 cannot be handed over
-        with Wire(gw2, timeout=0.3) as h:
-            h.send(hello(gw2.token(bob)))
+        with Wire(gw2, timeout=0.3) as h:              # send-only: registers no device for bob
+            h.send(hello(gw2.token(bob), send_only=True))
             try:
                 f = h.frame()
             except OSError:                           # queued for worker 1: the kernel picked its socket
@@ -264,12 +264,13 @@ def test_s4_internal_is_fatal_and_a_retry_after_it_is_served(gw2):
             return await s.send(bob, "stored before", timeout=10)
     sent = run(store())
     soft, hard = resource.prlimit(w0, resource.RLIMIT_NOFILE)
-    fds = {int(n) for n in os.listdir(f"/proc/{w0}/fd")}
-    first_free = min(set(range(len(fds) + 1)) - fds)
     seen = []
-    try:                                           # one descriptor left: for the accept, none for the dup
-        resource.prlimit(w0, resource.RLIMIT_NOFILE, (first_free + 1, hard))
+    try:
         for _ in range(20):                        # until one lands on worker 0 (the kernel picks)
+            # one descriptor left below the limit: for the accept, none for the dup (measured each
+            # time: the worker opens and closes some of its own, e.g. for the admin listener)
+            fds = {int(n) for n in os.listdir(f"/proc/{w0}/fd")}
+            resource.prlimit(w0, resource.RLIMIT_NOFILE, (min(set(range(len(fds) + 1)) - fds) + 1, hard))
             with Wire(gw2, timeout=1) as w:
                 w.send(hello(gw2.token(bob), "d"))
                 try:
@@ -284,7 +285,7 @@ def test_s4_internal_is_fatal_and_a_retry_after_it_is_served(gw2):
         resource.prlimit(w0, resource.RLIMIT_NOFILE, (soft, hard))
     err = seen[-1]
     assert isinstance(err, F.Error) and (err.code, err.ref, err.fatal) == (ErrorCode.INTERNAL, 0, True), seen
-    assert "event=internal_error" in gw2.text
+    wait_for(lambda: "event=internal_error" in gw2.text, "the worker to log the failure")
 
     async def retry():
         async with gw2.client(bob, device="d") as b:
