@@ -1,10 +1,12 @@
 """Which ids are legal: one rule for user, device and group ids (docs/PROTOCOL.md
 section 1, "Ids").
 
-An id is 1..255 bytes of UTF-8 in Unicode normalisation form C, without control,
-format or separator characters (general categories Cc, Cf, Zs, Zl, Zp: no NUL,
-no space or tab, no zero-width or bidirectional marks). Ids are compared byte
-for byte, so they are case-sensitive. Group ids start with `#`; user ids may not.
+An id is 1..255 bytes of UTF-8 in Unicode normalisation form C, without a
+character of the general categories C (control, format, surrogate, private
+use, unassigned) or Z (space, line and paragraph separators): no NUL, no space
+or tab, no zero-width or bidirectional marks. That is `str.isprintable()` with
+no space, judged by the server's Unicode database. Ids are compared byte for
+byte, so they are case-sensitive. Group ids start with `#`; user ids may not.
 
 Why: ids are keys. The log keys a device's inbox as ``user NUL device``, so a
 NUL inside an id would name another user's inbox; and two ids that look the
@@ -12,15 +14,11 @@ same (a trailing space, a zero-width character, another normalisation of the
 same letters) would be two users that nobody can tell apart.
 
 The SEND path (`_core/_routing.pyx`) checks ASCII recipients in C and calls
-`id_problem` only for the rest; everything else here runs once per HELLO,
-token, group operation or presence request.
+`id_problem` only for the rest (about 0.2 us for a short non-ASCII id).
 """
 import unicodedata
 
 from .protocol import GROUP_PREFIX, MAX_ID_LENGTH
-
-#: general categories no id may contain: control, format, space/line/paragraph separators
-REFUSED_CATEGORIES = frozenset(("Cc", "Cf", "Zs", "Zl", "Zp"))
 
 
 def id_problem(text: str) -> str | None:
@@ -31,15 +29,10 @@ def id_problem(text: str) -> str | None:
         return "an id must be UTF-8 (it holds a lone surrogate)"
     if not 1 <= n <= MAX_ID_LENGTH:
         return f"an id is 1..{MAX_ID_LENGTH} bytes of UTF-8, not {n}"
-    if text.isascii():
-        if text.isprintable() and " " not in text:      # printable ASCII but the space: 0x21..0x7e
-            return None
+    if not text.isprintable() or " " in text:          # categories C and Z (isprintable allows " ")
         bad = next(c for c in text if not c.isprintable() or c == " ")
-        return f"an id may not contain {bad!r}"
-    for c in text:
-        if unicodedata.category(c) in REFUSED_CATEGORIES:
-            return f"an id may not contain {c!r} (U+{ord(c):04X}, {unicodedata.category(c)})"
-    if not unicodedata.is_normalized("NFC", text):
+        return f"an id may not contain {bad!r} (U+{ord(bad):04X}, {unicodedata.category(bad)})"
+    if not text.isascii() and not unicodedata.is_normalized("NFC", text):
         return "an id must be in Unicode normalisation form C (NFC)"
     return None
 

@@ -11,12 +11,16 @@ import socket
 import struct
 import time
 import uuid
+from pathlib import Path
 
 from _core import frames as F
 from _core.protocol import PROTOCOL_VERSION
 from _core.pycodec import Decoder, decode_body, encode
 from rawclient import Raw
 from router.sharding import shard_of
+
+#: the document the conformance tests hold the server to
+DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 
 
 def uid(prefix: str) -> str:

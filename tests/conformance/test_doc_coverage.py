@@ -20,8 +20,9 @@ import pytest
 
 from _core.protocol import ErrorCode
 
+from .kit import DOC
+
 TESTS = Path(__file__).resolve().parent.parent
-DOC = TESTS.parent / "docs" / "PROTOCOL.md"
 
 #: section -> {a phrase of the MUST sentence: the tests that check it}
 MUSTS = {

@@ -5,6 +5,7 @@ import struct
 import subprocess
 import sys
 import time
+import unicodedata
 
 import pytest
 
@@ -15,7 +16,7 @@ from _core.pycodec import encode
 from conftest import ROOT
 from gateway.auth import TokenAuthority, load_secret
 
-from .kit import Wire, doc_token, fatal, hello, patched, resized, run, session, uid
+from .kit import DOC, Wire, doc_token, fatal, hello, patched, resized, run, session, uid
 
 # -- section 1: booleans ---------------------------------------------------------------------
 
@@ -52,8 +53,16 @@ ILLEGAL = {
     "bidi override": "bob\u202e",
     "line separator": "bob\u2028",
     "NFD": "jose\u0301",
+    "private use": "bob\ue000",
+    "unassigned": "bob\u0378",
+    "emoji joiner": "\U0001f469\u200d\U0001f4bb",
 }
-LEGAL = ["jos\u00e9", "\u7528\u623742", "bob@example.com", "a", "x" * 255, "\u00e9" * 127]
+LEGAL = ["jos\u00e9", "\u7528\u623742", "bob@example.com", "a", "x" * 255, "\u00e9" * 127, "bob\U0001f642"]
+
+
+def test_s1_ids_unassigned_is_judged_by_the_unicode_version_the_document_names():
+    """Section 1, Ids: the document names the server's Unicode database version."""
+    assert f"(Unicode {unicodedata.unidata_version.removesuffix('.0')} today)" in DOC.read_text()
 
 
 @pytest.mark.parametrize("kind", list(ILLEGAL))
