@@ -4,7 +4,6 @@ sending, fresh ids, and waits bounded by a socket timeout or a deadline."""
 import asyncio
 import base64
 import collections
-import dataclasses
 import hashlib
 import hmac
 import socket
@@ -102,12 +101,6 @@ def fatal(w: Raw, code: int, preceding: int | None = 0) -> list:
     if preceding is not None:
         assert len(frames) == preceding + 1, frames
     return frames[:-1]
-
-
-def first_field(frame) -> int:
-    """A SEND's or ACK's first field: the sender's id for the SEND (client_msg_id,
-    `seq` from protocol version 2)."""
-    return getattr(frame, dataclasses.fields(frame)[0].name)
 
 
 def patched(frame: bytes, at: int, value: int) -> bytes:
