@@ -18,6 +18,7 @@ from ._codec cimport (Cursor, cur_u8, cur_u64, cur_u16, cur_bytes8, cur_done, cu
                       SWITCHBOARD_DEBUG)
 from ._codec import encode_into
 from .errors import UnexpectedFrame, MalformedFrame, StoreError
+from .ids import id_problem, is_user_id
 from ._log cimport LogCore, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP, remember
 from ._producers cimport (SendState, ProducerTable, ADMIT_NEW, ADMIT_DUPLICATE, ADMIT_FENCED,
                           ADMIT_OUT_OF_ORDER)
@@ -84,6 +85,28 @@ cdef inline bint _take_token(SessionCore s, double rate, double burst) noexcept:
         return False
     s._rl_tokens = <float>(tokens - 1.0)
     return True
+
+
+cdef inline bint _legal_id(const char *p, Py_ssize_t n) except -1:
+    """The id rule (_core/ids.py) for a SEND recipient, in C for printable ASCII
+    (0x21..0x7e: legal as it is); other bytes go to `id_problem`. Bytes that are
+    not UTF-8 pass here: decoding them is the caller's MALFORMED_FRAME."""
+    cdef Py_ssize_t i
+    cdef unsigned char b
+    cdef bint ascii = True
+    for i in range(n):
+        b = <unsigned char>p[i]
+        if b >= 0x80:
+            ascii = False
+        elif b <= 0x20 or b == 0x7f:
+            return False
+    if ascii:
+        return True
+    try:
+        text = PyUnicode_DecodeUTF8(p, n, NULL)
+    except UnicodeDecodeError:
+        return True
+    return id_problem(text) is None
 
 
 cdef inline bint _defer(RouteCore core, SessionCore s, uint64_t msg_id) noexcept:
@@ -176,6 +199,8 @@ cdef class SessionCore(FrameSink):
             cur_u16(&c, &count)
             if count > MAX_RECEIVED_IDS or c.end - c.p != 8 * <Py_ssize_t>count:
                 raise MalformedFrame("READ length does not match its count")
+            if not is_user_id(peer):
+                return 0          # no user can have sent these: no receipt is stored for nobody
             for i in range(count):
                 self._core.receipt(peer, RECEIPT_READ, sb_load64(c.p + 8 * i), self.user, self.device)
             return 0
@@ -345,6 +370,10 @@ cdef class RouteCore:
         if n > self.max_payload:
             sender.error(ErrorCode.PAYLOAD_TOO_LARGE,
                          f"payload of {n} bytes exceeds the limit of {self.max_payload}", seq, False)
+            return 0
+        if not _legal_id(to, to_len):
+            sender.error(ErrorCode.BAD_RECIPIENT, "the recipient is not a legal user or group id "
+                         "(docs/PROTOCOL.md section 1, Ids)", seq, False)
             return 0
         try:
             recipient = PyUnicode_DecodeUTF8(to, to_len, NULL)

@@ -13,7 +13,8 @@ import struct
 import time
 from pathlib import Path
 
-from _core.protocol import ErrorCode, MAX_ID_LENGTH
+from _core.ids import id_problem, user_id_problem
+from _core.protocol import ErrorCode
 
 _DOMAIN = b"switchboard-token-v1\0"
 _PREFIX = "sb1."
@@ -71,10 +72,13 @@ def load_secret(data_dir: str | os.PathLike) -> bytes:
 
 
 def _check_id(kind: str, value: str, allow_empty: bool) -> bytes:
-    raw = value.encode("utf-8")
-    if len(raw) > MAX_ID_LENGTH or (not raw and not allow_empty):
-        raise ValueError(f"{kind} id must be 1..{MAX_ID_LENGTH} bytes of UTF-8, got {value!r}")
-    return raw
+    """The id's bytes, or ValueError if it is not a legal id (_core/ids.py)."""
+    if allow_empty and value == "":
+        return b""
+    problem = user_id_problem(value) if kind == "user" else id_problem(value)
+    if problem is not None:
+        raise ValueError(f"not a legal {kind} id: {value!r}: {problem}")
+    return value.encode("utf-8")
 
 
 class TokenAuthority:
@@ -87,8 +91,6 @@ class TokenAuthority:
         return hmac.new(self._secret, _DOMAIN + body, hashlib.sha256).digest()
 
     def issue(self, user: str, device: str = "", ttl: float = 86400, now: float | None = None) -> str:
-        if user.startswith("#"):
-            raise ValueError(f"user ids may not start with '#' (that is how group ids start): {user!r}")
         u = _check_id("user", user, False)
         d = _check_id("device", device, True)
         expiry = int((time.time() if now is None else now) + ttl)
@@ -97,6 +99,11 @@ class TokenAuthority:
 
     def verify(self, token: str, device: str, now: float | None = None) -> tuple[str, str]:
         """(user, device) the token grants, or AuthError."""
+        return self.grant(token, device, now)[:2]
+
+    def grant(self, token: str, device: str, now: float | None = None) -> tuple[str, str, int]:
+        """(user, device, expiry in Unix seconds) the token grants, or AuthError.
+        A session opened with it ends at the expiry (gateway/limits.py)."""
         if not token.startswith(_PREFIX) or token.count(".") != 2:
             raise AuthError("malformed token")
         body_text, mac_text = token[len(_PREFIX):].split(".")
@@ -117,10 +124,11 @@ class TokenAuthority:
             raise AuthError("malformed token") from None
         if not user or len(body) != 2 + ulen + dlen + 8:     # as issue() makes them: a user id, nothing after
             raise AuthError("malformed token")
-        if user.startswith("#"):
-            raise AuthError("user ids may not start with '#'")
+        problem = user_id_problem(user)
+        if problem is not None:           # a token made before the id rule, or by another issuer
+            raise AuthError(f"the token's user is not a legal user id: {problem}")
         if expiry <= (time.time() if now is None else now):
             raise AuthError("token expired", ErrorCode.TOKEN_EXPIRED)
         if bound and bound != device:
             raise AuthError(f"token is for device {bound!r}, not {device!r}")
-        return user, device
+        return user, device, expiry

@@ -95,7 +95,8 @@ class GatewayConfig:
     msg_rate: float = 1_000.0
     #: SENDs a session may make at once (the bucket's size)
     msg_burst: int = 5_000
-    #: a session that sends no frame at all, not even PING, for this many ping intervals gets GOAWAY IDLE_TIMEOUT
+    #: a session from which nothing arrives, not even PING, for this many ping intervals gets GOAWAY IDLE_TIMEOUT
+    #: (never earlier; within a quarter interval later)
     idle_timeout_pings: int = 3
     #: slow consumer: past this many bytes queued to a client (transport buffer), its live messages stay in the log
     out_high_water: int = 256 << 10
@@ -105,7 +106,8 @@ class GatewayConfig:
     out_hard_limit: int = 4 << 20
     #: a client paused this long without draining is disconnected (GOAWAY SLOW_CONSUMER)
     slow_consumer_timeout: float = 30.0
-    #: period of the limits sweep: slow consumers, idle sessions (spread over a ping interval), log summaries
+    #: period of the limits sweep (at most an eighth of a ping interval): slow consumers, sessions near their idle
+    #: timeout or token expiry, log summaries
     limits_sweep_interval: float = 1.0
     #: address of the admin HTTP listener (/metrics, /healthz, /readyz, POST /drain); loopback by default
     admin_host: str = DEFAULT_HOST

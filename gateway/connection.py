@@ -8,6 +8,7 @@ import socket
 from _core import frames
 from _core.codec import Decoder, decode_body, encode
 from _core.errors import MalformedFrame, ProtocolError, UnexpectedFrame
+from _core.ids import id_problem
 from _core.protocol import PROTOCOL_VERSION, ErrorCode, FrameType
 
 from . import log
@@ -19,7 +20,7 @@ _log = log.get("switchboard.conn")
 class Connection(asyncio.BufferedProtocol):
     # Every field here is paid a million times over on a dense gateway: keep it short.
     __slots__ = ("gateway", "transport", "session", "decoder", "_hello_timer", "handed_off", "_handoff",
-                 "_addr", "_idle")
+                 "_addr", "_idle", "_expires")
     WEBSOCKET = False        # hand-offs say which kind of connection the owner adopts
 
     def __init__(self, gateway, handed_off: bool = False):
@@ -31,7 +32,8 @@ class Connection(asyncio.BufferedProtocol):
         self.handed_off = handed_off     # came from another worker: must be ours
         self._handoff = None             # (owner, HELLO bytes) once HELLO says another worker owns it
         self._addr = None                # its source address's counters (gateway/limits.py)
-        self._idle = 0                   # idle sweeps since its last read (gateway/limits.py)
+        self._idle = 0.0                 # the limits clock at its last read (gateway/limits.py)
+        self._expires = 0                # when its token expires (Unix s; 0 before HELLO)
 
     # -- asyncio.BufferedProtocol ------------------------------------------------
     def connection_made(self, transport):
@@ -65,7 +67,7 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def _input(self, parse, arg):
-        self._idle = 0
+        self._idle = self.gateway.limits.clock      # one shared float: no allocation per read
         try:
             parse(arg)
             if self.session is not None and self.session.paused:
@@ -116,9 +118,12 @@ class Connection(asyncio.BufferedProtocol):
             raise ProtocolError(f"protocol version {version} is not supported; this server "
                                 f"speaks {PROTOCOL_VERSION}", ErrorCode.UNSUPPORTED_VERSION)
         hello = decode_body(ftype, flags, body)
+        problem = id_problem(hello.device)
+        if problem is not None:
+            raise MalformedFrame(f"HELLO device: {problem}")
         gw = self.gateway
         try:
-            user, device = gw.authority.verify(hello.token, hello.device)
+            user, device, expires = gw.authority.grant(hello.token, hello.device)
         except AuthError as exc:
             raise ProtocolError(str(exc), exc.code) from None
         owner = gw.shards.owner_uncached(user)
@@ -140,6 +145,7 @@ class Connection(asyncio.BufferedProtocol):
                                               send_only=hello.send_only, producer=hello.producer)
         self.decoder.max_frame = cfg.max_frame
         self.decoder.set_sink(self.session)
+        self._expires = gw.limits.expiry(expires)
         gw.limits.session_opened(self)
 
     def session_io(self) -> dict:

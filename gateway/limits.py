@@ -2,10 +2,13 @@
 source address, the connect rate per address, idle sessions and slow consumers.
 
 Nothing here runs per frame or holds a timer per connection: admission runs once
-per accepted connection, and one coarse sweep (every `limits_sweep_interval`)
-checks the paused (slow) sessions and walks the connections once per ping
-interval, a slice per turn, for idle ones. Every limit that triggers is counted
-in `events` by class and logged the first time, then summarised at most once a
+per accepted connection, and one coarse sweep (every `limits_sweep_interval`, at
+most an eighth of a ping interval) checks the paused (slow) sessions, keeps the
+clock that reads stamp, and watches the few sessions near a deadline; once per
+ping interval a pass over the connections, a slice per turn, finds those.
+Deadlines: an idle timeout (nothing read for `idle_timeout_pings` ping intervals)
+and the expiry of the session's token. Every limit that triggers is counted in
+`events` by class and logged the first time, then summarised at most once a
 minute per class.
 """
 import time
@@ -47,6 +50,15 @@ class Limits:
         self._transport_paused: set = set()  # between pause_writing and resume_writing
         self._idle_todo: list = []
         self._idle_next = 0.0
+        #: monotonic time of the last sweep: what a read stamps on its connection (`Connection._idle`)
+        self.clock = time.monotonic()
+        #: each earlier clock value -> when the next sweep replaced it: a read that stamped
+        #: that value happened before then (kept for a timeout and two intervals)
+        self._tick_end: dict[float, float] = {}
+        #: the sweep's period: fine enough for deadlines within a quarter of a ping interval
+        self.tick = min(self.cfg.limits_sweep_interval, self.cfg.ping_interval_ms / 8000)
+        self._due: set = set()               # sessions whose deadline may come before the next pass
+        self._expiries: dict[int, int] = {}  # expiry -> the same int: sessions share one object
         self._timer = None
         self._rate_limited = 0               # the router's count of RATE_LIMITED SENDs, last seen
 
@@ -116,9 +128,12 @@ class Limits:
 
     # -- slow consumers ----------------------------------------------------------------
     def session_opened(self, conn) -> None:
-        """After WELCOME: the write buffer marks; a backlog larger than the high mark
-        was queued in part, the session starts paused and continues as it drains."""
+        """After WELCOME: its deadlines, the write buffer marks; a backlog larger than
+        the high mark was queued in part, the session starts paused and continues as
+        it drains."""
         cfg = self.cfg
+        if self._deadline(conn, time.monotonic(), time.time()) == _SOON:
+            self._due.add(conn)              # e.g. a token expiring before the next pass
         conn.transport.set_write_buffer_limits(high=cfg.out_high_water, low=cfg.out_low_water)
         if conn.session.paused:
             self.paused[conn] = time.monotonic()
@@ -184,7 +199,7 @@ class Limits:
 
     # -- the sweep ---------------------------------------------------------------------
     def start(self) -> None:
-        self._timer = self.gw.loop.call_later(self.cfg.limits_sweep_interval, self._sweep)
+        self._timer = self.gw.loop.call_later(self.tick, self._sweep)
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -193,6 +208,8 @@ class Limits:
 
     def _sweep(self) -> None:
         now = time.monotonic()
+        self._tick_end[self.clock] = now
+        self.clock = now
         try:
             n = self.gw.router.rate_limited          # counted in the Cython SEND path
             if n != self._rate_limited:
@@ -201,9 +218,17 @@ class Limits:
             for conn in list(self.paused):
                 self.check_slow(conn, now)
                 self.drain(conn)
-            if self.cfg.idle_timeout_pings and now >= self._idle_next and not self._idle_todo:
+            if self._due:
+                wall = time.time()
+                for conn in list(self._due):
+                    if self._deadline(conn, now, wall) != _SOON:
+                        self._due.discard(conn)
+            if now >= self._idle_next and not self._idle_todo:
                 self._idle_next = now + self.cfg.ping_interval_ms / 1000
                 self._idle_todo = [c for c in self.gw.connections if c.session is not None]
+                self._expiries = {e: e for e in self._expiries if e > time.time()}
+                keep = now - (self.cfg.idle_timeout_pings + 2) * self.cfg.ping_interval_ms / 1000
+                self._tick_end = {t: end for t, end in self._tick_end.items() if end >= keep}
                 self.gw.loop.call_soon(self._idle_pass)
             if now >= self._next_summary:
                 self._next_summary = now + SUMMARY_EVERY
@@ -211,22 +236,62 @@ class Limits:
                 for ip in [ip for ip, a in self.addrs.items() if a.count == 0 and self._full(a, now)]:
                     del self.addrs[ip]
         finally:
-            self._timer = self.gw.loop.call_later(self.cfg.limits_sweep_interval, self._sweep)
+            self._timer = self.gw.loop.call_later(self.tick, self._sweep)
+
+    # -- deadlines: idle sessions and expired tokens -----------------------------------
+    def expiry(self, when: int) -> int:
+        """`when` (a token's expiry) as the object other sessions with that expiry hold."""
+        return self._expiries.setdefault(when, when)
 
     def _idle_pass(self) -> None:
-        """One slice of the idle pass: a session that read nothing during more than
-        `idle_timeout_pings` passes (one pass per ping interval) is told to go away."""
-        todo, n = self._idle_todo, self.cfg.idle_timeout_pings
+        """One slice of the pass made once per ping interval: act on sessions past a
+        deadline, and hand those whose deadline may come before the next pass to
+        the sweep (`_due`), which looks at them every tick."""
+        todo = self._idle_todo
         batch, self._idle_todo = todo[-IDLE_SLICE:], todo[:-IDLE_SLICE]
+        now, wall = time.monotonic(), time.time()
         for conn in batch:
-            s = conn.session
-            if s is None or s.closed or conn.transport.is_closing():
-                continue
-            conn._idle += 1
-            if conn._idle > n:
-                self.hit("idle_timeout", f"user={s.user}")
-                s.goaway(GoawayCode.IDLE_TIMEOUT, 0,
-                         f"no frame for {n} ping intervals of {self.cfg.ping_interval_ms} ms")
-                self.gw.loop.call_later(self.cfg.shutdown_grace, conn.transport.abort)
+            if self._deadline(conn, now, wall) == _SOON:
+                self._due.add(conn)
         if self._idle_todo:
             self.gw.loop.call_soon(self._idle_pass)
+
+    def _deadline(self, conn, now: float, wall: float) -> int:
+        """Act on `conn` if a deadline has passed (_DONE); _SOON if one may pass
+        before the next pass; else _LATER.
+
+        A read stamps the clock of the last sweep; the read happened before the
+        next sweep (`_tick_end`), so the session has been silent for at least
+        `now` minus that: the GOAWAY is never early, and it is sent at most two
+        sweeps late (a quarter of a ping interval on an idle loop)."""
+        s = conn.session
+        if s is None or s.closed or conn.transport.is_closing():
+            return _DONE
+        cfg = self.cfg
+        interval = cfg.ping_interval_ms / 1000
+        if conn._expires and wall >= conn._expires:
+            conn._expires = 0                        # told once
+            self.gw.count_error(ErrorCode.TOKEN_EXPIRED)
+            conn.fail(ErrorCode.TOKEN_EXPIRED, "the session's token expired; connect with a new one")
+            return _DONE
+        soon = bool(conn._expires) and wall + interval + 2 * self.tick >= conn._expires
+        n = cfg.idle_timeout_pings
+        if n:
+            timeout = n * interval
+            stamp = conn._idle
+            if stamp == self.clock:
+                silent = 0.0                         # read during the current tick
+            else:                                    # a stamp too old to be kept: silent long ago
+                silent = now - self._tick_end.get(stamp, stamp)
+            if silent >= timeout:
+                conn._idle = _NEVER                  # told once (a read after this changes nothing)
+                self.hit("idle_timeout", f"user={s.user}")
+                s.goaway(GoawayCode.IDLE_TIMEOUT, 0, f"no frame for {n} ping intervals of {cfg.ping_interval_ms} ms")
+                self.gw.loop.call_later(cfg.shutdown_grace, conn.transport.abort)
+                return _DONE
+            soon = soon or now - stamp + interval + 2 * self.tick >= timeout
+        return _SOON if soon else _LATER
+
+
+_DONE, _SOON, _LATER = 0, 1, 2
+_NEVER = float("inf")

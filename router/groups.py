@@ -22,7 +22,8 @@ import struct
 
 from _core import frames
 from _core.errors import StoreError
-from _core.protocol import GROUP_PREFIX, MAX_ID_LENGTH, ErrorCode, GroupOp
+from _core.ids import group_id_problem, is_user_id
+from _core.protocol import ErrorCode, GroupOp
 
 KEY = "g\x00{}"
 RETRY_S = 1.0
@@ -108,6 +109,14 @@ def _is_user_id(u) -> bool:
     return 1 <= _utf8_length(u) <= MAX_ID_LENGTH and not u.startswith(GROUP_PREFIX)
 
 
+def _is_name(name) -> bool:
+    """A group's display name: any text of 1..255 bytes of UTF-8."""
+    try:
+        return isinstance(name, str) and 1 <= len(name.encode("utf-8")) <= 255
+    except UnicodeEncodeError:            # a lone surrogate from a JSON escape
+        return False
+
+
 class GroupService:
     def __init__(self, router, *, max_members: int = 1024):
         if not 1 <= max_members <= MAX_GROUP_MEMBERS:
@@ -144,12 +153,15 @@ class GroupService:
 
     def apply(self, op: int, actor: str, group: str, arg: dict) -> dict:
         """One operation at the group's owner; raises StoreError(code, reason) to refuse."""
-        if not group.startswith(GROUP_PREFIX) or len(group.encode()) > MAX_ID_LENGTH:
-            raise StoreError(f"group ids start with {GROUP_PREFIX!r} and are at most 255 bytes", ErrorCode.BAD_REQUEST)
+        problem = group_id_problem(group)
+        if problem is not None:
+            raise StoreError(f"not a legal group id: {problem}", ErrorCode.BAD_REQUEST)
         users = arg.get("members", [])
-        if not isinstance(users, list) or not all(_is_user_id(u) for u in users):
-            raise StoreError(f"members must be a list of user ids (1..{MAX_ID_LENGTH} bytes, not starting with "
-                             f"{GROUP_PREFIX!r})", ErrorCode.BAD_REQUEST)
+        if not isinstance(users, list) or not all(isinstance(u, str) and is_user_id(u) for u in users):
+            raise StoreError("members must be a list of legal user ids", ErrorCode.BAD_REQUEST)
+        name = arg.get("name")
+        if "name" in arg and not _is_name(name):
+            raise StoreError("a group name is a string of 1..255 bytes", ErrorCode.BAD_REQUEST)
         state = self.get(group)
         if op == GroupOp.CREATE:
             if state is not None:
@@ -196,9 +208,8 @@ class GroupService:
             if "admin" not in members.values():
                 raise StoreError("a group needs an admin", ErrorCode.BAD_REQUEST)
         elif op == GroupOp.RENAME:
-            name = arg.get("name")
-            if not 1 <= _utf8_length(name) <= 255:
-                raise StoreError("a name is 1..255 bytes", ErrorCode.BAD_REQUEST)
+            if name is None:
+                raise StoreError("RENAME needs a name", ErrorCode.BAD_REQUEST)
             state = {**state, "name": name}
         else:
             raise StoreError(f"unknown group operation {op}", ErrorCode.BAD_REQUEST)

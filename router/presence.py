@@ -16,6 +16,7 @@ import time
 from _core import frames
 from _core.codec import decode_body
 from _core.errors import UnexpectedFrame
+from _core.ids import is_user_id
 from _core.protocol import FrameType
 
 PRIVACY_KEY = "p\x00{}"
@@ -55,6 +56,11 @@ class PresenceService:
             entry = self._subs[id(session)] = (session, set())
         watched = entry[1]
         for user in users:
+            if not is_user_id(user):
+                # nobody can ever connect as it: offline, nothing known, and nothing to follow
+                if on:
+                    session.write_frame(frames.Presence(user, False, 0))
+                continue
             if on == (user in watched):
                 if on:                   # asked again: answer with the state again
                     self._route({"t": "sub", "user": user, "watcher": session.user, "on": True}, user)
@@ -88,6 +94,9 @@ class PresenceService:
                 self._route({"t": "sub", "user": user, "watcher": watcher, "on": True}, user)
 
     def typing(self, session, peer: str, state: bool) -> None:
+        if not is_user_id(peer):
+            self.typing_dropped += 1          # to nobody: no user has that id
+            return
         now = time.monotonic()
         bucket = self._buckets.setdefault(id(session), [self.typing_burst, now])
         bucket[0] = min(self.typing_burst, bucket[0] + (now - bucket[1]) * self.typing_rate)
