@@ -23,7 +23,7 @@ import struct
 from _core import frames
 from _core.errors import StoreError
 from _core.ids import group_id_problem, is_user_id
-from _core.protocol import ErrorCode, GroupOp
+from _core.protocol import GROUP_PREFIX, MAX_ID_LENGTH, ErrorCode, GroupOp
 
 KEY = "g\x00{}"
 RETRY_S = 1.0
