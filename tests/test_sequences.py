@@ -70,8 +70,8 @@ def test_s6_a_gap_is_out_of_order_and_nothing_is_stored_out_of_turn(gateway_proc
 
 
 def test_s6_a_refused_seq_holds_the_later_ones_until_it_is_sent_again(gateway_factory):
-    """RATE_LIMITED (refused for now): the pipelined SENDs behind it get
-    OUT_OF_ORDER, not stored; sent again in order they are stored in order."""
+    """PROTOCOL.md section 4 and section 6: RATE_LIMITED (refused for now): the pipelined SENDs
+    behind it get OUT_OF_ORDER, not stored; sent again in order they are stored in order."""
     gw = gateway_factory("--msg-rate", "1", "--msg-burst", "2")
     with Raw(gw) as r:
         r.hello(gw.token("rl-a"), device="raw")
@@ -163,7 +163,7 @@ def test_s6_a_retry_after_its_segment_was_deleted_is_not_stored_again(gateway_fa
 
 
 def test_s6_pipelined_sends_stay_in_order_across_kills_of_the_recipients_worker(gateway_factory):
-    """Defect 3: 2,000 pipelined SENDs while the recipient's worker is killed three
+    """Defect 3 (PROTOCOL.md section 4 and section 6): 2,000 pipelined SENDs while the recipient's worker is killed three
     times: stored once each, in the order sent; the SDK resends with backoff
     (a bounded number of UNAVAILABLE answers, not a storm)."""
     gw = gateway_factory("--workers", "2", "--durability", "interval")
