@@ -21,21 +21,22 @@ from .kit import DOC, Wire, doc_token, fatal, hello, patched, resized, run, sess
 # -- section 1: booleans ---------------------------------------------------------------------
 
 def test_s1_booleans_receivers_take_any_nonzero_as_true_senders_send_0_or_1(gw1):
-    """Section 1: "Senders MUST send 0 or 1; receivers treat any non-zero value as true".
-    A SUBSCRIBE whose `on` byte is 2 subscribes; a TYPING whose `typing` byte is 7 is
-    relayed, and the server's own booleans (PRESENCE online, TYPING) are 0 or 1."""
+    """Section 1: "Senders MUST send 0 or 1; the server answers any other value with
+    MALFORMED_FRAME". A SUBSCRIBE whose `on` byte is 2 is refused (fatal); the
+    server's own booleans (PRESENCE online, TYPING) are 0 or 1."""
     watcher, typist = uid("bool-w"), uid("bool-t")
+    with session(gw1, watcher) as w:
+        w.send(patched(encode(F.Subscribe((typist,), True)), 6, 2))      # body byte 0: on
+        fatal(w, ErrorCode.MALFORMED_FRAME)
     with session(gw1, watcher) as w, session(gw1, typist) as t:
-        sub = encode(F.Subscribe((typist,), True))
-        w.send(patched(sub, 6, 2))                   # body byte 0: on
+        w.send(encode(F.Subscribe((typist,), True)))
         p = w.frame()
         assert p == F.Presence(typist, True, p.last_seen_ms), p
         assert w.wire[-1][2][1 + len(typist.encode())] == 1       # online: the byte itself is 1
-        typing = encode(F.Typing(watcher, True))
-        t.send(patched(typing, len(typing) - 1, 7))
+        t.send(encode(F.Typing(watcher, True)))
         got = w.frame()
         assert got == F.Typing(typist, True), got
-        assert w.wire[-1][2][-1] == 1                # relayed as 1, not as the 7 it was sent as
+        assert w.wire[-1][2][-1] == 1
 
 
 # -- section 1: ids --------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_s2_frame_too_large_is_decided_from_the_prefix(gw1):
     with Wire(gw1) as w:                         # exactly the limit: read whole, then judged by its body
         w.send(struct.pack("!I", PRE_AUTH_MAX_FRAME) + bytes([FrameType.HELLO, 0])
                + b"\x00" * (PRE_AUTH_MAX_FRAME - 2))
-        frames = fatal(w, ErrorCode.MALFORMED_FRAME)
+        frames = fatal(w, ErrorCode.UNSUPPORTED_VERSION)      # its body's version (0) is checked first
         assert frames == []
 
 
