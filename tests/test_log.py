@@ -30,7 +30,6 @@ REC_MESSAGE, REC_CONSUME = 1, 2
 
 def cfg(**kw) -> LogConfig:
     kw.setdefault("segment_size", SEG)
-    kw.setdefault("consume_reserve", 64 << 10)
     return LogConfig(**kw)
 
 
@@ -64,6 +63,12 @@ def logs():
 def spare_ready(log) -> bool:
     """A prepared spare segment has been handed to the log (the worker's result arrived)."""
     return bool(log._spares)
+
+
+def roll_ready(log) -> bool:
+    """Messages can roll to a new segment without a stall: a spare to roll into,
+    and one more kept as the reserve."""
+    return len(log._spares) >= 2
 
 
 def seg_files(directory) -> list[Path]:
@@ -243,8 +248,8 @@ def test_rollover_and_consumed_front_segments_deleted(tmp_path, logs):
         for _ in bounded(2000, "four segments"):
             if len(log.segments) >= 4:
                 break
-            if log.active.free < 2 * len(payload) + log.consume_reserve:
-                await until(lambda: spare_ready(log), what="spare segment")
+            if log.active.free < 2 * len(payload):
+                await until(lambda: roll_ready(log), what="spare segments")
             mid = nid()
             log.append(f"u{mid % 3}", mid, mid >> 22, "s", "d", payload)
             ids.append(mid)
@@ -291,8 +296,8 @@ def test_compaction_moves_old_message_and_deletes_front_segment(tmp_path, logs):
         for _ in bounded(2000, "three segments"):
             if len(log.segments) >= 3:
                 break
-            if log.active.free < 4096 + log.consume_reserve:
-                await until(lambda: spare_ready(log), what="spare segment")
+            if log.active.free < 4096:
+                await until(lambda: roll_ready(log), what="spare segments")
             mid = nid()
             log.append("busy", mid, mid >> 22, "s", "d", b"x" * 2000)
             ids.append(mid)
@@ -405,7 +410,8 @@ def write_records(directory, logs, n=20, running=False, payload=b"p" * 300):
         log.start(asyncio.get_running_loop())
         for mid in ids:
             log.append("bob", mid, mid >> 22, "s", "d", payload + mid.to_bytes(8, "big"))
-        await until(lambda: spare_ready(log) and len(seg_files(live)) >= 2, what="spare segment files")
+        await until(lambda: spare_ready(log) and not log._preparing and len(seg_files(live)) >= 2,
+                    what="spare segment files")
         shutil.copytree(live, directory)
 
     if running:
@@ -544,6 +550,8 @@ def test_stale_record_bytes_never_pass_as_records(tmp_path, logs):
     log = logs(pristine)
     log.open()
     big = b"B" * 200_000
+    mid = nid()
+    log.append("bob", mid, mid >> 22, "s", "d", b"a small record first")
     for _ in bounded(10, "a second segment"):      # no start(): each roll makes the next file on the spot
         if len(log.segments) >= 2:
             break
@@ -555,16 +563,16 @@ def test_stale_record_bytes_never_pass_as_records(tmp_path, logs):
     total = log.pending_count()
     log.close()
     first, second = seg_files(pristine)
-    _h1, rec1 = parse_segment(first)
+    h1, rec1 = parse_segment(first)
     h2, rec2 = parse_segment(second)
     off, length, _t, raw = rec1[-1]                 # a 200 KB record deep in segment 1
     assert off > h2["end"] + 64
 
-    def check(name, path_of, offset):
+    def check(name, path_of, offset, data=raw):
         d = tmp_path / name
         shutil.copytree(pristine, d)
         target = path_of(d)
-        patch(target, offset, raw)
+        patch(target, offset, data)
         log = logs(d)
         report = log.open()
         seg = {s.segment_id: s for s in log.segments}[parse_segment(path_of(pristine))[0]["id"]]
@@ -581,9 +589,12 @@ def test_stale_record_bytes_never_pass_as_records(tmp_path, logs):
     # the next free place in the other file, where a real record would go next
     report, seg = check("other_file_at_end", lambda d: seg_files(d)[1], h2["end"])
     assert [(sid, start) for sid, start, _stop in report.torn_tails] == [(2, h2["end"])]
-    # another offset in the same file (the tail of segment 1): the CRC covers the offset
-    report, seg = check("same_file_other_offset", lambda d: seg_files(d)[0], rec1[-1][0] + ((length + 7) & ~7))
-    assert not seg.valid_at(rec1[-1][0] + ((length + 7) & ~7))
+    # another offset in the same file (the small first record, copied to the free tail of
+    # segment 1): the CRC covers the offset
+    small_raw = rec1[0][3]
+    assert h1["end"] + len(small_raw) <= first.stat().st_size
+    report, seg = check("same_file_other_offset", lambda d: seg_files(d)[0], h1["end"], small_raw)
+    assert not seg.valid_at(h1["end"])
     # a whole segment file restored under a new id, its header rewritten consistently
     d = tmp_path / "renamed_copy"
     shutil.copytree(pristine, d)
@@ -630,7 +641,7 @@ def test_enospc_on_a_full_tmpfs(small_tmpfs, logs):
 
         def settled():           # no reservation in flight, every file on disk is one of the log's
             return not list(d.glob(".*.tmp")) and \
-                {int(p.stem) for p in seg_files(d)} == {s.segment_id for s in log.segments}
+                {int(p.stem) for p in seg_files(d)} == {s.segment_id for s in log.segments + list(log._spares)}
 
         def free():
             st = os.statvfs(d)
@@ -654,7 +665,9 @@ def test_enospc_on_a_full_tmpfs(small_tmpfs, logs):
                 if settled() and free() < SEG and settled():
                     full = True
                     break
-                await until(settled, what="reservations to finish")
+                # not yet: after a failed try the log tries again within a maintenance tick
+                await until(lambda: settled() and (not log.storage_full or free() < SEG),
+                            what="reservations to finish")
             if full:
                 break
             if i % 20 == 0:
@@ -719,19 +732,118 @@ def test_enospc_on_a_full_tmpfs(small_tmpfs, logs):
     assert log.pending_count() == len(fresh)
 
 
-def test_injected_enospc_refuses_senders_but_serves_acks(tmp_path, logs):
+def take_all_space(directory: Path) -> Path:
+    """A file of real blocks that takes all the free space of `directory`'s filesystem."""
+    ballast = directory / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        chunk = bytes(64 << 10)
+        for _ in bounded(1 << 16, "a full filesystem"):
+            try:
+                if os.write(fd, chunk) < len(chunk):
+                    break
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def test_full_disk_acks_and_new_devices_use_the_reserve_and_consuming_frees_it(small_tmpfs, logs):
+    """The disk fills up around a running log. Messages are refused once segment 1
+    is full (without a new try at a segment per refusal); new devices register in
+    the reserve until only the room for compacting segment 1 is left, then get
+    STORAGE_FULL (not an internal error); acknowledgements past that are applied
+    at once and written later. Consuming everything makes segment 1 sparse: its
+    device record is compacted into the reserve, the segment deleted, and the
+    acknowledgements written, all while the disk stays full. Once space comes
+    back, messages are taken again, and a restart finds exactly that."""
+    d = small_tmpfs / "log"
     nid = Ids()
-    log = logs(tmp_path)
-    log.open()
+    conf = cfg(segment_size=256 << 10, spares=1, max_pending=1_000_000)
+    long = "x" * 200
+
+    async def main():
+        log = logs(d, conf)
+        log.open()
+        log.start(asyncio.get_running_loop())          # segment 1 and its reserve
+        assert log.register_device("bob", "phone", now_ms())
+        first, reserve = log.active.segment_id, log._spares[0].segment_id
+        ballast = take_all_space(small_tmpfs)
+        ids = []
+        with pytest.raises(StoreError) as e:
+            for _ in bounded(10_000, "segment 1 full"):
+                mid = nid()
+                log.append("bob", mid, mid >> 22, "alice", "laptop", b"m" * 100)
+                ids.append(mid)
+        assert e.value.code == ErrorCode.STORAGE_FULL and log.storage_full and log.full_episodes == 1
+        assert log.active.segment_id == first and len(ids) > 1000
+        tries = log.segment_failures
+        for _ in range(1000):                           # refused again and again: not one new try
+            with pytest.raises(StoreError) as e:
+                mid = nid()
+                log.append("bob", mid, mid >> 22, "alice", "laptop", b"m" * 100)
+            assert e.value.code == ErrorCode.STORAGE_FULL
+        assert log.segment_failures == tries and log.full_episodes == 1
+
+        devices = 0
+        with pytest.raises(StoreError) as e:
+            for i in bounded(5000, "the reserve used up by new devices"):
+                assert log.register_device("bob", f"{i:04d}{long}", now_ms())
+                devices += 1
+        assert e.value.code == ErrorCode.STORAGE_FULL and devices > 100
+        assert log.active.segment_id == reserve and log.keep_for_compaction > 0
+        assert not log.register_device("bob", "phone", now_ms())     # a known device: no error
+        assert len(log.devices_of("bob")) == devices + 1
+
+        assert log.consume("bob", ids) == len(ids)
+        assert log.pending_count() == 0 and log.unrecorded_consumes == len(ids)
+        await until(lambda: not (d / f"{first:020d}.seg").exists() and log.unrecorded_consumes == 0,
+                    what="segment 1 compacted and deleted, the acknowledgements written")
+        assert ballast.exists()
+        with pytest.raises(StoreError):                 # the freed room went to the acks: no reserve yet
+            log.append("bob", nid(), now_ms(), "alice", "laptop", b"m")
+
+        ballast.unlink()
+        await until(lambda: log.reserve_ok and not log.storage_full, what="a new reserve once space is back")
+        mid = nid()
+        log.append("bob", mid, mid >> 22, "alice", "laptop", b"room again")
+        log.close()
+        return devices, mid
+
+    devices, mid = asyncio.run(main())
+    again = logs(d, conf)
+    report = again.open()
+    assert not report.torn_tails and not report.corrupt
+    assert [m.msg_id for m in again.pending("bob")] == [mid]
+    assert len(again.devices_of("bob")) == devices + 1
+
+
+def test_injected_enospc_refuses_senders_but_serves_acks(tmp_path, logs):
+    """Segment 1 and its reserve are made while there is room (a running log keeps
+    its reserve on disk across close). Then every new segment fails: senders are
+    refused once segment 1 is full, and the acknowledgements of everything are
+    still recorded, in the reserve."""
+    nid = Ids()
     first = nid()
-    log.append("bob", first, first >> 22, "s", "d", b"made before the disk filled")  # creates segment 1
-    log.close()
+
+    async def before():
+        log = logs(tmp_path)
+        log.open()
+        log.start(asyncio.get_running_loop())          # segment 1 and its reserve
+        log.append("bob", first, first >> 22, "s", "d", b"made before the disk filled")
+        log.close()
+
+    asyncio.run(before())
+    assert len(seg_files(tmp_path)) == 2               # the reserve stayed
 
     async def main():
         log = logs(tmp_path, fault="enospc")
         log.open()
         log.start(asyncio.get_running_loop())
-        await until(lambda: log.storage_full, what="the spare segment to fail")
+        await until(lambda: log.last_full_error is not None, what="the spare segment to fail")
+        reserve = log._spares[0].segment_id
         ids = []
         with pytest.raises(StoreError) as e:
             for _ in range(2000):
@@ -739,9 +851,13 @@ def test_injected_enospc_refuses_senders_but_serves_acks(tmp_path, logs):
                 log.append("bob", mid, mid >> 22, "s", "d", b"z" * 1000)
                 ids.append(mid)
         assert e.value.code == ErrorCode.STORAGE_FULL
-        assert 500 < len(ids) < 2000
+        assert 500 < len(ids) < 2000                   # segment 1 filled up, the reserve untouched
+        assert log.storage_full and log.refused == 1 and log.active.segment_id != reserve
         assert log.consume("bob", [first] + ids) == len(ids) + 1
         assert log.unrecorded_consumes == 0
+        assert log.active.segment_id == reserve        # the CONSUME records rolled into it
+        with pytest.raises(StoreError):                # and content may not follow them there
+            log.append("bob", nid(), now_ms(), "s", "d", b"z")
         assert not list(tmp_path.glob(".*.tmp"))
         log.close()
 
@@ -893,14 +1009,14 @@ def test_last_id_survives_deleting_consumed_segments(tmp_path, logs):
         log.open()
         log.start(asyncio.get_running_loop())
         ids = []
-        for _ in bounded(100_000, "segment 1 filled"):   # fill segment 1 up to the reserve
-            if log.active.free < log.consume_reserve + 200:
+        for _ in bounded(100_000, "segment 1 filled"):
+            if log.active.free < 200:
                 break
             mid = nid()
             log.append("bob", mid, mid >> 22, "s", "d", b"x" * 16)
             ids.append(mid)
         await until(lambda: spare_ready(log), what="the spare segment")
-        log.consume("bob", ids)                      # > 64 KiB of CONSUME records: rolls to segment 2
+        log.consume("bob", ids)                      # its CONSUME records roll to segment 2
         assert log.active.segment_id != 1 and log.last_id() == ids[-1]
         log.maintain()
         await until(lambda: not (tmp_path / f"{1:020d}.seg").exists(), what="segment 1 deleted")
@@ -913,15 +1029,20 @@ def test_last_id_survives_deleting_consumed_segments(tmp_path, logs):
     assert again.last_id() == last
 
 
-def test_close_leaves_no_unused_spare_segments(tmp_path, logs):
+def test_close_leaves_only_the_reserve_of_its_spare_segments(tmp_path, logs):
     async def main():
         log = logs(tmp_path)
         log.open()
-        log.start(asyncio.get_running_loop())        # makes segment 1, asks the worker for spares
+        log.start(asyncio.get_running_loop())        # makes segment 1 and its reserve, asks for a spare
         mid = Ids()()
         log.append("bob", mid, mid >> 22, "s", "d", b"m")
-        log.close()                                  # while the spares are being prepared
-        return log.segments[0].segment_id
+        reserve = log._spares[0].segment_id
+        log.close()                                  # while the spare is being prepared
+        return log.segments[0].segment_id, reserve
 
-    first = asyncio.run(main())
-    assert [p.name for p in seg_files(tmp_path)] == [f"{first:020d}.seg"]
+    first, reserve = asyncio.run(main())
+    assert [p.name for p in seg_files(tmp_path)] == [f"{first:020d}.seg", f"{reserve:020d}.seg"]
+    assert not list(tmp_path.glob(".*.tmp"))
+    again = logs(tmp_path)                           # the reserve is a spare again after a restart
+    again.open()
+    assert [s.segment_id for s in again._spares] == [reserve] and again.pending_count() == 1
