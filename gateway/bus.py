@@ -125,7 +125,10 @@ class Link:
         want = bool(self.out)
         if want != self._writer:
             self._writer = want
-            (self.bus.loop.add_writer if want else self.bus.loop.remove_writer)(self.sock.fileno(), self._flush)
+            if want:
+                self.bus.loop.add_writer(self.sock.fileno(), self._flush)
+            else:
+                self.bus.loop.remove_writer(self.sock.fileno())
         self.bus.pressure_check()
 
     def close(self, exc=None) -> None:
