@@ -98,6 +98,7 @@ cdef class RouteCore:
     cdef int route_remote(self, SessionCore sender, uint64_t client_id, str recipient,
                           const char *payload, Py_ssize_t n, uint64_t t0=*) except -1
     cdef int acked(self, SessionCore sender, uint64_t client_id, uint64_t msg_id, uint64_t ts) except -1
+    cdef int _room_for(self, str recipient, Py_ssize_t records, Py_ssize_t n) except -1
     cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
                             const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts) except -1
     cdef tuple devices_of(self, str user)

@@ -58,19 +58,28 @@ class Router(RouteCore):
         `resume_after` is the highest message id the client has already
         processed: those are consumed instead of delivered again. A `send_only`
         session (a bot, a CLI) is no registered device and gets no DELIVERs.
-        Raises ProtocolError(DEVICE_LIMIT) past `max_devices` devices online.
+        Raises ProtocolError(DEVICE_LIMIT) past `max_devices` devices online, and
+        ProtocolError(STORAGE_FULL) when a new device cannot be registered (a full
+        disk whose reserve is used up).
         """
         online = [s for s in self.sessions_of(user) if s.device != device]
         if not send_only and len(online) >= self.max_devices:
             raise ProtocolError(f"{user} already has {len(online)} devices online (the limit is "
                                 f"{self.max_devices})", ErrorCode.DEVICE_LIMIT)
+        if transport is None and (write is None or close is None):
+            raise TypeError("open_session needs write and close, or transport")
+        new_device = False
+        if not send_only and hasattr(self.store, "register_device"):
+            try:          # before anything changes: a refused device replaces no session
+                new_device = self.store.register_device(user, device, now_ms())
+            except StoreError as exc:
+                raise ProtocolError(f"cannot register device {device!r}: {exc}; retry later",
+                                    ErrorCode.STORAGE_FULL) from None
         for old in self.sessions_of(user):
             if old.device == device:
                 # its queued ACKs, then the GOAWAY, go out with this turn's batch; then it closes
                 old.goaway(GoawayCode.REPLACED, 0, "replaced by a newer connection of this device")
                 self._unroute(old)
-        if transport is None and (write is None or close is None):
-            raise TypeError("open_session needs write and close, or transport")
         session = Session(self, user, device, next(self._session_ids), write, close, transport)
         if welcome is not None:
             session.write_frame(dataclasses.replace(welcome, session_id=session.session_id))
@@ -79,9 +88,8 @@ class Router(RouteCore):
             self._attach_send_only(session)
             self._send_only.setdefault(user, set()).add(session)
             return session
-        if hasattr(self.store, "register_device"):
-            if self.store.register_device(user, device, now_ms()):
-                self.device_registered(user, self.store.devices_of(user))
+        if new_device:
+            self.device_registered(user, self.store.devices_of(user))
         was_online = bool(self.sessions_of(user))
         if resume_after:
             self.store.consume_through(user, resume_after, device)

@@ -17,10 +17,12 @@ import pytest
 
 from _core._codec import Decoder, WriteBuffer, decode_body
 from _core._log import crc32c
+from _core.codec import encode
 from _core.errors import StoreError
-from _core.frames import Deliver
+from _core.frames import Ack, Deliver, Error, Send
 from _core.log import HEADER, HEADER_SIZE, MAGIC, AppendLog, LogConfig, now_ms
 from _core.protocol import ErrorCode
+from router import Router
 
 SEG = 1 << 20
 REC = struct.Struct("!IIBBH")          # length, crc, type, flags, reserved
@@ -818,6 +820,43 @@ def test_full_disk_acks_and_new_devices_use_the_reserve_and_consuming_frees_it(s
     assert not report.torn_tails and not report.corrupt
     assert [m.msg_id for m in again.pending("bob")] == [mid]
     assert len(again.devices_of("bob")) == devices + 1
+
+
+def test_a_message_for_two_devices_is_refused_whole_on_a_full_disk(small_tmpfs, logs):
+    """A SEND to a user with two devices writes one record per device. On a full disk,
+    with room in the active segment for one of them but not both, the SEND is
+    refused with nothing stored (it used to be stored for the first device, while
+    the sender, told STORAGE_FULL, would send it again)."""
+    async def main():
+        log = logs(small_tmpfs / "log", cfg(segment_size=256 << 10, spares=1, max_pending=100_000))
+        log.open()
+        log.start(asyncio.get_running_loop())
+        router = Router(log, loop=asyncio.get_running_loop())
+        answers = []
+        reader = Decoder(lambda t, f, b: answers.append(decode_body(t, f, b)), 1 << 20)
+        for device in ("phone1", "phone2"):
+            router.open_session("bob", device, write=lambda data: None, close=lambda: None)
+        alice = router.open_session("alice", "laptop", write=reader.feed, close=lambda: None)
+        take_all_space(small_tmpfs)
+        into_alice = Decoder(alice, 1 << 20)
+
+        def send(client_id: int, size: int):
+            into_alice.feed(encode(Send(client_id, "bob", b"x" * size)))
+            router.flush()
+            return answers[-1]
+
+        record = 45 + len("bob") + len("phone1") + len("alice") + len("laptop")   # and the payload
+        for i in bounded(100, "the active segment nearly full"):
+            if log.active.free < 90_000:
+                break
+            assert isinstance(send(i + 1, 40_000), Ack)
+        one = (log.active.free * 2 // 3) & ~7                  # one record fits, two do not
+        answer = send(1000, one - record)
+        assert isinstance(answer, Error) and answer.code == ErrorCode.STORAGE_FULL and not answer.fatal
+        assert log.pending_count("bob", "phone1") == log.pending_count("bob", "phone2") == i
+        log.close()
+
+    asyncio.run(main())
 
 
 def test_injected_enospc_refuses_senders_but_serves_acks(tmp_path, logs):
