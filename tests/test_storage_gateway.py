@@ -128,6 +128,22 @@ def storage_lines(gw) -> list:
     return [line for line in gw.output if STORAGE_LINE.search(line)]
 
 
+async def output_settled(gw) -> None:
+    """Every line the server wrote so far has been read: a refused HELLO makes it log a
+    line naming our port, after everything it logged before (one pipe, in order)."""
+    raw = Raw(gw)
+    port = raw.sock.getsockname()[1]
+    try:
+        raw.send(encode(F.Hello(version=PROTOCOL_VERSION, token="not-a-token", device="mark")))
+        assert isinstance(raw.frame(), F.Error)
+    finally:
+        raw.close()
+    deadline = time.monotonic() + 10
+    while f"127.0.0.1:{port}" not in gw.text:
+        assert time.monotonic() < deadline, "the server's line for the marker connection never came"
+        await asyncio.sleep(0.01)
+
+
 def server_failures(gw) -> str:
     """What the server logged about internal errors and exceptions (empty if nothing)."""
     text = gw.text
@@ -255,10 +271,12 @@ def test_full_64m_disk_with_64_shards_refuses_sends_and_keeps_acks_reconnects_an
             pass
         async with gw.client("sender", "phone") as sender:
             stored, refusals = await fill_until_every_shard_refuses(sender, recipients)
+            await output_settled(gw)
             lines = len(storage_lines(gw))
             before = scrape(gw)
             await refused_burst(sender, recipients, 1000)
             after = scrape(gw)
+            await output_settled(gw)
         # new devices register in the reserve; once it is in use even PRIVACY is refused
         assert register_until_the_reserve_is_used(gw, recipients[1]) > 1
         async with gw.client(recipients[2], "phone") as c:
@@ -272,6 +290,7 @@ def test_full_64m_disk_with_64_shards_refuses_sends_and_keeps_acks_reconnects_an
     stored, refusals, lines, before, after, errors = asyncio.run(fill())
     total = sum(map(len, stored.values()))
     assert total > 400 and refusals == len(recipients)
+    assert lines == refusals                      # one storage_full line per shard
     # the SENDs, the burst, the PRIVACY (its ERROR has ref 0) and the GROUP
     assert errors == refusals + 1000 + 2
     # 1000 refusals more: not one more line, and not a try at a new segment per refusal
@@ -324,8 +343,10 @@ def test_full_64m_disk_with_2_workers_refuses_forwarded_sends_and_recovers(gatew
                 pass
         async with gw.client("sender", "phone") as sender:
             stored, refusals = await fill_until_every_shard_refuses(sender, recipients)
+            await output_settled(gw)
             lines = len(storage_lines(gw))
             await refused_burst(sender, recipients, 500)
+            await output_settled(gw)
             assert len(storage_lines(gw)) == lines <= 2 * SHARDS
             s = scrape(gw)
             assert value(s, "log_shards_full", worker=0) > 0 and value(s, "log_shards_full", worker=1) > 0
