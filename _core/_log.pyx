@@ -119,6 +119,11 @@ cdef bint _parse_message(const unsigned char *r, Py_ssize_t length, MsgView *m) 
     return pos + m.payload_len == length and m.recipient_len > 0
 
 
+cdef inline Py_ssize_t _meta_key_len(const unsigned char *r) noexcept nogil:
+    """Bytes of a META record's key (compaction's reading of the layout in meta_put)."""
+    return r[12]
+
+
 cdef inline str _text(const char *p, Py_ssize_t n):
     return PyUnicode_DecodeUTF8(p, n, "replace")
 
@@ -1034,7 +1039,8 @@ cdef class LogCore:
 
     # -- compaction -------------------------------------------------------------------
     cdef str _meta_key_at(self, const unsigned char *r):
-        return _text(<const char *>r + 13, r[12])
+        """The key of the META record `r` (its layout: see meta_put)."""
+        return _text(<const char *>r + 13, _meta_key_len(r))
 
     cdef Inbox _live_inbox(self, const unsigned char *r, uint32_t length, uint64_t here, MsgView *m,
                            Py_ssize_t *index):
@@ -1122,7 +1128,7 @@ cdef class LogCore:
             length = sb_load32(r)
             plausible = length >= RECORD_HEADER_SIZE and pos + <Py_ssize_t>length <= seg.end
             if plausible and r[8] == REC_META:
-                plausible = META_FIXED + r[12] <= <Py_ssize_t>length
+                plausible = META_FIXED + _meta_key_len(r) <= <Py_ssize_t>length
             if not plausible:
                 q = seg.next_valid(pos + RECORD_ALIGN)
                 if q < 0 or q >= seg.end:
