@@ -417,6 +417,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self._storage_logged_at = -STORAGE_LOG_QUIET_S
         self._storage_logged = False         # the current episode's storage_full line was written
         self._quiet_episodes = 0             # episodes not logged (inside the quiet period)
+        self._full_cause = ""                # what the episode's first refusal was: message or state
         self._compactable_key = None         # (front segment, its live count, bytes freed) last judged
         self._keep_key = None                # (front segment, its live count, compactable) of keep_for_compaction
         self._compactable_now = False
@@ -762,16 +763,21 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             return
         self.storage_full = True
         self.full_episodes += 1
+        self._full_cause = "message" if content else "state"
+        self._log_full()
+
+    def _log_full(self) -> None:
+        """The storage_full line of this episode, unless one was written less than
+        STORAGE_LOG_QUIET_S ago; then maintenance writes it once that has passed
+        if the shard is still full, so the last line always tells the truth."""
         now = time.monotonic()
-        if now - self._storage_logged_at < STORAGE_LOG_QUIET_S:
-            self._quiet_episodes += 1
+        if self._storage_logged or now - self._storage_logged_at < STORAGE_LOG_QUIET_S:
             return
         self._storage_logged_at = now
         self._storage_logged = True
         _log.error("event=storage_full dir=%s error=%s reserve=%s refused=%s senders_get=STORAGE_FULL "
                    "acks=%s episodes_not_logged=%d", self.directory, q(repr(self.last_full_error)),
-                   "held" if self._spares else "used" if self.active is not None else "none",
-                   "message" if content else "state",
+                   "held" if self._spares else "used" if self.active is not None else "none", self._full_cause,
                    "recorded_in_reserve" if self._spares else "recorded_when_space_returns", self._quiet_episodes)
         self._quiet_episodes = 0
 
@@ -784,6 +790,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         if self._storage_logged:
             self._storage_logged = False
             _log.warning("event=storage_available dir=%s refused=%d", self.directory, self.refused)
+        else:
+            self._quiet_episodes += 1             # an episode that began and ended unlogged
         if self.unrecorded_consumes and self.loop is not None:
             self.loop.call_soon(self._write_deferred)     # not from inside a placement
 
@@ -802,7 +810,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             if not retry or time.monotonic() < self._retry_at:
                 return
             self._retry_at = time.monotonic() + FULL_RETRY_S
-        while len(self._spares) + self._preparing < self.spares_target:
+        # a full shard also wants the segment its next roll takes besides the reserve
+        while len(self._spares) + self._preparing < self.spares_target + self.storage_full:
             self._preparing += 1
             segment_id = self._take_id()
             size = self._next_size()
@@ -880,8 +889,10 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         more = self._collect_front() or self._compact_front(compact_budget)
         if not self.reserve_ok:
             self._keep_for_compaction()
+        if self.storage_full:
+            self._log_full()
         self._write_deferred()
-        if len(self._spares) + self._preparing < self.spares_target:
+        if self.storage_full or len(self._spares) + self._preparing < self.spares_target:
             self._prepare_spare(retry=True)
         if self.loop is not None and not self._closed:
             self._maint = self.loop.call_later(0 if more else 1.0, self.maintain)

@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import picologging
 import pytest
 
 from _core._codec import Decoder, WriteBuffer, decode_body
@@ -820,6 +821,69 @@ def test_full_disk_acks_and_new_devices_use_the_reserve_and_consuming_frees_it(s
     assert not report.torn_tails and not report.corrupt
     assert [m.msg_id for m in again.pending("bob")] == [mid]
     assert len(again.devices_of("bob")) == devices + 1
+
+
+class LogLines(picologging.Handler):
+    """The messages the store's logger writes, as they are written."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def log_lines():
+    handler = LogLines()
+    logger = picologging.getLogger("switchboard.log")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+def test_a_flapping_full_shard_logs_one_pair_of_lines_per_quiet_period(small_tmpfs, logs, log_lines, monkeypatch):
+    """Space comes and goes (a ballast file): every episode is counted, but a shard
+    logs one storage_full / storage_available pair per quiet period; an episode that
+    starts inside it is logged once the period is over if the shard is still full,
+    saying how many went unlogged."""
+    import _core.log
+    monkeypatch.setattr(_core.log, "STORAGE_LOG_QUIET_S", 600.0)
+    nid = Ids()
+
+    def fill(log):
+        for _ in bounded(10_000, "a refusal"):
+            mid = nid()
+            try:
+                log.append("bob", mid, mid >> 22, "s", "d", b"m" * 1000)
+            except StoreError as e:
+                assert e.code == ErrorCode.STORAGE_FULL
+                return
+
+    def events():
+        return [line.split()[0] for line in log_lines if line.startswith("event=storage_")]
+
+    async def main():
+        log = logs(small_tmpfs / "log", cfg(segment_size=256 << 10, spares=1, max_pending=100_000))
+        log.open()
+        log.start(asyncio.get_running_loop())
+        for episode in range(3):                        # full, then space again: three times
+            ballast = take_all_space(small_tmpfs)
+            fill(log)
+            assert log.storage_full and log.full_episodes == episode + 1
+            ballast.unlink()
+            await until(lambda: not log.storage_full, what="space back")
+        assert events() == ["event=storage_full", "event=storage_available"]
+        take_all_space(small_tmpfs)
+        fill(log)                                       # a fourth, still inside the quiet period
+        assert log.full_episodes == 4 and len(events()) == 2
+        monkeypatch.setattr(_core.log, "STORAGE_LOG_QUIET_S", 0.0)     # the period is over
+        await until(lambda: len(events()) == 3, what="the line at the next maintenance")
+        assert events()[-1] == "event=storage_full" and "episodes_not_logged=2" in log_lines[-1]
+        log.close()
+
+    asyncio.run(main())
 
 
 def test_a_message_for_two_devices_is_refused_whole_on_a_full_disk(small_tmpfs, logs):
