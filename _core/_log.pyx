@@ -506,8 +506,8 @@ cdef class LogCore:
         cdef Segment a = self._active
         if a is not None and a.base == NULL:
             raise StoreError("the log is closed", ErrorCode.INTERNAL)
-        if a is not None and self._fits(a, need, content, copy):
-            return a.end
+        if a is not None and a.size - a.end >= need and (self.reserve_ok or self._fits(a, need, content, copy)):
+            return a.end                # the common case decided inline: room, and a reserve held
         try:
             self._make_room(content, a is None or a.size - a.end < need)
         except StoreError:
