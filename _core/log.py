@@ -74,17 +74,19 @@ class LogConfig:
     #: compact the front segment when fewer than this fraction of its messages are live
     compact_below: float = 0.5
     dedup_window: int = 4096
-    #: segments each shard keeps made ahead; the last one is the reserve that only
-    #: acknowledgements, first device registrations and compaction may roll into
-    spares: int = 2
+    #: segments each shard keeps made ahead for rolls (more, up to 2x+1, after a stall);
+    #: besides them it always holds a reserve that only acknowledgements, first device
+    #: registrations and compaction may roll into (0: only the reserve, every roll
+    #: makes its segment on the loop)
+    spares: int = 1
 
     def validate(self) -> None:
         if self.durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {', '.join(DURABILITY_MODES)}, not {self.durability!r}")
         if not (MIN_SEGMENT_SIZE <= self.segment_size <= 1 << 31) or self.segment_size % 4096:
             raise ValueError("segment size must be a multiple of 4096 between 256 KiB and 2 GiB")
-        if not (1 <= self.spares <= MAX_SPARES):
-            raise ValueError(f"spare segments must be between 1 (only the reserve) and {MAX_SPARES}, "
+        if not (0 <= self.spares <= MAX_SPARES):
+            raise ValueError(f"spare segments must be between 0 (only the reserve) and {MAX_SPARES}, "
                              f"got {self.spares}")
         if self.interval_ms <= 0 or self.ttl_s <= 0 or self.max_pending <= 0:
             raise ValueError("interval, ttl and max pending must be positive")
@@ -402,7 +404,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self._unclaimed: set = set()         # made by the worker, not yet taken by the loop
         self._claim_lock = threading.Lock()
         self._preparing = 0
-        self.spares_target = config.spares   # grows after a stall (up to twice the setting)
+        self.spares_target = config.spares + 1   # with the reserve; grows after a stall (spares up to twice)
         self._next_id = 1
         self._maint = None
         self._compact_pos = None
@@ -624,9 +626,10 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self._maint = loop.call_later(1.0, self.maintain)
 
     # -- space: spare segments, the reserve, a full disk ------------------------------
-    # Segments are made ahead (on the worker thread) and kept as spares. The last
-    # spare is the reserve: content (messages, receipts, mirrors, group state,
-    # last-seen updates) never takes it without making a replacement first, so on
+    # Segments are made ahead (on the worker thread) and kept as spares: as many as
+    # the config says, plus one, the reserve. Content (messages, receipts, mirrors,
+    # group state, last-seen updates) never takes the last spare without making a
+    # replacement first, so on
     # a full disk the shard still has a whole segment for what frees space:
     # acknowledgements (CONSUME), first device registrations and compaction.
     # Consuming then lets front segments be deleted, and the next try makes a
@@ -669,8 +672,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
                 self.cold_starts += 1
             else:
                 self.stalls += 1
-                # a single spare (small disks) stays single: each roll then makes its segment
-                grown = min(self.spares_target + 1, 2 * self.config.spares if self.config.spares > 1 else 1)
+                # no spares but the reserve (small disks) stays so: each roll then makes its segment
+                grown = min(self.spares_target + 1, 2 * self.config.spares + 1)
                 if grown > self.spares_target:    # appends outran preparation: look further ahead
                     self.spares_target = grown
                     _log.warning("event=log_stall reason=no_spare_segment dir=%s spares_target=%d",

@@ -73,10 +73,11 @@ class GatewayConfig:
     #: largest log segment file (accepts K/M/G suffixes; 256K..2G): a shard's segments start at 1 MiB and
     #: double up to this. Small disks: "256K" (docs/storage.md, Space)
     segment_size: int = 64 << 20
-    #: log segments each shard keeps made ahead (1..8); the last is a reserve that only acknowledgements, new
-    #: devices and compaction may use on a full disk. Disk per shard: (1 + log_spares) segments, 4 MiB for a new
-    #: shard at the defaults (256 MiB for all 64); small disks: 1 with segment_size "256K" (32 MiB for 64)
-    log_spares: int = 2
+    #: log segments each shard makes ahead so appends do not wait for one (0..8; up to 2x+1 after a stall),
+    #: besides its reserve, which only acknowledgements, new devices and compaction may use on a full disk. Disk
+    #: per shard: 2 + log_spares segments, 4 MiB for a new shard at the defaults (256 MiB for all 64); small
+    #: disks: 0 with segment_size "256K" (512 KiB per shard, 32 MiB for 64)
+    log_spares: int = 1
     #: seconds an undelivered message is kept (30 days, as WhatsApp does)
     message_ttl: float = 30 * 86400
     #: PEM certificate chain: TLS on the TCP and WebSocket listeners (with tls_key); reloaded on SIGHUP

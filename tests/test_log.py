@@ -764,7 +764,7 @@ def test_full_disk_acks_and_new_devices_use_the_reserve_and_consuming_frees_it(s
     back, messages are taken again, and a restart finds exactly that."""
     d = small_tmpfs / "log"
     nid = Ids()
-    conf = cfg(segment_size=256 << 10, spares=1, max_pending=1_000_000)
+    conf = cfg(segment_size=256 << 10, spares=0, max_pending=1_000_000)
     long = "x" * 200
 
     async def main():
@@ -865,7 +865,7 @@ def test_a_flapping_full_shard_logs_one_pair_of_lines_per_quiet_period(small_tmp
         return [line.split()[0] for line in log_lines if line.startswith("event=storage_")]
 
     async def main():
-        log = logs(small_tmpfs / "log", cfg(segment_size=256 << 10, spares=1, max_pending=100_000))
+        log = logs(small_tmpfs / "log", cfg(segment_size=256 << 10, spares=0, max_pending=100_000))
         log.open()
         log.start(asyncio.get_running_loop())
         for episode in range(3):                        # full, then space again: three times
@@ -892,7 +892,7 @@ def test_a_message_for_two_devices_is_refused_whole_on_a_full_disk(small_tmpfs, 
     refused with nothing stored (it used to be stored for the first device, while
     the sender, told STORAGE_FULL, would send it again)."""
     async def main():
-        log = logs(small_tmpfs / "log", cfg(segment_size=256 << 10, spares=1, max_pending=100_000))
+        log = logs(small_tmpfs / "log", cfg(segment_size=256 << 10, spares=0, max_pending=100_000))
         log.open()
         log.start(asyncio.get_running_loop())
         router = Router(log, loop=asyncio.get_running_loop())

@@ -254,7 +254,7 @@ def test_full_64m_disk_with_64_shards_refuses_sends_and_keeps_acks_reconnects_an
     user on a shard with no room for a log gets STORAGE_FULL at HELLO; consuming frees the
     disk and SENDs are ACKed again; the storage lines in the log are bounded by the shards,
     not by the refusals."""
-    args = ("--workers", "1", "--segment-size", "256K", "--log-spares", "1", "--max-pending", "1000000")
+    args = ("--workers", "1", "--segment-size", "256K", "--log-spares", "0", "--max-pending", "1000000")
     data = disk_64m / "data"
     gw = gateway_factory(*args, data_dir=data)
     users = one_user_per_shard("u")
@@ -329,10 +329,10 @@ def test_full_64m_disk_with_64_shards_refuses_sends_and_keeps_acks_reconnects_an
 
 
 def test_full_64m_disk_with_2_workers_refuses_forwarded_sends_and_recovers(gateway_factory, disk_64m):
-    """The same disk with 2 workers and 2 spares per shard (768 KiB per shard): SENDs to
+    """The same disk with 2 workers and a spare besides the reserve (768 KiB per shard): SENDs to
     recipients on the other worker are refused with STORAGE_FULL through the bus (non-fatal),
     deliveries and RECEIVED work on both workers, and consuming frees both."""
-    gw = gateway_factory("--workers", "2", "--segment-size", "256K", "--log-spares", "2",
+    gw = gateway_factory("--workers", "2", "--segment-size", "256K", "--log-spares", "1",
                          "--max-pending", "1000000", data_dir=disk_64m / "data")
     recipients = sorted(one_user_per_shard("w").values())
     assert {shard_of(r) % 2 for r in recipients} == {0, 1}
