@@ -904,20 +904,25 @@ def test_a_message_for_two_devices_is_refused_whole_on_a_full_disk(small_tmpfs, 
         take_all_space(small_tmpfs)
         into_alice = Decoder(alice, 1 << 20)
 
-        def send(client_id: int, size: int):
-            into_alice.feed(encode(Send(client_id, "bob", b"x" * size)))
+        sent = 0
+
+        def send(size: int):                                   # the SEND's first field counts up from 1
+            nonlocal sent
+            sent += 1
+            into_alice.feed(encode(Send(sent, "bob", b"x" * size)))
             router.flush()
             return answers[-1]
 
         record = 45 + len("bob") + len("phone1") + len("alice") + len("laptop")   # and the payload
-        for i in bounded(100, "the active segment nearly full"):
+        for _ in bounded(100, "the active segment nearly full"):
             if log.active.free < 90_000:
                 break
-            assert isinstance(send(i + 1, 40_000), Ack)
+            assert isinstance(send(40_000), Ack)
+        stored = sent
         one = (log.active.free * 2 // 3) & ~7                  # one record fits, two do not
-        answer = send(1000, one - record)
+        answer = send(one - record)
         assert isinstance(answer, Error) and answer.code == ErrorCode.STORAGE_FULL and not answer.fatal
-        assert log.pending_count("bob", "phone1") == log.pending_count("bob", "phone2") == i
+        assert log.pending_count("bob", "phone1") == log.pending_count("bob", "phone2") == stored
         log.close()
 
     asyncio.run(main())
