@@ -629,9 +629,9 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
     # Segments are made ahead (on the worker thread) and kept as spares: as many as
     # the config says, plus one, the reserve. Content (messages, receipts, mirrors,
     # group state, last-seen updates) never takes the last spare without making a
-    # replacement first, so on
-    # a full disk the shard still has a whole segment for what frees space:
-    # acknowledgements (CONSUME), first device registrations and compaction.
+    # replacement first, so on a full disk the shard still has a whole segment for
+    # what frees space: acknowledgements (CONSUME), first device registrations and
+    # compaction.
     # Consuming then lets front segments be deleted, and the next try makes a
     # new segment. After a failed try, the next one waits FULL_RETRY_S (or a
     # deletion): a full shard refuses SENDs without touching the disk.
