@@ -30,6 +30,7 @@ cdef enum:
     # CONSUME: header, u16 count, 2 id lengths
     CONSUME_FIXED = 12 + 2 + 2
     MAX_CONSUME_IDS = 4096
+    NO_ROOM = -2                  # LogCore._place: a state record found no room, even in the reserve
 
 
 ctypedef struct MsgView:
@@ -97,8 +98,9 @@ cdef class LogCore:
     cdef readonly uint64_t last_msg_id
     cdef public Py_ssize_t max_pending
     cdef public uint64_t ttl_ms
-    cdef public Py_ssize_t consume_reserve
-    cdef public bint storage_full
+    cdef public bint storage_full         # the last try to make a segment failed for lack of space
+    cdef public bint reserve_ok           # content may use the active segment: a reserve spare is held (AppendLog)
+    cdef list _unrecorded                 # CONSUME chunks applied in memory, not yet written (no room)
     cdef readonly uint64_t appended
     cdef readonly uint64_t consumed
     cdef readonly uint64_t expired
@@ -106,7 +108,13 @@ cdef class LogCore:
     cdef readonly Py_ssize_t pending_total
     cdef public ProducerTable producers   # idempotent-send state of this shard (rebuilt on recovery)
 
-    cdef Py_ssize_t _place(self, Py_ssize_t length, bint is_message) except -1
+    cdef public Py_ssize_t keep_for_compaction   # state records leave this in a reserve in use
+    cdef bint _fits(self, Segment a, Py_ssize_t need, bint content, bint copy) noexcept
+    cdef Py_ssize_t _place(self, Py_ssize_t length, bint content, bint copy=*) except -1
+    cdef str _meta_key_at(self, const unsigned char *r)
+    cdef Inbox _live_inbox(self, const unsigned char *r, uint32_t length, uint64_t here, MsgView *m,
+                           Py_ssize_t *index)
+    cdef int make_message_room(self, Py_ssize_t records, Py_ssize_t payload_len) except -1
     cdef Py_ssize_t _write_message(self, const char *rp, Py_ssize_t rl, const char *rdp, Py_ssize_t rdl,
                                    uint64_t msg_id, uint64_t ts, uint64_t client_id, uint64_t producer,
                                    const char *sp, Py_ssize_t sl, const char *sdp, Py_ssize_t sdl,

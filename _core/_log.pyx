@@ -151,6 +151,16 @@ cdef bint _meta_view(const unsigned char *r, Py_ssize_t length, const unsigned c
 PRODUCER_META = "\x00seq\x00"
 
 
+cdef inline Py_ssize_t _meta_key_len(const unsigned char *r) noexcept nogil:
+    """Bytes of a META or META_L record's key (compaction's reading of the layout)."""
+    return r[12] if r[8] == REC_META else sb_load16(r + 12)
+
+
+cdef inline Py_ssize_t _meta_key_off(const unsigned char *r) noexcept nogil:
+    """Where a META (u8 length) or META_L (u16 length) record's key starts."""
+    return 13 if r[8] == REC_META else 14
+
+
 cdef inline str _text(const char *p, Py_ssize_t n):
     return PyUnicode_DecodeUTF8(p, n, "replace")
 
@@ -476,17 +486,17 @@ cdef class LogCore:
     """The index and the record paths of the log. `_core.log.AppendLog` adds
     files, threads, durability, expiry and compaction around it."""
 
-    def __init__(self, Py_ssize_t max_pending=10000, uint64_t ttl_ms=30 * 86400 * 1000,
-                 Py_ssize_t consume_reserve=65536):
+    def __init__(self, Py_ssize_t max_pending=10000, uint64_t ttl_ms=30 * 86400 * 1000):
         self._inboxes = {}
         self._segments = {}
         self._meta = {}
         self.producers = ProducerTable()
         self._active = None
+        self._unrecorded = []
         self.max_pending = max_pending
         self.ttl_ms = ttl_ms
-        self.consume_reserve = consume_reserve
         self.storage_full = False
+        self.reserve_ok = False
 
     # -- segments (managed by AppendLog) ------------------------------------------
     def _add_segment(self, Segment seg):
@@ -508,34 +518,65 @@ cdef class LogCore:
     def segments(self):
         return [self._segments[k] for k in sorted(self._segments)]
 
-    def _roll(self):
-        """Install a new active segment or raise StoreError (overridden)."""
+    def _make_room(self, bint content, bint roll):
+        """Make room (overridden by AppendLog, which owns the segment files): with
+        `roll`, install a new active segment; for `content`, also keep a reserve
+        segment. Raises StoreError(STORAGE_FULL) when it cannot."""
         raise StoreError("storage full: no segment available", ErrorCode.STORAGE_FULL)
 
-    cdef Py_ssize_t _place(self, Py_ssize_t length, bint is_message) except -1:
-        # Where a record of `length` bytes goes; rolls to a new segment when the
-        # active one is full. Messages leave `consume_reserve` bytes free so
-        # acknowledgements can still be recorded when the disk is full.
+    cdef bint _fits(self, Segment a, Py_ssize_t need, bint content, bint copy) noexcept:
+        if a.size - a.end < need:
+            return False
+        if content:
+            return self.reserve_ok
+        # state records in a reserve in use leave room for compacting the front segment
+        return copy or self.reserve_ok or a.size - a.end >= need + self.keep_for_compaction
+
+    cdef Py_ssize_t _place(self, Py_ssize_t length, bint content, bint copy=False) except -1:
+        # Where a record of `length` bytes goes. Content (messages, receipts,
+        # mirrors, group state, last-seen updates) goes only where it leaves the
+        # reserve alone: a spare segment that state records (acknowledgements,
+        # first device registrations) may roll into, keeping back what compaction
+        # (`copy`) needs to free the front segment. Content that cannot be placed
+        # raises StoreError(STORAGE_FULL); a state record that finds no room gets
+        # NO_ROOM (the caller decides what that means).
         cdef Py_ssize_t need = _align(length)
         cdef Segment a = self._active
         if a is not None and a.base == NULL:
             raise StoreError("the log is closed", ErrorCode.INTERNAL)
-        if a is not None and a.size - a.end >= need + (self.consume_reserve if is_message else 0):
-            return a.end
-        if not is_message and a is not None and a.size - a.end >= need and self.storage_full:
-            return a.end                 # use the reserve rather than fail
+        if a is not None and a.size - a.end >= need and (self.reserve_ok or self._fits(a, need, content, copy)):
+            return a.end                # the common case decided inline: room, and a reserve held
         try:
-            self._roll()
+            self._make_room(content, a is None or a.size - a.end < need)
         except StoreError:
-            if not is_message and a is not None and a.size - a.end >= need:
-                return a.end
-            if is_message:
+            if content:
                 raise
-            return -1
+            return NO_ROOM              # not -1: that is this function's exception value
         a = self._active
         if a.size - a.end < need:
             raise StoreError(f"record of {length} bytes does not fit in a segment", ErrorCode.INTERNAL)
+        if not self._fits(a, need, content, copy):
+            if content:
+                raise StoreError("storage full: no room for a new log segment", ErrorCode.STORAGE_FULL)
+            return NO_ROOM
         return a.end
+
+    cdef int make_message_room(self, Py_ssize_t records, Py_ssize_t payload_len) except -1:
+        """Before a message goes to several inboxes: room for all of its records in
+        the active segment (rolling first if needed), so that a full disk refuses
+        the whole message, never a part of it. Raises StoreError(STORAGE_FULL)."""
+        cdef Py_ssize_t each = _align(MESSAGE_FIXED + 5 * 255 + payload_len)
+        cdef Py_ssize_t need = records * each
+        cdef Segment a = self._active
+        if a is not None and need > a.size - SEGMENT_HEADER_SIZE:
+            need = max(a.size - SEGMENT_HEADER_SIZE, each)     # what a fresh segment holds at least
+        try:
+            self._place(need, True)
+        except StoreError as exc:
+            if exc.code == ErrorCode.STORAGE_FULL:
+                raise
+            # larger than a fresh segment (the segment size was lowered): each append decides
+        return 0
 
     cdef Py_ssize_t _write_message(self, const char *rp, Py_ssize_t rl, const char *rdp, Py_ssize_t rdl,
                                    uint64_t msg_id, uint64_t ts, uint64_t client_id, uint64_t producer,
@@ -679,8 +720,10 @@ cdef class LogCore:
             length = CONSUME_FIXED + rl + dl + 8 * len(chunk)
             off = self._place(length, False)
             if off < 0:
-                # disk full and the reserve used up: consumed in memory only; after a
-                # restart these are delivered again (clients drop them by id)
+                # the disk and the reserve are full: consumed in memory now (which lets
+                # segments be deleted), written by record_deferred() once there is room;
+                # a crash before that delivers them again (clients drop them by id)
+                self._unrecorded.append((recipient, device, chunk))
                 self.unrecorded_consumes += len(chunk)
                 continue
             a = self._active
@@ -698,6 +741,15 @@ cdef class LogCore:
                 k += 8
             a.seal_record(off, length)
         return 0
+
+    def record_deferred(self):
+        """Write the CONSUME records that found no room when they were made (see
+        _record_consume); returns how many ids are still waiting."""
+        waiting, self._unrecorded = self._unrecorded, []
+        for recipient, device, chunk in waiting:
+            self.unrecorded_consumes -= len(chunk)
+            self._record_consume(recipient, device, chunk)     # deferred again if still no room
+        return self.unrecorded_consumes
 
     def consume(self, str recipient, ids, str device=""):
         """Drop acknowledged messages (records a CONSUME); unknown ids are ignored."""
@@ -838,8 +890,9 @@ cdef class LogCore:
         return self.pending_total
 
     # -- META: the latest value per key (device registry, groups, settings) -----------
-    def meta_put(self, str key, bytes value):
-        """Record `value` for `key` (empty: delete it). Kept across compaction while latest."""
+    def meta_put(self, str key, bytes value, bint use_reserve=False):
+        """Record `value` for `key` (empty: delete it). Kept across compaction while latest.
+        `use_reserve`: state that must not fail on a full disk (a device's registration)."""
         cdef Py_ssize_t kl, off, length
         cdef const char *kp = PyUnicode_AsUTF8AndSize(key, &kl)
         cdef unsigned char *r
@@ -847,7 +900,7 @@ cdef class LogCore:
         if kl > 65535:
             raise ValueError("META key longer than 65535 bytes")
         length = META_L_FIXED + kl + len(value)
-        off = self._place(length, False)
+        off = self._place(length, not use_reserve)
         if off < 0:
             raise StoreError("storage full: cannot record state", ErrorCode.STORAGE_FULL)
         a = self._active
@@ -1035,9 +1088,33 @@ cdef class LogCore:
                 self._sort_inbox(inbox)
 
     # -- compaction -------------------------------------------------------------------
-    def _compact_step(self, Segment seg, Py_ssize_t pos, Py_ssize_t budget):
+    cdef str _meta_key_at(self, const unsigned char *r):
+        """The key of the META record `r` (its layout: see meta_put)."""
+        return _text(<const char *>r + _meta_key_off(r), _meta_key_len(r))
+
+    cdef Inbox _live_inbox(self, const unsigned char *r, uint32_t length, uint64_t here, MsgView *m,
+                           Py_ssize_t *index):
+        """The inbox still holding the MESSAGE record `r` at `here` (its entry in
+        `index`), or None if that message was consumed or moved."""
+        cdef Inbox inbox
+        cdef Py_ssize_t i
+        if not _parse_message(r, length, m):
+            return None
+        inbox = self._inbox(_ikey(_text(m.recipient, m.recipient_len),
+                                  _text(m.recipient_device, m.recipient_device_len)), False)
+        if inbox is None:
+            return None
+        i = inbox.find(m.msg_id)
+        if i < 0 or inbox.locs[i] != here:
+            return None
+        index[0] = i
+        return inbox
+
+    def _compact_step(self, Segment seg, Py_ssize_t pos, Py_ssize_t budget, bint use_reserve=False):
         """Copy live messages of `seg` (an old segment) to the head, at most
-        `budget` records from `pos`. Returns the next position, or -1 when done."""
+        `budget` records from `pos`. Returns the next position, or -1 when done.
+        `use_reserve`: the disk is full and this compaction is what frees it; it
+        may use all the room there is (the caller checked that the rest fits)."""
         cdef uint32_t length
         cdef const unsigned char *r
         cdef MsgView m
@@ -1059,10 +1136,9 @@ cdef class LogCore:
             budget -= 1
             here = (seg.segment_id << 32) | <uint64_t>pos
             if r[8] == REC_META or r[8] == REC_META_L:
-                _meta_view(r, length, &kp, &kl, &vp, &vl)
-                key = _text(<const char *>kp, kl)
+                key = self._meta_key_at(r)
                 if self._meta.get(key) == here:
-                    off = self._place(length, False)
+                    off = self._place(length, not use_reserve, use_reserve)
                     if off < 0:
                         raise StoreError("no room to compact", ErrorCode.STORAGE_FULL)
                     a = self._active
@@ -1070,24 +1146,56 @@ cdef class LogCore:
                     a.seal_record(off, length)
                     self._meta_set(key, (a.segment_id << 32) | <uint64_t>off, False)
             elif r[8] == REC_MESSAGE or r[8] == REC_MESSAGE_P:
-                _parse_message(r, length, &m)
-                inbox = self._inbox(_ikey(_text(m.recipient, m.recipient_len),
-                                          _text(m.recipient_device, m.recipient_device_len)), False)
+                inbox = self._live_inbox(r, length, here, &m, &i)
                 if inbox is not None:
-                    i = inbox.find(m.msg_id)
-                    if i >= 0 and inbox.locs[i] == here:
-                        off = self._place(length, True)
-                        a = self._active
-                        memcpy(a.base + off + 8, r + 8, length - 8)
-                        a.seal_record(off, length)       # a new CRC: the place changed
-                        inbox.locs[i] = (a.segment_id << 32) | <uint64_t>off
-                        a.messages += 1
-                        a.live += 1
-                        if m.ts > a.newest_ts:
-                            a.newest_ts = m.ts
-                        seg.live -= 1
+                    off = self._place(length, not use_reserve, use_reserve)
+                    if off < 0:
+                        raise StoreError("no room to compact", ErrorCode.STORAGE_FULL)
+                    a = self._active
+                    memcpy(a.base + off + 8, r + 8, length - 8)
+                    a.seal_record(off, length)       # a new CRC: the place changed
+                    inbox.locs[i] = (a.segment_id << 32) | <uint64_t>off
+                    a.messages += 1
+                    a.live += 1
+                    if m.ts > a.newest_ts:
+                        a.newest_ts = m.ts
+                    seg.live -= 1
             pos += _align(length)
         return pos if pos + RECORD_HEADER_SIZE <= seg.end else -1
+
+    def _live_bytes(self, Segment seg, bint messages=True):
+        """Bytes compaction would copy out of `seg`: its latest META values and
+        (with `messages`) its pending messages; the room a full shard keeps so
+        that it can always free its front segment. A walk over the record
+        headers, no CRCs (every indexed record was checked when it was written
+        or recovered)."""
+        cdef Py_ssize_t pos = SEGMENT_HEADER_SIZE, total = 0, i, q
+        cdef uint32_t length
+        cdef const unsigned char *r
+        cdef MsgView m
+        cdef uint64_t here
+        cdef bint plausible
+        while pos + RECORD_HEADER_SIZE <= seg.end:
+            r = seg.base + pos
+            length = sb_load32(r)
+            plausible = length >= RECORD_HEADER_SIZE and pos + <Py_ssize_t>length <= seg.end
+            if plausible and (r[8] == REC_META or r[8] == REC_META_L):
+                plausible = (META_FIXED if r[8] == REC_META else META_L_FIXED) + _meta_key_len(r) <= <Py_ssize_t>length
+            if not plausible:
+                q = seg.next_valid(pos + RECORD_ALIGN)
+                if q < 0 or q >= seg.end:
+                    break
+                pos = q
+                continue
+            here = (seg.segment_id << 32) | <uint64_t>pos
+            if r[8] == REC_META or r[8] == REC_META_L:
+                if self._meta.get(self._meta_key_at(r)) == here:
+                    total += _align(length)
+            elif (r[8] == REC_MESSAGE or r[8] == REC_MESSAGE_P) and messages:
+                if self._live_inbox(r, length, here, &m, &i) is not None:
+                    total += _align(length)
+            pos += _align(length)
+        return total
 
 
 # -- benchmark helpers (bench/): the C paths without Python call overhead ------------

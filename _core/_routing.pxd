@@ -110,6 +110,7 @@ cdef class RouteCore:
     cdef int _refuse(self, SessionCore sender, ProducerTable table, uint64_t seq, int code, str reason) except -1
     cdef int _admit(self, ProducerTable table, str key, uint64_t producer, uint64_t seq,
                     uint64_t *msg_id, uint64_t *ts) except -1
+    cdef int _room_for(self, str recipient, Py_ssize_t records, Py_ssize_t n) except -1
     cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
                             const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts,
                             uint64_t producer=*) except -1

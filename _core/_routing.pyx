@@ -527,6 +527,15 @@ cdef class RouteCore:
                               ref, device=device, flags=flags, conversation=conversation, producer=producer)
         return 0
 
+    cdef int _room_for(self, str recipient, Py_ssize_t records, Py_ssize_t n) except -1:
+        """All of a message's inbox records fit, or StoreError(STORAGE_FULL) before any is written."""
+        cdef LogCore log = self._log
+        if self._log_for is not None:
+            log = <LogCore>self._log_for(recipient)
+        if log is not None:
+            log.make_message_room(records, n)
+        return 0
+
     cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
                             const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts,
                             uint64_t producer=0) except -1:
@@ -536,6 +545,8 @@ cdef class RouteCore:
         cdef SessionCore s
         cdef Py_ssize_t stored = 0
         cdef tuple devices = self.devices_of(recipient)
+        if len(devices) > 1:
+            self._room_for(recipient, len(devices), n)
         ts[0] = _now_ms()
         msg_id[0] = self._next_id(ts[0])
         quota = None
@@ -806,9 +817,12 @@ cdef class RouteCore:
             table = self._dedup_tables[key] = {}
         if origin in <dict>table:
             return False
-        msg_id = self._next_id(_now_ms())
         skip = sender_device if member == sender else None
-        for dev in self.devices_of(member):
+        devices = self.devices_of(member)
+        if len(devices) > 1:
+            self._room_for(member, len(devices), len(payload))     # StoreError: no copy made, retried
+        msg_id = self._next_id(_now_ms())
+        for dev in devices:
             if dev == skip:
                 continue
             try:

@@ -49,7 +49,15 @@ HEADER = struct.Struct("!8sQQQQIQ8s")       # 60 bytes, then the header's CRC32C
 HEADER_SIZE = 64
 FORMAT_VERSION = 2                           # 2: per-device inboxes, conversation field, META
 ZERO_CHUNK = 1 << 20
+#: a shard's first segment (segments then double up to the configured size)
 MIN_SEGMENT = 1 << 20
+#: the smallest configurable segment: it must hold the largest record
+MIN_SEGMENT_SIZE = 256 << 10
+MAX_SPARES = 8
+#: while a shard's disk is full, a new segment is tried at most this often (and after a deletion)
+FULL_RETRY_S = 1.0
+#: at most one storage_full / storage_available pair is logged per shard in this many seconds
+STORAGE_LOG_QUIET_S = 60.0
 DURABILITY_MODES = ("always", "interval", "never")
 LOCK_POLL_S = 0.05                           # how often a shard held by another process is tried again
 
@@ -69,16 +77,20 @@ class LogConfig:
     compact_below: float = 0.5
     #: a device's SENDs whose answers each shard remembers (the send window, PROTOCOL.md section 6)
     dedup_window: int = 256
-    #: bytes kept free in the active segment for acknowledgements when the disk is full
-    consume_reserve: int = 256 << 10
+    #: segments each shard keeps made ahead for rolls (more, up to 2x+1, after a stall);
+    #: besides them it always holds a reserve that only acknowledgements, first device
+    #: registrations and compaction may roll into (0: only the reserve, every roll
+    #: makes its segment on the loop)
+    spares: int = 1
 
     def validate(self) -> None:
         if self.durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {', '.join(DURABILITY_MODES)}, not {self.durability!r}")
-        if not (1 << 20 <= self.segment_size <= 1 << 31) or self.segment_size % 4096:
-            raise ValueError("segment size must be a multiple of 4096 between 1 MiB and 2 GiB")
-        if self.consume_reserve * 4 > self.segment_size:
-            raise ValueError("segment size must be at least 4x the consume reserve")
+        if not (MIN_SEGMENT_SIZE <= self.segment_size <= 1 << 31) or self.segment_size % 4096:
+            raise ValueError("segment size must be a multiple of 4096 between 256 KiB and 2 GiB")
+        if not (0 <= self.spares <= MAX_SPARES):
+            raise ValueError(f"spare segments must be between 0 (only the reserve) and {MAX_SPARES}, "
+                             f"got {self.spares}")
         if self.interval_ms <= 0 or self.ttl_s <= 0 or self.max_pending <= 0:
             raise ValueError("interval, ttl and max pending must be positive")
 
@@ -334,14 +346,22 @@ class _DeviceRegistry:
         return (devs,) if type(devs) is str else (devs or ())
 
     def register_device(self, user: str, device: str, now: int) -> bool:
-        """Record that `device` of `user` connected; True if it is new."""
+        """Record that `device` of `user` connected; True if it is new. A new device's
+        record may use the log's reserve; if even that is full, StoreError
+        (STORAGE_FULL) and nothing changed. A known device's last-seen update is
+        skipped on a full disk (it is a hint)."""
         idx = self._device_index()
         devs = idx.get(user)
         new = devs != device if type(devs) is str else (devs is None or device not in devs)
-        if new:
-            idx[user] = _with_device(devs, device)
-        self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now))
-        return new
+        if not new:
+            try:
+                self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now))
+            except StoreError:
+                pass                  # last seen stays at the previous value
+            return False
+        self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now), True)
+        idx[user] = _with_device(devs, device)
+        return True
 
     def touch_device(self, user: str, device: str, now: int) -> None:
         if device in self.devices_of(user):
@@ -378,7 +398,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         caller then releases it), else open() takes one and close() releases it."""
         config = config or LogConfig()
         config.validate()
-        super().__init__(config.max_pending, int(config.ttl_s * 1000), config.consume_reserve)
+        super().__init__(config.max_pending, int(config.ttl_s * 1000))
         self.producers.window = config.dedup_window
         self.directory = Path(directory)
         self.config = config
@@ -396,7 +416,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self._unclaimed: set = set()         # made by the worker, not yet taken by the loop
         self._claim_lock = threading.Lock()
         self._preparing = 0
-        self.spares_target = 2               # grows after a stall
+        self.spares_target = config.spares + 1   # with the reserve; grows after a stall (spares up to twice)
         self._next_id = 1
         self._maint = None
         self._compact_pos = None
@@ -404,10 +424,22 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self.stalls = 0                      # rolls that had to prepare a segment on the loop
         self.cold_starts = 0                 # first segments of lazy logs, made on first append
         self.last_full_error = None
+        self.full_episodes = 0               # times this shard ran out of disk space
+        self.refused = 0                     # records refused for lack of space (SENDs get STORAGE_FULL)
+        self.segment_failures = 0            # tries to make a segment that found no space
+        self._retry_at = 0.0                 # monotonic time of the next try at a segment while full
+        self._storage_logged_at = -STORAGE_LOG_QUIET_S
+        self._storage_logged = False         # the current episode's storage_full line was written
+        self._quiet_episodes = 0             # episodes not logged (inside the quiet period)
+        self._full_cause = ""                # what the episode's first refusal was: message or state
+        self._compactable_key = None         # (front segment, its live count, bytes freed) last judged
+        self._keep_key = None                # (front segment, its live count, compactable) of keep_for_compaction
+        self._compactable_now = False
         self._closed = False
         self._lock = lock
         self._own_lock = False
         self._recovered = False              # open() has scanned the directory: writes are allowed
+        self.reserve_ok = True               # until start(): no reserve is kept without a loop
 
     # -- files ----------------------------------------------------------------------
     def _header(self, segment_id: int, nonce: int, id_floor: int = 0, size: int = 0) -> bytes:
@@ -416,12 +448,13 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         return body + struct.pack("!I", crc32c(body))
 
     def _next_size(self) -> int:
-        """Segments start at 1 MiB and double up to the configured size: an idle
-        shard costs little disk, a busy one soon gets full-size segments."""
-        newest = self._spares[-1] if self._spares else self.active
-        if newest is None:
-            return min(MIN_SEGMENT, self.config.segment_size)
-        return min(self.config.segment_size, max(MIN_SEGMENT, newest.size * 2))
+        """A shard's first segments are 1 MiB (or the segment size if smaller); each
+        new one is twice the active one, up to the configured size: an idle shard
+        costs little disk, a busy one soon gets full-size segments."""
+        first = min(MIN_SEGMENT, self.config.segment_size)
+        if self.active is None:
+            return first
+        return min(self.config.segment_size, max(first, 2 * self.active.size))
 
     def _create_segment(self, segment_id: int, pause=lambda: None, size: int | None = None) -> Segment:
         """Reserve, zero-fill, header, fsync, rename, fsync dir, map, pre-fault."""
@@ -458,6 +491,18 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             seg.populate(off, 8 << 20)
             pause()
         return seg
+
+    def _create_fitting(self, segment_id: int, size: int, pause=lambda: None) -> Segment:
+        """A segment of `size`, or on a nearly full disk the largest smaller one
+        (halving down to the first segment's size) that there is room for."""
+        first = min(MIN_SEGMENT, self.config.segment_size)
+        while True:
+            try:
+                return self._create_segment(segment_id, pause, size)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or size <= first:
+                    raise
+                size = max(first, (size // 2) & ~4095)
 
     def _close_segment(self, seg: Segment) -> None:
         seg.close()
@@ -543,6 +588,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         elif self._spares:
             self._install(self._spares.popleft())
         self._recovered = True
+        self.reserve_ok = bool(self._spares) or self.loop is None
         _log.info("event=recovered dir=%s segments=%d bytes=%d pending=%d seconds=%.3f s_per_gib=%.2f crc32c_hw=%s",
                   self.directory, report.segments, report.bytes_scanned, report.pending, report.seconds,
                   report.seconds_per_gib, crc32c_hardware())
@@ -591,49 +637,140 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         if self._own_worker:
             self._worker.loop = loop
             self._worker.start()
-        if self.active is None and not self.lazy:     # before anyone is served: not a stall
+        if self.active is not None or not self.lazy:
+            # before anyone is served (not a stall): the first segment and the reserve
             try:
-                self._install(self._create_segment(self._take_id(), size=self._next_size()))
-            except OSError as exc:
-                self._storage_full(exc)
+                self._make_now(1 + (self.active is None) - len(self._spares), stall=False)
+                if self.active is None:
+                    self._install(self._spares.popleft())
+            except StoreError:
+                pass                          # the first refused SEND logs storage_full
+        self.reserve_ok = bool(self._spares)
         if self.active is not None:
             self._prepare_spare()
         if self._own_committer:
             self.committer.start(loop)
         self._maint = loop.call_later(1.0, self.maintain)
 
-    def _roll(self):
-        """Called by LogCore when the active segment is full (or there is none yet)."""
+    # -- space: spare segments, the reserve, a full disk ------------------------------
+    # Segments are made ahead (on the worker thread) and kept as spares: as many as
+    # the config says, plus one, the reserve. Content (messages, receipts, mirrors,
+    # group state, last-seen updates) never takes the last spare without making a
+    # replacement first, so on a full disk the shard still has a whole segment for
+    # what frees space: acknowledgements (CONSUME), first device registrations and
+    # compaction.
+    # Consuming then lets front segments be deleted, and the next try makes a
+    # new segment. After a failed try, the next one waits FULL_RETRY_S (or a
+    # deletion): a full shard refuses SENDs without touching the disk.
+
+    def _make_room(self, content: bool, roll: bool) -> None:
+        """Called by LogCore._place: with `roll` the active segment (if any) has no
+        room, install the next; for `content` keep a reserve spare besides.
+        Raises StoreError (STORAGE_FULL: nothing was placed)."""
         self._require_recovered()
         if self.failed is not None:
             raise StoreError("storage failed; see the server log", ErrorCode.INTERNAL)
-        if self._spares:
-            self._install(self._spares.popleft())
-            self._prepare_spare()
-            return
-        self._roll_now()
-
-    def _roll_now(self) -> None:
-        # No spare ready: a log's first segment (lazy), or a burst outran the worker.
-        if self.active is None:
-            self.cold_starts += 1
+        # a log used without a loop (tools, tests) makes no reserve, but keeps one it has
+        keep = self.loop is not None or bool(self._spares)
+        if roll and self.active is None:
+            want = 1 + keep                   # a shard's first segment comes with its reserve
         else:
-            self.stalls += 1
-            self.spares_target = min(self.spares_target + 1, 4)  # appends outran preparation: look further ahead
-            _log.warning("event=log_stall reason=no_spare_segment dir=%s spares_target=%d",
-                         self.directory, self.spares_target)
+            want = int(roll) + (content and keep)      # the segment to write in, and the reserve to keep
         try:
-            seg = self._create_segment(self._take_id(), size=self._next_size())
+            if len(self._spares) < want:
+                self._make_now(want - len(self._spares))
+        except StoreError:
+            if content or not self._spares:
+                self._refused(content)
+                raise
+        if roll:
+            self._install(self._spares.popleft())
+        self._spares_changed()
+
+    def _make_now(self, n: int, stall: bool = True) -> None:
+        """Make `n` spare segments on the event loop (a stall: the worker thread had
+        not made them in time). Within FULL_RETRY_S of a failed try this does not
+        try at all."""
+        if n <= 0:
+            return
+        if self._retry_at and time.monotonic() < self._retry_at:
+            raise StoreError("storage full: cannot reserve a new log segment", ErrorCode.STORAGE_FULL)
+        if stall:
+            if self.active is None:
+                self.cold_starts += 1
+            else:
+                self.stalls += 1
+                # no spares but the reserve (small disks) stays so: each roll then makes its segment
+                grown = min(self.spares_target + 1, 2 * self.config.spares + 1)
+                if grown > self.spares_target:    # appends outran preparation: look further ahead
+                    self.spares_target = grown
+                    _log.warning("event=log_stall reason=no_spare_segment dir=%s spares_target=%d",
+                                 self.directory, self.spares_target)
+        try:
+            for _ in range(n):
+                self._spares.append(self._create_fitting(self._take_id(), self._next_size()))
         except OSError as exc:
-            self._storage_full(exc)
+            self._no_space(exc)
             raise StoreError("storage full: cannot reserve a new log segment", ErrorCode.STORAGE_FULL) from None
-        self._install(seg)
+        self._space_returned()
+
+    def _spares_changed(self) -> None:
+        self.reserve_ok = bool(self._spares) or self.loop is None
+        if not self.reserve_ok:
+            self._keep_for_compaction()
         self._prepare_spare()
+
+    def _front(self) -> Segment | None:
+        """The oldest segment if it is not the active one: the one compaction frees."""
+        segs = self.segments
+        return segs[0] if segs and segs[0] is not self.active else None
+
+    def _keep_for_compaction(self) -> None:
+        """While the reserve is in use, state records leave room for copying the
+        front segment's live records forward: its META records (which must move
+        before it can go), and its pending messages once it is worth compacting.
+        Then it can be deleted when consumption (or expiry) allows, and the
+        space comes back. A front of live META alone is not worth copying."""
+        front = self._front()
+        if front is None or (not front.messages and not self._compactable(front)):
+            self.keep_for_compaction = 0
+            return
+        key = (front.segment_id, front.live, self._compactable(front))
+        if key != self._keep_key:                # a walk over the segment: only when it changed
+            self._keep_key = key
+            self.keep_for_compaction = self._live_bytes(front, key[2])
+
+    def _compactable(self, seg: Segment) -> bool:
+        """Whether copying the live records of the front segment `seg` forward
+        frees space: it is quarantined, or few of its messages are pending, or
+        (state records only: META, CONSUME) its live META records are less than
+        half of what deleting it, and the consumed segments right behind it,
+        gives back. A front of live META alone is left alone: copying it frees
+        nothing (it used to be copied forward again and again)."""
+        if seg.quarantined:
+            return True
+        if seg.messages:
+            return seg.live < self.config.compact_below * seg.messages
+        freed = seg.end
+        for other in self.segments[1:]:
+            if other is self.active or other.live > 0:
+                break
+            freed += other.end
+        key = (seg.segment_id, seg.live, freed)
+        if key != self._compactable_key:
+            self._compactable_key = key
+            self._compactable_now = self._live_bytes(seg, False) < self.config.compact_below * freed
+        return self._compactable_now
 
     def _take_id(self) -> int:
         i = self._next_id
         self._next_id += 1
         return i
+
+    def _newest_id(self) -> int:
+        if self._spares:
+            return self._spares[-1].segment_id
+        return self.active.segment_id if self.active is not None else 0
 
     def _install(self, seg: Segment) -> None:
         # record the id floor in its header: when older segments are deleted,
@@ -642,33 +779,78 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         seg.dirty = True
         self._add_segment(seg)
         self._set_active(seg)
-        if self.storage_full:
-            self.storage_full = False
-            _log.warning("event=storage_available segment=%d", seg.segment_id)
 
-    def _storage_full(self, exc: OSError) -> None:
+    def _no_space(self, exc: OSError) -> None:
+        """A try at a segment failed: no new try before FULL_RETRY_S (or a deletion)."""
         self.last_full_error = exc
-        if not self.storage_full:
-            self.storage_full = True
-            _log.error("event=storage_full dir=%s error=%r senders_get=STORAGE_FULL reads_and_acks=served",
-                       self.directory, q(repr(exc)))
+        self.segment_failures += 1
+        self._retry_at = time.monotonic() + FULL_RETRY_S
 
-    def _prepare_spare(self) -> None:
-        """Keep SPARES segments prepared ahead: preparing one (about 0.1-0.2 s for
-        64 MiB here) can wait behind a long fdatasync."""
+    def _refused(self, content: bool) -> None:
+        """Something could not be placed for lack of space: the shard is full. One
+        line per episode (at most one pair per STORAGE_LOG_QUIET_S) and a counter."""
+        self.refused += 1
+        if self.storage_full:
+            return
+        self.storage_full = True
+        self.full_episodes += 1
+        self._full_cause = "message" if content else "state"
+        self._log_full()
+
+    def _log_full(self) -> None:
+        """The storage_full line of this episode, unless one was written less than
+        STORAGE_LOG_QUIET_S ago; then maintenance writes it once that has passed
+        if the shard is still full, so the last line always tells the truth."""
+        now = time.monotonic()
+        if self._storage_logged or now - self._storage_logged_at < STORAGE_LOG_QUIET_S:
+            return
+        self._storage_logged_at = now
+        self._storage_logged = True
+        _log.error("event=storage_full dir=%s error=%s reserve=%s refused=%s senders_get=STORAGE_FULL "
+                   "acks=%s episodes_not_logged=%d", self.directory, q(repr(self.last_full_error)),
+                   "held" if self._spares else "used" if self.active is not None else "none", self._full_cause,
+                   "recorded_in_reserve" if self._spares else "recorded_when_space_returns", self._quiet_episodes)
+        self._quiet_episodes = 0
+
+    def _space_returned(self) -> None:
+        """A segment was made: the shard takes content again; deferred CONSUMEs are written."""
+        self._retry_at = 0.0
+        if not self.storage_full:
+            return
+        self.storage_full = False
+        if self._storage_logged:
+            self._storage_logged = False
+            _log.warning("event=storage_available dir=%s refused=%d", self.directory, self.refused)
+        else:
+            self._quiet_episodes += 1             # an episode that began and ended unlogged
+        if self.unrecorded_consumes and self.loop is not None:
+            self.loop.call_soon(self._write_deferred)     # not from inside a placement
+
+    def _write_deferred(self) -> None:
+        if not self._closed and self.unrecorded_consumes:
+            self.record_deferred()
+
+    def _prepare_spare(self, retry: bool = False) -> None:
+        """Keep `spares_target` segments made ahead on the worker thread (making one
+        takes 0.1-0.2 s for 64 MiB here and can wait behind a long fdatasync).
+        After a failed try only `retry` (maintenance, a deletion) tries again, at
+        most once per FULL_RETRY_S."""
         if self.loop is None or self._closed:
             return
-        while len(self._spares) + self._preparing < self.spares_target:
+        if self._retry_at:
+            if not retry or time.monotonic() < self._retry_at:
+                return
+            self._retry_at = time.monotonic() + FULL_RETRY_S
+        # a full shard also wants the segment its next roll takes besides the reserve
+        while len(self._spares) + self._preparing < self.spares_target + self.storage_full:
             self._preparing += 1
             segment_id = self._take_id()
-            size = min(self.config.segment_size, max(MIN_SEGMENT, 2 * (self._spares[-1].size if self._spares
-                                                                       else self.active.size if self.active
-                                                                       else MIN_SEGMENT // 2)))
+            size = self._next_size()
             self._worker.submit(lambda pause, i=segment_id, n=size: self._prepare_on_worker(i, n, pause),
                                 self._spare_ready)
 
     def _prepare_on_worker(self, segment_id: int, size: int, pause):
-        seg = self._create_segment(segment_id, pause, size)
+        seg = self._create_fitting(segment_id, size, pause)
         with self._claim_lock:
             closed = self._closed
             if not closed:
@@ -689,22 +871,26 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
                 self._unclaimed.discard(seg)
         if exc is not None:
             if isinstance(exc, OSError):
-                self._storage_full(exc)
+                self._no_space(exc)
             else:
                 _log.error("event=segment_prepare_failed error=%s", q(repr(exc)))
             return
-        active = self.active
         if self._closed:
             self._retire(seg, False)
             return
-        if active is not None and seg.segment_id < active.segment_id:
-            # a stall-path roll overtook it: segments must be used in id order
+        if seg.segment_id < self._newest_id():
+            # a roll on the loop overtook it: segments must be used in id order
             self._worker.submit(lambda pause, s=seg: self._retire(s, False))
             self._prepare_spare()
             return
         self._spares.append(seg)
-        if self.storage_full:      # senders were refused: take the new space now
-            self._roll()
+        self._spares_changed()
+        self._space_returned()
+
+    def _state_room(self) -> int:
+        """Bytes state records can still be written into: the active segment's rest and the spares."""
+        a = self.active
+        return (a.free if a is not None else 0) + sum(s.size - HEADER_SIZE for s in self._spares)
 
     # -- durability -----------------------------------------------------------------
     def _dirty_segments(self, peek=False) -> list:
@@ -732,8 +918,13 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         for _ in range(min(expire_budget, len(self._expiry_cursor))):
             self.expire_prefix(self._expiry_cursor.pop(), now)
         more = self._collect_front() or self._compact_front(compact_budget)
-        if self.storage_full and not self._spares:
-            self._prepare_spare()
+        if not self.reserve_ok:
+            self._keep_for_compaction()
+        if self.storage_full:
+            self._log_full()
+        self._write_deferred()
+        if self.storage_full or len(self._spares) + self._preparing < self.spares_target:
+            self._prepare_spare(retry=True)
         if self.loop is not None and not self._closed:
             self._maint = self.loop.call_later(0 if more else 1.0, self.maintain)
 
@@ -750,6 +941,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             self._worker.submit(lambda pause, s=seg, q=quarantine: self._retire(s, q))
             _log.info("event=segment_%s segment=%d", "quarantined" if quarantine else "deleted", seg.segment_id)
             removed = True
+        if removed and self._retry_at:
+            self._retry_at = time.monotonic()    # space was freed: the next maintenance tries at once
         return removed
 
     def _checkpoint_producers(self, seg) -> bool:
@@ -759,7 +952,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         there is no room for them (the segment stays, and is tried again)."""
         try:
             for key in self.producers.in_segment(seg.segment_id):
-                self.meta_put(PRODUCER_META + key, self.producers.checkpoint(key))
+                self.meta_put(PRODUCER_META + key, self.producers.checkpoint(key), True)   # frees space: may use the reserve
                 self.producers.get(key).segment = 0       # proven by the checkpoint from now on
         except StoreError:
             return False
@@ -770,14 +963,22 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         if not segs or segs[0] is self.active:
             return False
         front = segs[0]
-        sparse = front.messages == 0 or front.live < self.config.compact_below * front.messages
-        if not (sparse or front.quarantined):
+        if not self._compactable(front):
             self._compact_pos = None
             return False
         if self._compact_pos is None or self._compact_pos[0] != front.segment_id:
             self._compact_pos = (front.segment_id, HEADER_SIZE)
+        pos = self._compact_pos[1]
+        # On a full disk compaction is what frees a segment pinned by a few live
+        # records (every front segment holds META records), so it may copy into
+        # the reserve, but only when all of them fit: half a copy would use the
+        # reserve up for nothing. Once started, state records leave it the room
+        # for the rest (keep_for_compaction).
+        use_reserve = self.storage_full or not self.reserve_ok
+        if use_reserve and pos == HEADER_SIZE and self._state_room() < self._live_bytes(front):
+            return False
         try:
-            nxt = self._compact_step(front, self._compact_pos[1], budget)
+            nxt = self._compact_step(front, pos, budget, use_reserve)
         except StoreError:
             return False                     # no room to copy into; try again later
         if nxt < 0:
@@ -805,7 +1006,9 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             "appended": self.appended, "consumed": self.consumed, "expired": self.expired,
             "syncs": self.committer.syncs, "sync_seconds": self.committer.sync_seconds, "stalls": self.stalls,
             "storage_full": self.storage_full, "unrecorded_consumes": self.unrecorded_consumes,
-            "quarantined": sum(1 for s in segs if s.quarantined),
+            "quarantined": sum(1 for s in segs if s.quarantined), "spares": len(self._spares),
+            "full_episodes": self.full_episodes, "refused": self.refused,
+            "segment_failures": self.segment_failures,
         }
 
     def close(self) -> None:
@@ -824,7 +1027,9 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             self.sync()
         for seg in self.segments:
             self._close_segment(seg)
-        while self._spares:                  # unused: leave no empty segments behind
+        if self._spares:                     # the reserve stays for the next start (a full disk
+            self._close_segment(self._spares.popleft())   # must not lose it to a restart)
+        while self._spares:                  # other unused ones: leave no empty segments behind
             self._retire(self._spares.popleft(), False)
         for seg in unclaimed:                # finished by the worker, never handed over
             self._retire(seg, False)
@@ -866,7 +1071,13 @@ class ShardedLog(_Committed):
     def _new_log(self, shard: int) -> AppendLog:
         lg = AppendLog(self._dir(shard), self.config, fault=self.fault, worker=self._worker,
                        committer=self.committer, lazy=True, lock=self.locks.get(shard))
-        self.reports[shard] = lg.open()
+        try:
+            self.reports[shard] = lg.open()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # a shard's first use on a full disk: refused like any content, tried again next time
+            raise StoreError("storage full: cannot create the shard's log", ErrorCode.STORAGE_FULL) from None
         for key, table in lg.recovered_dedup.items():
             self.recovered_dedup.setdefault(key, {}).update(table)
         self.logs[shard] = lg
@@ -1004,9 +1215,11 @@ class ShardedLog(_Committed):
     def stats(self) -> dict:
         per = [lg.stats() for lg in self.logs.values()]
         out = {k: sum(p[k] for p in per) for k in ("segments", "bytes", "pending", "appended", "consumed",
-                                                     "expired", "stalls", "unrecorded_consumes", "quarantined")}
+                                                     "expired", "stalls", "unrecorded_consumes", "quarantined",
+                                                     "spares", "full_episodes", "refused", "segment_failures")}
         out.update(shards=len(self.logs), syncs=self.committer.syncs, sync_seconds=self.committer.sync_seconds,
-                   storage_full=any(p["storage_full"] for p in per))
+                   storage_full=any(p["storage_full"] for p in per),
+                   shards_full=sum(1 for p in per if p["storage_full"]))
         return out
 
     def close(self) -> None:

@@ -73,8 +73,14 @@ class GatewayConfig:
     durability: str = "interval"
     #: fsync period of durability "interval"
     flush_interval_ms: int = 1000
-    #: size of one log segment file (accepts K/M/G suffixes)
+    #: largest log segment file (accepts K/M/G suffixes; 256K..2G): a shard's segments start at 1 MiB and
+    #: double up to this. Small disks: "256K" (docs/storage.md, Space)
     segment_size: int = 64 << 20
+    #: log segments each shard makes ahead so appends do not wait for one (0..8; up to 2x+1 after a stall),
+    #: besides its reserve, which only acknowledgements, new devices and compaction may use on a full disk. Disk
+    #: per shard: 2 + log_spares segments, 4 MiB for a new shard at the defaults (256 MiB for all 64); small
+    #: disks: 0 with segment_size "256K" (512 KiB per shard, 32 MiB for 64)
+    log_spares: int = 1
     #: seconds an undelivered message is kept (30 days, as WhatsApp does)
     message_ttl: float = 30 * 86400
     #: PEM certificate chain: TLS on the TCP and WebSocket listeners (with tls_key); reloaded on SIGHUP
@@ -182,6 +188,9 @@ class GatewayConfig:
         if self.store not in ("log", "memory"):
             raise ValueError(f"store must be 'log' or 'memory', not {self.store!r}")
         self.log_config().validate()
+        if self.segment_size < 4 * self.max_frame:
+            raise ValueError(f"segment size ({self.segment_size}) must be at least 4x max frame ({self.max_frame}): "
+                             "a segment holds whole messages")
         from .log import parse_levels
         parse_levels(self.log_level, self.log_levels)
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -194,4 +203,5 @@ class GatewayConfig:
         from _core.log import LogConfig
         return LogConfig(segment_size=self.segment_size, durability=self.durability,
                          interval_ms=self.flush_interval_ms, ttl_s=self.message_ttl,
-                         max_pending=self.max_pending_per_recipient, dedup_window=self.dedup_window)
+                         max_pending=self.max_pending_per_recipient, dedup_window=self.dedup_window,
+                         spares=self.log_spares)

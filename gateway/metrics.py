@@ -43,6 +43,12 @@ COUNTERS = {
     "rate_limited_total": ("SENDs answered RATE_LIMITED (per-session message rate)", None),
     "deferred_total": ("live pushes left in the log for a paused slow consumer (pushed again as it reads)",
                        None),
+    "storage_full_total": ("times a shard log ran out of disk space (its SENDs get STORAGE_FULL until a "
+                           "segment can be made again)", None),
+    "storage_refused_total": ("records a full shard log refused for lack of space (SENDs answered "
+                              "STORAGE_FULL, receipts and mirrors dropped, new devices refused at HELLO)", None),
+    "log_segment_failures_total": ("tries to make a log segment that found no space (while a shard is full: at "
+                                   "most one per second, and one after each segment deleted)", None),
 }
 #: family -> (help, label name or None). Gauges: the current value.
 GAUGES = {
@@ -52,6 +58,10 @@ GAUGES = {
     "log_bytes": ("bytes written in the live log segments", None),
     "log_segments": ("live log segment files", None),
     "log_shards": ("shard logs open", None),
+    "log_shards_full": ("shard logs out of disk space now (refusing content; acknowledgements use the reserve)",
+                        None),
+    "log_unrecorded_acks": ("acknowledged entries not yet written to a log for lack of space (written once "
+                            "space returns; delivered again if the worker dies first)", None),
 }
 #: family -> help. Histograms: {"bounds": [...], "counts": [per bucket, +Inf last], "sum": seconds}
 HISTOGRAMS = {
@@ -95,6 +105,9 @@ def snapshot(gw) -> dict:
             "limit_events_total": dict(gw.limits.events),
             "rate_limited_total": r.rate_limited,
             "deferred_total": r.deferred,
+            "storage_full_total": stats.get("full_episodes", 0),
+            "storage_refused_total": stats.get("refused", 0),
+            "log_segment_failures_total": stats.get("segment_failures", 0),
         },
         "gauges": {
             "connections": {"tcp": gw.open_conns[0], "ws": gw.open_conns[1]},
@@ -103,6 +116,8 @@ def snapshot(gw) -> dict:
             "log_bytes": stats.get("bytes", 0),
             "log_segments": stats.get("segments", 0),
             "log_shards": stats.get("shards", 0),
+            "log_shards_full": stats.get("shards_full", 0),
+            "log_unrecorded_acks": stats.get("unrecorded_consumes", 0),
         },
         "hists": {
             "route_latency_seconds": {"bounds": list(bounds), "counts": counts, "sum": total},

@@ -241,8 +241,11 @@ class GroupService:
     def _run(self, job: dict) -> None:
         for member in list(job["pending"]):
             if self.is_local(member) or self.bus_send is None:
-                self.router.store_group_copy(member, job["origin"], job["ts"], job["sender"], job["device"],
-                                             job["group"], job["payload"])
+                try:
+                    self.router.store_group_copy(member, job["origin"], job["ts"], job["sender"], job["device"],
+                                                 job["group"], job["payload"])
+                except StoreError:
+                    continue              # the member's shard is full: still pending, retried
                 job["pending"].discard(member)
             else:
                 self.bus_send(self.owner_of(member), {
@@ -312,8 +315,11 @@ class GroupService:
                     else:
                         s.error(msg["code"], msg["reason"], msg["req"], False)
         elif t == "gcopy":
-            self.router.store_group_copy(msg["member"], msg["origin"], msg["ts"], msg["sender"], msg["device"],
-                                         msg["group"], base64.b64decode(msg["payload"]))
+            try:
+                self.router.store_group_copy(msg["member"], msg["origin"], msg["ts"], msg["sender"], msg["device"],
+                                             msg["group"], base64.b64decode(msg["payload"]))
+            except StoreError:
+                return                    # the member's shard is full: not confirmed, the owner retries
             self._route({"t": "gcopied", "group": msg["group"], "origin": msg["origin"], "member": msg["member"]},
                         msg["group"])
         elif t == "gcopied":

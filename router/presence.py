@@ -15,7 +15,7 @@ import time
 
 from _core import frames
 from _core.codec import decode_body
-from _core.errors import UnexpectedFrame
+from _core.errors import StoreError, UnexpectedFrame
 from _core.ids import is_user_id
 from _core.protocol import FrameType
 
@@ -46,7 +46,10 @@ class PresenceService:
         elif ftype == FrameType.TYPING:
             self.typing(session, frame.peer, frame.typing)
         elif ftype == FrameType.PRIVACY:
-            self.set_hidden(session.user, frame.hide_last_seen)
+            try:
+                self.set_hidden(session.user, frame.hide_last_seen)
+            except StoreError as exc:      # a full disk: the setting is unchanged, the session goes on
+                session.error(exc.code, str(exc), 0, False)
         else:
             raise UnexpectedFrame(f"{FrameType(ftype).name} is not sent by clients")
 
@@ -168,8 +171,9 @@ class PresenceService:
         return h
 
     def set_hidden(self, user: str, hide: bool) -> None:
-        self._hidden[user] = hide
+        """Raises StoreError (nothing changed) if the setting cannot be stored."""
         store = self.router.store
         if hasattr(store, "meta_put_for"):
             store.meta_put_for(user, PRIVACY_KEY.format(user), struct.pack("!B", 1 if hide else 0))
+        self._hidden[user] = hide
         self.changed(user)

@@ -63,7 +63,9 @@ class Router(RouteCore):
         one; WELCOME carries the session's producer and the send window.
         Raises ProtocolError(FENCED) for a producer a newer one replaced. A `send_only`
         session (a bot, a CLI) is no registered device and gets no DELIVERs.
-        Raises ProtocolError(DEVICE_LIMIT) past `max_devices` devices online.
+        Raises ProtocolError(DEVICE_LIMIT) past `max_devices` devices online, and
+        ProtocolError(STORAGE_FULL) when a new device cannot be registered (a full
+        disk whose reserve is used up).
         """
         online = [s for s in self.sessions_of(user) if s.device != device]
         if not send_only and len(online) >= self.max_devices:
@@ -73,6 +75,13 @@ class Router(RouteCore):
             raise TypeError("open_session needs write and close, or transport")
         session = Session(self, user, device, next(self._session_ids), write, close, transport)
         producer = self.bind_producer(session, producer)       # FENCED before anything changes
+        new_device = False
+        if not send_only and hasattr(self.store, "register_device"):
+            try:          # before anything changes: a refused device replaces no session
+                new_device = self.store.register_device(user, device, now_ms())
+            except StoreError as exc:
+                raise ProtocolError(f"cannot register device {device!r}: {exc}; retry later",
+                                    ErrorCode.STORAGE_FULL) from None
         for old in self.sessions_of(user):
             if old.device == device:
                 # its queued ACKs, then the GOAWAY, go out with this turn's batch; then it closes
@@ -86,9 +95,8 @@ class Router(RouteCore):
             self._attach_send_only(session)
             self._send_only.setdefault(user, set()).add(session)
             return session
-        if hasattr(self.store, "register_device"):
-            if self.store.register_device(user, device, now_ms()):
-                self.device_registered(user, self.store.devices_of(user))
+        if new_device:
+            self.device_registered(user, self.store.devices_of(user))
         was_online = bool(self.sessions_of(user))
         if resume_after:
             self.store.consume_through(user, resume_after, device)

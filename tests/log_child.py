@@ -37,7 +37,7 @@ _BLOCK = random.Random(0).randbytes(LARGE_PAYLOAD)
 
 
 def config(durability: str) -> LogConfig:
-    return LogConfig(segment_size=1 << 20, consume_reserve=64 << 10, durability=durability,
+    return LogConfig(segment_size=1 << 20, durability=durability,
                      max_pending=100_000, interval_ms=50)
 
 

@@ -63,6 +63,10 @@ def test_precedence_in_a_running_gateway(gateway_factory, tmp_path):
     ("env", [], {"SWITCHBOARD_LOG_LEVELS": "switchboard.conn=LOUD"}, ["log_levels", "COMPONENT=LEVEL"]),
     ("flag", ["--pre-auth-max-frame", "10"], {}, ["bad pre_auth_max_frame = 10 from flag --pre-auth-max-frame"]),
     ("flag", ["--workers", "65"], {}, ["bad workers = 65 from flag --workers", "between 1 and 64"]),
+    ("flag", ["--log-spares", "9"], {}, ["bad log_spares = 9 from flag --log-spares", "0 (only the reserve)"]),
+    ("flag", ["--segment-size", "128K"], {}, ["bad segment_size = 131072 from flag", "between 256 KiB and 2 GiB"]),
+    ("env", ["--segment-size", "256K"], {"SWITCHBOARD_MAX_FRAME": "128K"},
+     ["bad segment_size = 262144 from flag --segment-size", "at least 4x max frame (131072)"]),
 ])
 def test_bad_settings_are_refused_with_one_clear_line(tmp_path, source, args, env, expect):
     extra = list(args)

@@ -13,14 +13,17 @@ import subprocess
 import time
 from pathlib import Path
 
+import picologging
 import pytest
 
 from _core._codec import Decoder, WriteBuffer, decode_body
 from _core._log import crc32c
+from _core.codec import encode
 from _core.errors import StoreError
-from _core.frames import Deliver
+from _core.frames import Ack, Deliver, Error, Send
 from _core.log import HEADER, HEADER_SIZE, MAGIC, AppendLog, LogConfig, now_ms
 from _core.protocol import ErrorCode
+from router import Router
 
 SEG = 1 << 20
 REC = struct.Struct("!IIBBH")          # length, crc, type, flags, reserved
@@ -30,7 +33,6 @@ REC_MESSAGE, REC_CONSUME, REC_MESSAGE_P = 1, 2, 4     # and 3, 5: META with a u8
 
 def cfg(**kw) -> LogConfig:
     kw.setdefault("segment_size", SEG)
-    kw.setdefault("consume_reserve", 64 << 10)
     return LogConfig(**kw)
 
 
@@ -64,6 +66,12 @@ def logs():
 def spare_ready(log) -> bool:
     """A prepared spare segment has been handed to the log (the worker's result arrived)."""
     return bool(log._spares)
+
+
+def roll_ready(log) -> bool:
+    """Messages can roll to a new segment without a stall: a spare to roll into,
+    and one more kept as the reserve."""
+    return len(log._spares) >= 2
 
 
 def seg_files(directory) -> list[Path]:
@@ -250,8 +258,8 @@ def test_rollover_and_consumed_front_segments_deleted(tmp_path, logs):
         for _ in bounded(2000, "four segments"):
             if len(log.segments) >= 4:
                 break
-            if log.active.free < 2 * len(payload) + log.consume_reserve:
-                await until(lambda: spare_ready(log), what="spare segment")
+            if log.active.free < 2 * len(payload):
+                await until(lambda: roll_ready(log), what="spare segments")
             mid = nid()
             log.append(f"u{mid % 3}", mid, mid >> 22, "s", "d", payload)
             ids.append(mid)
@@ -298,8 +306,8 @@ def test_compaction_moves_old_message_and_deletes_front_segment(tmp_path, logs):
         for _ in bounded(2000, "three segments"):
             if len(log.segments) >= 3:
                 break
-            if log.active.free < 4096 + log.consume_reserve:
-                await until(lambda: spare_ready(log), what="spare segment")
+            if log.active.free < 4096:
+                await until(lambda: roll_ready(log), what="spare segments")
             mid = nid()
             log.append("busy", mid, mid >> 22, "s", "d", b"x" * 2000)
             ids.append(mid)
@@ -412,7 +420,8 @@ def write_records(directory, logs, n=20, running=False, payload=b"p" * 300):
         log.start(asyncio.get_running_loop())
         for mid in ids:
             log.append("bob", mid, mid >> 22, "s", "d", payload + mid.to_bytes(8, "big"))
-        await until(lambda: spare_ready(log) and len(seg_files(live)) >= 2, what="spare segment files")
+        await until(lambda: spare_ready(log) and not log._preparing and len(seg_files(live)) >= 2,
+                    what="spare segment files")
         # a spare being prepared meanwhile may come and go as .tmp: a kill leaves it or not
         shutil.copytree(live, directory, ignore=shutil.ignore_patterns(".*.seg.tmp"))
 
@@ -552,6 +561,8 @@ def test_stale_record_bytes_never_pass_as_records(tmp_path, logs):
     log = logs(pristine)
     log.open()
     big = b"B" * 200_000
+    mid = nid()
+    log.append("bob", mid, mid >> 22, "s", "d", b"a small record first")
     for _ in bounded(10, "a second segment"):      # no start(): each roll makes the next file on the spot
         if len(log.segments) >= 2:
             break
@@ -563,16 +574,16 @@ def test_stale_record_bytes_never_pass_as_records(tmp_path, logs):
     total = log.pending_count()
     log.close()
     first, second = seg_files(pristine)
-    _h1, rec1 = parse_segment(first)
+    h1, rec1 = parse_segment(first)
     h2, rec2 = parse_segment(second)
     off, length, _t, raw = rec1[-1]                 # a 200 KB record deep in segment 1
     assert off > h2["end"] + 64
 
-    def check(name, path_of, offset):
+    def check(name, path_of, offset, data=raw):
         d = tmp_path / name
         shutil.copytree(pristine, d)
         target = path_of(d)
-        patch(target, offset, raw)
+        patch(target, offset, data)
         log = logs(d)
         report = log.open()
         seg = {s.segment_id: s for s in log.segments}[parse_segment(path_of(pristine))[0]["id"]]
@@ -589,9 +600,12 @@ def test_stale_record_bytes_never_pass_as_records(tmp_path, logs):
     # the next free place in the other file, where a real record would go next
     report, seg = check("other_file_at_end", lambda d: seg_files(d)[1], h2["end"])
     assert [(sid, start) for sid, start, _stop in report.torn_tails] == [(2, h2["end"])]
-    # another offset in the same file (the tail of segment 1): the CRC covers the offset
-    report, seg = check("same_file_other_offset", lambda d: seg_files(d)[0], rec1[-1][0] + ((length + 7) & ~7))
-    assert not seg.valid_at(rec1[-1][0] + ((length + 7) & ~7))
+    # another offset in the same file (the small first record, copied to the free tail of
+    # segment 1): the CRC covers the offset
+    small_raw = rec1[0][3]
+    assert h1["end"] + len(small_raw) <= first.stat().st_size
+    report, seg = check("same_file_other_offset", lambda d: seg_files(d)[0], h1["end"], small_raw)
+    assert not seg.valid_at(h1["end"])
     # a whole segment file restored under a new id, its header rewritten consistently
     d = tmp_path / "renamed_copy"
     shutil.copytree(pristine, d)
@@ -638,7 +652,7 @@ def test_enospc_on_a_full_tmpfs(small_tmpfs, logs):
 
         def settled():           # no reservation in flight, every file on disk is one of the log's
             return not list(d.glob(".*.tmp")) and \
-                {int(p.stem) for p in seg_files(d)} == {s.segment_id for s in log.segments}
+                {int(p.stem) for p in seg_files(d)} == {s.segment_id for s in log.segments + list(log._spares)}
 
         def free():
             st = os.statvfs(d)
@@ -662,7 +676,9 @@ def test_enospc_on_a_full_tmpfs(small_tmpfs, logs):
                 if settled() and free() < SEG and settled():
                     full = True
                     break
-                await until(settled, what="reservations to finish")
+                # not yet: after a failed try the log tries again within a maintenance tick
+                await until(lambda: settled() and (not log.storage_full or free() < SEG),
+                            what="reservations to finish")
             if full:
                 break
             if i % 20 == 0:
@@ -727,19 +743,223 @@ def test_enospc_on_a_full_tmpfs(small_tmpfs, logs):
     assert log.pending_count() == len(fresh)
 
 
-def test_injected_enospc_refuses_senders_but_serves_acks(tmp_path, logs):
+def take_all_space(directory: Path) -> Path:
+    """A file of real blocks that takes all the free space of `directory`'s filesystem."""
+    ballast = directory / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        chunk = bytes(64 << 10)
+        for _ in bounded(1 << 16, "a full filesystem"):
+            try:
+                if os.write(fd, chunk) < len(chunk):
+                    break
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def test_full_disk_acks_and_new_devices_use_the_reserve_and_consuming_frees_it(small_tmpfs, logs):
+    """The disk fills up around a running log. Messages are refused once segment 1
+    is full (without a new try at a segment per refusal); new devices register in
+    the reserve until only the room for compacting segment 1 is left, then get
+    STORAGE_FULL (not an internal error); acknowledgements past that are applied
+    at once and written later. Consuming everything makes segment 1 sparse: its
+    device record is compacted into the reserve, the segment deleted, and the
+    acknowledgements written, all while the disk stays full. Once space comes
+    back, messages are taken again, and a restart finds exactly that."""
+    d = small_tmpfs / "log"
     nid = Ids()
-    log = logs(tmp_path)
-    log.open()
+    conf = cfg(segment_size=256 << 10, spares=0, max_pending=1_000_000)
+    long = "x" * 200
+
+    async def main():
+        log = logs(d, conf)
+        log.open()
+        log.start(asyncio.get_running_loop())          # segment 1 and its reserve
+        assert log.register_device("bob", "phone", now_ms())
+        first, reserve = log.active.segment_id, log._spares[0].segment_id
+        ballast = take_all_space(small_tmpfs)
+        ids = []
+        with pytest.raises(StoreError) as e:
+            for _ in bounded(10_000, "segment 1 full"):
+                mid = nid()
+                log.append("bob", mid, mid >> 22, "alice", "laptop", b"m" * 100)
+                ids.append(mid)
+        assert e.value.code == ErrorCode.STORAGE_FULL and log.storage_full and log.full_episodes == 1
+        assert log.active.segment_id == first and len(ids) > 1000
+        tries = log.segment_failures
+        for _ in range(1000):                           # refused again and again: not one new try
+            with pytest.raises(StoreError) as e:
+                mid = nid()
+                log.append("bob", mid, mid >> 22, "alice", "laptop", b"m" * 100)
+            assert e.value.code == ErrorCode.STORAGE_FULL
+        assert log.segment_failures == tries and log.full_episodes == 1
+
+        devices = 0
+        with pytest.raises(StoreError) as e:
+            for i in bounded(5000, "the reserve used up by new devices"):
+                assert log.register_device("bob", f"{i:04d}{long}", now_ms())
+                devices += 1
+        assert e.value.code == ErrorCode.STORAGE_FULL and devices > 100
+        assert log.active.segment_id == reserve and log.keep_for_compaction > 0
+        assert not log.register_device("bob", "phone", now_ms())     # a known device: no error
+        assert len(log.devices_of("bob")) == devices + 1
+
+        assert log.consume("bob", ids) == len(ids)
+        assert log.pending_count() == 0 and log.unrecorded_consumes == len(ids)
+        await until(lambda: not (d / f"{first:020d}.seg").exists() and log.unrecorded_consumes == 0,
+                    what="segment 1 compacted and deleted, the acknowledgements written")
+        assert ballast.exists()
+        with pytest.raises(StoreError):                 # the freed room went to the acks: no reserve yet
+            log.append("bob", nid(), now_ms(), "alice", "laptop", b"m")
+
+        ballast.unlink()
+        await until(lambda: log.reserve_ok and not log.storage_full, what="a new reserve once space is back")
+        mid = nid()
+        log.append("bob", mid, mid >> 22, "alice", "laptop", b"room again")
+        log.close()
+        return devices, mid
+
+    devices, mid = asyncio.run(main())
+    again = logs(d, conf)
+    report = again.open()
+    assert not report.torn_tails and not report.corrupt
+    assert [m.msg_id for m in again.pending("bob")] == [mid]
+    assert len(again.devices_of("bob")) == devices + 1
+
+
+class LogLines(picologging.Handler):
+    """The messages the store's logger writes, as they are written."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def log_lines():
+    handler = LogLines()
+    logger = picologging.getLogger("switchboard.log")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+def test_a_flapping_full_shard_logs_one_pair_of_lines_per_quiet_period(small_tmpfs, logs, log_lines, monkeypatch):
+    """Space comes and goes (a ballast file): every episode is counted, but a shard
+    logs one storage_full / storage_available pair per quiet period; an episode that
+    starts inside it is logged once the period is over if the shard is still full,
+    saying how many went unlogged."""
+    import _core.log
+    monkeypatch.setattr(_core.log, "STORAGE_LOG_QUIET_S", 600.0)
+    nid = Ids()
+
+    def fill(log):
+        for _ in bounded(10_000, "a refusal"):
+            mid = nid()
+            try:
+                log.append("bob", mid, mid >> 22, "s", "d", b"m" * 1000)
+            except StoreError as e:
+                assert e.code == ErrorCode.STORAGE_FULL
+                return
+
+    def events():
+        return [line.split()[0] for line in log_lines if line.startswith("event=storage_")]
+
+    async def main():
+        log = logs(small_tmpfs / "log", cfg(segment_size=256 << 10, spares=0, max_pending=100_000))
+        log.open()
+        log.start(asyncio.get_running_loop())
+        for episode in range(3):                        # full, then space again: three times
+            ballast = take_all_space(small_tmpfs)
+            fill(log)
+            assert log.storage_full and log.full_episodes == episode + 1
+            ballast.unlink()
+            await until(lambda: not log.storage_full, what="space back")
+        assert events() == ["event=storage_full", "event=storage_available"]
+        take_all_space(small_tmpfs)
+        fill(log)                                       # a fourth, still inside the quiet period
+        assert log.full_episodes == 4 and len(events()) == 2
+        monkeypatch.setattr(_core.log, "STORAGE_LOG_QUIET_S", 0.0)     # the period is over
+        await until(lambda: len(events()) == 3, what="the line at the next maintenance")
+        assert events()[-1] == "event=storage_full" and "episodes_not_logged=2" in log_lines[-1]
+        log.close()
+
+    asyncio.run(main())
+
+
+def test_a_message_for_two_devices_is_refused_whole_on_a_full_disk(small_tmpfs, logs):
+    """A SEND to a user with two devices writes one record per device. On a full disk,
+    with room in the active segment for one of them but not both, the SEND is
+    refused with nothing stored (it used to be stored for the first device, while
+    the sender, told STORAGE_FULL, would send it again)."""
+    async def main():
+        log = logs(small_tmpfs / "log", cfg(segment_size=256 << 10, spares=0, max_pending=100_000))
+        log.open()
+        log.start(asyncio.get_running_loop())
+        router = Router(log, loop=asyncio.get_running_loop())
+        answers = []
+        reader = Decoder(lambda t, f, b: answers.append(decode_body(t, f, b)), 1 << 20)
+        for device in ("phone1", "phone2"):
+            router.open_session("bob", device, write=lambda data: None, close=lambda: None)
+        alice = router.open_session("alice", "laptop", write=reader.feed, close=lambda: None)
+        take_all_space(small_tmpfs)
+        into_alice = Decoder(alice, 1 << 20)
+
+        sent = 0
+
+        def send(size: int):                                   # the SEND's first field counts up from 1
+            nonlocal sent
+            sent += 1
+            into_alice.feed(encode(Send(sent, "bob", b"x" * size)))
+            router.flush()
+            return answers[-1]
+
+        record = 45 + len("bob") + len("phone1") + len("alice") + len("laptop")   # and the payload
+        for _ in bounded(100, "the active segment nearly full"):
+            if log.active.free < 90_000:
+                break
+            assert isinstance(send(40_000), Ack)
+        stored = sent
+        one = (log.active.free * 2 // 3) & ~7                  # one record fits, two do not
+        answer = send(one - record)
+        assert isinstance(answer, Error) and answer.code == ErrorCode.STORAGE_FULL and not answer.fatal
+        assert log.pending_count("bob", "phone1") == log.pending_count("bob", "phone2") == stored
+        log.close()
+
+    asyncio.run(main())
+
+
+def test_injected_enospc_refuses_senders_but_serves_acks(tmp_path, logs):
+    """Segment 1 and its reserve are made while there is room (a running log keeps
+    its reserve on disk across close). Then every new segment fails: senders are
+    refused once segment 1 is full, and the acknowledgements of everything are
+    still recorded, in the reserve."""
+    nid = Ids()
     first = nid()
-    log.append("bob", first, first >> 22, "s", "d", b"made before the disk filled")  # creates segment 1
-    log.close()
+
+    async def before():
+        log = logs(tmp_path)
+        log.open()
+        log.start(asyncio.get_running_loop())          # segment 1 and its reserve
+        log.append("bob", first, first >> 22, "s", "d", b"made before the disk filled")
+        log.close()
+
+    asyncio.run(before())
+    assert len(seg_files(tmp_path)) == 2               # the reserve stayed
 
     async def main():
         log = logs(tmp_path, fault="enospc")
         log.open()
         log.start(asyncio.get_running_loop())
-        await until(lambda: log.storage_full, what="the spare segment to fail")
+        await until(lambda: log.last_full_error is not None, what="the spare segment to fail")
+        reserve = log._spares[0].segment_id
         ids = []
         with pytest.raises(StoreError) as e:
             for _ in range(2000):
@@ -747,9 +967,13 @@ def test_injected_enospc_refuses_senders_but_serves_acks(tmp_path, logs):
                 log.append("bob", mid, mid >> 22, "s", "d", b"z" * 1000)
                 ids.append(mid)
         assert e.value.code == ErrorCode.STORAGE_FULL
-        assert 500 < len(ids) < 2000
+        assert 500 < len(ids) < 2000                   # segment 1 filled up, the reserve untouched
+        assert log.storage_full and log.refused == 1 and log.active.segment_id != reserve
         assert log.consume("bob", [first] + ids) == len(ids) + 1
         assert log.unrecorded_consumes == 0
+        assert log.active.segment_id == reserve        # the CONSUME records rolled into it
+        with pytest.raises(StoreError):                # and content may not follow them there
+            log.append("bob", nid(), now_ms(), "s", "d", b"z")
         assert not list(tmp_path.glob(".*.tmp"))
         log.close()
 
@@ -901,14 +1125,14 @@ def test_last_id_survives_deleting_consumed_segments(tmp_path, logs):
         log.open()
         log.start(asyncio.get_running_loop())
         ids = []
-        for _ in bounded(100_000, "segment 1 filled"):   # fill segment 1 up to the reserve
-            if log.active.free < log.consume_reserve + 200:
+        for _ in bounded(100_000, "segment 1 filled"):
+            if log.active.free < 200:
                 break
             mid = nid()
             log.append("bob", mid, mid >> 22, "s", "d", b"x" * 16)
             ids.append(mid)
         await until(lambda: spare_ready(log), what="the spare segment")
-        log.consume("bob", ids)                      # > 64 KiB of CONSUME records: rolls to segment 2
+        log.consume("bob", ids)                      # its CONSUME records roll to segment 2
         assert log.active.segment_id != 1 and log.last_id() == ids[-1]
         log.maintain()
         await until(lambda: not (tmp_path / f"{1:020d}.seg").exists(), what="segment 1 deleted")
@@ -921,15 +1145,20 @@ def test_last_id_survives_deleting_consumed_segments(tmp_path, logs):
     assert again.last_id() == last
 
 
-def test_close_leaves_no_unused_spare_segments(tmp_path, logs):
+def test_close_leaves_only_the_reserve_of_its_spare_segments(tmp_path, logs):
     async def main():
         log = logs(tmp_path)
         log.open()
-        log.start(asyncio.get_running_loop())        # makes segment 1, asks the worker for spares
+        log.start(asyncio.get_running_loop())        # makes segment 1 and its reserve, asks for a spare
         mid = Ids()()
         log.append("bob", mid, mid >> 22, "s", "d", b"m")
-        log.close()                                  # while the spares are being prepared
-        return log.segments[0].segment_id
+        reserve = log._spares[0].segment_id
+        log.close()                                  # while the spare is being prepared
+        return log.segments[0].segment_id, reserve
 
-    first = asyncio.run(main())
-    assert [p.name for p in seg_files(tmp_path)] == [f"{first:020d}.seg"]
+    first, reserve = asyncio.run(main())
+    assert [p.name for p in seg_files(tmp_path)] == [f"{first:020d}.seg", f"{reserve:020d}.seg"]
+    assert not list(tmp_path.glob(".*.tmp"))
+    again = logs(tmp_path)                           # the reserve is a spare again after a restart
+    again.open()
+    assert [s.segment_id for s in again._spares] == [reserve] and again.pending_count() == 1

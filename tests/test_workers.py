@@ -224,3 +224,5 @@ def test_slow_link_pauses_senders_and_memory_stays_bounded(gateway_factory):
     assert acks == set(range(1, sent + 1))
     raw.close()
     wait_for(lambda: "event=bus_resumed" in gw.text, "the bus to resume")
+    # the link drained: its writer callback was removed cleanly (it used to raise on every turn)
+    assert "Traceback" not in gw.text, gw.text[gw.text.index("Traceback") - 200:][:2000]
