@@ -10,7 +10,7 @@ import pytest
 from _core import frames as F
 from _core.codec import encode
 from _core.protocol import PROTOCOL_VERSION, ErrorCode
-from gateway.client import ConnectionClosed, ServerError
+from gateway.client import ConnectionClosed, SendResult, ServerError
 from rawclient import Raw
 from router.sharding import shard_of
 from test_metrics import scrape, value
@@ -154,6 +154,57 @@ def server_failures(gw) -> str:
     return "\n---\n".join(text[max(0, i - 300):i + 1500] for i in at[:3])
 
 
+class SeqSender:
+    """A raw sender that numbers its SENDs (PROTOCOL.md section 6). A SEND refused for
+    now holds every later seq of its producer, so after one it gives up its sequence and
+    starts a new one (HELLO producer 0), as section 6 allows: each refusal here is a
+    shard's, not the stream's. (The SDK would instead wait and send it again.)"""
+
+    def __init__(self, gw, user: str, device: str = "phone"):
+        self.gw, self.user, self.device = gw, user, device
+        self.connected = False
+        self._connect()
+
+    def _connect(self) -> None:
+        self.raw = Raw(self.gw, timeout=10)
+        self.raw.hello(self.gw.token(self.user), self.device, send_only=True)
+        self.seq, self.connected = 0, True
+
+    def _answer(self):
+        while True:
+            f = self.raw.frame()
+            if isinstance(f, (F.Ack, F.Error, F.Pong)):
+                return f
+
+    async def send(self, to: str, payload: bytes, timeout: float = 10):
+        self.seq += 1
+        self.raw.send(encode(F.Send(self.seq, to, payload)))
+        f = self._answer()
+        if isinstance(f, F.Ack):
+            return SendResult(f.seq, f.msg_id, f.timestamp_ms)
+        assert not f.fatal, f
+        self.raw.close()
+        self._connect()
+        raise ServerError(f.code, f.reason, f.ref)
+
+    def same_seq_again(self, to: str, payload: bytes, n: int) -> set:
+        """One refused SEND sent again `n` times in one write (as a client resending it
+        would): each reaches the store. Returns the answers' codes."""
+        self.seq += 1
+        self.raw.send(encode(F.Send(self.seq, to, payload)) * n)
+        codes = {self._answer().code for _ in range(n)}
+        self.raw.close()
+        self._connect()
+        return codes
+
+    async def ping(self) -> None:
+        self.raw.send(encode(F.Ping(7)))
+        assert self._answer() == F.Pong(7)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 async def fill_until_every_shard_refuses(sender, recipients: list, limit: int = 4000) -> tuple[dict, int]:
     """SENDs round-robin (each to a recipient whose shard still takes them) until every
     one was answered STORAGE_FULL. Returns ({recipient: ACKed ids}, refusals). Any other
@@ -176,12 +227,10 @@ async def fill_until_every_shard_refuses(sender, recipients: list, limit: int = 
 
 
 async def refused_burst(sender, recipients: list, n: int) -> None:
-    """`n` pipelined SENDs past the limit (the size every shard refused): every one
-    STORAGE_FULL, none fatal."""
-    results = await asyncio.gather(*(sender.send(recipients[i % len(recipients)], PAYLOAD, timeout=10)
-                                     for i in range(n)), return_exceptions=True)
-    codes = {getattr(r, "code", r) for r in results}
-    assert codes == {ErrorCode.STORAGE_FULL}, codes
+    """`n` pipelined tries of a SEND past the limit (the size every shard refused): every
+    one STORAGE_FULL, none fatal (a SEND refused for now holds the later seqs, so the
+    burst is one seq sent again, as a resending client does)."""
+    assert sender.same_seq_again(recipients[0], PAYLOAD, n) == {ErrorCode.STORAGE_FULL}
     await sender.ping()
 
 
@@ -247,7 +296,7 @@ async def wait_metric(gw, name: str, want, timeout: float = 30.0, **labels) -> d
         await asyncio.sleep(0.1)
 
 
-def test_full_64m_disk_with_64_shards_refuses_sends_and_keeps_acks_reconnects_and_recovery(
+def test_s4_storage_full_on_a_64m_disk_with_64_shards_keeps_acks_reconnects_and_recovery(
         gateway_factory, disk_64m):
     """64 shards on a 64 MiB disk (256 KiB segments, only the reserve made ahead: 512 KiB
     per shard). SENDs past the limit get non-fatal STORAGE_FULL, a message for a user with
@@ -272,7 +321,8 @@ def test_full_64m_disk_with_64_shards_refuses_sends_and_keeps_acks_reconnects_an
                 pass
         async with gw.client(recipients[0], "tablet"):
             pass
-        async with gw.client("sender", "phone") as sender:
+        sender = SeqSender(gw, "sender")
+        try:
             stored, refusals = await fill_until_every_shard_refuses(sender, recipients)
             await output_settled(gw)
             lines = len(storage_lines(gw))
@@ -280,6 +330,8 @@ def test_full_64m_disk_with_64_shards_refuses_sends_and_keeps_acks_reconnects_an
             await refused_burst(sender, recipients, 1000)
             after = scrape(gw)
             await output_settled(gw)
+        finally:
+            sender.close()
         # new devices register in the reserve; once it is in use even PRIVACY is refused
         assert register_until_the_reserve_is_used(gw, recipients[1]) > 1
         async with gw.client(recipients[2], "phone") as c:
@@ -331,7 +383,7 @@ def test_full_64m_disk_with_64_shards_refuses_sends_and_keeps_acks_reconnects_an
     assert len(storage_lines(gw)) <= 2 * SHARDS
 
 
-def test_full_64m_disk_with_2_workers_refuses_forwarded_sends_and_recovers(gateway_factory, disk_64m):
+def test_s4_storage_full_with_2_workers_refuses_forwarded_sends_and_recovers(gateway_factory, disk_64m):
     """The same disk with 2 workers and a spare besides the reserve (768 KiB per shard): SENDs to
     recipients on the other worker are refused with STORAGE_FULL through the bus (non-fatal),
     deliveries and RECEIVED work on both workers, and consuming frees both."""
@@ -344,11 +396,15 @@ def test_full_64m_disk_with_2_workers_refuses_forwarded_sends_and_recovers(gatew
         for r in recipients:
             async with gw.client(r, "phone"):
                 pass
-        async with gw.client("sender", "phone") as sender:
+        sender = SeqSender(gw, "sender")
+        try:
             stored, refusals = await fill_until_every_shard_refuses(sender, recipients)
             await output_settled(gw)
             lines = len(storage_lines(gw))
             await refused_burst(sender, recipients, 500)
+        finally:
+            sender.close()
+        async with gw.client("sender", "phone") as sender:
             await output_settled(gw)
             assert len(storage_lines(gw)) == lines <= 2 * SHARDS
             s = scrape(gw)

@@ -16,7 +16,6 @@ import fnmatch
 import re
 from pathlib import Path
 
-import pytest
 
 from _core.protocol import ErrorCode
 
@@ -295,8 +294,6 @@ def test_conformance_tests_name_sections_the_document_has():
     assert not stale, stale
 
 
-@pytest.mark.xfail(strict=True, reason="the tests of the lead's, the ids and the disk branches (issue 12) are "
-                                       "not merged yet; once they are, this passes: remove this marker")
 def test_owners_tests_are_merged():
     tests = defined_tests()
     globs = {n for phrases in MUSTS.values() for names in phrases.values() for n in names if n.endswith("*")}
