@@ -25,14 +25,16 @@ cdef class ProducerState:
     cdef readonly uint64_t producer
     cdef readonly uint64_t high        # highest seq stored (or refused for good) here
     cdef readonly uint64_t refused_from  # a seq refused here for now; later ones wait for it
-    cdef public uint64_t segment       # log segment holding the record that proves `high`
-    cdef uint64_t *ring                # (seq, msg_id, ts) triples, oldest first, seq ascending
+    cdef readonly uint64_t segment_low # oldest log segment holding a remembered answer's record (0: none)
+    cdef uint64_t *ring                # (seq, msg_id, ts, segment) per answer, oldest first, seq ascending;
+                                       # segment 0: proven by a checkpoint, not by a record
     cdef Py_ssize_t n
     cdef Py_ssize_t cap
 
     cdef int _reset(self, uint64_t producer) except -1
     cdef Py_ssize_t _find(self, uint64_t seq) noexcept
-    cdef int _insert(self, uint64_t seq, uint64_t msg_id, uint64_t ts, Py_ssize_t window) except -1
+    cdef int _insert(self, uint64_t seq, uint64_t msg_id, uint64_t ts, uint64_t segment,
+                     Py_ssize_t window) except -1
 
 
 cdef class ProducerTable:

@@ -78,7 +78,7 @@ cdef class ProducerState:
         self.producer = producer
         self.high = 0
         self.refused_from = 0
-        self.segment = 0
+        self.segment_low = 0
         self.n = 0
         return 0
 
@@ -86,51 +86,56 @@ cdef class ProducerState:
         cdef Py_ssize_t lo = 0, hi = self.n, mid
         while lo < hi:
             mid = (lo + hi) >> 1
-            if self.ring[3 * mid] < seq:
+            if self.ring[4 * mid] < seq:
                 lo = mid + 1
             else:
                 hi = mid
         return lo
 
-    cdef int _insert(self, uint64_t seq, uint64_t msg_id, uint64_t ts, Py_ssize_t window) except -1:
-        """Remember the answer for `seq`; keep only seqs within `window` of the newest.
-        Appends in the common case (seqs arrive in order); recovery may insert."""
+    cdef int _insert(self, uint64_t seq, uint64_t msg_id, uint64_t ts, uint64_t segment,
+                     Py_ssize_t window) except -1:
+        """Remember the answer for `seq` (its record in log `segment`; 0: a checkpoint
+        proves it); keep only seqs within `window` of the newest. Appends in the
+        common case (seqs arrive in order); recovery may insert."""
         cdef Py_ssize_t i, drop = 0
         cdef uint64_t *grown
         if seq > self.high:
             self.high = seq
-        while drop < self.n and self.ring[3 * drop] + <uint64_t>window <= self.high:
+        while drop < self.n and self.ring[4 * drop] + <uint64_t>window <= self.high:
             drop += 1
         if drop:
-            memmove(self.ring, self.ring + 3 * drop, 3 * (self.n - drop) * sizeof(uint64_t))
+            memmove(self.ring, self.ring + 4 * drop, 4 * (self.n - drop) * sizeof(uint64_t))
             self.n -= drop
         if seq + <uint64_t>window <= self.high:
             return 0                               # older than the window: nothing to answer with
         i = self._find(seq)
-        if i < self.n and self.ring[3 * i] == seq:
+        if i < self.n and self.ring[4 * i] == seq:
             return 0                               # already known (one message, several inboxes)
         if self.n == self.cap:
-            grown = <uint64_t *>PyMem_Realloc(self.ring, 3 * max(4, 2 * self.cap) * sizeof(uint64_t))
+            grown = <uint64_t *>PyMem_Realloc(self.ring, 4 * max(4, 2 * self.cap) * sizeof(uint64_t))
             if grown == NULL:
                 raise MemoryError()
             self.ring = grown
             self.cap = max(4, 2 * self.cap)
         if i < self.n:
-            memmove(self.ring + 3 * (i + 1), self.ring + 3 * i, 3 * (self.n - i) * sizeof(uint64_t))
-        self.ring[3 * i] = seq
-        self.ring[3 * i + 1] = msg_id
-        self.ring[3 * i + 2] = ts
+            memmove(self.ring + 4 * (i + 1), self.ring + 4 * i, 4 * (self.n - i) * sizeof(uint64_t))
+        self.ring[4 * i] = seq
+        self.ring[4 * i + 1] = msg_id
+        self.ring[4 * i + 2] = ts
+        self.ring[4 * i + 3] = segment
         self.n += 1
+        if segment and (self.segment_low == 0 or segment < self.segment_low):
+            self.segment_low = segment
         return 0
 
     def entries(self):
         """[(seq, msg_id, ts)] remembered, oldest first (msg_id 0: refused for good, ts = the code)."""
-        return [(self.ring[3 * i], self.ring[3 * i + 1], self.ring[3 * i + 2]) for i in range(self.n)]
+        return [(self.ring[4 * i], self.ring[4 * i + 1], self.ring[4 * i + 2]) for i in range(self.n)]
 
     @property
     def memory(self):
         """Bytes this state holds outside the object itself."""
-        return 3 * self.cap * sizeof(uint64_t)
+        return 4 * self.cap * sizeof(uint64_t)
 
 
 cdef class ProducerTable:
@@ -159,9 +164,9 @@ cdef class ProducerTable:
         if seq > st.high:
             return ADMIT_NEW
         i = st._find(seq)
-        if i < st.n and st.ring[3 * i] == seq:
-            msg_id[0] = st.ring[3 * i + 1]
-            ts[0] = st.ring[3 * i + 2]
+        if i < st.n and st.ring[4 * i] == seq:
+            msg_id[0] = st.ring[4 * i + 1]
+            ts[0] = st.ring[4 * i + 2]
         else:
             msg_id[0] = 0
             ts[0] = 0
@@ -185,9 +190,7 @@ cdef class ProducerTable:
             return 0                               # an old producer's record (recovery)
         if st.refused_from and seq >= st.refused_from:
             st.refused_from = 0
-        if seq >= st.high:
-            st.segment = segment
-        st._insert(seq, msg_id, ts, self.window)
+        st._insert(seq, msg_id, ts, segment, self.window)
         return 0
 
     cdef int refused(self, str key, uint64_t producer, uint64_t seq, int code, bint final) except -1:
@@ -198,7 +201,7 @@ cdef class ProducerTable:
         if producer != st.producer:
             return 0
         if final:
-            st._insert(seq, 0, <uint64_t>code, self.window)
+            st._insert(seq, 0, <uint64_t>code, 0, self.window)
         elif st.refused_from == 0 or seq < st.refused_from:
             st.refused_from = seq
         return 0
@@ -222,18 +225,29 @@ cdef class ProducerTable:
         return self._states.get(key)
 
     def in_segment(self, uint64_t segment):
-        """Keys whose proof of `high` is in `segment` (checkpoint them before it goes)."""
+        """Keys with an answer whose record is in `segment` or an older one: before
+        that segment is deleted they need a checkpoint."""
         cdef ProducerState st
-        return [k for k, st in self._states.items() if st.segment == segment and st.high]
+        return [k for k, st in self._states.items() if st.segment_low and st.segment_low <= segment]
 
-    def checkpoint(self, str key):
-        """The state of `key` as bytes: producer, high, then (seq, msg_id, ts) entries."""
+    def checkpoint(self, str key, uint64_t segment):
+        """Segments up to `segment` are going: the state of `key` as bytes (producer,
+        high, then the (seq, msg_id, ts) answers no record will prove any more: those
+        in those segments and those an earlier checkpoint proves), which from now on
+        this checkpoint proves. Records in newer segments still prove the rest."""
         cdef ProducerState st = <ProducerState>self._states[key]
+        cdef Py_ssize_t i
         import struct
         parts = [struct.pack("!QQ", st.producer, st.high)]
+        st.segment_low = 0
         for i in range(st.n):
-            if st.ring[3 * i + 1]:                 # stored ones only: refusals are not durable
-                parts.append(struct.pack("!QQQ", st.ring[3 * i], st.ring[3 * i + 1], st.ring[3 * i + 2]))
+            if st.ring[4 * i + 1] == 0:
+                continue                           # refused for good: not durable
+            if st.ring[4 * i + 3] <= segment:
+                st.ring[4 * i + 3] = 0
+                parts.append(struct.pack("!QQQ", st.ring[4 * i], st.ring[4 * i + 1], st.ring[4 * i + 2]))
+            elif st.segment_low == 0 or st.ring[4 * i + 3] < st.segment_low:
+                st.segment_low = st.ring[4 * i + 3]
         return b"".join(parts)
 
     def restore(self, str key, bytes data, uint64_t segment):
@@ -246,10 +260,9 @@ cdef class ProducerTable:
             return
         for off in range(16, len(data) - 23, 24):
             seq, msg_id, ts = struct.unpack_from("!QQQ", data, off)
-            st._insert(seq, msg_id, ts, self.window)
-        if high >= st.high:
+            st._insert(seq, msg_id, ts, 0, self.window)
+        if high > st.high:
             st.high = high
-            st.segment = segment
 
     def __len__(self):
         return len(self._states)

@@ -952,8 +952,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         there is no room for them (the segment stays, and is tried again)."""
         try:
             for key in self.producers.in_segment(seg.segment_id):
-                self.meta_put(PRODUCER_META + key, self.producers.checkpoint(key), True)   # frees space: may use the reserve
-                self.producers.get(key).segment = 0       # proven by the checkpoint from now on
+                # frees space: may use the reserve
+                self.meta_put(PRODUCER_META + key, self.producers.checkpoint(key, seg.segment_id), True)
         except StoreError:
             return False
         return True

@@ -136,3 +136,20 @@ def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
                         "--duration", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 1, r.stderr
     assert "switchboard bench: nats-server is not installed" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kill,durability", [("gateway", "interval"), ("gateway", "always"), ("worker", "interval")])
+def test_soak_kill_9_loops_lose_duplicate_and_reorder_nothing(tmp_path, kill, durability):
+    """Issue 12's acceptance in small: `switchboard bench soak` kills the whole gateway
+    (or a worker) with SIGKILL under pipelined senders, 3 times; every ACKed message
+    reaches its recipient once, in the order its device sent it, and the unavailability
+    after each kill is measured."""
+    out = tmp_path / "soak.json"
+    r = bench("soak", "--kill", kill, "--durability", durability, "--cycles", "3", "--every", "200",
+              "--senders", "3", "--recipients", "3", "--window", "32", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    assert res["cycles"] == 3 and res["acked"] >= 600
+    assert (res["lost"], res["duplicates"], res["reorderings"]) == (0, 0, 0)
+    assert res["delivered"] == res["acked"]
+    assert 0 < res["unavailable_s"]["min"] <= res["unavailable_s"]["max"] < 30

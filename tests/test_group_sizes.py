@@ -280,7 +280,8 @@ def test_member_limit_setting_range(tmp_path, value):
 def test_group_message_with_the_largest_payload_crosses_workers(gateway_factory):
     """Sections 2 and 8a: with max_frame at its largest (16 MiB), a group message of
     max_payload bytes reaches a member on another worker (its copy crosses the bus)."""
-    gw = gateway_factory("--workers", "2", "--max-frame", str(16 << 20), "--store", "memory")
+    gw = gateway_factory("--workers", "2", "--max-frame", str(16 << 20), "--store", "memory",
+                         "--segment-size", "64M")            # a segment holds 4 frames of the largest size
     shards = ShardMap(DEFAULT_SHARDS, 2, 0)
     group = "#wide"
     member = next(f"far-{i}" for i in range(100) if shards.owner(f"far-{i}") != shards.owner(group))

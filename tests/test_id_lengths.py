@@ -197,7 +197,7 @@ def test_following_many_long_ids_and_again_after_a_reconnect(gateway_factory):
     async def answers(c, n):
         seen = set()
         while len(seen) < n:
-            seen.add((await c.recv_presence(timeout=10)).user)
+            seen.add((await c.recv_presence(timeout=30)).user)
         return seen
 
     async def main():

@@ -698,7 +698,7 @@ def test_enospc_on_a_full_tmpfs(small_tmpfs, logs):
         return ids, set(eaten)
 
     ids, eaten = asyncio.run(fill())
-    assert len(ids) > 1000
+    assert len(ids) > 900             # most of the disk held messages (besides the lock, spares and reserve)
     assert not list(d.glob(".*.tmp"))
 
     async def drain():

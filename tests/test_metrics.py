@@ -129,7 +129,9 @@ def test_metrics_count_known_traffic_and_survive_kill_9(gateway_factory):
     # "all" has no "up" cell: shift by one after the worker column
     row = dict(zip([h for h in header if h != "up"], total))
     assert row["in"] == str(n + k) and row["out"] == str(n) and row["fwd"] == str(n + k), out.stdout
-    assert row["pending"] == str(k) and "gateway: ready" in out.stdout, out.stdout
+    # pending: c's k messages, and the n DELIVERED receipts for a, whose only session is
+    # send-only: they wait in a's shared inbox (PROTOCOL.md section 7)
+    assert row["pending"] == str(k + n) and "gateway: ready" in out.stdout, out.stdout
 
     # kill -9 worker 1: its counters stay in the totals; the restart is counted
     old = gw.worker_pids()[1]

@@ -16,18 +16,23 @@ from router.sharding import shard_of
 from test_metrics import scrape, value
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 6 MiB filesystem, so ENOSPC is the kernel's, not a simulation."""
+def _tmpfs(where, size: str):
+    """A real filesystem of `size` at `where` (ENOSPC is the kernel's, not a simulation),
+    unmounted afterwards."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
     try:
-        yield mnt
+        yield where
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """6 MiB."""
+    yield from _tmpfs(tmp_path / "small", "6m")
 
 
 def test_full_disk_refuses_sends_clearly_and_keeps_delivering(gateway_factory, small_disk):
@@ -106,16 +111,8 @@ STORAGE_LINE = re.compile(r"event=(storage_full|storage_available|log_stall)\b")
 
 @pytest.fixture
 def disk_64m(tmp_path):
-    """A real 64 MiB filesystem: ENOSPC is the kernel's."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "disk64"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    """64 MiB."""
+    yield from _tmpfs(tmp_path / "disk64", "64m")
 
 
 def one_user_per_shard(prefix: str) -> dict:
