@@ -271,7 +271,11 @@ class Supervisor:
                 continue
             self.restarts[k] = self.restarts.get(k, 0) + 1
             lived = time.monotonic() - self.started.get(k, 0)
-            self.failures[k] = 0 if lived > STABLE_AFTER else self.failures.get(k, 0) + 1
+            # backoff is for a worker that keeps failing by itself (a crash loop); one killed
+            # from outside (SIGKILL: an operator, the OOM killer) comes back at the base delay,
+            # so a storm of kills does not hide behind growing restarts
+            killed = code == -signal.SIGKILL
+            self.failures[k] = 0 if lived > STABLE_AFTER or killed else self.failures.get(k, 0) + 1
             delay = min(self.config.restart_backoff * 2 ** max(self.failures[k] - 1, 0), MAX_BACKOFF)
             _log.error("event=worker_exited worker=%d pid=%d status=%d restart_in=%.2fs", k, pid, code, delay)
             self.restart_at[k] = time.monotonic() + delay

@@ -226,3 +226,21 @@ def test_slow_link_pauses_senders_and_memory_stays_bounded(gateway_factory):
     wait_for(lambda: "event=bus_resumed" in gw.text, "the bus to resume")
     # the link drained: its writer callback was removed cleanly (it used to raise on every turn)
     assert "Traceback" not in gw.text, gw.text[gw.text.index("Traceback") - 200:][:2000]
+
+
+def test_restart_backoff_is_for_crash_loops_not_for_kill_9(gateway_factory):
+    """A worker killed with SIGKILL comes back after the base delay each time, so a storm
+    of kills does not hide behind growing restarts; a worker that keeps dying by itself
+    (here SIGABRT, quick deaths) is restarted with a doubling backoff."""
+    gw = gateway_factory("--workers", "2")
+
+    def kill_and_wait(sig):
+        pid = gw.worker_pids()[1]
+        os.kill(pid, sig)
+        wait_for(lambda: gw.worker_pids().get(1, pid) != pid, "the worker's successor")
+        m = re.search(rf"event=worker_exited worker=1 pid={pid} status=(-?\d+) restart_in=([\d.]+)s", gw.text)
+        assert m and int(m.group(1)) == -sig, gw.text
+        return float(m.group(2))
+
+    assert [kill_and_wait(signal.SIGKILL) for _ in range(3)] == [0.1, 0.1, 0.1]
+    assert [kill_and_wait(signal.SIGABRT) for _ in range(3)] == [0.1, 0.2, 0.4]
