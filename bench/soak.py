@@ -185,7 +185,8 @@ async def soak(args) -> dict:
     finally:
         for t in recv_tasks:
             t.cancel()
-        await asyncio.gather(*recv_tasks, return_exceptions=True)
+        failures = [repr(r) for r in await asyncio.gather(*recv_tasks, return_exceptions=True)
+                    if not isinstance(r, asyncio.CancelledError)]
         gw.kill()
         tmp.cleanup()
     print(file=sys.stderr)
@@ -197,6 +198,9 @@ async def soak(args) -> dict:
             "senders": args.senders, "recipients": args.recipients, "window": args.window,
             "acked": len(acked), "delivered": sum(len(v) for v in seen.values()), "lost": len(lost),
             "duplicates": duplicates, "reorderings": reorderings, "seconds": round(time.monotonic() - started, 1),
+            "lost_sample": [f"{s}:{k} -> {recipients[k % len(recipients)]} id {acked[(s, k)]}"
+                            for s, k in sorted(lost)[:10]],
+            "receiver_failures": failures,
             "unavailable_s": {"min": round(min(gaps), 3), "median": round(statistics.median(gaps), 3),
                               "max": round(max(gaps), 3)} if gaps else None}
 

@@ -151,6 +151,7 @@ class Client:
         self.max_backoff = max_backoff
         self.welcome: frames.Welcome | None = None
         self._proto: _Protocol | None = None
+        self._welcomed: _Protocol | None = None      # the connection whose WELCOME came
         self._welcome_fut: asyncio.Future | None = None
         self._ids = itertools.count(int.from_bytes(os.urandom(7), "big"))
         #: the producer this client's seqs belong to (from WELCOME; 0 until the first one)
@@ -201,6 +202,7 @@ class Client:
         proto.transport.write(encode(frames.Hello(PROTOCOL_VERSION, self.token, self.device, self._acked_hwm,
                                                   self.send_only, self.producer)))
         self.welcome = await self._welcome_fut
+        self._welcomed = proto
         self.producer = self.welcome.producer
         self._keepalive(proto)
         for out in self._outbox.values():           # in seq order, with their seqs: the server drops retries
@@ -237,7 +239,11 @@ class Client:
 
     @property
     def connected(self) -> bool:
-        return self._proto is not None and self.welcome is not None and not self._proto.lost.done()
+        """This connection got its WELCOME and is up. (During a reconnect `welcome` is
+        the previous connection's: a SEND written before the new WELCOME would go out
+        ahead of the outbox's resends, and a new seq ahead of older ones is taken for
+        a gap they leave: the server would answer those as duplicates.)"""
+        return self._proto is not None and self._proto is self._welcomed and not self._proto.lost.done()
 
     # -- sending -----------------------------------------------------------------
     async def send(self, to: str, payload: bytes | str, timeout: float | None = None) -> SendResult:

@@ -238,3 +238,34 @@ def test_s7_receipts_for_a_send_only_user_wait_in_its_shared_inbox(gateway_proc)
             r = await phone.recv_receipt(timeout=5)
             assert (r.kind, r.msg_id, r.by) == ("delivered", sent.id, "rcpt-bob")
     asyncio.run(main())
+
+
+def test_s6_sends_made_while_reconnecting_wait_for_the_outbox(gateway_factory):
+    """PROTOCOL.md section 6: after a reconnect the client sends its outbox again before
+    any new SEND. The sender's worker is killed with SENDs unanswered, and the
+    application keeps sending while the SDK reconnects: every message is stored once,
+    in order, none answered as a duplicate that was never stored (ACK msg_id 0)."""
+    gw = gateway_factory("--workers", "2", "--msg-rate", "0")
+    sender, recipient = users_on(0, 2, 1, "rc-a")[0], users_on(1, 2, 1, "rc-b")[0]
+
+    async def main():
+        async with gw.client(sender, "phone", max_backoff=0.2) as a:
+            tasks = [asyncio.ensure_future(a.send(recipient, f"m{i}", timeout=60)) for i in range(200)]
+            while sum(t.done() for t in tasks) < 50:
+                await asyncio.sleep(0.001)
+            pid = gw.worker_pids()[0]
+            os.kill(pid, signal.SIGKILL)
+            i = 200
+            deadline = time.monotonic() + 30
+            while a.reconnects == 0:              # new SENDs all through the reconnect
+                assert time.monotonic() < deadline, "the client never reconnected"
+                tasks.append(asyncio.ensure_future(a.send(recipient, f"m{i}", timeout=60)))
+                i += 1
+                await asyncio.sleep(0.002)
+            tasks += [asyncio.ensure_future(a.send(recipient, f"m{j}", timeout=60)) for j in range(i, i + 50)]
+            return await asyncio.gather(*tasks)
+
+    acks = asyncio.run(main())
+    assert all(r.id for r in acks), [r for r in acks if not r.id][:5]
+    got = asyncio.run(_drain(gw, recipient, len(acks), timeout=30))
+    assert [m.text for m in got] == [f"m{i}" for i in range(len(acks))]

@@ -82,6 +82,8 @@ MUSTS = {
             "test_s6_send_retry_same_seq_is_stored_once"],
         "A client MUST NOT have more than `send_window`": [
             "test_s6_send_window_answers_retries_and_older_ones_without_an_id"],
+        "the client MUST send again its whole outbox": [
+            "test_s6_sends_made_while_reconnecting_wait_for_the_outbox"],
         "The client MUST then send again, with their seqs and in seq order": [
             "test_s6_a_refused_seq_holds_the_later_ones_until_it_is_sent_again",
             "test_s6_pipelined_sends_stay_in_order_across_kills_of_the_recipients_worker",
