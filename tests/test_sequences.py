@@ -269,3 +269,34 @@ def test_s6_sends_made_while_reconnecting_wait_for_the_outbox(gateway_factory):
     assert all(r.id for r in acks), [r for r in acks if not r.id][:5]
     got = asyncio.run(_drain(gw, recipient, len(acks), timeout=30))
     assert [m.text for m in got] == [f"m{i}" for i in range(len(acks))]
+
+
+def test_sdk_sends_given_up_on_leave_no_unretrieved_future_exceptions(gateway_factory):
+    """Issue 12, defect 9: a client whose gateway is gone, whose sends time out and which
+    is then closed, prints no "Future exception was never retrieved"."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    gw = gateway_factory("--workers", "1")
+    script = f"""
+import asyncio, gc, os, signal
+from gateway.client import Client
+async def main():
+    c = Client("127.0.0.1", {gw.port}, {gw.token('gone-a')!r}, "phone", max_backoff=0.05, connect_timeout=0.5)
+    await c.connect()
+    os.kill({gw.proc.pid}, signal.SIGKILL)
+    for i in range(20):
+        try:
+            await c.send("gone-b", "never", timeout=0.05)
+        except asyncio.TimeoutError:
+            pass
+    await asyncio.sleep(0.3)                   # reconnect attempts fail meanwhile
+    await c.close()
+    gc.collect()
+    print("closed", c.pending_sends())
+asyncio.run(main())
+gc.collect()
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "closed 0", r.stdout + r.stderr
+    assert "never retrieved" not in r.stderr, r.stderr
