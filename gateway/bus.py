@@ -88,6 +88,7 @@ class Link:
             self.bus.on_handoff(fd, body, ftype == LT_HANDOFF_WS)
         elif ftype == LT_LINK_HELLO:
             (self.peer,) = struct.unpack("!H", body)
+            self.bus.peer_up(self.peer)
         elif ftype == LT_CTRL:
             self.bus.router.control_message(json.loads(body))
         else:
@@ -221,6 +222,14 @@ class LocalBus:
             # the worker may have restarted: re-send what it must know about our sessions
             self.loop.call_soon(self.router.presence.owner_back, worker)
         return link.core
+
+    def peer_up(self, worker: int) -> None:
+        """`worker` connected to us, so it is up (perhaps restarted): forget a connect
+        back-off and link back at once. Else answers to what it sends next (the
+        presence its watchers subscribe to) could meet the back-off and be dropped,
+        and its watchers would wait for a change that may never come."""
+        self._retry_at.pop(worker, None)
+        self.link_to(worker)
 
     def send_control(self, worker: int, msg: dict) -> bool:
         """A presence/typing message for the worker that owns its user; dropped if
