@@ -1118,9 +1118,7 @@ cdef class LogCore:
         cdef uint32_t length
         cdef const unsigned char *r
         cdef MsgView m
-        cdef Py_ssize_t off, q, i, kl, vl
-        cdef const unsigned char *kp
-        cdef const unsigned char *vp
+        cdef Py_ssize_t off, q, i
         cdef Segment a
         cdef uint64_t here
         cdef Inbox inbox

@@ -19,6 +19,8 @@ A shard sees only the part of a device's stream sent to its users, in order
 (one link per worker pair, processed in order): so "seq <= high" there means
 "seen before", and a seq refused here for now blocks the later ones here too.
 """
+import struct
+
 from cpython.mem cimport PyMem_Realloc, PyMem_Free
 from libc.string cimport memmove
 
@@ -207,6 +209,7 @@ cdef class ProducerTable:
         return 0
 
     # -- Python side: recovery, checkpoints, tests, metrics -------------------------------
+    # (a checkpoint is `!QQ` producer, high, then `!QQQ` seq, msg_id, ts per answer)
 
     def admit_py(self, str key, uint64_t producer, uint64_t seq):
         """(answer name, msg_id, ts), as `admit`."""
@@ -237,7 +240,6 @@ cdef class ProducerTable:
         this checkpoint proves. Records in newer segments still prove the rest."""
         cdef ProducerState st = <ProducerState>self._states[key]
         cdef Py_ssize_t i
-        import struct
         parts = [struct.pack("!QQ", st.producer, st.high)]
         st.segment_low = 0
         for i in range(st.n):
@@ -253,7 +255,6 @@ cdef class ProducerTable:
     def restore(self, str key, bytes data, uint64_t segment):
         """Merge a checkpoint (recovery): the newest producer and the highest seq win."""
         cdef ProducerState st
-        import struct
         producer, high = struct.unpack_from("!QQ", data, 0)
         st = self._state(key, producer)
         if producer < st.producer:

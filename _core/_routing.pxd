@@ -51,6 +51,9 @@ cdef enum:
     LT_HANDOFF_WS = 0x48
     LT_LAST = 0x48
     FWD_DUPLICATE = 0x01         # FWD_ACK flag: a retry the owner had stored (no mirror again)
+    # RouteCore._store_send outcomes besides an ErrorCode (those are >= 20)
+    STORED = 0
+    DUPLICATE = 1
     RECEIPT_DELIVERED = 1
     RECEIPT_READ = 2
     # routing latency histogram (SEND decoded -> ACK queued): bucket bounds in _routing.pyx
@@ -105,11 +108,10 @@ cdef class RouteCore:
                           const char *payload, Py_ssize_t n, uint64_t t0=*) except -1
     cdef int acked(self, SessionCore sender, uint64_t seq, uint64_t msg_id, uint64_t ts) except -1
     cdef SendState _send_state_of(self, SessionCore s)
-    cdef ProducerTable _producers_for(self, str recipient)
-    cdef uint64_t _active_segment(self, str recipient)
-    cdef int _refuse(self, SessionCore sender, ProducerTable table, uint64_t seq, int code, str reason) except -1
-    cdef int _admit(self, ProducerTable table, str key, uint64_t producer, uint64_t seq,
-                    uint64_t *msg_id, uint64_t *ts) except -1
+    cdef int _store_send(self, str user, str device, uint64_t producer, uint64_t seq, str recipient,
+                         const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts,
+                         str key=*) except -1
+    cdef str _refusal            # why the last _store_send refused its SEND (for the ERROR)
     cdef int _room_for(self, str recipient, Py_ssize_t records, Py_ssize_t n) except -1
     cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
                             const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts,

@@ -348,10 +348,7 @@ cdef class RouteCore:
         cdef uint64_t msg_id = 0, ts = 0
         cdef uint64_t t0 = _mono_ns()
         cdef SendState st = sender._send if sender._send is not None else self._send_state_of(sender)
-        cdef ProducerTable table
-        cdef int admit
-        cdef bint is_group
-        cdef uint64_t seg
+        cdef int outcome, code
         cdef str recipient
         self.messages_in += 1
         if seq == 0:
@@ -381,55 +378,67 @@ cdef class RouteCore:
             raise MalformedFrame("recipient is not UTF-8") from None
         if not self._is_local(recipient):
             return self.route_remote(sender, seq, recipient, payload, n, t0)
-        table = self._producers_for(recipient)
-        admit = self._admit(table, sender._send.key, sender.producer, seq, &msg_id, &ts)
-        if admit == ADMIT_DUPLICATE:
-            # a retry (e.g. after a reconnect): the original answer, nothing stored or mirrored again
-            self.duplicates_dropped += 1
-            if msg_id == 0 and ts != 0:
-                sender.error(<int>ts, "this SEND was refused before", seq, False)
-            else:
-                sender.out.write_ack(seq, msg_id, ts)
-                sender._mark()
+        outcome = self._store_send(sender.user, sender.device, sender.producer, seq, recipient,
+                                   payload, n, &msg_id, &ts, sender._send.key)
+        if outcome == STORED and not (to_len and to[0] == 35 and self._group_send is not None):
+            self.mirror(sender, recipient, msg_id, payload, n)
+        if outcome == STORED or (outcome == DUPLICATE and not (msg_id == 0 and ts != 0)):
+            self.acked(sender, seq, msg_id, ts)     # a retry gets its original ACK, nothing more
             self._observe(t0)
             return 0
-        if admit != ADMIT_NEW:
-            return self._refuse(sender, None, seq, ErrorCode.FENCED if admit == ADMIT_FENCED
-                                else ErrorCode.OUT_OF_ORDER, "refused by the recipient's shard")
-        seg = self._active_segment(recipient)
-        is_group = to_len and to[0] == 35 and self._group_send is not None      # '#': a group, owned here
-        try:
-            if is_group:
-                msg_id, ts = self._group_send(sender.user, sender.device, seq, recipient,
-                                              PyBytes_FromStringAndSize(payload, n), sender.producer)
-            else:
-                self.append_deliver(sender.user, sender.device, seq, recipient, payload, n, &msg_id, &ts,
-                                    sender.producer)
-        except StoreError as exc:
-            return self._refuse(sender, table, seq, exc.code, str(exc))
-        table.stored(sender._send.key, sender.producer, seq, msg_id, ts, seg or self._active_segment(recipient))
-        if not is_group:
-            self.mirror(sender, recipient, msg_id, payload, n)
-        self.acked(sender, seq, msg_id, ts)
-        self._observe(t0)
-        return 0
-
-    cdef int _admit(self, ProducerTable table, str key, uint64_t producer, uint64_t seq,
-                    uint64_t *msg_id, uint64_t *ts) except -1:
-        return table.admit(key, producer, seq, msg_id, ts)
-
-    cdef int _refuse(self, SessionCore sender, ProducerTable table, uint64_t seq, int code, str reason) except -1:
-        """A local SEND was not stored: tell the client; unless refused for good,
-        hold the device's later seqs until this one is sent again."""
-        cdef bint final = _final(code)
-        if table is not None:
-            table.refused(sender._send.key, sender.producer, seq, code, final)
-        if not final:
-            sender._send.failed(seq)
+        code = <int>ts if outcome == DUPLICATE else outcome
+        if not _final(code):
+            st.failed(seq)                          # hold the later seqs until this one comes again
         if code == ErrorCode.OUT_OF_ORDER:
             self.out_of_order += 1
-        sender.error(code, reason, seq, False)
+        sender.error(code, self._refusal, seq, False)
         return 0
+
+    cdef int _store_send(self, str user, str device, uint64_t producer, uint64_t seq, str recipient,
+                         const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts,
+                         str key=None) except -1:
+        """A SEND at the shard that owns its recipient (this worker), from a local
+        session or a FWD: checked against the shard's producer table, then stored
+        and delivered. Returns STORED, DUPLICATE (`msg_id`/`ts`: the original
+        answer; msg_id 0 with ts != 0: refused for good before, with code ts) or
+        the ErrorCode it is refused with (the reason in `_refusal`)."""
+        cdef LogCore log = self._log
+        cdef ProducerTable table
+        cdef uint64_t seg = 0
+        cdef int admit, code
+        if self._log_for is not None:
+            log = <LogCore>self._log_for(recipient)          # the one look-up of the shard per SEND
+        table = log.producers if log is not None else <ProducerTable>self.store.producers
+        if key is None:
+            key = user + "\x00" + device
+        admit = table.admit(key, producer, seq, msg_id, ts)
+        if admit == ADMIT_DUPLICATE:
+            self.duplicates_dropped += 1
+            self._refusal = "this SEND was refused before"
+            return DUPLICATE
+        if admit == ADMIT_FENCED:
+            self._refusal = f"a newer producer of {device} took over its sequence"
+            return ErrorCode.FENCED
+        if admit == ADMIT_OUT_OF_ORDER:
+            self._refusal = "an earlier seq of this device was refused here; resend from it, in order"
+            return ErrorCode.OUT_OF_ORDER
+        if log is not None and log._active is not None:
+            seg = log._active.segment_id     # the record lands here or later: a checkpoint before this goes covers it
+        try:
+            if recipient.startswith("#") and self._group_send is not None:
+                msg_id[0], ts[0] = self._group_send(user, device, seq, recipient,
+                                                    PyBytes_FromStringAndSize(payload, n), producer)
+            else:
+                self.append_deliver(user, device, seq, recipient, payload, n, msg_id, ts, producer)
+        except StoreError as exc:
+            code = exc.code
+            table.refused(key, producer, seq, code, _final(code))
+            self._refusal = str(exc)
+            return code
+        if seg == 0 and log is not None:
+            seg = log._active.segment_id
+        table.stored(key, producer, seq, msg_id[0], ts[0], seg)
+        return STORED
 
     cdef SendState _send_state_of(self, SessionCore s):
         """The device's stream state, made at its first SEND (an idle session costs
@@ -457,25 +466,6 @@ cdef class RouteCore:
                                     "start a new sequence (HELLO producer 0)", ErrorCode.FENCED)
         s.producer = producer
         return producer
-
-    cdef uint64_t _active_segment(self, str recipient):
-        """The segment the recipient's shard log appends to now: a record stored
-        from here on lands in it or a later one, so a checkpoint made before this
-        segment is deleted covers it (0: no log, or no segment yet)."""
-        cdef LogCore log = self._log
-        if self._log_for is not None:
-            log = <LogCore>self._log_for(recipient)
-        if log is None or log._active is None:
-            return 0
-        return log._active.segment_id
-
-    cdef ProducerTable _producers_for(self, str recipient):
-        """The idempotent-send state of the recipient's shard store."""
-        if self._log_for is not None:
-            return (<LogCore>self._log_for(recipient)).producers
-        if self._log is not None:
-            return self._log.producers
-        return <ProducerTable>self.store.producers
 
     cdef void _observe(self, uint64_t t0) noexcept:
         """One routing latency sample: a bucket index found by a short scan (most
@@ -689,50 +679,26 @@ cdef class RouteCore:
 
     cdef int accept_forward(self, LinkCore link, uint64_t fwd_seq, str sender, str device, uint64_t producer,
                             uint64_t seq, str recipient, const char *payload, Py_ssize_t n) except -1:
-        """A FWD from another worker: this worker owns the recipient's shard, and
-        its producer table decides whether the SEND is new, a retry or early."""
-        cdef uint64_t msg_id = 0, ts = 0, seg
+        """A FWD from another worker: this worker owns the recipient's shard. The
+        answer (FWD_ACK, flagged DUPLICATE for a retry; or FWD_ERR) goes through
+        this turn's group commit like a local ACK."""
+        cdef uint64_t msg_id = 0, ts = 0
         cdef Py_ssize_t start
-        cdef int admit, code = 0
-        cdef uint8_t dup = 0
-        cdef str key = sender + "\x00" + device
-        cdef ProducerTable table = self._producers_for(recipient)
+        cdef int code = 0
+        cdef int outcome = self._store_send(sender, device, producer, seq, recipient, payload, n, &msg_id, &ts)
         out = link.out
-        admit = self._admit(table, key, producer, seq, &msg_id, &ts)
-        if admit == ADMIT_DUPLICATE:
-            self.duplicates_dropped += 1
-            if msg_id == 0 and ts != 0:
-                code = <int>ts
-                reason = "this SEND was refused before"
-            dup = FWD_DUPLICATE
-        elif admit == ADMIT_FENCED:
-            code = ErrorCode.FENCED
-            reason = f"a newer producer of {device} took over its sequence"
-        elif admit == ADMIT_OUT_OF_ORDER:
-            code = ErrorCode.OUT_OF_ORDER
-            reason = "an earlier seq of this device was refused here; resend from it, in order"
-        else:
-            seg = self._active_segment(recipient)
-            try:
-                if recipient.startswith("#") and self._group_send is not None:
-                    msg_id, ts = self._group_send(sender, device, seq, recipient,
-                                                  PyBytes_FromStringAndSize(payload, n), producer)
-                else:
-                    self.append_deliver(sender, device, seq, recipient, payload, n, &msg_id, &ts, producer)
-            except StoreError as exc:
-                code = exc.code
-                reason = str(exc)
-                table.refused(key, producer, seq, code, _final(code))
-            else:
-                table.stored(key, producer, seq, msg_id, ts, seg or self._active_segment(recipient))
+        if outcome == DUPLICATE and msg_id == 0 and ts != 0:
+            code = <int>ts
+        elif outcome != STORED and outcome != DUPLICATE:
+            code = outcome
         if code:
             start = out.begin_frame(LT_FWD_ERR, 0)
             out.put_u64(fwd_seq)
             out.put_u16(code)
-            out.put_text16(reason, 1000)
+            out.put_text16(self._refusal, 1000)
             out.end_frame(start)
             return link._mark()
-        start = out.begin_frame(LT_FWD_ACK, dup)
+        start = out.begin_frame(LT_FWD_ACK, FWD_DUPLICATE if outcome == DUPLICATE else 0)
         out.put_u64(fwd_seq)
         out.put_u64(msg_id)
         out.put_u64(ts)

@@ -231,6 +231,24 @@ async def refused_burst(sender, recipients: list, n: int) -> None:
     await sender.ping()
 
 
+async def fill_then_burst(gw, recipients: list, burst: int) -> tuple:
+    """Fill every recipient's shard until it refuses, then `burst` more refused tries.
+    Returns (stored, refusals, storage log lines after the fill, metrics before and after
+    the burst), once the server's output has settled."""
+    sender = SeqSender(gw, "sender")
+    try:
+        stored, refusals = await fill_until_every_shard_refuses(sender, recipients)
+        await output_settled(gw)
+        lines = len(storage_lines(gw))
+        before = scrape(gw)
+        await refused_burst(sender, recipients, burst)
+        after = scrape(gw)
+        await output_settled(gw)
+    finally:
+        sender.close()
+    return stored, refusals, lines, before, after
+
+
 async def receive_all(gw, user: str, ids: list, device: str = "phone") -> None:
     """The device's backlog is exactly `ids` (in order, intact); acknowledge it, and a
     new connection of the device then gets nothing."""
@@ -318,17 +336,7 @@ def test_s4_storage_full_on_a_64m_disk_with_64_shards_keeps_acks_reconnects_and_
                 pass
         async with gw.client(recipients[0], "tablet"):
             pass
-        sender = SeqSender(gw, "sender")
-        try:
-            stored, refusals = await fill_until_every_shard_refuses(sender, recipients)
-            await output_settled(gw)
-            lines = len(storage_lines(gw))
-            before = scrape(gw)
-            await refused_burst(sender, recipients, 1000)
-            after = scrape(gw)
-            await output_settled(gw)
-        finally:
-            sender.close()
+        stored, refusals, lines, before, after = await fill_then_burst(gw, recipients, 1000)
         # new devices register in the reserve; once it is in use even PRIVACY is refused
         assert register_until_the_reserve_is_used(gw, recipients[1]) > 1
         async with gw.client(recipients[2], "phone") as c:
@@ -393,16 +401,8 @@ def test_s4_storage_full_with_2_workers_refuses_forwarded_sends_and_recovers(gat
         for r in recipients:
             async with gw.client(r, "phone"):
                 pass
-        sender = SeqSender(gw, "sender")
-        try:
-            stored, refusals = await fill_until_every_shard_refuses(sender, recipients)
-            await output_settled(gw)
-            lines = len(storage_lines(gw))
-            await refused_burst(sender, recipients, 500)
-        finally:
-            sender.close()
+        stored, refusals, lines, _before, _after = await fill_then_burst(gw, recipients, 500)
         async with gw.client("sender", "phone") as sender:
-            await output_settled(gw)
             assert len(storage_lines(gw)) == lines <= 2 * SHARDS
             s = scrape(gw)
             assert value(s, "log_shards_full", worker=0) > 0 and value(s, "log_shards_full", worker=1) > 0
