@@ -10,7 +10,7 @@ DATA   ?= switchboard-data
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,dev,bench]'
+	$(BIN)/pip install -q -e '.[test,dev,bench,cluster]'
 	touch $(STAMP)
 
 # Re-cythonize whatever .pyx/.pxd changed since the last build.

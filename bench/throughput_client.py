@@ -99,8 +99,16 @@ async def main(args) -> None:
     p50, p99, p999 = stats.percentiles([0.5, 0.99, 0.999])
     expected = sum(f.sent * len(f.receivers) for f in flows)
     deadline = time.monotonic() + 15
-    while (stats.delivered + stats.duplicates < expected
-           or (args.dialect == "switchboard" and stats.acked < stats.sent)) and time.monotonic() < deadline:
+    receipts_due = args.dialect == "switchboard" and args.receipts and args.mode == "pairs"
+
+    def drained() -> bool:
+        if stats.delivered + stats.duplicates < expected:
+            return False
+        if args.dialect == "switchboard" and stats.acked < stats.sent:
+            return False
+        return not receipts_due or stats.receipts >= stats.delivered    # the last receipts are in flight
+
+    while not drained() and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     if args.rate:
         pacer.cancel()
