@@ -82,6 +82,8 @@ cdef class RouteCore:
     cdef readonly uint64_t quota_skipped
     cdef readonly uint64_t receipts_sent
     cdef readonly uint64_t receipts_lost
+    cdef readonly uint64_t receipts_fenced     # from another node for a user whose shard we do not own
+    cdef readonly uint64_t forwards_fenced     # FWDs from another node refused: not our shard at its map epoch
     cdef public double msg_rate           # SENDs per second per session (0: no limit)
     cdef public double msg_burst          # bucket size
     cdef readonly uint64_t rate_limited   # SENDs answered RATE_LIMITED
@@ -135,3 +137,8 @@ cdef class RouteCore:
 cdef class LinkCore(SessionCore):
     cdef readonly int peer
     cdef object _control
+    # a link to another node: callable(recipient) -> 0, or the ErrorCode a FWD or receipt
+    # for that recipient is refused with (this node does not own its shard at the sender's
+    # map epoch: gateway/cluster/natsbus.py); None between the workers of one node
+    cdef public object fence
+    cdef readonly Py_ssize_t pending      # our FWDs on this link not yet answered

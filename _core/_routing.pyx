@@ -664,6 +664,7 @@ cdef class RouteCore:
                     break
         self._pending_fwd[fwd_seq] = (sender, seq, link, keep, t0)
         sender.forwards_pending += 1
+        link.pending += 1
         out = link.out
         start = out.begin_frame(LT_FWD, 0)
         out.put_u64(fwd_seq)
@@ -685,8 +686,19 @@ cdef class RouteCore:
         cdef uint64_t msg_id = 0, ts = 0
         cdef Py_ssize_t start
         cdef int code = 0
-        cdef int outcome = self._store_send(sender, device, producer, seq, recipient, payload, n, &msg_id, &ts)
+        cdef int outcome
         out = link.out
+        if link.fence is not None:
+            code = link.fence(recipient)
+            if code:                  # another node's FWD for a shard we do not own at its map epoch
+                self.forwards_fenced += 1
+                start = out.begin_frame(LT_FWD_ERR, 0)
+                out.put_u64(fwd_seq)
+                out.put_u16(code)
+                out.put_text16(f"this node does not serve {recipient} at the sender's shard map; retry", 1000)
+                out.end_frame(start)
+                return link._mark()
+        outcome = self._store_send(sender, device, producer, seq, recipient, payload, n, &msg_id, &ts)
         if outcome == DUPLICATE and msg_id == 0 and ts != 0:
             code = <int>ts
         elif outcome != STORED and outcome != DUPLICATE:
@@ -716,6 +728,7 @@ cdef class RouteCore:
             return 0
         origin = (<tuple>entry)[0]
         seq = (<tuple>entry)[1]
+        (<LinkCore>(<tuple>entry)[2]).pending -= 1
         if code:
             if not _final(code):
                 origin._send.failed(seq)
@@ -949,6 +962,9 @@ cdef class LinkCore(SessionCore):
             sender = PyUnicode_DecodeUTF8(p, k, NULL)
             cur_bytes8(&c, &p, &k, 0)
             device = PyUnicode_DecodeUTF8(p, k, NULL)
+            if self.fence is not None and self.fence(recipient):
+                core.receipts_fenced += 1          # not ours at the sender's map: never stored or passed on
+                return 0
             core.receipt(recipient, kind, msg_id, sender, device)
             return 0
         if ftype == LT_FWD_ERR:

@@ -123,3 +123,5 @@ class GoawayCode(IntEnum):
     IDLE_TIMEOUT = 4
     #: the client did not read what the server sent (stalled or too far behind); reconnect and resume from the log
     SLOW_CONSUMER = 5
+    #: in place of WELCOME: another node of the cluster serves this user; reason is its HOST:PORT
+    REDIRECT = 6

@@ -58,8 +58,11 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             ready, why = admin.readiness()
             self._reply(200 if ready else 503, why + "\n")
+        elif path == "/cluster":
+            status, answer = admin.cluster_status()
+            self._reply(status, json.dumps(answer) + "\n", "application/json")
         else:
-            self._reply(404, "not found: /metrics, /healthz, /readyz, POST /drain\n")
+            self._reply(404, "not found: /metrics, /healthz, /readyz, /cluster, POST /drain\n")
 
     def do_POST(self):
         admin = self.server.admin
@@ -158,6 +161,8 @@ class Admin:
             cur = self.agg.current.get(k)
             if k not in live or not self.agg.fresh.get(k) or cur is None or cur.get("pid") != live[k]:
                 down.append(f"worker {k} is not up")
+            elif cur.get("not_serving"):
+                down.append(f"worker {k}: {cur['not_serving']}")
             elif not cur.get("ready") or cur.get("draining"):
                 down.append(f"worker {k} is not ready")
         return not down, "; ".join(down) or "ready"
@@ -166,6 +171,15 @@ class Admin:
         if self.sup.stopping:                       # no need to ask anyone
             return False, "draining"
         return self._ready(self.refresh())
+
+    def cluster_status(self) -> tuple[int, dict]:
+        """`switchboard cluster status`: each worker's view of the cluster (worker 0's
+        holds the lease), fresh from this request."""
+        if not self.sup.config.cluster:
+            return 404, {"error": "this gateway is not a cluster node (no --cluster)"}
+        self.refresh()
+        views = {k: snap.get("cluster") for k, snap in self.agg.current.items() if snap and snap.get("cluster")}
+        return 200, {"workers": views}
 
     # -- drain -------------------------------------------------------------------------------
     def drain(self, batch: int, pause: float) -> tuple[int, dict]:

@@ -126,6 +126,27 @@ class GatewayConfig:
     drain_batch: int = 100
     #: `switchboard drain` default: seconds between batches
     drain_pause: float = 1.0
+    #: NATS servers of a cluster (nats://HOST:PORT, comma-separated); empty: a single gateway, no NATS
+    cluster: str = ""
+    #: this node's name in the cluster (letters, digits, '-', '_'; default: the host name)
+    node: str = ""
+    #: HOST:PORT at which clients reach this node's TCP listener (redirects name it); default: host:port
+    advertise: str = ""
+    #: HOST:PORT of this node's WebSocket listener for redirects; default: advertise's host and ws_port
+    advertise_ws: str = ""
+    #: prefix of the cluster's KV buckets and subjects: several clusters may share one NATS
+    cluster_name: str = "switchboard"
+    #: virtual shards of a new cluster's shard map (a power of two, 64..65536); a data dir keeps the count
+    #: it was made with (64 for a single node: docs/cluster.md, Carrying a data dir over)
+    cluster_shards: int = 1024
+    #: nodes that share the shards when a new cluster's map is made (comma-separated names); empty: the first
+    #: node takes every shard and the others get theirs as they join
+    bootstrap: tuple = ()
+    #: seconds a node's lease lives without renewal (renewed every third of it): how long a dead node's
+    #: shards look alive
+    lease_ttl: float = 6.0
+    #: seconds a FWD to another node may stay unanswered before its SEND gets UNAVAILABLE (the client retries)
+    cluster_timeout: float = 3.0
 
     def validate(self) -> None:
         if not (0 <= self.port <= 65535):
@@ -185,6 +206,9 @@ class GatewayConfig:
             raise ValueError(f"drain batch must be at least 1, got {self.drain_batch}")
         if not (0 <= self.drain_pause <= 3600):
             raise ValueError(f"drain pause must be between 0 and 3600 seconds, got {self.drain_pause}")
+        if self.cluster:
+            from .cluster.config import validate_cluster
+            validate_cluster(self)
         if self.store not in ("log", "memory"):
             raise ValueError(f"store must be 'log' or 'memory', not {self.store!r}")
         self.log_config().validate()

@@ -9,7 +9,7 @@ from _core import frames
 from _core.codec import Decoder, decode_body, encode
 from _core.errors import MalformedFrame, ProtocolError, UnexpectedFrame
 from _core.ids import id_problem
-from _core.protocol import PROTOCOL_VERSION, ErrorCode, FrameType
+from _core.protocol import PROTOCOL_VERSION, ErrorCode, FrameType, GoawayCode
 
 from . import log
 from .auth import AuthError
@@ -126,6 +126,12 @@ class Connection(asyncio.BufferedProtocol):
             user, device, expires = gw.authority.grant(hello.token, hello.device)
         except AuthError as exc:
             raise ProtocolError(str(exc), exc.code) from None
+        if gw.cluster is not None:
+            # another node serves this user: send the client there (UNAVAILABLE if that node is down)
+            address = gw.cluster.redirect_for(user, self.WEBSOCKET)
+            if address is not None:
+                self._redirect(address)
+                return
         owner = gw.shards.owner_uncached(user)
         if owner != gw.shards.me:
             if self.handed_off or gw.bus is None:
@@ -187,6 +193,13 @@ class Connection(asyncio.BufferedProtocol):
             self._handoff = None
             gw.count_error(ErrorCode.UNAVAILABLE)
             self.fail(ErrorCode.UNAVAILABLE, f"worker {owner} is restarting; reconnect shortly")
+
+    def _redirect(self, address: str) -> None:
+        """GOAWAY REDIRECT in place of WELCOME: the client connects to `address` next."""
+        self._cancel_hello_timer()
+        self.decoder.stop()
+        self.gateway.redirects += 1
+        self.write_and_close(encode(frames.Goaway(GoawayCode.REDIRECT, 0, address)))
 
     def _hello_timed_out(self):
         self._hello_timer = None

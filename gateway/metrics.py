@@ -39,6 +39,16 @@ COUNTERS = {
     "receipts_total": ("delivery and read receipts routed", None),
     "errors_total": ("ERROR frames and WebSocket/HTTP refusals sent, by code", "code"),
     "worker_restarts_total": ("worker processes restarted by the supervisor after dying", None),
+    "redirects_total": ("sessions sent to the cluster node that serves their user (GOAWAY REDIRECT)", None),
+    "cluster_messages_total": ("NATS messages to and from other nodes' workers (a loop turn's frames for one "
+                               "worker are one message)", "direction"),
+    "cluster_bytes_total": ("bytes of those NATS messages", "direction"),
+    "cluster_fenced_total": ("frames from other nodes refused: not our shard at the sender's map epoch",
+                             "kind"),
+    "cluster_resets_total": ("links to other nodes' workers restarted after a lost NATS message, a dead "
+                             "node or a lost NATS connection (waiting SENDs got UNAVAILABLE)", None),
+    "cluster_timeouts_total": ("links whose FWDs went unanswered for cluster_timeout (SENDs got UNAVAILABLE)",
+                               None),
     "limit_events_total": ("connection, rate and idle limits that triggered, by kind (docs/limits.md)", "kind"),
     "rate_limited_total": ("SENDs answered RATE_LIMITED (per-session message rate)", None),
     "deferred_total": ("live pushes left in the log for a paused slow consumer (pushed again as it reads)",
@@ -90,8 +100,13 @@ def snapshot(gw) -> dict:
     for code, n in r.errors_sent.items():
         errors[code] = errors.get(code, 0) + n
     bounds, counts, total = r.route_latency()
+    node = gw.cluster
+    bus = node.bus.stats() if node is not None and node.bus is not None else {}
     return {
-        "pid": os.getpid(), "worker": gw.config.worker_index, "ready": gw.ready, "draining": gw.draining,
+        "pid": os.getpid(), "worker": gw.config.worker_index, "draining": gw.draining,
+        "ready": gw.ready and (node is None or node.serving()),
+        "not_serving": None if node is None or node.serving() else node.problem(),
+        "cluster": node.status() if node is not None else None,
         "counters": {
             "connects_total": {"tcp": gw.connects[0], "ws": gw.connects[1]},
             "messages_in_total": r.messages_in,
@@ -100,6 +115,13 @@ def snapshot(gw) -> dict:
             "forwarded_total": r.forwarded,
             "duplicates_total": r.duplicates_dropped,
             "handoffs_total": {"in": gw.handoffs_in, "out": gw.handoffs_out},
+            "redirects_total": gw.redirects,
+            "cluster_messages_total": {"in": bus.get("msgs_in", 0), "out": bus.get("msgs_out", 0)},
+            "cluster_bytes_total": {"in": bus.get("bytes_in", 0), "out": bus.get("bytes_out", 0)},
+            "cluster_fenced_total": {"forwards": r.forwards_fenced, "receipts": r.receipts_fenced,
+                                     "controls": bus.get("controls_fenced", 0)},
+            "cluster_resets_total": bus.get("resets", 0),
+            "cluster_timeouts_total": bus.get("timeouts", 0),
             "receipts_total": r.receipts_sent,
             "errors_total": errors,
             "limit_events_total": dict(gw.limits.events),

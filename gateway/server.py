@@ -51,6 +51,7 @@ class Gateway:
         self.shards = None
         self.handoffs_out = 0
         self.handoffs_in = 0
+        self.redirects = 0               # sessions sent to the node that serves their user (GOAWAY REDIRECT)
         self.limits = Limits(self)
         self.tls = None                      # tls.Reloader: the listeners' SSLContext, reloaded on SIGHUP
         self.admin_server = None             # the Unix socket the supervisor's admin thread asks (gateway/metrics.py)
@@ -60,6 +61,7 @@ class Gateway:
         self.draining = False
         self.drained = 0                 # sessions told to go by drain()
         self.parent_fd = -1              # readable (EOF) once the supervisor is gone; -1: no supervisor
+        self.cluster = None              # gateway/cluster/node.py: set when serving as a node of a cluster
 
     @staticmethod
     def now_ms() -> int:
@@ -76,9 +78,15 @@ class Gateway:
         self.loop = asyncio.get_running_loop()
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.authority = TokenAuthority(load_or_create_secret(cfg.data_dir))
-        self.shards = ShardMap(DEFAULT_SHARDS, cfg.workers, cfg.worker_index)
+        if cfg.cluster:
+            from .cluster.node import ClusterNode
+            self.cluster = ClusterNode(cfg, cfg.worker_index, cfg.workers)
+            await self.cluster.connect()          # the map says which shards are ours: before any is opened
+            self.shards = self.cluster.shards
+        else:
+            self.shards = ShardMap(DEFAULT_SHARDS, cfg.workers, cfg.worker_index)
         if cfg.store == "log":
-            check_layout(cfg.data_dir, DEFAULT_SHARDS)
+            check_layout(cfg.data_dir, self.shards.shards)
             store = ShardedLog(Path(cfg.data_dir) / "log", cfg.log_config(), self.shards, lock_wait=cfg.lock_wait)
             store.open(self._parent_gone_now)  # the owned shards' locks, then recovery: before anyone is served
             store.start(self.loop)
@@ -95,6 +103,9 @@ class Gateway:
             self.bus = LocalBus(cluster or "solo", cfg.worker_index, cfg.workers, self.router, self.shards,
                                 self.adopt, self._bus_pressure)
             self.bus.start(self.loop)
+        if self.cluster is not None:
+            self.cluster.attach(self.router, self.bus, self._bus_pressure)
+            await self.cluster.start_bus()
         self.router.groups.recover()        # group messages stored but not yet fanned out
         tls = {}
         if cfg.tls_cert:
@@ -118,6 +129,8 @@ class Gateway:
         host, port = sock.getsockname()[:2]
         if self._ws_server is not None:
             self.ws_port = self._ws_server.sockets[0].getsockname()[1]
+        if self.cluster is not None:
+            await self.cluster.hold_lease(port, self.ws_port)
         self.ready = True
         _log.info("event=worker_ready worker=%d workers=%d listen=tcp://%s:%d ws=%d tls=%s pid=%d",
                   cfg.worker_index, cfg.workers, host, port, self.ws_port, "on" if self.tls else "off", os.getpid())
@@ -229,6 +242,8 @@ class Gateway:
         await asyncio.sleep(0)               # let connection_lost run (it records last-seen times)
         if self.bus is not None:
             self.bus.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         self.router.store.close()
         self._server = None
         _log.info("event=worker_stopping worker=%d handoffs_in=%d handoffs_out=%d forwarded=%d routed=%d",

@@ -102,7 +102,8 @@ class Supervisor:
             return 1
         try:
             load_or_create_secret(cfg.data_dir)
-            check_layout(cfg.data_dir, DEFAULT_SHARDS)
+            if not cfg.cluster:                  # a node's workers check it against the cluster's map
+                check_layout(cfg.data_dir, DEFAULT_SHARDS)
             self.listen_socks = self._bind(cfg.port)
             if cfg.ws_port >= 0:
                 self.ws_socks = self._bind(cfg.ws_port)

@@ -41,7 +41,7 @@ def check_layout(data_dir, shards: int = DEFAULT_SHARDS) -> dict:
         have = json.loads(path.read_text())
     except FileNotFoundError:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")      # the workers of a new node may race here
         tmp.write_text(json.dumps(want) + "\n")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -50,8 +50,12 @@ def check_layout(data_dir, shards: int = DEFAULT_SHARDS) -> dict:
     except ValueError as exc:
         raise LayoutError(f"{path} is not valid JSON: {exc}") from None
     if have != want:
+        hint = ""
+        if have.get("shards") != shards:
+            hint = (f"; this data dir was made with {have.get('shards')} shards and the cluster's map has {shards}: "
+                    "see docs/cluster.md, Carrying a data dir over")
         raise LayoutError(f"{path} says {have}, this server uses {want}: the user -> shard map would "
-                          "change and stored messages would land on the wrong shard")
+                          f"change and stored messages would land on the wrong shard{hint}")
     return have
 
 
