@@ -33,6 +33,7 @@ from _core.errors import DataDirInUse
 
 from . import log
 from .auth import load_or_create_secret
+from .cluster.membership import LeaseLost
 from .config import GatewayConfig
 
 _log = log.get("switchboard.supervisor")
@@ -304,6 +305,10 @@ class Supervisor:
             except DataDirInUse as exc:
                 _log.error("event=cannot_start worker=%d reason=shard_log_in_use dir=%s held_by=%s waited=%gs",
                            k, log.q(exc.directory), exc.pid or "unknown", cfg.lock_wait)
+                code = EXIT_IN_USE
+            except LeaseLost as exc:
+                _log.error("event=cannot_start worker=%d reason=node_name_in_use error=%s", k, log.q(str(exc)))
+                print(f"switchboard: {exc}", file=sys.stderr, flush=True)
                 code = EXIT_IN_USE
             except BaseException:
                 traceback.print_exc()

@@ -1,0 +1,125 @@
+"""Gateway nodes of a cluster for tests: each its own "machine" (a 127.0.0.x
+address and data dir), all sharing one token secret, on a real NATS."""
+import json
+import shutil
+import urllib.request
+from pathlib import Path
+
+from conftest import start_gateway
+
+from gateway.auth import TokenAuthority, load_or_create_secret
+from gateway.cluster.shardmap import hrw_owner
+from router.sharding import shard_of
+
+
+class Nodes:
+    """`Nodes(tmp_path, nats_url, ["n1", "n2", "n3"])`: start(name) / kill(name) /
+    restart(name) real `switchboard serve --cluster` processes; the map is made
+    over every name given (--bootstrap), so `owner(user)` is known up front."""
+
+    def __init__(self, root: Path, nats_url: str, names, workers: int = 1, shards: int = 64, extra=()):
+        self.root, self.nats_url, self.names = Path(root), nats_url, list(names)
+        self.workers, self.shards, self.extra = workers, shards, tuple(extra)
+        self.procs = {}
+        self.ports = {}               # name -> (tcp, ws, admin): a restart keeps them
+        secret = load_or_create_secret(self.root / "secret-src")
+        for name in self.names:
+            d = self.dir(name)
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.root / "secret-src" / "secret", d / "secret")
+        self.auth = TokenAuthority(secret)
+
+    def dir(self, name: str) -> Path:
+        return self.root / name
+
+    def host(self, name: str) -> str:
+        return f"127.0.0.{11 + self.names.index(name)}"
+
+    def start(self, name: str, *args: str):
+        host = self.host(name)
+        ports = []
+        if name in self.ports:
+            tcp, ws, admin = self.ports[name]
+            ports = ["--port", str(tcp), "--ws-port", str(ws), "--admin-port", str(admin)]
+        gw = start_gateway(self.dir(name), "--host", host, "--admin-host", host, "--workers", str(self.workers),
+                           "--cluster", self.nats_url, "--node", name, "--bootstrap", ",".join(self.names),
+                           "--cluster-shards", str(self.shards), "--lease-ttl", "3", *self.extra, *ports, *args,
+                           timeout=60)
+        if ports:
+            # start_gateway put --port 0 first; ours come later and win
+            assert gw.port == self.ports[name][0], (gw.port, self.ports[name])
+        self.ports[name] = (gw.port, gw.ws_port, gw.admin_port)
+        self.procs[name] = gw
+        return gw
+
+    def start_all(self):
+        for name in self.names:
+            self.start(name)
+        return self
+
+    def kill(self, name: str) -> None:
+        gw = self.procs[name]
+        gw.proc.kill()
+        gw.proc.wait(10)
+        # kill -9 of the supervisor leaves its workers to notice the closed pipe and exit
+        for pid in gw.worker_pids().values():
+            _wait_gone(pid)
+
+    def stop_all(self) -> None:
+        for gw in self.procs.values():
+            if gw.alive():
+                gw.stop()
+
+    # -- who serves whom -------------------------------------------------------------
+    def owner(self, user: str) -> str:
+        return hrw_owner(shard_of(user, self.shards), self.names)
+
+    def users_on(self, name: str, count: int, prefix: str = "u") -> list[str]:
+        out, i = [], 0
+        while len(out) < count:
+            u = f"{prefix}{i}"
+            if self.owner(u) == name:
+                out.append(u)
+            i += 1
+        return out
+
+    def address(self, name: str) -> tuple[str, int]:
+        return self.host(name), self.ports[name][0]
+
+    def seeds(self) -> str:
+        return ",".join(f"{self.host(n)}:{self.ports[n][0]}" for n in self.names if n in self.ports)
+
+    def token(self, user: str, device: str = "main") -> str:
+        return self.auth.issue(user, device, ttl=3600)
+
+    def client(self, user: str, device: str = "main", node: str | None = None, **kw):
+        """A client connected straight to `node` (default: the user's own)."""
+        from gateway.client import Client
+        host, port = self.address(node or self.owner(user))
+        return Client(host, port, self.token(user, device), device, **kw)
+
+    def admin(self, name: str, path: str):
+        url = f"http://{self.host(name)}:{self.ports[name][2]}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def status(self, name: str) -> dict:
+        code, body = self.admin(name, "/cluster")
+        assert code == 200, body
+        return json.loads(body)
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    import os
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    os.kill(pid, 9)

@@ -1,0 +1,187 @@
+"""A cluster as several machines on this one: a real 3-server NATS cluster and
+gateway nodes, each with its own 127.0.0.x address and data dir, talking to each
+other only through NATS (docs/cluster.md)."""
+import asyncio
+import os
+import re
+import socket
+import struct
+import time
+
+import pytest
+
+from _core import frames
+from _core.codec import Decoder, encode
+from _core.protocol import PROTOCOL_VERSION, ErrorCode, FrameType, GoawayCode
+from clusternodes import Nodes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def three(nats_cluster, tmp_path):
+    nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2", "n3"]).start_all()
+    yield nodes
+    nodes.stop_all()
+
+
+async def _drain_in_order(client, count: int, timeout: float = 20.0) -> list[str]:
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        m = await client.recv(timeout=max(0.1, deadline - time.monotonic()))
+        got.append(m.text)
+        await client.ack(m)
+    return got
+
+
+def test_messages_receipts_presence_typing_and_groups_across_three_nodes(three):
+    nodes = three
+    a, = nodes.users_on("n1", 1, "a")
+    b, = nodes.users_on("n2", 1, "b")
+    c, = nodes.users_on("n3", 1, "c")
+    n = 150
+
+    async def main():
+        async with nodes.client(a) as ca, nodes.client(b) as cb, nodes.client(c) as cc:
+            # 1:1 around the ring, each stream pipelined: every message once, in the order sent
+            async def stream(cl, to):
+                return await asyncio.gather(*(cl.send(to, f"{to}-{i}") for i in range(n)))
+            acks = await asyncio.gather(stream(ca, b), stream(cb, c), stream(cc, a))
+            assert all(len({r.id for r in rs}) == n for rs in acks)
+            got = await asyncio.gather(_drain_in_order(cb, n), _drain_in_order(cc, n), _drain_in_order(ca, n))
+            for user, received in zip((b, c, a), got):
+                assert received == [f"{user}-{i}" for i in range(n)]
+            # DELIVERED receipts come back across nodes, one per message
+            for cl, rs in zip((ca, cb, cc), acks):
+                ids = {r.id for r in rs}
+                seen = set()
+                while seen != ids:
+                    r = await cl.recv_receipt(timeout=10)
+                    assert r.kind == "delivered" and r.msg_id in ids
+                    seen.add(r.msg_id)
+            # presence of a user on another node, and its change
+            await ca.subscribe(c)
+            assert (await ca.recv_presence(timeout=10)).online
+        # c's session (and the others) closed: a watcher on n2 now sees c offline, then online again
+        async with nodes.client(b) as cb:
+            await cb.subscribe(c)
+            p = await cb.recv_presence(timeout=10)
+            assert p.user == c and not p.online and p.last_seen_ms > 0
+            async with nodes.client(c) as cc:
+                p = await cb.recv_presence(timeout=10)
+                assert p.user == c and p.online
+                # typing from n3 to n2
+                await cc.typing(b)
+                t = await cb.recv_typing(timeout=10)
+                assert t.peer == c and t.typing
+                # a group whose members live on all three nodes (the group's own shard is on one of them)
+                async with nodes.client(a) as ca:
+                    info = await ca.group("create", "#ring", name="Ring", members=[b, c])
+                    assert set(info["members"]) == {a, b, c}
+                    await ca.send("#ring", "to everyone")
+                    for cl in (cb, cc):
+                        m = await cl.recv(timeout=10)
+                        assert (m.text, m.sender, m.group) == ("to everyone", a, "#ring")
+                        await cl.ack(m)
+    asyncio.run(asyncio.wait_for(main(), 90))
+    for name in nodes.names:
+        s = nodes.status(name)["workers"]["0"]
+        assert s["serving"] and set(s["owners"]) == set(nodes.names)
+
+
+def _hello(token: str) -> bytes:
+    return encode(frames.Hello(PROTOCOL_VERSION, token, "main", 0, False, 0))
+
+
+def _read_frame(sock: socket.socket, timeout: float = 10.0):
+    got = []
+    dec = Decoder(lambda t, f, b: got.append((t, f, bytes(b))), 1 << 20)
+    sock.settimeout(timeout)
+    while not got:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        dec.feed(data)
+    return got[0]
+
+
+def test_redirect_to_owner(three):
+    """A HELLO at a node that does not serve the user is answered GOAWAY REDIRECT
+    naming the node that does; there the same HELLO gets WELCOME."""
+    nodes = three
+    user, = nodes.users_on("n2", 1, "r")
+    with socket.create_connection(nodes.address("n1")) as s:
+        s.sendall(_hello(nodes.token(user)))
+        ftype, _flags, body = _read_frame(s)
+        assert ftype == FrameType.GOAWAY
+        code, reconnect_ms = struct.unpack_from("!HI", body)
+        (n,) = struct.unpack_from("!H", body, 6)
+        address = body[8:8 + n].decode()
+        assert (code, reconnect_ms) == (GoawayCode.REDIRECT, 0)
+        assert address == "%s:%d" % nodes.address("n2")
+        assert s.recv(1) == b""                            # and the node closes
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(_hello(nodes.token(user)))
+        ftype, _flags, _body = _read_frame(s)
+        assert ftype == FrameType.WELCOME
+
+
+def test_a_killed_node_leaves_its_shards_unavailable_and_loses_nothing(three):
+    """kill -9 of the recipient's node while a sender on another node streams to
+    it: sends get UNAVAILABLE and are retried by the SDK until the node is back;
+    every ACKed message arrives once, in order."""
+    nodes = three
+    a, = nodes.users_on("n1", 1, "ka")
+    b, = nodes.users_on("n2", 1, "kb")
+    n = 400
+
+    async def main():
+        async with nodes.client(a) as ca:
+            sends = [asyncio.ensure_future(ca.send(b, f"m{i}", timeout=60)) for i in range(n // 2)]
+            await asyncio.gather(*sends[:20])
+            await asyncio.get_running_loop().run_in_executor(None, nodes.kill, "n2")
+            more = [asyncio.ensure_future(ca.send(b, f"m{i}", timeout=60)) for i in range(n // 2, n)]
+            # while n2 is down its shards are unavailable: nothing past what was ACKed before can be ACKed
+            await asyncio.sleep(0)
+            await asyncio.get_running_loop().run_in_executor(None, nodes.start, "n2")
+            results = await asyncio.gather(*sends, *more)
+            assert len({r.id for r in results}) == n
+        async with nodes.client(b) as cb:
+            got = await _drain_in_order(cb, n, timeout=30)
+            assert got == [f"m{i}" for i in range(n)]
+            with pytest.raises(asyncio.TimeoutError):
+                await cb.recv(timeout=0.5)                   # and nothing twice
+    asyncio.run(asyncio.wait_for(main(), 120))
+    text = nodes.procs["n1"].text
+    assert re.search(r"event=(cluster_peer_reset|cluster_forward_timeout|node_gone)", text), text[-3000:]
+
+
+def test_readyz_follows_the_nats_connection(nats_single, tmp_path):
+    """A node without NATS cannot serve its shards: /readyz 503 naming why, 200 again once back."""
+    nodes = Nodes(tmp_path, nats_single.url, ["n1"]).start_all()
+    try:
+        assert nodes.admin("n1", "/readyz")[0] == 200
+        nats_single.stop(0)
+        deadline = time.monotonic() + 20
+        while (st := nodes.admin("n1", "/readyz"))[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert st[0] == 503 and "NATS" in st[1], st
+        nats_single.restart(0)
+        deadline = time.monotonic() + 30
+        while (st := nodes.admin("n1", "/readyz"))[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert st[0] == 200, st
+        assert "event=nats_disconnected" in nodes.procs["n1"].text
+    finally:
+        nodes.stop_all()
+
+
+def test_a_second_node_with_a_live_nodes_name_is_refused(three, tmp_path):
+    from conftest import start_gateway
+    other = tmp_path / "impostor"
+    with pytest.raises(RuntimeError, match="node name 'n1' is in use"):
+        start_gateway(other, "--host", "127.0.0.21", "--admin-host", "127.0.0.21", "--workers", "1",
+                      "--cluster", three.nats_url, "--node", "n1", "--cluster-shards", "64", timeout=30)
+    assert os.path.isdir(other)
