@@ -1,4 +1,4 @@
-"""The `switchboard` command: serve, token, send, recv, chat, presence, group, bench, stats, drain.
+"""The `switchboard` command: serve, token, send, recv, chat, presence, group, bench, stats, drain, cluster.
 
 Client commands take --host/--port (same defaults as serve) and either
 --token T or --data-dir D (a token is derived from the server secret there,
@@ -260,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds between batches (default {GatewayConfig.drain_pause:g})")
     p.add_argument("--wait", type=_positive(float), default=None, metavar="S",
                    help="wait up to S seconds for the gateway to exit")
+
+    p = verbs.add_parser("cluster", help="a cluster node's view: nodes, leases, shards, moves, traffic",
+                         description="Ask a cluster node's admin listener (/cluster) what it knows: the nodes "
+                                     "and their leases, shards per node, moves in progress and each worker's "
+                                     "traffic to other nodes over NATS.")
+    cverbs = p.add_subparsers(dest="cluster_verb", required=True, metavar="status")
+    c = cverbs.add_parser("status", help="nodes, leases, shards per node, moves in progress, cross-node traffic")
+    _add_admin_endpoint(c)
+    c.add_argument("--json", action="store_true", help="every worker's view as JSON")
 
     p = verbs.add_parser("chat", help="interactive chat",
                          description="Type lines to send them; '/to USER' switches recipient; Ctrl-D quits.")
@@ -547,6 +556,13 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.verb == "token":
             return _token(args)
+        if args.verb == "cluster":
+            from .cluster.status import run_status
+            from .stats import AdminError
+            try:
+                return run_status(args.admin_host, args.admin_port, args.json)
+            except AdminError as exc:
+                raise CliError(str(exc)) from None
         if args.verb in ("stats", "drain"):
             from .stats import AdminError, run_drain, run_stats
             try:

@@ -105,7 +105,7 @@ class Gateway:
             self.bus.start(self.loop)
         if self.cluster is not None:
             self.cluster.attach(self.router, self.bus, self._bus_pressure)
-            await self.cluster.start_bus()
+            await self.cluster.start_bus(self)
         self.router.groups.recover()        # group messages stored but not yet fanned out
         tls = {}
         if cfg.tls_cert:
@@ -191,12 +191,31 @@ class Gateway:
         if self.draining or self._server is None:
             return 0
         self.draining = True
+        if self.cluster is not None:
+            self.loop.create_task(self._cluster_drain(batch, pause))
+            return len(self.router.all_sessions())
         for server in (self._server, self._ws_server):
             if server is not None:
                 server.close()
         sessions = self.router.all_sessions() + [s for ss in self.router._send_only.values() for s in ss]
         self.loop.create_task(self._drain(sessions, batch, pause))
         return len(sessions)
+
+    async def _cluster_drain(self, batch: int, pause: float) -> None:
+        """A cluster node hands its shards to the other nodes first (their sessions are
+        told to reconnect as each shard moves), then drains what is left as a single gateway does."""
+        t0 = time.monotonic()
+        done = await self.cluster.mover.hand_over_all(timeout=max(60.0, self.config.lock_wait))
+        _log.info("event=shards_handed_over worker=%d complete=%s seconds=%.2f", self.config.worker_index,
+                  done, time.monotonic() - t0)
+        if not done:
+            _log.warning("event=drain_kept_shards worker=%d reason=no_node_took_them shards=%d",
+                         self.config.worker_index, len(self.shards.owned_shards()))
+        for server in (self._server, self._ws_server):
+            if server is not None:
+                server.close()
+        sessions = self.router.all_sessions() + [s for ss in self.router._send_only.values() for s in ss]
+        await self._drain(sessions, batch, pause)
 
     async def _drain(self, sessions: list, batch: int, pause: float) -> None:
         hint_ms = int(pause * 1000)

@@ -17,8 +17,10 @@ class Nodes:
     restart(name) real `switchboard serve --cluster` processes; the map is made
     over every name given (--bootstrap), so `owner(user)` is known up front."""
 
-    def __init__(self, root: Path, nats_url: str, names, workers: int = 1, shards: int = 64, extra=()):
+    def __init__(self, root: Path, nats_url: str, names, workers: int = 1, shards: int = 64, extra=(),
+                 bootstrap=None):
         self.root, self.nats_url, self.names = Path(root), nats_url, list(names)
+        self.bootstrap = list(bootstrap or names)
         self.workers, self.shards, self.extra = workers, shards, tuple(extra)
         self.procs = {}
         self.ports = {}               # name -> (tcp, ws, admin): a restart keeps them
@@ -42,7 +44,7 @@ class Nodes:
             tcp, ws, admin = self.ports[name]
             ports = ["--port", str(tcp), "--ws-port", str(ws), "--admin-port", str(admin)]
         gw = start_gateway(self.dir(name), "--host", host, "--admin-host", host, "--workers", str(self.workers),
-                           "--cluster", self.nats_url, "--node", name, "--bootstrap", ",".join(self.names),
+                           "--cluster", self.nats_url, "--node", name, "--bootstrap", ",".join(self.bootstrap),
                            "--cluster-shards", str(self.shards), "--lease-ttl", "3", *self.extra, *ports, *args,
                            timeout=60)
         if ports:
@@ -72,7 +74,8 @@ class Nodes:
 
     # -- who serves whom -------------------------------------------------------------
     def owner(self, user: str) -> str:
-        return hrw_owner(shard_of(user, self.shards), self.names)
+        """The user's node in the map as bootstrapped (before any move)."""
+        return hrw_owner(shard_of(user, self.shards), self.bootstrap)
 
     def users_on(self, name: str, count: int, prefix: str = "u") -> list[str]:
         out, i = [], 0
@@ -97,6 +100,15 @@ class Nodes:
         from gateway.client import Client
         host, port = self.address(node or self.owner(user))
         return Client(host, port, self.token(user, device), device, **kw)
+
+    def any_client(self, user: str, device: str = "main", **kw):
+        """A client with every node as a seed: it lands anywhere and is redirected."""
+        from gateway.client import Client
+        return Client(self.seeds(), 0, self.token(user, device), device, **kw)
+
+    def owned(self, name: str) -> int:
+        """How many shards `name` owns in its own view of the map."""
+        return self.status(name)["workers"]["0"]["owners"].get(name, 0)
 
     def admin(self, name: str, path: str):
         url = f"http://{self.host(name)}:{self.ports[name][2]}{path}"

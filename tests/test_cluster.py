@@ -185,3 +185,80 @@ def test_a_second_node_with_a_live_nodes_name_is_refused(three, tmp_path):
         start_gateway(other, "--host", "127.0.0.21", "--admin-host", "127.0.0.21", "--workers", "1",
                       "--cluster", three.nats_url, "--node", "n1", "--cluster-shards", "64", timeout=30)
     assert os.path.isdir(other)
+
+
+def _wait(what, check, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_node_joins_and_one_is_drained_under_load(nats_cluster, tmp_path):
+    """n3 joins a 2-node cluster while clients stream messages, and takes its
+    share of the shards; then n1 is drained with `switchboard drain` and hands
+    all of its shards away before it exits. Clients use every node as a seed
+    and follow redirects; every ACKed message reaches its recipient exactly
+    once, in the order sent."""
+    nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2", "n3"], bootstrap=["n1", "n2"])
+    nodes.start("n1")
+    nodes.start("n2")
+    pairs = [(f"js{i}", f"jr{i}") for i in range(8)]
+    per_pair = 240
+    try:
+        async def main():
+            loop = asyncio.get_running_loop()
+            recv_clients = {r: nodes.any_client(r) for _, r in pairs}
+            for c in recv_clients.values():
+                await c.connect()
+            got = {r: [] for _, r in pairs}
+
+            async def receive(r, c):
+                while len(got[r]) < per_pair:
+                    m = await c.recv(timeout=60)
+                    got[r].append(m.text)
+                    await c.ack(m)
+            readers = [asyncio.ensure_future(receive(r, c)) for r, c in recv_clients.items()]
+            senders = {s: nodes.any_client(s) for s, _ in pairs}
+            for c in senders.values():
+                await c.connect()
+            phase = {"n": 0}
+
+            async def send(s, r):
+                c = senders[s]
+                for i in range(per_pair):
+                    await c.send(r, f"{s}-{i}", timeout=120)
+                    phase["n"] += 1
+            writers = [asyncio.ensure_future(send(s, r)) for s, r in pairs]
+            # under load: n3 joins and takes its share
+            while phase["n"] < len(pairs) * 30:
+                await asyncio.sleep(0.01)
+            await loop.run_in_executor(None, nodes.start, "n3")
+            await loop.run_in_executor(None, _wait, "n3 to own shards",
+                                       lambda: nodes.owned("n3") > 10 and not nodes.status("n3")["workers"]["0"]["moving"],
+                                       60)
+            mark = phase["n"]
+            while phase["n"] < mark + len(pairs) * 30:
+                await asyncio.sleep(0.01)
+            # under load: n1 is drained and hands its shards away before it exits
+            from gateway.stats import run_drain
+            await loop.run_in_executor(None, run_drain, nodes.host("n1"), nodes.ports["n1"][2], 50, 0.1, 60.0)
+            await asyncio.gather(*writers)
+            await asyncio.wait_for(asyncio.gather(*readers), 90)
+            for c in [*senders.values(), *recv_clients.values()]:
+                await c.close()
+            return got
+        got = asyncio.run(asyncio.wait_for(main(), 240))
+        for s, r in pairs:
+            assert got[r] == [f"{s}-{i}" for i in range(per_pair)], (r, got[r][:10])
+        n1 = nodes.procs["n1"]
+        n1.proc.wait(30)
+        assert n1.proc.returncode == 0, n1.text[-3000:]
+        assert "event=shards_handed_over" in n1.text and "complete=True" in n1.text
+        owners = nodes.status("n2")["workers"]["0"]["owners"]
+        assert set(owners) == {"n2", "n3"} and sum(owners.values()) == 64, owners
+        for name in ("n2", "n3"):
+            assert re.search(r"event=shard_adopted", nodes.procs[name].text)
+    finally:
+        nodes.stop_all()

@@ -67,6 +67,9 @@ class ClusterNode:
         self.disconnects = 0
         self._tasks = []
         self.advertise = self.advertise_ws = ""
+        self.on_map_change = None          # gateway/cluster/moves.py: adopt/drop shards as the map changes
+        self.members_changed = None        # ... and plan moves when a node comes or goes
+        self.mover = None
 
     @property
     def view(self):
@@ -138,8 +141,11 @@ class ClusterNode:
         self.router = router
         return self.bus
 
-    async def start_bus(self) -> None:
+    async def start_bus(self, gateway) -> None:
+        from .moves import ShardMover
         await self.bus.start()
+        self.mover = ShardMover(gateway, self)
+        await self.mover.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._expire_leases()))
 
     # -- questions the gateway asks -------------------------------------------------------
@@ -169,7 +175,12 @@ class ClusterNode:
         """Where a session of `user` must go, if not here (None: here). Raises
         ProtocolError UNAVAILABLE if its node is down (the client retries its seeds)."""
         s = self.shards.shard(user)
-        owner = self.map.view.owner[s]
+        view = self.map.view
+        owner = view.owner[s]
+        if s in view.moving:
+            from _core.errors import ProtocolError
+            from _core.protocol import ErrorCode
+            raise ProtocolError(f"{user}'s shard is moving to another node; retry in a moment", ErrorCode.UNAVAILABLE)
         if owner == self.name:
             return None
         info = self.members.nodes.get(owner)
@@ -198,6 +209,8 @@ class ClusterNode:
 
     # -- events ------------------------------------------------------------------------
     def _node_changed(self, node: str, info) -> None:
+        if self.members_changed is not None:
+            self.members_changed()
         if info is None and self.bus is not None:
             self.bus.node_gone(node)
         elif info is not None and self.bus is not None and node != self.name:
@@ -208,8 +221,10 @@ class ClusterNode:
                     self.router.presence.owner_back(peer.dest)
 
     def _map_changed(self, old, new) -> None:
-        moved = [s for s in range(new.shards) if old.owner[s] != new.owner[s]]
-        _log.info("event=shard_map_changed epoch=%d moved=%d", new.epoch, len(moved))
+        moved = sum(1 for s in range(new.shards) if old.owner[s] != new.owner[s])
+        _log.info("event=shard_map_changed epoch=%d moved=%d moving=%d", new.epoch, moved, len(new.moving))
+        if self.on_map_change is not None:
+            self.on_map_change(old, new)
 
     async def _expire_leases(self) -> None:
         while True:
@@ -247,11 +262,14 @@ class ClusterNode:
                 "lease_renewals": self.members.renewals if self.me == 0 else None,
                 "nodes": {n: dict(i, alive=self.members.alive(n)) for n, i in self.members.nodes.items()},
                 "owners": view.counts(), "moving": {str(s): n for s, n in view.moving.items()},
-                "bus": self.bus.stats() if self.bus is not None else None}
+                "bus": self.bus.stats() if self.bus is not None else None,
+                "moves": self.mover.stats() if self.mover is not None else None}
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.mover is not None:
+            await self.mover.close()
         if self.bus is not None:
             await self.bus.close()
         if self.members is not None:
