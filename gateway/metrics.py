@@ -36,6 +36,8 @@ COUNTERS = {
     "duplicates_total": ("retried SENDs answered with their original ACK", None),
     "handoffs_total": ("connections handed to (out) or adopted from (in) another worker after HELLO",
                        "direction"),
+    "redirects_total": ("HELLOs answered GOAWAY REDIRECT in place of WELCOME: another node of the cluster "
+                        "serves the user", None),
     "receipts_total": ("delivery and read receipts routed", None),
     "errors_total": ("ERROR frames and WebSocket/HTTP refusals sent, by code", "code"),
     "worker_restarts_total": ("worker processes restarted by the supervisor after dying", None),
@@ -100,6 +102,7 @@ def snapshot(gw) -> dict:
             "forwarded_total": r.forwarded,
             "duplicates_total": r.duplicates_dropped,
             "handoffs_total": {"in": gw.handoffs_in, "out": gw.handoffs_out},
+            "redirects_total": gw.redirects,
             "receipts_total": r.receipts_sent,
             "errors_total": errors,
             "limit_events_total": dict(gw.limits.events),

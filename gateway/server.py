@@ -51,6 +51,7 @@ class Gateway:
         self.shards = None
         self.handoffs_out = 0
         self.handoffs_in = 0
+        self.redirects = 0               # HELLOs answered GOAWAY REDIRECT (metrics)
         self.limits = Limits(self)
         self.tls = None                      # tls.Reloader: the listeners' SSLContext, reloaded on SIGHUP
         self.admin_server = None             # the Unix socket the supervisor's admin thread asks (gateway/metrics.py)
@@ -67,6 +68,12 @@ class Gateway:
 
     def count_error(self, code: int) -> None:
         self.errors[ErrorCode(code).name] += 1
+
+    def redirect_for(self, user: str, websocket: bool) -> str | None:
+        """Where `user` is served if not on this node: the `HOST:PORT` of that node's
+        listener of the same kind (WebSocket or TCP), for GOAWAY REDIRECT; None to
+        serve it here. A single node serves everyone; the cluster overrides this."""
+        return None
 
     async def start(self, listen_sock=None, cluster: str | None = None, ws_sock=None) -> tuple[str, int]:
         """Recover the stores, join the bus (several workers), then accept: on
