@@ -123,5 +123,6 @@ class GoawayCode(IntEnum):
     IDLE_TIMEOUT = 4
     #: the client did not read what the server sent (stalled or too far behind); reconnect and resume from the log
     SLOW_CONSUMER = 5
-    #: in place of WELCOME: another node of the cluster serves this user; reason is its HOST:PORT
+    #: in place of WELCOME: another node of the cluster serves this user; `reason` is its
+    #: HOST:PORT (same listener kind), where the client goes next, keeping its state
     REDIRECT = 6

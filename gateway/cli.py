@@ -1,6 +1,7 @@
 """The `switchboard` command: serve, token, send, recv, chat, presence, group, bench, stats, drain, cluster.
 
-Client commands take --host/--port (same defaults as serve) and either
+Client commands take --host/--port (same defaults as serve; --host may be a
+comma-separated seed list, "--host h1,h2:7500", tried in turn) and either
 --token T or --data-dir D (a token is derived from the server secret there,
 for use on the server's own machine).
 
@@ -25,6 +26,12 @@ EXIT_USAGE = 2
 
 class CliError(Exception):
     """A clear, one-line error for the user; exit status 1."""
+    status = EXIT_ERROR
+
+
+class UsageError(CliError):
+    """A flag value the command cannot use (a bad --host entry); exit status 2, as argparse's."""
+    status = EXIT_USAGE
 
 
 def _positive(kind):
@@ -108,8 +115,12 @@ def _add_admin_endpoint(p: argparse.ArgumentParser) -> None:
 
 
 def _add_endpoint(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"gateway address (default {DEFAULT_HOST})")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gateway TCP port (default {DEFAULT_PORT})")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help="gateway address, or seeds tried in turn, comma-separated: --host h1,h2:7500 "
+                        "(HOST[:PORT], IPv6 as [ADDR]:PORT; the port defaults to --port; a cluster node that "
+                        f"does not serve the user sends the client on to the one that does) (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"gateway TCP port, for --host entries without one (default {DEFAULT_PORT})")
     p.add_argument("--tls", action="store_true", help="connect with TLS, verifying the server against the "
                                                       "system's CAs (or --ca)")
     p.add_argument("--ca", metavar="FILE", help="PEM file of the CA(s) to trust for the server's certificate "
@@ -333,13 +344,18 @@ def _token_for(args) -> str:
 
 async def _connect(args, send_only: bool = False):
     import ssl
-    from .client import Client, ServerError
+    from .client import Client, ServerError, format_address, parse_seeds
     from .tls import client_context
+    try:
+        seeds = parse_seeds(args.host, args.port)
+    except ValueError as exc:
+        raise UsageError(f"--host: {exc}") from None
+    where = ", ".join(map(format_address, seeds))
     try:
         tls = client_context(args.ca) if (args.tls or args.ca) else None
     except (OSError, ssl.SSLError) as exc:
         raise CliError(f"cannot load CA file {args.ca}: {getattr(exc, 'strerror', None) or exc}") from None
-    client = Client(args.host, args.port, _token_for(args), args.device, reconnect=False, send_only=send_only,
+    client = Client(seeds, args.port, _token_for(args), args.device, reconnect=False, send_only=send_only,
                     ssl=tls)
     try:
         await client.connect()
@@ -349,10 +365,10 @@ async def _connect(args, send_only: bool = False):
         raise CliError(f"TLS: the server's certificate is not trusted ({exc.verify_message}); "
                        f"pass --ca with the CA that signed it") from None
     except ssl.SSLError as exc:
-        raise CliError(f"TLS handshake with {args.host}:{args.port} failed: {exc.reason or exc} "
+        raise CliError(f"TLS handshake with {where} failed: {exc.reason or exc} "
                        f"(is the server using TLS?)") from None
     except (OSError, asyncio.TimeoutError) as exc:
-        raise CliError(f"cannot connect to {args.host}:{args.port}: {exc.strerror or exc}") from None
+        raise CliError(f"cannot connect to {where}: {getattr(exc, 'strerror', None) or exc or 'timed out'}") from None
     if args.user and client.welcome.user != args.user:
         await client.close()
         raise CliError(f"the token is for {client.welcome.user!r}, not {args.user!r}")
@@ -580,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         return uvloop.run(runner(args))
     except CliError as exc:
         print(f"switchboard: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exc.status
     except SettingError as exc:
         print(f"switchboard: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -10,9 +10,16 @@ seq of this client's producer; one refused for now (UNAVAILABLE, STORAGE_FULL,
 RATE_LIMITED, OUT_OF_ORDER) is sent again, with every later refused one, in seq
 order, after a backoff that doubles while refusals continue. So the server
 stores a device's messages once and in the order they were sent.
+
+A client has seeds (`host` may be a list, or "h1,h2:7500"): gateways it tries
+in turn, the next one after a failed connect or a lost connection. A gateway
+of a cluster that does not serve the user answers HELLO with GOAWAY REDIRECT
+naming the node that does; the client goes there at once, as the same session
+(PROTOCOL.md section 3, GOAWAY).
 """
 import collections
 import asyncio
+import ipaddress
 import itertools
 import json
 import os
@@ -22,9 +29,93 @@ from dataclasses import dataclass
 from _core import frames
 from _core.codec import Decoder, decode_body, encode
 from _core.errors import ProtocolError, ServerError
-from _core.protocol import DEFAULT_MAX_FRAME, MAX_SUBSCRIBE, PROTOCOL_VERSION, ErrorCode, GroupOp, ReceiptKind
+from _core.protocol import (DEFAULT_MAX_FRAME, MAX_SUBSCRIBE, PROTOCOL_VERSION, ErrorCode, GoawayCode, GroupOp,
+                            ReceiptKind)
 
-__all__ = ["Client", "Message", "Receipt", "SendResult", "ServerError", "ConnectionClosed"]
+__all__ = ["Client", "Message", "Receipt", "SendResult", "ServerError", "ConnectionClosed", "parse_seeds",
+           "format_address"]
+
+#: REDIRECTs in a row without a WELCOME: the third is not followed (two nodes with
+#: different shard maps could bounce a client forever); the client goes on with its seeds
+MAX_REDIRECTS = 3
+
+
+def parse_address(entry: str, default_port: int | None) -> tuple[str, int]:
+    """`HOST[:PORT]` (IPv6 as `[ADDR]:PORT`, or a bare IPv6 address) -> (host, port).
+    `default_port` None: the port is required (a REDIRECT's address). ValueError with
+    a one-line reason otherwise."""
+    text = entry.strip()
+    form = "write HOST[:PORT], IPv6 as [ADDR]:PORT"
+    if not text:
+        raise ValueError(f"empty gateway address ({form})")
+    port_text = None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"bad gateway address {entry!r}: no ']' after the IPv6 address ({form})")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"bad gateway address {entry!r}: ':PORT' or nothing may follow ']' ({form})")
+            port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"bad gateway address {entry!r}: {host!r} is not an IPv6 address ({form})") from None
+    elif text.count(":") > 1:                  # a bare IPv6 address: it has no port
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            raise ValueError(f"bad gateway address {entry!r}: put an IPv6 address in brackets ({form})") from None
+        host = text
+    else:
+        host, _, port_text = text.partition(":") if ":" in text else (text, "", None)
+        if not host or any(c.isspace() or c in "/[]@" for c in host):
+            raise ValueError(f"bad gateway address {entry!r}: {host!r} is not a host name or address ({form})")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"bad gateway address {entry!r}: no port ({form})")
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"bad gateway address {entry!r}: the port must be a number 1..65535 ({form})")
+    return host, int(port_text)
+
+
+def parse_seeds(host, port: int) -> list[tuple[str, int]]:
+    """The gateways to try, in order: `host` is one address, a comma-separated list
+    ("h1,h2:7500,[::1]:7400"), or a list of such strings or (host, port) pairs;
+    entries without a port get `port`."""
+    if isinstance(host, str):
+        entries = host.split(",")
+    else:
+        entries = list(host)
+    seeds = [tuple(e) if isinstance(e, tuple) else parse_address(e, port) for e in entries]
+    if not seeds:
+        raise ValueError("no gateway address given")
+    return seeds
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """(host, port) -> `HOST:PORT`, IPv6 as `[ADDR]:PORT` (the REDIRECT reason's form)."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Redirect(Exception):
+    """GOAWAY REDIRECT came in place of WELCOME: connect to `address` next."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _RoundFailed(Exception):
+    """No seed gave a WELCOME in one round. `unreachable`: every try failed to connect
+    (refused, timed out, TLS); `last` is the last such error."""
+
+    def __init__(self, unreachable: bool, last: BaseException | None):
+        super().__init__(str(last))
+        self.unreachable, self.last = unreachable, last
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +185,10 @@ class _Protocol(asyncio.BufferedProtocol):
         self.transport = None
         self.decoder = Decoder(self._frame, DEFAULT_MAX_FRAME * 256)
         self.lost = asyncio.get_running_loop().create_future()
+        # this connection's WELCOME (or why none came): one per connection, so that a
+        # previous try closing late cannot fail the next one's
+        self.welcome = asyncio.get_running_loop().create_future()
+        self.welcome.add_done_callback(_retrieved)
         self.pinged = False      # the keepalive has started (its first PING goes one interval later)
 
     def connection_made(self, transport):
@@ -106,7 +201,7 @@ class _Protocol(asyncio.BufferedProtocol):
         try:
             self.decoder.buffer_updated(nbytes)
         except ProtocolError as exc:
-            self.client._protocol_error(exc)
+            self.client._protocol_error(self, exc)
             self.transport.abort()
 
     def _frame(self, ftype, flags, body):
@@ -131,12 +226,26 @@ class Client:
     duplicates), and delivery resumes where it stopped. At most
     ``welcome.send_window`` sends are in flight; ``send`` waits for room. A
     send whose ``timeout`` expires stays in the outbox and is still delivered.
+
+    ``host`` may name several gateways (seeds): a list, or ``"h1,h2:7500"``
+    (entries ``HOST[:PORT]``, IPv6 as ``[ADDR]:PORT``; the port defaults to
+    ``port``). A failed connect or a lost connection moves on to the next seed;
+    the backoff applies once per round of all seeds. A GOAWAY REDIRECT is
+    followed at once (``MAX_REDIRECTS``). ``address`` is the (host, port) of the
+    current connection.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 7400, token: str = "", device: str = "main",
+    def __init__(self, host: str | list = "127.0.0.1", port: int = 7400, token: str = "", device: str = "main",
                  *, reconnect: bool = True, resume_after: int = 0, connect_timeout: float = 10.0,
                  max_backoff: float = 5.0, send_only: bool = False, ssl=None):
         self.host, self.port, self.token, self.device = host, port, token, device
+        #: the gateways to try, in turn (parse_seeds); ValueError here for a bad entry
+        self.seeds = parse_seeds(host, port)
+        self._seed_next = 0                   # the seed the next round starts with
+        #: (host, port) of the connection that got the last WELCOME (a seed, or where a REDIRECT sent us)
+        self.address: tuple[str, int] | None = None
+        #: REDIRECTs followed, in all
+        self.redirects = 0
         #: an ssl.SSLContext for TLS (gateway.tls.client_context(ca=...)), or None for plain TCP
         self.ssl = ssl
         self.reconnect = reconnect
@@ -152,7 +261,6 @@ class Client:
         self.welcome: frames.Welcome | None = None
         self._proto: _Protocol | None = None
         self._welcomed: _Protocol | None = None      # the connection whose WELCOME came
-        self._welcome_fut: asyncio.Future | None = None
         self._ids = itertools.count(int.from_bytes(os.urandom(7), "big"))
         #: the producer this client's seqs belong to (from WELCOME; 0 until the first one)
         self.producer = 0
@@ -181,28 +289,72 @@ class Client:
         return self.welcome
 
     async def _open_retrying(self) -> None:
+        """Rounds of the seeds until one WELCOMEs. A round in which no seed could be
+        reached at all raises its last error (the caller decides: connect() reports
+        it, the reconnect loop backs off); one that met a restarting worker
+        (UNAVAILABLE), a connection dropped before WELCOME or a REDIRECT loop is
+        tried again after a backoff, once per round."""
         delay = 0.02
         while True:
             try:
-                return await self._open()
-            except ServerError as exc:       # the user's worker is restarting: come back shortly
-                if exc.code != ErrorCode.UNAVAILABLE:
-                    raise
-            except ConnectionClosed:
-                pass                         # dropped before WELCOME (handed to a worker that died)
+                return await self._round()
+            except _RoundFailed as exc:
+                if exc.unreachable:
+                    raise exc.last from None
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.max_backoff)
 
-    async def _open(self) -> None:
+    async def _round(self) -> None:
+        """Try each seed once, starting after the one tried last, following REDIRECTs
+        at once (no backoff: it is not a failure); return at the first WELCOME. A
+        fatal ServerError other than UNAVAILABLE is raised as it is."""
+        unreachable, last = True, None
+        # one seed: no timeout per try (connect_timeout bounds it, as always); several:
+        # a seed that swallows SYNs must leave time for the others
+        per_try = None if len(self.seeds) == 1 else max(self.connect_timeout / len(self.seeds), 0.5)
+        for _ in range(len(self.seeds)):
+            address = self.seeds[self._seed_next]
+            self._seed_next = (self._seed_next + 1) % len(self.seeds)
+            hops = 0
+            while address is not None:
+                try:
+                    await asyncio.wait_for(self._open(address), per_try)
+                    return
+                except _Redirect as r:
+                    hops += 1
+                    unreachable = False
+                    address = None
+                    if hops < MAX_REDIRECTS:
+                        try:
+                            address = parse_address(r.reason, None)
+                            self.redirects += 1
+                        except ValueError as exc:
+                            last = ConnectionClosed(f"GOAWAY REDIRECT to an address that is not HOST:PORT: {exc}")
+                except ServerError as exc:
+                    if exc.code != ErrorCode.UNAVAILABLE:     # the user's worker is restarting: come back shortly
+                        raise
+                    unreachable, last, address = False, exc, None
+                except ConnectionClosed as exc:
+                    unreachable, last, address = False, exc, None   # dropped before WELCOME
+                except (OSError, asyncio.TimeoutError) as exc:
+                    last, address = exc, None                       # refused, timed out, TLS: the next seed
+        raise _RoundFailed(unreachable, last)
+
+    async def _open(self, address: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
-        self._welcome_fut = loop.create_future()
-        self._welcome_fut.add_done_callback(_retrieved)
-        _, proto = await loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=self.ssl)
+        _, proto = await loop.create_connection(lambda: _Protocol(self), *address, ssl=self.ssl)
         self._proto = proto
-        proto.transport.write(encode(frames.Hello(PROTOCOL_VERSION, self.token, self.device, self._acked_hwm,
-                                                  self.send_only, self.producer)))
-        self.welcome = await self._welcome_fut
+        try:
+            proto.transport.write(encode(frames.Hello(PROTOCOL_VERSION, self.token, self.device, self._acked_hwm,
+                                                      self.send_only, self.producer)))
+            self.welcome = await proto.welcome
+            if proto.lost.done():       # lost between its WELCOME and now: nobody else will reconnect it
+                raise ConnectionClosed("connection lost right after WELCOME")
+        except BaseException:
+            proto.transport.abort()     # a REDIRECT, a refusal or a timeout: this try is over
+            raise
         self._welcomed = proto
+        self.address = address
         self.producer = self.welcome.producer
         self._keepalive(proto)
         for out in self._outbox.values():           # in seq order, with their seqs: the server drops retries
@@ -491,8 +643,8 @@ class Client:
                 self._resend_delay = RESEND_FIRST
                 self._answered(frame.seq, SendResult(frame.seq, frame.msg_id, frame.timestamp_ms))
         elif t is frames.Welcome:
-            if self._welcome_fut is not None and not self._welcome_fut.done():
-                self._welcome_fut.set_result(frame)
+            if not proto.welcome.done():
+                proto.welcome.set_result(frame)
         elif t is frames.Pong:
             fut = self._pongs.get(frame.nonce)
             if fut is not None and not fut.done():
@@ -510,25 +662,26 @@ class Client:
             elif pending:
                 self._answered(frame.ref, exc=err)  # refused for good (or a code this client does not know)
             elif frame.fatal:
-                if self._welcome_fut is not None and not self._welcome_fut.done():
-                    self._welcome_fut.set_exception(err)
+                if not proto.welcome.done():
+                    proto.welcome.set_exception(err)
                 if frame.code in _FATAL_AUTH:
                     self._fatal = err
         elif t is frames.Goaway:
-            self._reconnect_hint = frame.reconnect_ms / 1000
             self.goaway, self.goaway_at = frame, asyncio.get_running_loop().time()
+            if frame.code == GoawayCode.REDIRECT and not proto.welcome.done():
+                proto.welcome.set_exception(_Redirect(frame.reason))   # in place of WELCOME: go there
+                return
+            self._reconnect_hint = frame.reconnect_ms / 1000
 
-    def _protocol_error(self, exc: ProtocolError) -> None:
-        if self._welcome_fut is not None and not self._welcome_fut.done():
-            self._welcome_fut.set_exception(exc)
+    def _protocol_error(self, proto, exc: ProtocolError) -> None:
+        if not proto.welcome.done():
+            proto.welcome.set_exception(exc)
 
     def _on_lost(self, proto, exc) -> None:
-        if proto is not self._proto:
-            return
-        if self._welcome_fut is not None and not self._welcome_fut.done():
-            self._welcome_fut.set_exception(ConnectionClosed(f"connection lost before WELCOME: {exc}"))
-        if self.welcome is None:
-            return                  # the first connect is still trying (or failed): connect() decides
+        if not proto.welcome.done():
+            proto.welcome.set_exception(ConnectionClosed(f"connection lost before WELCOME: {exc}"))
+        if proto is not self._proto or proto is not self._welcomed:
+            return                  # a try that got no WELCOME (refused, redirected): the connecting code decides
         for fut in self._pongs.values():
             if not fut.done():
                 fut.set_exception(ConnectionClosed("connection lost"))

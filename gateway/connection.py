@@ -17,6 +17,16 @@ from .auth import AuthError
 _log = log.get("switchboard.conn")
 
 
+class Redirected(Exception):
+    """Raised from the HELLO sink when another node serves the user: the read
+    stops there and `_input` answers GOAWAY REDIRECT (a slot per connection for
+    this rare case would cost every idle session)."""
+
+    def __init__(self, user: str, address: str):
+        super().__init__(address)
+        self.user, self.address = user, address
+
+
 class Connection(asyncio.BufferedProtocol):
     # Every field here is paid a million times over on a dense gateway: keep it short.
     __slots__ = ("gateway", "transport", "session", "decoder", "_hello_timer", "handed_off", "_handoff",
@@ -74,6 +84,8 @@ class Connection(asyncio.BufferedProtocol):
                 self.gateway.limits.check_slow(self)
             if self._handoff is not None:
                 self._hand_off()
+        except Redirected as r:
+            self.redirect(r.user, r.address)
         except ProtocolError as exc:
             self.gateway.count_error(exc.code)
             self.fail(exc.code, exc.reason)
@@ -126,12 +138,9 @@ class Connection(asyncio.BufferedProtocol):
             user, device, expires = gw.authority.grant(hello.token, hello.device)
         except AuthError as exc:
             raise ProtocolError(str(exc), exc.code) from None
-        if gw.cluster is not None:
-            # another node serves this user: send the client there (UNAVAILABLE if that node is down)
-            address = gw.cluster.redirect_for(user, self.WEBSOCKET)
-            if address is not None:
-                self._redirect(address)
-                return
+        address = gw.redirect_for(user, self.WEBSOCKET)
+        if address is not None:
+            raise Redirected(user, address)
         owner = gw.shards.owner_uncached(user)
         if owner != gw.shards.me:
             if self.handed_off or gw.bus is None:
@@ -194,19 +203,23 @@ class Connection(asyncio.BufferedProtocol):
             gw.count_error(ErrorCode.UNAVAILABLE)
             self.fail(ErrorCode.UNAVAILABLE, f"worker {owner} is restarting; reconnect shortly")
 
-    def _redirect(self, address: str) -> None:
-        """GOAWAY REDIRECT in place of WELCOME: the client connects to `address` next."""
-        self._cancel_hello_timer()
-        self.decoder.stop()
-        self.gateway.redirects += 1
-        self.write_and_close(encode(frames.Goaway(GoawayCode.REDIRECT, 0, address)))
-
     def _hello_timed_out(self):
         self._hello_timer = None
         if self.session is None and not self.transport.is_closing():
             self.gateway.count_error(ErrorCode.HELLO_TIMEOUT)
             self.fail(ErrorCode.HELLO_TIMEOUT, "no HELLO within "
                       f"{self.gateway.config.hello_timeout:g} s")
+
+    def redirect(self, user: str, address: str) -> None:
+        """GOAWAY REDIRECT in place of WELCOME (PROTOCOL.md section 3, GOAWAY): another
+        node serves this user; the client connects to `address` next, keeping its state."""
+        gw = self.gateway
+        gw.redirects += 1
+        _log.info("event=redirect peer=%s user=%s to=%s", log.q(self.peer), log.q(user), log.q(address))
+        self.decoder.stop()
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+            self.goaway_and_close(encode(frames.Goaway(GoawayCode.REDIRECT, 0, address)))
 
     # -- errors -------------------------------------------------------------------
     def fail(self, code: int, reason: str) -> None:
@@ -225,5 +238,10 @@ class Connection(asyncio.BufferedProtocol):
 
     def write_and_close(self, data: bytes) -> None:
         """Last bytes before a session exists (a fatal ERROR), then close."""
+        self.transport.write(data)
+        self.transport.close()
+
+    def goaway_and_close(self, data: bytes) -> None:
+        """A GOAWAY before a session exists (REDIRECT), then close."""
         self.transport.write(data)
         self.transport.close()

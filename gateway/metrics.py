@@ -36,10 +36,11 @@ COUNTERS = {
     "duplicates_total": ("retried SENDs answered with their original ACK", None),
     "handoffs_total": ("connections handed to (out) or adopted from (in) another worker after HELLO",
                        "direction"),
+    "redirects_total": ("HELLOs answered GOAWAY REDIRECT in place of WELCOME: another node of the cluster "
+                        "serves the user", None),
     "receipts_total": ("delivery and read receipts routed", None),
     "errors_total": ("ERROR frames and WebSocket/HTTP refusals sent, by code", "code"),
     "worker_restarts_total": ("worker processes restarted by the supervisor after dying", None),
-    "redirects_total": ("sessions sent to the cluster node that serves their user (GOAWAY REDIRECT)", None),
     "cluster_messages_total": ("NATS messages to and from other nodes' workers (a loop turn's frames for one "
                                "worker are one message)", "direction"),
     "cluster_bytes_total": ("bytes of those NATS messages", "direction"),

@@ -51,7 +51,7 @@ class Gateway:
         self.shards = None
         self.handoffs_out = 0
         self.handoffs_in = 0
-        self.redirects = 0               # sessions sent to the node that serves their user (GOAWAY REDIRECT)
+        self.redirects = 0               # HELLOs answered GOAWAY REDIRECT (metrics)
         self.limits = Limits(self)
         self.tls = None                      # tls.Reloader: the listeners' SSLContext, reloaded on SIGHUP
         self.admin_server = None             # the Unix socket the supervisor's admin thread asks (gateway/metrics.py)
@@ -69,6 +69,13 @@ class Gateway:
 
     def count_error(self, code: int) -> None:
         self.errors[ErrorCode(code).name] += 1
+
+    def redirect_for(self, user: str, websocket: bool) -> str | None:
+        """Where `user` is served if not on this node: the `HOST:PORT` of that node's
+        listener of the same kind (WebSocket or TCP), for GOAWAY REDIRECT; None to
+        serve it here. A single node serves everyone; a cluster node asks the shard map
+        (raising ProtocolError UNAVAILABLE while the user's node is down or its shard moves)."""
+        return self.cluster.redirect_for(user, websocket) if self.cluster is not None else None
 
     async def start(self, listen_sock=None, cluster: str | None = None, ws_sock=None) -> tuple[str, int]:
         """Recover the stores, join the bus (several workers), then accept: on

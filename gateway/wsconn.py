@@ -157,6 +157,11 @@ class WsConnection(Connection):
         self.writer(data)
         self.ws_close(1008, "")
 
+    def goaway_and_close(self, data: bytes) -> None:
+        """GOAWAY REDIRECT in a binary message, then Close 1001 as after any GOAWAY."""
+        self.writer(data)
+        self.ws_close(1001, "")
+
     def ws_close(self, code: int, reason: str) -> None:
         """Send Close(code) once, stop reading protocol frames, close TCP."""
         if self.ws is not None:

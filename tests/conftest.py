@@ -2,10 +2,14 @@
 
 `gateway_proc` starts `python -m gateway serve --port 0` in a fresh data dir and
 waits for its "listening on" line (a real readiness signal, not a sleep); it is
-stopped by PID at teardown.
+stopped by PID at teardown. `redirector(gw)` starts tests/redirecting_gateway.py
+(a gateway answering every HELLO with GOAWAY REDIRECT, sharing gw's secret);
+`dead_port` is a port on which connects are refused.
 """
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -161,3 +165,64 @@ def nats_cluster(nats_factory):
 def nats_single(nats_factory):
     """One nats-server with JetStream and no cluster."""
     return nats_factory(1)
+
+
+@pytest.fixture
+def dead_port():
+    """A port nobody listens on, held (bound, not listening) so nobody can take it: connects are refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    yield s.getsockname()[1]
+    s.close()
+
+
+class Redirector:
+    """tests/redirecting_gateway.py as a process: a gateway answering every HELLO with REDIRECT."""
+
+    def __init__(self, data_dir, secret_from):
+        data_dir.mkdir()
+        shutil.copy(secret_from / "secret", data_dir / "secret")      # tokens of the real gateway work here
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests/redirecting_gateway.py"), str(data_dir)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, cwd=ROOT)
+        for _ in range(200):                      # log lines before the banner, at most
+            line = self.proc.stdout.readline()
+            assert line, "redirecting gateway exited before it was ready"
+            m = READY.search(line)
+            if m:
+                self.host, self.port = m.group(1), int(m.group(2))
+                self.ws_port = int(WS_READY.search(line).group(1))
+                return
+        raise AssertionError("no banner from the redirecting gateway")
+
+    def ask(self, command: str) -> str:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        while True:                               # skip log lines (key=value) up to the answer
+            line = self.proc.stdout.readline()
+            assert line, "redirecting gateway exited"
+            if "event=" not in line:
+                return line.strip()
+
+    def send_to(self, tcp: str, ws: str) -> None:
+        assert self.ask(f"to {tcp} {ws}") == "ok"
+
+    def redirects(self) -> int:
+        return int(self.ask("redirects"))
+
+    def stop(self) -> None:
+        from bench.procstat import stop
+        stop(self.proc, 10)
+
+
+@pytest.fixture
+def redirector(tmp_path):
+    started = []
+
+    def factory(gw):
+        r = Redirector(tmp_path / f"redirector{len(started)}", gw.data_dir)
+        started.append(r)
+        return r
+    yield factory
+    for r in started:
+        r.stop()

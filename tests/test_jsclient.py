@@ -40,3 +40,30 @@ def test_js_client_long_ids_and_group_answers_in_pieces(gateway_factory):
     assert out["info"] == {"group": "#js-group", "name": "\u00e9" * 127 + "x",
                            "members": {owner: "admin", **{m: "member" for m in members}}}
     assert out["presences"] == len(members) and out["connected"] is True
+
+
+def test_js_client_url_lists_fail_over_and_follow_redirects(gateway_proc, dead_port, redirector):
+    """Seeds in turn (a dead one skipped, with and without reconnect), a REDIRECT followed
+    at once to ws://HOST:PORT/ws keeping scheme and path with the outbox kept, the third
+    REDIRECT in a row not followed (PROTOCOL.md section 3, GOAWAY)."""
+    gw = gateway_proc
+    redirecting, b1, b2 = redirector(gw), redirector(gw), redirector(gw)
+    live = f"ws://{gw.host}:{gw.ws_port}/ws"
+    redirecting.send_to("unused:1", f"{gw.host}:{gw.ws_port}")
+    b1.send_to("unused:1", f"{b2.host}:{b2.ws_port}")
+    b2.send_to("unused:1", f"{b1.host}:{b1.ws_port}")
+    dead = f"ws://127.0.0.1:{dead_port}/ws"
+    urls = [dead, live, f"ws://{redirecting.host}:{redirecting.ws_port}/ws", f"ws://{b1.host}:{b1.ws_port}/ws"]
+    r = subprocess.run([NODE, "--experimental-websocket", "--no-warnings", str(ROOT / "tests/js/seeds.mjs"),
+                        str(ROOT / "gateway/web/switchboard.js"), *urls, gw.token("jsuser")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["maxRedirects"] == 3
+    assert out["once"] == {"url": live, "hops": [dead, live], "acked": True}
+    assert out["again"] == {"url": live, "hops": [dead, dead, live], "acked": True}
+    assert out["redirected"] == {"url": live, "hops": [urls[2], live], "acked": True}
+    b1_url, b2_url = urls[3], f"ws://{b2.host}:{b2.ws_port}/ws"
+    assert out["bounced"] == {"url": live, "hops": [b1_url, b2_url, b1_url, live], "acked": True}
+    assert out["single"] == {"url": live, "hops": [live], "acked": True}
+    assert (redirecting.redirects(), b1.redirects(), b2.redirects()) == (1, 2, 1)

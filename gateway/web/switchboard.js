@@ -3,6 +3,7 @@
 //
 //   import { Client } from "./switchboard.js";
 //   const c = new Client({ url: "ws://host:7401/ws", token, device: "laptop" });
+//   // or seeds tried in turn: new Client({ urls: ["ws://a:7401/ws", "ws://b:7401/ws"], token, device })
 //   c.addEventListener("message", (e) => { show(e.detail); c.ack(e.detail); });
 //   await c.connect();
 //   const { id } = await c.send("bob", "hello");      // resolves once the server stored it
@@ -11,7 +12,12 @@
 // once (ids at or below the highest handed out are dropped), `resumeAfter` is
 // the highest id the application acknowledged, sends without an ACK are
 // sent again with their seqs, in order, after a reconnect (the server drops
-// duplicates), subscriptions are renewed after every WELCOME.
+// duplicates), subscriptions are renewed after every WELCOME. With several
+// `urls` (seeds) a failed or lost connection moves on to the next one, with the
+// backoff once per round of all of them; a GOAWAY REDIRECT (a cluster node that
+// does not serve the user) is followed at once to the node named, keeping this
+// URL's scheme and path, at most MAX_REDIRECTS - 1 times in a row (PROTOCOL.md
+// section 3, GOAWAY).
 //
 // Events (CustomEvent, data in `detail`): welcome, message, receipt, presence,
 // typing, status ("connecting" | "online" | "offline" | "closed"), error.
@@ -42,7 +48,10 @@ const GROUP_OPS = { create: 1, add: 2, remove: 3, promote: 4, demote: 5, leave: 
 const FATAL_AUTH = new Set([ErrorCode.AUTH_FAILED, ErrorCode.TOKEN_EXPIRED, ErrorCode.UNSUPPORTED_VERSION,
   ErrorCode.DEVICE_LIMIT, ErrorCode.FENCED]);
 const FLAG_FATAL = 0x01, FLAG_SEND_ONLY = 0x01, FLAG_MIRROR = 0x02, FLAG_GROUP = 0x04, FLAG_MORE = 0x01;
-const GOAWAY_REPLACED = 2;
+const GOAWAY_REPLACED = 2, GOAWAY_REDIRECT = 6;
+// REDIRECTs in a row without a WELCOME: the third is not followed (two nodes with
+// different shard maps could bounce a client forever); the client goes on with its seeds
+export const MAX_REDIRECTS = 3;
 const MAX_IDS = 4096;
 const MAX_SUBSCRIBE = 1024;
 const U64_MAX = 0xFFFFFFFFFFFFFFFFn;
@@ -187,24 +196,44 @@ function randomId() {
   return new DataView(b.buffer).getBigUint64(0);
 }
 
+/** The URL to follow a REDIRECT to: `address` (HOST:PORT, IPv6 as [ADDR]:PORT) in place of
+ *  the current URL's host and port, keeping its scheme and path. Throws on a bad address. */
+export function redirectUrl(current, address) {
+  if (!/^(\[[0-9A-Fa-f:.]+\]|[^\s:/?#@[\]]+):[0-9]{1,5}$/.test(address)) {
+    throw new RangeError(`GOAWAY REDIRECT to an address that is not HOST:PORT: ${address}`);
+  }
+  const u = new URL(current);
+  u.host = address;
+  return u.href;
+}
+
 // -- the client -------------------------------------------------------------------------
 
 export class Client extends EventTarget {
   /**
    * @param {object} o
-   * @param {string} o.url         ws://host:port/ws
+   * @param {string} [o.url]       ws://host:port/ws
+   * @param {string[]} [o.urls]     seeds tried in turn instead of one url (the first is tried first)
    * @param {string} o.token       from `switchboard token issue`
    * @param {string} o.device      this device's id
    * @param {bigint|string} [o.resumeAfter] highest id already processed (persist it, as a string)
    * @param {boolean} [o.sendOnly]  a sender that is no device
    * @param {boolean} [o.reconnect] re-connect with backoff (default true)
    */
-  constructor({ url, token, device = "web", resumeAfter = 0n, sendOnly = false, reconnect = true,
+  constructor({ url, urls, token, device = "web", resumeAfter = 0n, sendOnly = false, reconnect = true,
     maxBackoffMs = 5000 }) {
     super();
     const problem = idProblem(device, "a device id");
     if (problem) throw new RangeError(problem);
-    Object.assign(this, { url, token, device, sendOnly, reconnect, maxBackoffMs });
+    const seeds = urls?.length ? [...urls] : [url];
+    for (const u of seeds) new URL(u);      // a bad seed fails here, not on the first reconnect
+    Object.assign(this, { token, device, sendOnly, reconnect, maxBackoffMs });
+    this.urls = seeds;
+    this.seed = 0;                        // index of the seed in use (or the last tried)
+    this.url = seeds[0];                  // the URL of the current connection (a seed, or a REDIRECT's)
+    this.triesLeft = seeds.length;        // seeds left in this round before the backoff
+    this.redirectTo = null;               // where the next try goes at once (a REDIRECT)
+    this.hops = 0;                        // REDIRECTs since the last WELCOME (or the last seed)
     this.welcome = null;
     this.ws = null;
     this.seenHwm = toU64(resumeAfter);    // highest id handed to the application
@@ -267,6 +296,13 @@ export class Client extends EventTarget {
           settled = true;
           this._welcomed(f);
           resolve?.(f);
+        } else if (f.type === FrameType.GOAWAY && f.code === GOAWAY_REDIRECT && !settled) {
+          this.hops++;
+          this.redirectTo = null;
+          if (this.hops < MAX_REDIRECTS) {
+            try { this.redirectTo = redirectUrl(this.url, f.reason); } catch (err) { this._emit("error", err); }
+          }
+          ws.close(1000, "redirected");
         } else if (f.type === FrameType.ERROR && f.fatal && !settled) {
           settled = true;
           const err = new ServerError(f.code, f.reason, f.ref, true);
@@ -279,13 +315,20 @@ export class Client extends EventTarget {
         }
       }
     };
+    // a failed connect fires "error"; browsers then fire "close", but Node's WebSocket
+    // (undici, Node 20) may not, and stays CONNECTING: the first of the two ends this try
+    let ended = false;
+    ws.onerror = () => ws.onclose({ code: 1006 });   // (closing it here would make undici fire error again)
     ws.onclose = (ev) => {
-      if (ws !== this.ws) return;
+      if (ended || ws !== this.ws) return;
+      ended = true;
       clearInterval(this.pingTimer);
       this.welcome = null;
       for (const { reject: rj } of this.pongs.values()) rj(new Error("connection lost"));
       this.pongs.clear();
-      if (this.closed || this.fatal || !this.reconnect) {
+      const next = this._nextTry();
+      // without reconnect, a first connect still tries every seed (and follows REDIRECTs) once
+      if (this.closed || this.fatal || (!this.reconnect && (settled || next.roundDone))) {
         this.closed = true;
         this._emit("status", "closed");
         if (!settled) reject?.(this.fatal || new Error(`connection closed (${ev.code})`));
@@ -293,17 +336,38 @@ export class Client extends EventTarget {
         return;
       }
       this._emit("status", "offline");
-      const wait = Math.max(this.reconnectHintMs, this.backoff) * (0.5 + Math.random() / 2);
-      this.reconnectHintMs = 0;
-      this.backoff = Math.min(this.backoff * 2, this.maxBackoffMs);
       setTimeout(() => {
         if (!this.closed) this._open(settled ? null : resolve, settled ? null : reject);
-      }, wait);
+      }, next.wait);
     };
+  }
+
+  /** Where the next try goes, and after how long: a REDIRECT's URL at once (it is no
+   * failure), else the next seed; the backoff only once every seed of the round failed. */
+  _nextTry() {
+    if (this.redirectTo) {
+      this.url = this.redirectTo;
+      this.redirectTo = null;
+      return { wait: 0, roundDone: false };
+    }
+    this.hops = 0;
+    this.seed = (this.seed + 1) % this.urls.length;
+    this.url = this.urls[this.seed];
+    let wait = this.reconnectHintMs, roundDone = false;
+    if (--this.triesLeft <= 0) {
+      roundDone = true;
+      this.triesLeft = this.urls.length;
+      wait = Math.max(this.reconnectHintMs, this.backoff) * (0.5 + Math.random() / 2);
+      this.backoff = Math.min(this.backoff * 2, this.maxBackoffMs);
+    }
+    this.reconnectHintMs = 0;
+    return { wait, roundDone };
   }
 
   _welcomed(w) {
     this.backoff = 100;
+    this.hops = 0;
+    this.triesLeft = this.urls.length;
     this.reconnects++;
     this.welcome = w;
     this.producer = w.producer;

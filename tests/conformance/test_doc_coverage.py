@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 
-from _core.protocol import ErrorCode
+from _core.protocol import ErrorCode, GoawayCode
 
 from .kit import DOC
 
@@ -55,6 +55,12 @@ MUSTS = {
             "test_s3_privacy_undefined_bits_are_ignored"],
         "the group id, which MUST start with `#`": [
             "test_s3_group_id_must_start_with_hash"],
+        # without a cluster: a real gateway whose redirect_for (the hook a cluster node
+        # overrides) names another; the cluster's own end-to-end test is tests/test_cluster.py
+        "A client MUST connect to that address next": [
+            "test_s3_redirect_the_sdk_follows_it_as_the_same_session",
+            "test_s3_redirect_the_third_in_a_row_is_not_followed",
+            "test_s3_redirect_is_sent_in_place_of_welcome_on_tcp_and_websocket"],
     },
     "4": {
         "A client MUST decide whether an error is fatal from the FATAL flag": [
@@ -256,6 +262,16 @@ def test_every_error_code_of_section_4_has_a_test():
     assert table, "no error code table in section 4"
     assert sorted(table) == sorted(CODES), (sorted(set(table) - set(CODES)), sorted(set(CODES) - set(table)))
     assert table == {c.name: int(c) for c in ErrorCode}, "section 4 and _core/protocol.py list other codes"
+
+
+def test_the_goaway_codes_of_section_3_are_the_servers():
+    """GOAWAY's `code` row lists exactly `_core.protocol.GoawayCode` (a code added on
+    one side only, REDIRECT say, fails here)."""
+    goaway = sections(DOC.read_text())["3"].split("### GOAWAY")[1]
+    row = re.search(r"^\| 0 \| code \| u16 \| (.*) \|$", goaway, re.M)
+    assert row, "no code row in section 3's GOAWAY table"
+    listed = {m.group(2): int(m.group(1)) for m in re.finditer(r"(\d+) ([A-Z_]+)", row.group(1))}
+    assert listed == {c.name: int(c) for c in GoawayCode}, "section 3's GOAWAY codes and _core/protocol.py differ"
 
 
 def test_the_named_tests_exist_and_name_their_section():
