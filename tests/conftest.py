@@ -119,3 +119,45 @@ def gateway_factory(tmp_path):
 @pytest.fixture
 def gateway_proc(gateway_factory):
     return gateway_factory("--hello-timeout", "1")
+
+
+# -- NATS clusters for the cluster tests (gateway/cluster/natsd.py) -----------------------------
+
+def _nats_server_or_skip() -> None:
+    """Skip only when no nats-server >= 2.11 exists (CI installs the cluster extra, which has one)."""
+    from gateway.cluster.natsd import NatsServerNotFound, nats_server_binary
+    try:
+        nats_server_binary()
+    except NatsServerNotFound as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def nats_factory(tmp_path):
+    """factory(size=3, extra_config="", name="sb") -> a started NatsCluster under tmp_path;
+    every cluster it made is stopped by PID at teardown."""
+    _nats_server_or_skip()
+    from gateway.cluster.natsd import NatsCluster
+    started = []
+
+    def factory(size: int = 3, extra_config: str = "", name: str = "sb"):
+        cluster = NatsCluster(tmp_path / f"nats{len(started)}", size=size, name=name,
+                              extra_config=extra_config)
+        started.append(cluster)
+        return cluster.start()
+
+    yield factory
+    for cluster in started:
+        cluster.stop_all()
+
+
+@pytest.fixture
+def nats_cluster(nats_factory):
+    """Three routed nats-servers with JetStream; an R3 KV bucket can be made at once."""
+    return nats_factory(3)
+
+
+@pytest.fixture
+def nats_single(nats_factory):
+    """One nats-server with JetStream and no cluster."""
+    return nats_factory(1)
