@@ -285,3 +285,60 @@ def test_kv_survives_killing_the_stream_leader_and_the_server_rejoins(nats_clust
         await survivor.close()
     run(main())
     assert all(c.pids)
+
+
+# -- the command lines: python -m gateway.cluster.natsd, make serve-cluster --nats-only ----------
+
+def _run_until_line(cmd, tmp_path, marker: str, timeout: float = 30.0):
+    """Start cmd, wait (bounded) for `marker` in its output, SIGTERM it, return (rc, output)."""
+    import re
+    import signal
+    import socket
+    import subprocess
+    from conftest import ROOT
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while marker not in out.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = out.read_text()
+        assert marker in text, text
+        urls = re.findall(r"nats://([\d.]+):(\d+)", text)
+        assert len(urls) == 3
+        for host, port in urls:                      # really listening
+            socket.create_connection((host, int(port)), timeout=2).close()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for host, port in urls:                          # every server stopped with it
+        with pytest.raises(OSError):
+            socket.create_connection((host, int(port)), timeout=2).close()
+    return rc, out.read_text()
+
+
+def test_natsd_cli_starts_prints_url_and_stops_on_sigterm(tmp_path):
+    rc, _ = _run_until_line([sys.executable, "-m", "gateway.cluster.natsd", "--root", str(tmp_path / "c"),
+                             "--size", "3"], tmp_path, "nats://")
+    assert rc == 0
+
+
+def test_devcluster_nats_only_and_shared_secret(tmp_path):
+    rc, text = _run_until_line([sys.executable, "-m", "gateway.cluster.devcluster", "--root",
+                                str(tmp_path / "sc"), "--nats-only"], tmp_path, "Ctrl-C stops it")
+    assert rc == 0 and (tmp_path / "sc" / "nats" / "n3.log").exists()
+
+    from gateway.auth import TokenAuthority, load_secret
+    from gateway.cluster.devcluster import make_nodes, share_secret
+    nodes = make_nodes(tmp_path / "sc")
+    share_secret(nodes)
+    share_secret(nodes)                                  # a second start keeps the secret
+    secrets = {load_secret(n.data_dir) for n in nodes}
+    assert len(secrets) == 1
+    assert all((n.data_dir / "secret").stat().st_mode & 0o077 == 0 for n in nodes)
+    token = TokenAuthority(load_secret(nodes[0].data_dir)).issue("alice")
+    assert TokenAuthority(load_secret(nodes[2].data_dir)).verify(token, "phone")[0] == "alice"
