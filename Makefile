@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= switchboard-data
 
-.PHONY: serve test build debug bench bench-density bench-throughput bench-compare clean
+.PHONY: serve serve-cluster test build debug bench bench-density bench-throughput bench-compare clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ debug: $(STAMP)
 
 serve: build
 	$(BIN)/switchboard serve --data-dir $(DATA)
+
+# Three NATS servers and three gateway nodes (127.0.0.11-13:7400) under ./switchboard-cluster.
+serve-cluster: build
+	$(BIN)/python -m gateway.cluster.devcluster
 
 test: build
 	$(BIN)/python -m pytest -q

@@ -2,7 +2,13 @@
 and the benchmarks run gateway nodes against these, never against a fake.
 
 NATS facts the cluster relies on (nats-py 2.16, nats-server 2.15; tests/test_natsd.py):
-FACTS
+- CAS: kv.update(last=stale) and kv.create(existing) raise nats.js.errors.KeyWrongLastSequenceError.
+- kv.get reads from the stream leader (nats-py makes buckets without allow_direct): a put acked on
+  one connection is seen by another at once; with direct=True followers answer, stale under load.
+- A fresh R3 bucket may answer its first writes through another server with NoStreamResponseError.
+- TTL expiry: silent in a watch (get: KeyNotFoundError) unless limit_marker_ttl is set; then a
+  PURGE entry, and get() returns the marker (value empty, operation None) until it expires too.
+- Per-key TTL: kv.create(..., msg_ttl=S) only (put/update have none). max_payload: 1 MiB.
 """
 from __future__ import annotations
 
@@ -142,7 +148,9 @@ class NatsCluster:
                 for i in range(self.size):
                     self._write_config(i)
                     self._launch(i)
-                self._wait_ready(range(self.size), time.monotonic() + self.start_timeout)
+                deadline = time.monotonic() + self.start_timeout
+                self._wait_ready(range(self.size), deadline)
+                self._probe_jetstream(deadline)
                 return self
             except _PortTaken:
                 self.stop_all()
@@ -296,6 +304,53 @@ class NatsCluster:
             return all(replicas.get(self.server_name(j)) for j in running if j != leader)
         except (OSError, ValueError):
             return False
+
+    def _probe_jetstream(self, deadline: float) -> None:
+        """Create, publish to through every server, and delete an R`size` stream. The monitor
+        can say "healthy, meta leader, peers current" while the meta leader still refuses an R3
+        create with "no suitable peers for placement, peer offline"; only trying tells.
+        Skipped without nats-py (the `cluster` extra has it)."""
+        try:
+            import nats
+        except ImportError:
+            return
+
+        async def probe():
+            last = None
+            conns = []
+            try:
+                for url in self.urls:
+                    conns.append(await nats.connect(url, connect_timeout=2, allow_reconnect=False))
+                js = conns[0].jetstream(timeout=2)
+                while time.monotonic() < deadline:
+                    try:
+                        await js.add_stream(name="SB_READY_PROBE", subjects=["_sb.ready.probe"],
+                                            num_replicas=self.size, storage="memory")
+                        for nc in conns:
+                            await nc.jetstream(timeout=2).publish("_sb.ready.probe", b"")
+                        await js.delete_stream("SB_READY_PROBE")
+                        return
+                    except Exception as e:        # any refusal: not ready yet; the deadline bounds it
+                        last = e
+                        await asyncio.sleep(0.05)
+                raise TimeoutError(f"JetStream refused an R{self.size} stream until the deadline: {last!r}")
+            finally:
+                for nc in conns:
+                    await nc.close()
+
+        import asyncio
+        result: list[BaseException] = []
+
+        def run() -> None:        # own thread: start() may be called from inside a running loop
+            try:
+                asyncio.run(probe())
+            except BaseException as e:
+                result.append(e)
+        t = threading.Thread(target=run, name="nats-ready-probe")
+        t.start()
+        t.join()
+        if result:
+            raise result[0]
 
     def _wait_ready(self, which, deadline: float) -> None:
         which = list(which)
