@@ -76,9 +76,9 @@ class Gateway:
         self.loop = asyncio.get_running_loop()
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.authority = TokenAuthority(load_or_create_secret(cfg.data_dir))
-        self.shards = ShardMap(DEFAULT_SHARDS, cfg.workers, cfg.worker_index)
+        layout = check_layout(cfg.data_dir) if cfg.store == "log" else None
+        self.shards = ShardMap(layout["shards"] if layout else DEFAULT_SHARDS, cfg.workers, cfg.worker_index)
         if cfg.store == "log":
-            check_layout(cfg.data_dir, DEFAULT_SHARDS)
             store = ShardedLog(Path(cfg.data_dir) / "log", cfg.log_config(), self.shards, lock_wait=cfg.lock_wait)
             store.open(self._parent_gone_now)  # the owned shards' locks, then recovery: before anyone is served
             store.start(self.loop)
