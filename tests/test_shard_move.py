@@ -19,7 +19,7 @@ from _core._codec import Decoder, decode_body
 from _core._routing import LinkCore
 from _core.codec import encode
 from _core.log import LogConfig, ShardedLog
-from _core.protocol import ErrorCode, GoawayCode, GroupOp
+from _core.protocol import ErrorCode, GroupOp
 from gateway.cluster.shardcopy import ShardCopyError, ShardImport, export_shard
 from router import Router
 from router.sharding import DEFAULT_SHARDS, ShardMap, shard_of
