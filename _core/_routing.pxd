@@ -96,6 +96,7 @@ cdef class RouteCore:
     cdef public object _control  # Python policy for presence, typing, privacy frames
     cdef public object _receipt_later    # receipts whose user's worker is down: retried
     cdef public object _group_send       # a SEND to a group this worker owns (router/groups.py)
+    cdef public object _fwd_settled      # called with a session whose forwarded SENDs are all answered
     cdef bint _has_devices
     cdef dict _pending_fwd       # seq -> (sender session, client id, link)
     cdef uint64_t _fwd_seq

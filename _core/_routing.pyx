@@ -316,6 +316,7 @@ cdef class RouteCore:
         self._owner_of = None
         self._is_local_fn = None
         self._log_for = getattr(store, "log_for", None)
+        self._fwd_settled = None
         self._dirty = []
         self._flush_scheduled = False
         self._loop = loop
@@ -407,7 +408,11 @@ cdef class RouteCore:
         cdef uint64_t seg = 0
         cdef int admit, code
         if self._log_for is not None:
-            log = <LogCore>self._log_for(recipient)          # the one look-up of the shard per SEND
+            try:                                             # the one look-up of the shard per SEND
+                log = <LogCore>self._log_for(recipient)
+            except StoreError as exc:    # the shard is moving (UNAVAILABLE): retried, nothing recorded
+                self._refusal = str(exc)
+                return exc.code
         table = log.producers if log is not None else <ProducerTable>self.store.producers
         if key is None:
             key = user + "\x00" + device
@@ -626,7 +631,12 @@ cdef class RouteCore:
         for dev in devices:
             try:
                 self._store(target, <str>dev, rid, ts, ref, by, by_device, "", MSG_RECEIPT, <const char *>&k, 1)
-            except StoreError:
+            except StoreError as exc:
+                if exc.code == ErrorCode.UNAVAILABLE and self._receipt_later is not None:
+                    # the target's shard is moving (refused before anything was written): later,
+                    # to wherever it is then
+                    self._receipt_later(target, kind, ref, by, by_device)
+                    return
                 self.receipts_lost += 1
         online = self._sessions.get(target)
         if online is not None:
@@ -742,7 +752,10 @@ cdef class RouteCore:
             if not origin.closed:
                 self.acked(origin, seq, msg_id, ts)
                 self._observe(<uint64_t>(<tuple>entry)[4])
-        return origin.forward_done()
+        origin.forward_done()
+        if self._fwd_settled is not None and origin.forwards_pending == 0:
+            self._fwd_settled(origin)
+        return 0
 
     def fail_link(self, LinkCore link):
         """A link broke: every SEND waiting on it gets UNAVAILABLE (the client
@@ -761,7 +774,10 @@ cdef class RouteCore:
             return 0
         id_list = [sb_load64(ids + 8 * i) for i in range(count)]
         if self._log_for is not None:
-            log = <LogCore>self._log_for(session.user)
+            try:
+                log = <LogCore>self._log_for(session.user)
+            except StoreError:
+                return 0      # the shard is moving: the entries stay, its next owner delivers them again
         if log is not None:
             log.consume_ids(session.user, session.device, id_list, consumed)
             for loc in consumed:
@@ -777,6 +793,29 @@ cdef class RouteCore:
             elif m.flags & MSG_GROUP and m.sender != session.user:
                 self.receipt(m.sender, RECEIPT_DELIVERED, m.ref, session.user, session.device)
         return 0
+
+    # -- shards moving between nodes (called by router.Router) --------------------
+
+    def forget_users(self, in_shard):
+        """Forget what this core keeps for users (and groups) that `in_shard(user)`
+        says are leaving: devices' send streams, device lists, group copies made."""
+        for key in [k for k in self._send_states if in_shard(k.partition("\x00")[0])]:
+            del self._send_states[key]
+        for user in [u for u in self._devices if in_shard(u)]:
+            del self._devices[user]
+        for key in [k for k in self._dedup_tables if in_shard(k[0].partition("\x00")[2])]:
+            del self._dedup_tables[key]
+
+    def merge_dedup(self, dict tables):
+        """Group copies an adopted shard's log recovered (as at start)."""
+        for key, table in tables.items():
+            self._dedup_tables.setdefault(key, {}).update(table)
+
+    def raise_last_id(self, uint64_t floor):
+        """Ids made from now on are above `floor` (an adopted shard's highest id:
+        its inboxes stay in id order even if the old owner's clock was ahead)."""
+        if floor > self._last_id:
+            self._last_id = floor
 
     def new_id(self):
         """(msg_id, timestamp_ms) from this worker's sequence."""

@@ -27,6 +27,7 @@ import collections
 import errno
 import os
 import secrets
+import shutil
 import struct
 import threading
 import time
@@ -440,6 +441,10 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self._own_lock = False
         self._recovered = False              # open() has scanned the directory: writes are allowed
         self.reserve_ok = True               # until start(): no reserve is kept without a loop
+        #: the shard is moving to another node (ShardedLog.quiesce): its files must not change, so
+        #: maintenance, spare preparation and deferred CONSUMEs stop, and rolls are refused
+        self.quiesced = False
+        self._held: list = []                # spares to delete that came back while quiesced
 
     # -- files ----------------------------------------------------------------------
     def _header(self, segment_id: int, nonce: int, id_floor: int = 0, size: int = 0) -> bytes:
@@ -670,6 +675,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self._require_recovered()
         if self.failed is not None:
             raise StoreError("storage failed; see the server log", ErrorCode.INTERNAL)
+        if self.quiesced:
+            raise StoreError("shard moving", ErrorCode.UNAVAILABLE)
         # a log used without a loop (tools, tests) makes no reserve, but keeps one it has
         keep = self.loop is not None or bool(self._spares)
         if roll and self.active is None:
@@ -827,7 +834,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             self.loop.call_soon(self._write_deferred)     # not from inside a placement
 
     def _write_deferred(self) -> None:
-        if not self._closed and self.unrecorded_consumes:
+        if not self._closed and not self.quiesced and self.unrecorded_consumes:
             self.record_deferred()
 
     def _prepare_spare(self, retry: bool = False) -> None:
@@ -835,7 +842,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         takes 0.1-0.2 s for 64 MiB here and can wait behind a long fdatasync).
         After a failed try only `retry` (maintenance, a deletion) tries again, at
         most once per FULL_RETRY_S."""
-        if self.loop is None or self._closed:
+        if self.loop is None or self._closed or self.quiesced:
             return
         if self._retry_at:
             if not retry or time.monotonic() < self._retry_at:
@@ -878,6 +885,9 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         if self._closed:
             self._retire(seg, False)
             return
+        if self.quiesced and seg.segment_id < self._newest_id():
+            self._held.append(seg)           # deleting it now would change the files being exported
+            return
         if seg.segment_id < self._newest_id():
             # a roll on the loop overtook it: segments must be used in id order
             self._worker.submit(lambda pause, s=seg: self._retire(s, False))
@@ -910,7 +920,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         """Expire, delete consumed segments from the front, compact a sparse front
         segment; bounded work per call so the loop never stalls."""
         self._maint = None
-        if self._closed:
+        if self._closed or self.quiesced:
             return
         now = now_ms()
         if not self._expiry_cursor:
@@ -1011,6 +1021,28 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             "segment_failures": self.segment_failures,
         }
 
+    def quiesce(self) -> None:
+        """Stop everything that changes the files (the shard is being copied):
+        maintenance (deletion, compaction, checkpoints), spare preparation,
+        deferred CONSUMEs, rolls. Jobs already on the worker thread still run:
+        ShardedLog.quiesce waits for them."""
+        self.quiesced = True
+        if self._maint is not None:
+            self._maint.cancel()
+            self._maint = None
+
+    def resume(self) -> None:
+        """Undo quiesce (a move was abandoned): maintenance and spares start again."""
+        if not self.quiesced:
+            return
+        self.quiesced = False
+        held, self._held = self._held, []
+        for seg in held:
+            self._worker.submit(lambda pause, s=seg: self._retire(s, False))
+        if self.loop is not None and not self._closed:
+            self._maint = self.loop.call_later(0, self.maintain)
+            self._prepare_spare()
+
     def close(self) -> None:
         if self._closed:
             return
@@ -1033,6 +1065,9 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             self._retire(self._spares.popleft(), False)
         for seg in unclaimed:                # finished by the worker, never handed over
             self._retire(seg, False)
+        for seg in self._held:               # came back while quiesced
+            self._retire(seg, False)
+        self._held = []
         if self._own_lock:                   # last: every file is closed and synced
             self._lock.release()
 
@@ -1045,7 +1080,13 @@ class ShardedLog(_Committed):
     each call to the recipient's shard.
 
     It holds the lock of every shard it owns from open() to close(), logs or
-    not yet: a shard's log may only be created by the process that will write it."""
+    not yet: a shard's log may only be created by the process that will write it.
+
+    Shards move between nodes while it runs (gateway/cluster/shardcopy.py):
+    at the old owner quiesce -> (export) -> release -> drop, or resume if the
+    move is abandoned; at the new one (import) -> adopt. A shard that is
+    quiesced or released refuses every write with StoreError(UNAVAILABLE,
+    "shard moving"): senders retry, in order, and reach the new owner."""
 
     def __init__(self, root, config: LogConfig, shard_map, *, fault: str | None = None, lock_wait: float = 0.0):
         """`lock_wait`: seconds open() waits for shards another process holds (a
@@ -1064,11 +1105,21 @@ class ShardedLog(_Committed):
         self.reports: dict[int, RecoveryReport] = {}
         self.lock_wait = lock_wait
         self.locks: dict[int, DirLock] = {}
+        #: the logs writes may go to: `logs` minus the quiesced ones (log_for's one look-up)
+        self._writers: dict[int, AppendLog] = {}
+        #: shards moving away: "quiesced" (still readable here) or "released" (closed, unlocked)
+        self.moving: dict[int, str] = {}
+        self._opened = False
 
     def _dir(self, shard: int) -> Path:
         return self.root / f"shard-{shard:04d}"
 
     def _new_log(self, shard: int) -> AppendLog:
+        if shard in self.moving:
+            raise StoreError("shard moving", ErrorCode.UNAVAILABLE)
+        if self._opened and shard not in self.locks:
+            # not ours (any more, or not yet adopted): a log made here would take a lock of its own
+            raise StoreError("shard not open here", ErrorCode.UNAVAILABLE)
         lg = AppendLog(self._dir(shard), self.config, fault=self.fault, worker=self._worker,
                        committer=self.committer, lazy=True, lock=self.locks.get(shard))
         try:
@@ -1080,7 +1131,7 @@ class ShardedLog(_Committed):
             raise StoreError("storage full: cannot create the shard's log", ErrorCode.STORAGE_FULL) from None
         for key, table in lg.recovered_dedup.items():
             self.recovered_dedup.setdefault(key, {}).update(table)
-        self.logs[shard] = lg
+        self.logs[shard] = self._writers[shard] = lg
         if self.loop is not None:
             lg.start(self.loop)
         return lg
@@ -1090,6 +1141,8 @@ class ShardedLog(_Committed):
         lock is ours (before anyone is served). `cancelled()` True ends a wait for
         held shards early (the worker's supervisor is gone: give the shards back)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+        self._opened = True
         total = RecoveryReport()
         for shard in self._lock_shards(cancelled or (lambda: False)):
             if any(self._dir(shard).glob("*.seg")):
@@ -1143,9 +1196,149 @@ class ShardedLog(_Committed):
         self.committer.start(loop)
 
     def log_for(self, user: str) -> AppendLog:
+        """The log a write for `user` goes to (made on first use); StoreError
+        (UNAVAILABLE) if the shard is moving or not open here."""
         shard = self.map.shard(user)
-        lg = self.logs.get(shard)
+        lg = self._writers.get(shard)
         return lg if lg is not None else self._new_log(shard)
+
+    def _remove_leftovers(self) -> None:
+        """At start: what a move killed half-way left behind (`shard-NNNN.incoming`,
+        an import never installed; `shard-NNNN.tomb-*`, a shard dropped or replaced
+        but not yet deleted). Only this worker's shards (s % workers == me): another
+        worker of the data dir may be importing one of its own right now."""
+        for path in self.root.glob("shard-*.*"):
+            name, _, kind = path.name.partition(".")
+            try:
+                shard = int(name[len("shard-"):])
+            except ValueError:
+                continue
+            if shard % self.map.workers != self.map.me or not (kind == "incoming" or kind.startswith("tomb-")):
+                continue
+            lock = DirLock(path)
+            if kind == "incoming" and (path / "LOCK").exists() and not lock.try_acquire():
+                continue                     # an import under way in a process still alive
+            lock.release()
+            _log.warning("event=shard_leftover_removed dir=%s why=%s", path,
+                         "import_not_finished" if kind == "incoming" else "tombstone")
+            shutil.rmtree(path, ignore_errors=True)
+            _fsync_dir(self.root)
+
+    # -- shards moving between nodes -----------------------------------------------------
+    def quiesce(self, shard: int):
+        """From now on every write to `shard` (appends, consumes, device and META
+        records, new segments, maintenance) is refused with StoreError(UNAVAILABLE,
+        "shard moving"); reads still work. Returns an asyncio Future that resolves
+        (to None) once the shard's files are final: the ACKs of everything appended
+        before the call have been released through the group commit (ours and the
+        router's batch of this loop turn, which is committed first), the worker
+        thread's file jobs for it (spares being made, segments being deleted) are
+        done, and its segments are fdatasynced. Export after it resolves."""
+        if self.loop is None:
+            raise RuntimeError("quiesce needs a started log (start(loop))")
+        if self.moving.get(shard) == "released":
+            raise ValueError(f"shard {shard} was released")
+        self.moving[shard] = "quiesced"
+        self._writers.pop(shard, None)
+        lg = self.logs.get(shard)
+        if lg is not None:
+            lg.quiesce()
+        done = self.loop.create_future()
+
+        def files_final(_arg) -> None:
+            segs = list(lg.segments) if lg is not None and not lg._closed else []
+
+            def barrier(pause):      # behind every file job queued before it (one FIFO queue)
+                for seg in segs:
+                    if seg.mapped:
+                        os.fdatasync(seg.fd)
+
+            def finished(_r, exc):
+                if not done.done():
+                    done.set_exception(exc) if exc is not None else done.set_result(None)
+            self._worker.submit(barrier, finished)
+
+        def commit() -> None:
+            if self.committer.failed is not None:        # nothing will ever be committed again
+                if not done.done():
+                    done.set_exception(StoreError("storage failed; see the server log", ErrorCode.INTERNAL))
+                return
+            self.committer.commit(files_final, None)
+        # call_soon: behind the router's flush of this turn, so its ACKs are released first
+        self.loop.call_soon(commit)
+        return done
+
+    def resume(self, shard: int) -> None:
+        """Undo quiesce (the move was abandoned before release): writes are taken again."""
+        if self.moving.get(shard) != "quiesced":
+            raise ValueError(f"shard {shard} is not quiesced")
+        del self.moving[shard]
+        lg = self.logs.get(shard)
+        if lg is not None:
+            self._writers[shard] = lg
+            lg.resume()
+
+    def release(self, shard: int) -> None:
+        """After the export: close the shard's log and let go of its lock. The files
+        stay (until drop) and the shard stays refused (UNAVAILABLE) here."""
+        if self.moving.get(shard) is None:
+            raise ValueError(f"shard {shard} is not quiesced: quiesce it first")
+        self.moving[shard] = "released"
+        self._writers.pop(shard, None)
+        lg = self.logs.pop(shard, None)
+        if lg is not None:
+            lg.close()
+        self.reports.pop(shard, None)
+        lock = self.locks.pop(shard, None)
+        if lock is not None:
+            lock.release()
+
+    def adopt(self, shard: int) -> RecoveryReport:
+        """A shard directory was just installed here (ShardImport.finish): lock it,
+        recover it as open() does at start, and start it. Raises DataDirInUse if
+        another process holds it. The caller then takes the shard in the ShardMap
+        and tells the router (Router.shard_arrived)."""
+        if shard in self.locks:
+            raise ValueError(f"shard {shard} is already open here")
+        lock = DirLock(self._dir(shard))
+        if not lock.try_acquire():
+            raise lock.in_use()
+        self.locks[shard] = lock
+        self.moving.pop(shard, None)
+        if not any(self._dir(shard).glob("*.seg")):
+            return RecoveryReport()          # nothing stored yet: made on first use, as at start
+        try:
+            return self._new_log(shard).report
+        except BaseException:
+            self.locks.pop(shard, None)
+            lock.release()
+            raise
+
+    def drop(self, shard: int) -> None:
+        """After a completed move (the new owner adopted the shard): delete the
+        shard's directory here. Renamed to a tombstone first (one atomic step), so
+        a crash part-way leaves a tombstone that open() removes, never a
+        half-deleted shard that recovery would open."""
+        if shard in self.locks:
+            raise ValueError(f"shard {shard} is open here: release it first")
+        path = self._dir(shard)
+        if not path.exists():
+            return
+        lock = DirLock(path).acquire()       # nobody else may have it open
+        tomb = self.root / f"{path.name}.tomb-{secrets.token_hex(4)}"
+        try:
+            os.rename(path, tomb)
+            _fsync_dir(self.root)
+        finally:
+            lock.release()
+        shutil.rmtree(tomb)
+        _fsync_dir(self.root)
+        self.moving.pop(shard, None)
+        _log.info("event=shard_dropped shard=%d", shard)
+
+    def log_of_shard(self, shard: int) -> "AppendLog | None":
+        """The open log of `shard` (quiesced ones too), or None."""
+        return self.logs.get(shard)
 
     def _dirty_segments(self, peek=False) -> list:
         dirty = [s for lg in self.logs.values() for s in lg.segments if s.dirty]
@@ -1167,12 +1360,21 @@ class ShardedLog(_Committed):
         lg = self.logs.get(self.map.shard(recipient))
         return lg.write_pending_into(out, recipient, now, device, min_id, max_bytes) if lg is not None else 0
 
+    def _writer(self, user: str) -> "AppendLog | None":
+        """The log to change for `user`, None if it has none yet; StoreError
+        (UNAVAILABLE) while its shard is moving."""
+        shard = self.map.shard(user)
+        lg = self._writers.get(shard)
+        if lg is None and shard in self.moving:
+            raise StoreError("shard moving", ErrorCode.UNAVAILABLE)
+        return lg
+
     def consume(self, recipient, msg_ids, device=""):
-        lg = self.logs.get(self.map.shard(recipient))
+        lg = self._writer(recipient)
         return lg.consume(recipient, msg_ids, device) if lg is not None else 0
 
     def consume_through(self, recipient, msg_id, device=""):
-        lg = self.logs.get(self.map.shard(recipient))
+        lg = self._writer(recipient)
         return lg.consume_through(recipient, msg_id, device) if lg is not None else 0
 
     def pending_count(self, recipient=None, device=""):
@@ -1202,8 +1404,10 @@ class ShardedLog(_Committed):
     def meta_put_for(self, user, key, value):
         self.log_for(user).meta_put(key, value)
 
-    def meta_keys_local(self, prefix):
-        return [k for lg in self.logs.values() for k in lg.meta_keys(prefix)]
+    def meta_keys_local(self, prefix, shard=None):
+        """META keys with `prefix` in every open shard (or in `shard` only)."""
+        logs = self.logs.values() if shard is None else [self.logs[shard]] if shard in self.logs else []
+        return [k for lg in logs for k in lg.meta_keys(prefix)]
 
     def last_id(self) -> int:
         return max((lg.last_id() for lg in self.logs.values()), default=0)
@@ -1226,6 +1430,7 @@ class ShardedLog(_Committed):
         self.committer.stop()
         for lg in self.logs.values():
             lg.close()
+        self._writers.clear()
         self._worker.stop()
         for lock in self.locks.values():     # last: a successor may take the shards now
             lock.release()

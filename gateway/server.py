@@ -90,10 +90,12 @@ class Gateway:
             self.cluster = ClusterNode(cfg, cfg.worker_index, cfg.workers)
             await self.cluster.connect()          # the map says which shards are ours: before any is opened
             self.shards = self.cluster.shards
+            if cfg.store == "log":
+                check_layout(cfg.data_dir, self.shards.shards)     # the cluster's count, or a clear refusal
         else:
-            self.shards = ShardMap(DEFAULT_SHARDS, cfg.workers, cfg.worker_index)
+            layout = check_layout(cfg.data_dir) if cfg.store == "log" else None
+            self.shards = ShardMap(layout["shards"] if layout else DEFAULT_SHARDS, cfg.workers, cfg.worker_index)
         if cfg.store == "log":
-            check_layout(cfg.data_dir, self.shards.shards)
             store = ShardedLog(Path(cfg.data_dir) / "log", cfg.log_config(), self.shards, lock_wait=cfg.lock_wait)
             store.open(self._parent_gone_now)  # the owned shards' locks, then recovery: before anyone is served
             store.start(self.loop)

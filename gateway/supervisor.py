@@ -87,7 +87,7 @@ class Supervisor:
         return socks
 
     def run(self) -> int:
-        from router.sharding import check_layout, DEFAULT_SHARDS
+        from router.sharding import check_layout
         from .server import banner
         cfg = self.config
         try:
@@ -103,8 +103,8 @@ class Supervisor:
             return 1
         try:
             load_or_create_secret(cfg.data_dir)
-            if not cfg.cluster:                  # a node's workers check it against the cluster's map
-                check_layout(cfg.data_dir, DEFAULT_SHARDS)
+            if not cfg.cluster:            # a node's workers check it against the cluster's map
+                check_layout(cfg.data_dir)     # a new dir: 64 shards; an old one keeps its count
             self.listen_socks = self._bind(cfg.port)
             if cfg.ws_port >= 0:
                 self.ws_socks = self._bind(cfg.ws_port)

@@ -258,7 +258,10 @@ class GroupService:
 
     def _finish_if_done(self, job: dict) -> None:
         if not job["pending"] and self.jobs.pop(job["origin"], None) is not None:
-            self.router.store.consume(job["group"], [job["origin"]])
+            try:
+                self.router.store.consume(job["group"], [job["origin"]])
+            except StoreError:
+                pass          # the group's shard is moving: its next owner fans it out again (copies dedup)
 
     def _retry(self) -> None:
         """Members whose worker did not confirm their copy get it again (they drop duplicates)."""
@@ -266,10 +269,20 @@ class GroupService:
         for job in list(self.jobs.values()):
             self._run(job)
 
-    def recover(self) -> None:
-        """After a restart: fan out again what was stored but not confirmed."""
+    def forget(self, in_shard) -> None:
+        """The groups `in_shard(group)` says are moving away: their cached states
+        and unfinished fan-outs (the log keeps both; the new owner recovers them)."""
+        for group in [g for g in self._cache if in_shard(g)]:
+            del self._cache[group]
+        for origin in [o for o, job in self.jobs.items() if in_shard(job["group"])]:
+            del self.jobs[origin]
+
+    def recover(self, shard: int | None = None) -> None:
+        """After a restart (or when `shard` arrived): fan out again what was stored but not confirmed."""
         store = self.router.store
-        for key in store.meta_keys_local("g\x00") if hasattr(store, "meta_keys_local") else ():
+        keys = () if not hasattr(store, "meta_keys_local") else \
+            store.meta_keys_local("g\x00") if shard is None else store.meta_keys_local("g\x00", shard)
+        for key in keys:
             group = key.split("\x00", 1)[1]
             state = self.get(group)
             for m in store.pending(group):

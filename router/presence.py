@@ -96,6 +96,21 @@ class PresenceService:
             if not self.is_local(user) and self.owner_of(user) == worker:
                 self._route({"t": "sub", "user": user, "watcher": watcher, "on": True}, user)
 
+    def forget(self, in_shard) -> None:
+        """Users `in_shard(user)` says are moving away: their watchers (the new
+        owner hears them again: resubscribe) and cached privacy settings."""
+        for user in [u for u in self.watchers if in_shard(u)]:
+            del self.watchers[user]
+        for user in [u for u in self._hidden if in_shard(u)]:
+            del self._hidden[user]
+
+    def resubscribe(self, in_shard) -> None:
+        """The users `in_shard(user)` says have a new owner: tell it what this
+        worker's sessions watch there (as owner_back does for a restarted worker)."""
+        for watcher, user in list(self._local_watch):
+            if in_shard(user):
+                self._route({"t": "sub", "user": user, "watcher": watcher, "on": True}, user)
+
     def typing(self, session, peer: str, state: bool) -> None:
         if not is_user_id(peer):
             self.typing_dropped += 1          # to nobody: no user has that id

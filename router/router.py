@@ -5,6 +5,7 @@ An embedding server authenticates a client its own way, then
 bytes to a decoder whose sink is the returned session. The router answers
 through `write(bytes)` once per event-loop turn.
 """
+import asyncio
 import collections
 import dataclasses
 import itertools
@@ -20,6 +21,7 @@ from _core.protocol import FrameType
 
 from .groups import GroupService
 from .presence import PresenceService
+from .sharding import shard_of
 from .store import MIRROR, RECEIPT, MemoryStore, OfflineStore
 
 
@@ -46,6 +48,10 @@ class Router(RouteCore):
         self._session_ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 24)
         #: bytes of backlog queued at once for a session (0: all); the rest follows as it drains
         self.backlog_chunk = 0
+        #: user (or group) -> shard, for shard_leaving/shard_arrived given a shard number
+        shard_map = getattr(store, "map", None)
+        self.shard_of = shard_map.shard if shard_map is not None else shard_of
+        self._settle_waits: list = []            # (sessions with SENDs forwarded, future) of shard_leaving
 
     def open_session(self, user: str, device: str, write=None, close=None, *, transport=None,
                      resume_after: int = 0, welcome: frames.Welcome | None = None,
@@ -80,8 +86,8 @@ class Router(RouteCore):
             try:          # before anything changes: a refused device replaces no session
                 new_device = self.store.register_device(user, device, now_ms())
             except StoreError as exc:
-                raise ProtocolError(f"cannot register device {device!r}: {exc}; retry later",
-                                    ErrorCode.STORAGE_FULL) from None
+                code = ErrorCode.UNAVAILABLE if exc.code == ErrorCode.UNAVAILABLE else ErrorCode.STORAGE_FULL
+                raise ProtocolError(f"cannot register device {device!r}: {exc}; retry later", code) from None
         for old in self.sessions_of(user):
             if old.device == device:
                 # its queued ACKs, then the GOAWAY, go out with this turn's batch; then it closes
@@ -199,6 +205,89 @@ class Router(RouteCore):
         waiting, self._receipt_queue = self._receipt_queue, collections.deque(maxlen=100_000)
         for r in waiting:
             self.receipt(*r)          # re-queued if still unreachable
+
+    # -- shards moving between nodes (gateway/cluster/shardcopy.py) ----------------------
+    def _in_shard(self, shard):
+        if callable(shard):
+            return shard
+        shard_of_ = self.shard_of
+        return lambda user: shard_of_(user) == shard
+
+    def shard_leaving(self, shard, goaway_code: int, reason: str, reconnect_ms: int = 0) -> asyncio.Future:
+        """`shard` (a number, or a predicate user -> bool) is moving to another
+        node: its users' sessions (devices and send-only) get GOAWAY(goaway_code)
+        after the ACKs already queued for them, and nothing more is routed to them;
+        their last-seen times are recorded while the store still takes them; what
+        this router keeps in memory for the shard's users and groups is forgotten
+        (send streams, device lists, group copies made, presence watchers and
+        privacy, group states and unfinished fan-outs: the log holds all of it and
+        the new owner reads it back, shard_arrived). Call it before the log's
+        quiesce. Returns a future that resolves once every SEND those sessions
+        forwarded to other workers is answered (a mirror copy for the shard is
+        stored then): await it, then quiesce."""
+        in_shard = self._in_shard(shard)
+        now = now_ms()
+        leaving = []
+        for s in self.all_sessions():
+            if in_shard(s.user):
+                leaving.append(s)
+                if hasattr(self.store, "touch_device"):
+                    try:
+                        self.store.touch_device(s.user, s.device, now)
+                    except StoreError:
+                        pass          # already quiesced: last-seen stays at the previous value
+        for user in [u for u in self._send_only if in_shard(u)]:
+            leaving.extend(self._send_only.pop(user))
+        for s in leaving:
+            s.goaway(goaway_code, reconnect_ms, reason)
+            self._unroute(s)
+        self.presence.forget(in_shard)
+        self.groups.forget(in_shard)
+        self.forget_users(in_shard)
+        done = asyncio.get_running_loop().create_future()
+        waiting = {s for s in leaving if s.forwards_pending > 0}
+        if waiting:
+            self._settle_waits.append((waiting, done))
+            self._fwd_settled = self._forwards_settled
+        else:
+            done.set_result(None)
+        return done
+
+    def _forwards_settled(self, session) -> None:
+        for entry in list(self._settle_waits):
+            waiting, done = entry
+            waiting.discard(session)
+            if not waiting:
+                self._settle_waits.remove(entry)
+                if not done.done():
+                    done.set_result(None)
+        if not self._settle_waits:
+            self._fwd_settled = None
+
+    def shard_arrived(self, shard) -> None:
+        """`shard` (a number, or a predicate with `log`) was adopted by this
+        worker's log and is owned here now: read back what the router keeps in
+        memory. Group copies the log recovered (so a fan-out retried makes none
+        twice), ids above the shard's highest, group messages stored but not yet
+        fanned out (as at start), and this worker's watchers of the shard's users
+        subscribe again (now locally). Device lists, last seen and privacy are read
+        from the log on first use, as at start."""
+        in_shard = self._in_shard(shard)
+        self.forget_users(in_shard)           # nothing stale from an earlier stay here
+        self.presence.forget(in_shard)
+        self.groups.forget(in_shard)
+        lg = self.store.log_of_shard(shard) if hasattr(self.store, "log_of_shard") and not callable(shard) else None
+        if lg is not None:
+            self.merge_dedup(lg.recovered_dedup)
+            self.raise_last_id(lg.last_id())
+        self.groups.recover(None if callable(shard) else shard)
+        self.shard_owner_changed(in_shard)
+
+    def shard_owner_changed(self, shard) -> None:
+        """`shard` has a new owner (here or elsewhere): this worker's sessions
+        watching its users subscribe again there (the new owner starts with no
+        watchers). Every node calls it when the shard map changes."""
+        self.presence.resubscribe(self._in_shard(shard))
 
     def goaway_all(self, code: int, reason: str, reconnect_ms: int = 0) -> None:
         """Tell every session to go away (and when to come back), then close it."""

@@ -6,7 +6,12 @@ log directory, so restarting with another worker count only changes which
 process opens which shard's log: nothing stored becomes unreachable.
 
 The hash, seed and shard count are written to DATA_DIR/layout.json on first
-start and checked on every start: they never change silently.
+start and checked on every start: they never change silently. A data dir made
+with another shard count (a cluster's nodes share theirs) keeps it: the count
+is read from layout.json, the hash and seed must match.
+
+In a cluster a worker owns only some of its shards (`ShardMap(owned=...)`):
+shards move between nodes (`take`/`give`, gateway/cluster/shardcopy.py).
 """
 import json
 import os
@@ -33,10 +38,14 @@ class LayoutError(Exception):
     """The data directory was written with another sharding layout."""
 
 
-def check_layout(data_dir, shards: int = DEFAULT_SHARDS) -> dict:
-    """Write the layout on first use; refuse to run against a different one."""
+def check_layout(data_dir, shards: int | None = None) -> dict:
+    """Write the layout on first use; refuse to run against a different one.
+    `shards` None: a new data dir gets DEFAULT_SHARDS and an existing one keeps
+    the count it was made with (the returned layout says which); a number must
+    match what is there."""
     path = Path(data_dir) / LAYOUT_FILE
-    want = {"version": LAYOUT_VERSION, "hash": HASH, "seed": SEED, "shards": shards}
+    want = {"version": LAYOUT_VERSION, "hash": HASH, "seed": SEED,
+            "shards": DEFAULT_SHARDS if shards is None else shards}
     try:
         have = json.loads(path.read_text())
     except FileNotFoundError:
@@ -49,6 +58,8 @@ def check_layout(data_dir, shards: int = DEFAULT_SHARDS) -> dict:
         return want
     except ValueError as exc:
         raise LayoutError(f"{path} is not valid JSON: {exc}") from None
+    if shards is None and isinstance(have, dict) and isinstance(have.get("shards"), int) and have["shards"] >= 1:
+        want["shards"] = have["shards"]
     if have != want:
         hint = ""
         if have.get("shards") != shards:
@@ -63,14 +74,23 @@ class ShardMap:
     """Which shard a user is on and which worker owns it, with a bounded cache
     of recently routed users (a hash per routed message would cost more than the
     dict lookup; 8,192 entries, not one per connected user: idle sessions would
-    pay ~40 bytes each for it)."""
+    pay ~40 bytes each for it).
 
-    __slots__ = ("shards", "workers", "me", "_cache", "_limit")
+    `owned` None: this worker owns every shard s with s % workers == me (one
+    node). A set: exactly those shards (each still one with s % workers == me);
+    `take`/`give` change it as shards move between nodes. Ownership is a set
+    either way, so `is_local` costs the same (one membership test)."""
 
-    def __init__(self, shards: int = DEFAULT_SHARDS, workers: int = 1, me: int = 0, cache_limit: int = 1 << 13):
+    __slots__ = ("shards", "workers", "me", "_owned", "_cache", "_limit")
+
+    def __init__(self, shards: int = DEFAULT_SHARDS, workers: int = 1, me: int = 0, owned=None,
+                 cache_limit: int = 1 << 13):
         if not (1 <= workers <= shards):
             raise ValueError(f"workers must be between 1 and {shards} (the number of shards)")
         self.shards, self.workers, self.me = shards, workers, me
+        self._owned: set[int] = set()
+        for s in (range(me, shards, workers) if owned is None else owned):
+            self.take(s)
         self._cache: dict[str, int] = {}
         self._limit = cache_limit
 
@@ -92,7 +112,21 @@ class ShardMap:
         return (s if s is not None else shard_of(user, self.shards)) % self.workers
 
     def is_local(self, user: str) -> bool:
-        return self.shard(user) % self.workers == self.me
+        return self.shard(user) in self._owned
+
+    def owns_shard(self, shard: int) -> bool:
+        return shard in self._owned
+
+    def take(self, shard: int) -> None:
+        """This worker owns `shard` from now on (a shard that moved here)."""
+        if not (0 <= shard < self.shards) or shard % self.workers != self.me:
+            raise ValueError(f"shard {shard} is not one worker {self.me} of {self.workers} can own "
+                             f"(shard % workers == worker, 0 <= shard < {self.shards})")
+        self._owned.add(shard)
+
+    def give(self, shard: int) -> None:
+        """This worker no longer owns `shard` (it moved away, or is moving)."""
+        self._owned.discard(shard)
 
     def owned_shards(self) -> list[int]:
-        return [s for s in range(self.shards) if s % self.workers == self.me]
+        return sorted(self._owned)
