@@ -1,6 +1,7 @@
 """Gateway nodes of a cluster for tests: each its own "machine" (a 127.0.0.x
 address and data dir), all sharing one token secret, on a real NATS."""
 import json
+import os
 import shutil
 import urllib.request
 from pathlib import Path
@@ -71,6 +72,10 @@ class Nodes:
         for gw in self.procs.values():
             if gw.alive():
                 gw.stop()
+        dump = os.environ.get("SWITCHBOARD_TEST_NODE_LOGS")      # where to keep the nodes' logs, to read a failure
+        if dump:
+            for name, gw in self.procs.items():
+                Path(dump, f"{name}.log").write_text(gw.text)
 
     # -- who serves whom -------------------------------------------------------------
     def owner(self, user: str) -> str:

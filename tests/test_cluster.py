@@ -205,53 +205,60 @@ def test_a_node_joins_and_one_is_drained_under_load(nats_cluster, tmp_path):
     nodes.start("n1")
     nodes.start("n2")
     pairs = [(f"js{i}", f"jr{i}") for i in range(8)]
-    per_pair = 240
     try:
         async def main():
             loop = asyncio.get_running_loop()
             recv_clients = {r: nodes.any_client(r) for _, r in pairs}
-            for c in recv_clients.values():
+            senders = {s: nodes.any_client(s) for s, _ in pairs}
+            for c in [*recv_clients.values(), *senders.values()]:
                 await c.connect()
             got = {r: [] for _, r in pairs}
+            sent = {s: 0 for s, _ in pairs}
+            stop = asyncio.Event()
 
-            async def receive(r, c):
-                while len(got[r]) < per_pair:
-                    m = await c.recv(timeout=60)
+            async def receive(r, c, s):
+                while not (stop.is_set() and len(got[r]) >= sent[s]):
+                    try:
+                        m = await c.recv(timeout=1)
+                    except asyncio.TimeoutError:
+                        continue
                     got[r].append(m.text)
                     await c.ack(m)
-            readers = [asyncio.ensure_future(receive(r, c)) for r, c in recv_clients.items()]
-            senders = {s: nodes.any_client(s) for s, _ in pairs}
-            for c in senders.values():
-                await c.connect()
-            phase = {"n": 0}
 
             async def send(s, r):
-                c = senders[s]
-                for i in range(per_pair):
-                    await c.send(r, f"{s}-{i}", timeout=120)
-                    phase["n"] += 1
+                while not stop.is_set() and sent[s] < 5000:
+                    await senders[s].send(r, f"{s}-{sent[s]}", timeout=120)
+                    sent[s] += 1
+                    await asyncio.sleep(0.002)             # a steady stream, not one burst
+
+            def total():
+                return sum(sent.values())
+
+            async def until(n):
+                while total() < n:
+                    await asyncio.sleep(0.01)
+            readers = [asyncio.ensure_future(receive(r, recv_clients[r], s)) for s, r in pairs]
             writers = [asyncio.ensure_future(send(s, r)) for s, r in pairs]
+            await until(200)
             # under load: n3 joins and takes its share
-            while phase["n"] < len(pairs) * 30:
-                await asyncio.sleep(0.01)
             await loop.run_in_executor(None, nodes.start, "n3")
-            await loop.run_in_executor(None, _wait, "n3 to own shards",
+            await loop.run_in_executor(None, _wait, "n3 to own its shards",
                                        lambda: nodes.owned("n3") > 10 and not nodes.status("n3")["workers"]["0"]["moving"],
                                        60)
-            mark = phase["n"]
-            while phase["n"] < mark + len(pairs) * 30:
-                await asyncio.sleep(0.01)
+            await until(total() + 200)
             # under load: n1 is drained and hands its shards away before it exits
             from gateway.stats import run_drain
             await loop.run_in_executor(None, run_drain, nodes.host("n1"), nodes.ports["n1"][2], 50, 0.1, 60.0)
+            await until(total() + 200)
+            stop.set()
             await asyncio.gather(*writers)
             await asyncio.wait_for(asyncio.gather(*readers), 90)
             for c in [*senders.values(), *recv_clients.values()]:
                 await c.close()
-            return got
-        got = asyncio.run(asyncio.wait_for(main(), 240))
+            return got, sent
+        got, sent = asyncio.run(asyncio.wait_for(main(), 240))
         for s, r in pairs:
-            assert got[r] == [f"{s}-{i}" for i in range(per_pair)], (r, got[r][:10])
+            assert got[r] == [f"{s}-{i}" for i in range(sent[s])], (r, sent[s], got[r][:10])
         n1 = nodes.procs["n1"]
         n1.proc.wait(30)
         assert n1.proc.returncode == 0, n1.text[-3000:]

@@ -98,6 +98,8 @@ class ShardMover:
         store = self.gw.router.store
         router = self.gw.router
         for s in range(new.shards):
+            if old.owner[s] != new.owner[s]:
+                router.shard_owner_changed(s)     # our watchers of its users subscribe again at the new owner
             if not self._mine(s):
                 continue
             was, now = old.owner[s] == me, new.owner[s] == me
