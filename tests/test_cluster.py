@@ -269,3 +269,95 @@ def test_a_node_joins_and_one_is_drained_under_load(nats_cluster, tmp_path):
             assert re.search(r"event=shard_adopted", nodes.procs[name].text)
     finally:
         nodes.stop_all()
+
+
+async def _paced_stream(nodes, sender: str, recipient: str, fault, count: int = 600):
+    """`sender` streams `count` numbered messages to `recipient` (online throughout,
+    both with every node as a seed) while `fault()` runs in a thread after the first
+    100; returns what the recipient got, in order."""
+    loop = asyncio.get_running_loop()
+    async with nodes.any_client(recipient) as rc, nodes.any_client(sender) as sc:
+        got, sent = [], [0]
+
+        async def send():
+            for i in range(count):
+                await sc.send(recipient, f"m{i}", timeout=120)
+                sent[0] += 1
+                await asyncio.sleep(0.003)
+
+        async def receive():
+            while len(got) < count:
+                m = await rc.recv(timeout=120)
+                got.append(m.text)
+                await rc.ack(m)
+        writer, reader = asyncio.ensure_future(send()), asyncio.ensure_future(receive())
+        while sent[0] < 100:
+            await asyncio.sleep(0.01)
+        await loop.run_in_executor(None, fault)
+        await asyncio.gather(writer, reader)
+        with pytest.raises(asyncio.TimeoutError):
+            await rc.recv(timeout=0.3)                      # nothing twice
+        return got
+
+
+def test_a_nats_server_killed_under_load(nats_cluster, tmp_path):
+    """The NATS server most nodes' workers use is killed mid-stream and restarted:
+    they reconnect to the others by themselves; nothing ACKed is lost or doubled."""
+    nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2", "n3"]).start_all()
+    try:
+        a, = nodes.users_on("n1", 1, "na")
+        b, = nodes.users_on("n2", 1, "nb")
+
+        def fault():
+            counts = [len([c for c in nats_cluster.monitor(i, "/connz?limit=1000")["connections"] or []
+                           if c.get("name", "").startswith("switchboard")]) for i in range(3)]
+            victim = counts.index(max(counts))
+            nats_cluster.kill(victim)
+            _wait("a node to notice", lambda: any("event=nats_reconnected" in gw.text for gw in nodes.procs.values()),
+                  30)
+            nats_cluster.restart(victim)
+        got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault), 180))
+        assert got == [f"m{i}" for i in range(600)]
+        assert any("event=nats_disconnected" in gw.text for gw in nodes.procs.values())
+        for name in nodes.names:
+            _wait(f"{name} ready", lambda name=name: nodes.admin(name, "/readyz")[0] == 200, 30)
+    finally:
+        nodes.stop_all()
+
+
+def test_a_node_without_nats_for_10_s(nats_cluster, tmp_path):
+    """n2's only way to NATS is cut for 10 s: its lease runs out (the others see it
+    gone and answer its users' senders UNAVAILABLE), its /readyz is 503; once the
+    connection is back it takes its lease again and serves; the stream from n1 to
+    n2's user loses and doubles nothing."""
+    from faultproxy import FaultProxy
+    first = nats_cluster.urls[0]
+    with FaultProxy.to(first) as proxy:
+        nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2", "n3"])
+        try:
+            nodes.start("n1")
+            nodes.start("n2", "--cluster", proxy.url)
+            nodes.start("n3")
+            a, = nodes.users_on("n1", 1, "pa")
+            b, = nodes.users_on("n2", 1, "pb")
+
+            def fault():
+                t0 = time.monotonic()
+                proxy.cut()
+                _wait("n1 to see n2 gone", lambda: not nodes.status("n1")["workers"]["0"]["nodes"].get("n2", {})
+                      .get("alive", False), 30)
+                _wait("n2 /readyz 503", lambda: nodes.admin("n2", "/readyz")[0] == 503, 30)
+                code, why = nodes.admin("n2", "/readyz")
+                assert "NATS" in why, why
+                while time.monotonic() - t0 < 10:
+                    time.sleep(0.2)                      # the fault lasts 10 s
+                proxy.restore()
+                _wait("n2 ready again", lambda: nodes.admin("n2", "/readyz")[0] == 200, 30)
+            got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault), 180))
+            assert got == [f"m{i}" for i in range(600)]
+            text = nodes.procs["n2"].text
+            assert "event=nats_disconnected" in text and "event=nats_reconnected" in text
+            assert "event=lease_reclaimed" in text or "event=lease_renew_failed" in text
+            assert "event=node_gone node=n2" in nodes.procs["n1"].text
+        finally:
+            nodes.stop_all()

@@ -66,19 +66,25 @@ class Membership:
         process of this same node (same data dir id: that process is gone, since we
         hold the data dir's lock). Raises LeaseLost if another live node has the name."""
         e = _errors()
-        self.info = dict(info, node=self.node)
+        self.info = dict(info, node=self.node, incarnation=os.urandom(6).hex())
         body = json.dumps(self.info, separators=(",", ":")).encode()
         key = f"n.{self.node}"
         t0 = time.monotonic()
         try:
             self.revision = await self.kv.create(key, body)
         except e.KeyWrongLastSequenceError:
-            entry = await self.kv.get(key)
-            held = json.loads(entry.value)
-            if held.get("dir_id") != info.get("dir_id"):
+            try:
+                entry = await self.kv.get(key)
+            except e.KeyNotFoundError:          # expired between the two calls
+                entry = None
+            held = json.loads(entry.value) if entry is not None and entry.value else {}   # empty: an expiry marker
+            if entry is None:
+                self.revision = await self.kv.create(key, body)
+            elif held and held.get("dir_id") != info.get("dir_id"):
                 raise LeaseLost(f"node name {self.node!r} is in use by a live node at {held.get('advertise')} "
                                 "(another data dir): give each node its own --node") from None
-            self.revision = await self.kv.update(key, body, last=entry.revision)
+            else:
+                self.revision = await self.kv.update(key, body, last=entry.revision)
         self.lease_ok_until = t0 + self.ttl
         self._tasks.append(asyncio.get_running_loop().create_task(self._renew()))
 
@@ -102,14 +108,35 @@ class Membership:
             try:
                 await self._renew_once()
             except e.KeyWrongLastSequenceError:
-                # someone else wrote our key: a second process with our name. It has the lease now.
-                self.lost = True
-                _log.critical("event=lease_lost node=%s reason=taken_over", self.node)
-                if self.on_change is not None:
-                    self.on_change(self.node, None)
-                return
+                await self._reclaim()
             except Exception as exc:          # NATS unreachable: retried; lease_ok_until runs out meanwhile
                 _log.warning("event=lease_renew_failed node=%s error=%s", self.node, log.q(repr(exc)))
+
+    async def _reclaim(self) -> None:
+        """Our renewal found another revision: the lease expired while we could not
+        reach NATS (take it again), or another process of our name holds it (lost)."""
+        e = _errors()
+        key = f"n.{self.node}"
+        try:
+            entry = await self.kv.get(key)
+            held = json.loads(entry.value) if entry.value else None
+        except e.KeyNotFoundError:
+            entry, held = None, None
+        if held is not None and held.get("incarnation") != self.info["incarnation"]:
+            # someone else wrote our key: a second process with our name. It has the lease now.
+            self.lost = True
+            _log.critical("event=lease_lost node=%s reason=taken_over by=%s", self.node, held.get("advertise"))
+            if self.on_change is not None:
+                self.on_change(self.node, None)
+            return
+        t0 = time.monotonic()
+        body = json.dumps(self.info, separators=(",", ":")).encode()
+        if entry is None:
+            self.revision = await self.kv.create(key, body)
+        else:
+            self.revision = await self.kv.update(key, body, last=entry.revision)
+        self.lease_ok_until = t0 + self.ttl
+        _log.info("event=lease_reclaimed node=%s", self.node)
 
     def lease_valid(self) -> bool:
         return not self.lost and time.monotonic() < self.lease_ok_until
