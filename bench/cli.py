@@ -90,6 +90,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="the running gateway's data dir (tokens are made from its secret)")
     _server_flags(p, default_workers=1)
 
+    p = kinds.add_parser("cluster", help="a 3-node cluster on NATS against a single node: within and across "
+                                         "nodes, group fan-out, NATS bytes per message",
+                         description="Starts a 3-server NATS cluster and three gateway nodes (127.0.0.11-13) "
+                                     "and a single gateway, and measures 1:1 flows on the single node, within "
+                                     "one node of the cluster and across two, and group fan-out with members "
+                                     "on all three; every message checked to arrive once (docs/cluster.md).")
+    _throughput_flags(p, against=None)
+    p.add_argument("--shards", type=int, default=1024, help="the cluster's shard count (default 1024)")
+    _server_flags(p, default_workers=1)
+
     p = kinds.add_parser("compare", help="Switchboard and its peers on the same workloads, with ratios",
                          description="Runs density (idle sessions in one server process each) and 1:1 "
                                      "throughput against Switchboard and the peers in one run, with the same "
@@ -155,6 +165,9 @@ def run(args) -> int:
         if args.bench_verb == "soak":
             from . import soak
             return soak.run(args)
+        if args.bench_verb == "cluster":
+            from . import cluster
+            return cluster.run(args)
         if args.bench_verb == "throughput":
             from . import throughput
             return throughput.run(args)

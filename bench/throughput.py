@@ -34,6 +34,7 @@ def measure(server, args, size: int) -> dict:
                "--receipts", "1" if args.receipts == "on" else "0"]
         if server.data_dir:
             cmd += ["--data-dir", server.data_dir]
+        cmd += getattr(server, "client_args", [])       # a cluster: where each user connects (bench/cluster.py)
         procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                       cwd=peers.ROOT))
         first += n

@@ -32,10 +32,39 @@ async def _make_groups(args, flows_spec) -> None:
     from gateway.auth import TokenAuthority, load_secret
     from gateway.client import Client
     auth = TokenAuthority(load_secret(args.data_dir))
+    seeds = ",".join(hp.split("=")[1] for hp in args.nodes.split(",")) if args.nodes else args.host
     for sender, target, members in flows_spec:
-        async with Client(args.host, args.port, auth.issue(sender), "setup", reconnect=False,
+        async with Client(seeds, args.port, auth.issue(sender), "setup", reconnect=False,
                           send_only=True) as c:
             await c.group("create", target, members=members)
+
+
+class _Placement:
+    """A cluster under test (--nodes): each user connects straight to the node that
+    owns its shard (as a redirected client would end up), and pairs are picked to
+    be on one node (local) or on two (cross)."""
+
+    def __init__(self, args):
+        from gateway.cluster.shardmap import hrw_owner
+        from router.sharding import shard_of
+        self.addr = {}
+        for entry in args.nodes.split(","):
+            name, hp = entry.split("=")
+            host, port = hp.rsplit(":", 1)
+            self.addr[name] = (host, int(port))
+        names = sorted(self.addr)
+        self.owner = lambda user: hrw_owner(shard_of(user, args.shards), names)
+        self.names = names
+
+    def pick(self, base: str, node: str) -> str:
+        for k in range(10_000):
+            u = f"{base}_{k}"
+            if self.owner(u) == node:
+                return u
+        raise RuntimeError(f"no user name for node {node}")
+
+    def address(self, user: str) -> tuple[str, int]:
+        return self.addr[self.owner(user)]
 
 
 async def main(args) -> None:
@@ -43,11 +72,18 @@ async def main(args) -> None:
     stats = Stats()
     flows, spec = [], []
     t = args.tag      # fresh users per run: a server remembers client ids it has answered
+    place = _Placement(args) if args.nodes else None
     for i in range(args.first, args.first + args.flows):
         if args.mode == "group":
             members = [f"{t}g{i}m{k}" for k in range(args.group_size)]
             target = f"#{t}g{i}" if args.dialect == "switchboard" else f"{t}g.{i}"
             spec.append((f"{t}g{i}s", target, members))
+        elif place is not None:
+            n = len(place.names)
+            home = place.names[i % n]
+            away = home if args.placement == "local" else place.names[(i + 1) % n]
+            spec.append((place.pick(f"{t}s{i}", home), None, [place.pick(f"{t}r{i}", away)]))
+            spec[-1] = (spec[-1][0], spec[-1][2][0], spec[-1][2])
         else:
             target = f"{t}r{i}" if args.dialect != "nats" else f"{t}p.{i}"
             spec.append((f"{t}s{i}", target, [f"{t}r{i}"]))
@@ -61,7 +97,8 @@ async def main(args) -> None:
             conn = Conn(flow, is_sender, args.dialect, _greeting(args.dialect, name, not is_sender, target, args),
                         ready)
             flow.add(conn)
-            await loop.create_connection(lambda c=conn: c, args.host, args.port)
+            host, port = place.address(name) if place is not None else (args.host, args.port)
+            await loop.create_connection(lambda c=conn: c, host, port)
             waits.append(ready)
         flows.append(flow)
     await asyncio.wait_for(asyncio.gather(*waits), 60)
@@ -142,6 +179,10 @@ def parse(argv=None):
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--receipts", type=int, default=1)
+    ap.add_argument("--nodes", default="", help="a cluster: NAME=HOST:PORT,... (each user goes to its owner)")
+    ap.add_argument("--shards", type=int, default=64, help="the cluster's shard count (with --nodes)")
+    ap.add_argument("--placement", choices=["local", "cross"], default="cross",
+                    help="with --nodes: pairs on one node or on two")
     return ap.parse_args(argv)
 
 

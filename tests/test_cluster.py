@@ -12,7 +12,7 @@ import pytest
 
 from _core import frames
 from _core.codec import Decoder, encode
-from _core.protocol import PROTOCOL_VERSION, ErrorCode, FrameType, GoawayCode
+from _core.protocol import PROTOCOL_VERSION, FrameType, GoawayCode
 from clusternodes import Nodes
 
 pytestmark = pytest.mark.slow

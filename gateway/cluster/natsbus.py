@@ -31,7 +31,6 @@ import time
 
 from _core._codec import Decoder
 from _core._routing import LinkCore
-from _core.protocol import ErrorCode
 
 from .. import log
 from ..bus import HIGH_WATER, LINK_MAX_FRAME, LOW_WATER, LT_CTRL, LT_LAST, link_frame

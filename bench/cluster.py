@@ -1,0 +1,138 @@
+"""`switchboard bench cluster`: the cluster against a single node, in one run.
+
+Starts a 3-server NATS cluster and three gateway nodes on 127.0.0.11-13 (each
+with its own data dir), and a single gateway beside them; then measures, with
+the throughput load processes (bench/throughput_client.py, every message
+checked to arrive once): 1:1 flows on the single node, flows whose two users
+are on one node of the cluster, flows across two nodes, and group fan-out
+with members on all nodes. Server CPU counts every gateway and nats-server
+process. The NATS bytes per routed message come from the nodes' counters."""
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from . import peers, procstat, report
+from .throughput import COLUMNS, measure
+
+NODES = ["n1", "n2", "n3"]
+
+
+class ClusterUnderTest:
+    """Three nodes and their NATS cluster, shaped like peers.Server for measure()."""
+    dialect = "switchboard"
+
+    def __init__(self, workers: int, durability: str, shards: int):
+        from gateway.auth import load_or_create_secret
+        from gateway.cluster.natsd import NatsCluster
+        self.tmp = tempfile.TemporaryDirectory(prefix="sb-cluster-bench-")
+        root = Path(self.tmp.name)
+        self.nats = NatsCluster(root / "nats", size=3).start()
+        load_or_create_secret(root / NODES[0])
+        self.data_dir = str(root / NODES[0])
+        self.procs, self.addr, self.admin = {}, {}, {}
+        for i, name in enumerate(NODES):
+            d = root / name
+            d.mkdir(exist_ok=True)
+            if i:
+                shutil.copy(root / NODES[0] / "secret", d / "secret")
+            host = f"127.0.0.{11 + i}"
+            self.admin[name] = peers.free_port()
+            cmd = [sys.executable, "-m", "gateway", "serve", "--host", host, "--admin-host", host, "--port", "0",
+                   "--workers", str(workers), "--data-dir", str(d), "--log-level", "WARNING",
+                   "--durability", durability, "--segment-size", "64M", "--max-pending", str(10**6),
+                   "--msg-rate", "0", "--cluster", self.nats.url, "--node", name, "--bootstrap", ",".join(NODES),
+                   "--cluster-shards", str(shards), "--admin-port", str(self.admin[name])]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=peers.ROOT)
+            m = peers._wait_line(proc, peers.READY, 120, f"node {name}")
+            self.procs[name] = proc
+            self.addr[name] = (m.group(1), int(m.group(2)))
+            threading_drain(proc)
+        self.host, self.port = self.addr[NODES[0]]
+        self.shards = shards
+        self.placement = "cross"
+        self.name = "cluster"
+
+    @property
+    def client_args(self) -> list[str]:
+        nodes = ",".join(f"{n}={h}:{p}" for n, (h, p) in self.addr.items())
+        return ["--nodes", nodes, "--shards", str(self.shards), "--placement", self.placement]
+
+    def pids(self) -> list[int]:
+        out = [pid for p in self.procs.values() for pid in procstat.tree(p.pid)]
+        return out + [pid for pid in self.nats.pids if pid]
+
+    def counters(self) -> dict:
+        """Sum over nodes of the NATS traffic counters (from /metrics)."""
+        total = {"bytes_out": 0, "msgs_out": 0}
+        for name, (host, _port) in self.addr.items():
+            port = self.admin[name]
+            text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+            for line in text.splitlines():
+                if line.startswith('switchboard_cluster_bytes_total{direction="out"}'):
+                    total["bytes_out"] += float(line.split()[-1])
+                if line.startswith('switchboard_cluster_messages_total{direction="out"}'):
+                    total["msgs_out"] += float(line.split()[-1])
+        return total
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            procstat.stop(p, 20)
+        self.nats.stop_all()
+        self.tmp.cleanup()
+
+
+def threading_drain(proc) -> None:
+    import threading
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+
+
+def run(args) -> int:
+    rows, extra = [], {}
+    sizes = [int(s) for s in str(args.size).split(",")]
+    single = peers.start("switchboard", workers=args.workers, durability=args.durability)
+    try:
+        for size in sizes:
+            r = measure(single, args, size)
+            r["server"] = f"single node ({args.workers}w)"
+            rows.append(r)
+    finally:
+        single.stop()
+    cluster = ClusterUnderTest(args.workers, args.durability, args.shards)
+    try:
+        for placement in ("local", "cross"):
+            cluster.placement = placement
+            for size in sizes:
+                before = cluster.counters()
+                r = measure(cluster, args, size)
+                after = cluster.counters()
+                r["server"] = f"cluster, {'within a node' if placement == 'local' else 'across nodes'} ({args.workers}w)"
+                sent = max(1, r["sent"])
+                r["nats_bytes_per_msg"] = round((after["bytes_out"] - before["bytes_out"]) / sent)
+                r["nats_msgs_per_msg"] = round((after["msgs_out"] - before["msgs_out"]) / sent, 3)
+                rows.append(r)
+        if args.group_size:
+            cluster.placement = "cross"
+            mode, pairs = args.mode, args.pairs
+            args.mode, args.pairs = "group", max(1, args.pairs // args.group_size)
+            try:
+                r = measure(cluster, args, sizes[0])
+            finally:
+                args.mode, args.pairs = mode, pairs
+            r["server"] = f"cluster, group fan-out to {args.group_size} on 3 nodes"
+            rows.append(r)
+        extra["nodes"] = {n: f"{h}:{p}" for n, (h, p) in cluster.addr.items()}
+    finally:
+        cluster.stop()
+    cols = COLUMNS + [("nats_bytes_per_msg", "NATS B/msg", ","), ("nats_msgs_per_msg", "NATS msgs/msg", ".3f")]
+    print(report.table(rows, cols))
+    if args.json:
+        report.write_json(args.json, {"command": " ".join(sys.argv), "results": rows, **extra})
+    return 0 if all(r["exactly_once"] and not r["errors"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    print(json.dumps({"usage": "switchboard bench cluster --help"}))
