@@ -216,7 +216,7 @@ def data_dir_id(data_dir) -> str:
             return f.read().strip()
     except FileNotFoundError:
         ident = os.urandom(8).hex()
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             f.write(ident + "\n")
             f.flush()

@@ -100,6 +100,12 @@ class ClusterNode:
         self.members = Membership(self.js, cfg.cluster_name, self.name, cfg.lease_ttl, replicas)
         self.members.on_change = self._node_changed
         await self.members.open()
+        held = self.members.nodes.get(self.name)
+        if self.me == 0 and held and self.members.alive(self.name) \
+                and held.get("dir_id") != data_dir_id(cfg.data_dir):
+            # before we subscribe to anything of that name: its traffic is not ours
+            raise LeaseLost(f"node name {self.name!r} is in use by a live node at {held.get('advertise')} "
+                            "(another data dir): give each node its own --node")
         self.map = ClusterMap(self.js, cfg.cluster_name, replicas)
         self.map.on_change = self._map_changed
         bootstrap = list(cfg.bootstrap) or [self.name]
