@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -90,6 +91,35 @@ def threading_drain(proc) -> None:
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
 
 
+def measure_open(cluster, count: int = 200) -> dict:
+    """Session open (connect, HELLO, WELCOME) straight at the user's node and at
+    another node that redirects it: the redirect's cost, median and p99 in ms."""
+    import asyncio
+    from gateway.auth import TokenAuthority, load_secret
+    from gateway.client import Client
+    from gateway.cluster.shardmap import hrw_owner
+    from router.sharding import shard_of
+    auth = TokenAuthority(load_secret(cluster.data_dir))
+    users = [u for u in (f"open{i}" for i in range(count * 4))
+             if hrw_owner(shard_of(u, cluster.shards), NODES) == NODES[1]][:count]
+
+    async def opens(node: str) -> list[float]:
+        host, port = cluster.addr[node]
+        out = []
+        for u in users:
+            t0 = time.perf_counter()
+            c = Client(host, port, auth.issue(u), "bench", reconnect=False, send_only=True)
+            await c.connect()
+            out.append((time.perf_counter() - t0) * 1000)
+            await c.close()
+        return sorted(out)
+    direct = asyncio.run(opens(NODES[1]))
+    redirected = asyncio.run(opens(NODES[0]))
+    q = lambda xs, f: round(xs[min(len(xs) - 1, int(f * len(xs)))], 3)   # noqa: E731
+    return {"sessions": len(users), "direct_p50_ms": q(direct, 0.5), "direct_p99_ms": q(direct, 0.99),
+            "redirected_p50_ms": q(redirected, 0.5), "redirected_p99_ms": q(redirected, 0.99)}
+
+
 def run(args) -> int:
     rows, extra = [], {}
     sizes = [int(s) for s in str(args.size).split(",")]
@@ -125,6 +155,10 @@ def run(args) -> int:
             r["server"] = f"cluster, group fan-out to {args.group_size} on 3 nodes"
             rows.append(r)
         extra["nodes"] = {n: f"{h}:{p}" for n, (h, p) in cluster.addr.items()}
+        extra["session_open"] = measure_open(cluster)
+        o = extra["session_open"]
+        print(f"session open: direct p50 {o['direct_p50_ms']} ms (p99 {o['direct_p99_ms']}), redirected p50 "
+              f"{o['redirected_p50_ms']} ms (p99 {o['redirected_p99_ms']})", file=sys.stderr)
     finally:
         cluster.stop()
     cols = COLUMNS + [("nats_bytes_per_msg", "NATS B/msg", ","), ("nats_msgs_per_msg", "NATS msgs/msg", ".3f")]

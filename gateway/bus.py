@@ -7,9 +7,9 @@ read from it), and pressure signals. `LocalBus` implements them with Unix
 stream sockets between the worker processes of one machine, carrying the same
 framing as client connections; file descriptors travel with SCM_RIGHTS.
 
-A cluster bus (gateways on several machines, through a messaging engine) would
-implement the same methods: FWD over the engine's subjects, and hand-off as a
-redirect (GOAWAY with the owner's address) since descriptors cannot cross hosts.
+Between the nodes of a cluster, gateway/cluster/natsbus.py carries the same
+frames over NATS subjects, and a HELLO at the wrong node is redirected (GOAWAY
+REDIRECT), since descriptors cannot cross hosts (docs/cluster.md).
 """
 import collections
 import json

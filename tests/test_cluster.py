@@ -361,3 +361,54 @@ def test_a_node_without_nats_for_10_s(nats_cluster, tmp_path):
             assert "event=node_gone node=n2" in nodes.procs["n1"].text
         finally:
             nodes.stop_all()
+
+
+def _counter(nodes, name: str, series: str) -> float:
+    code, text = nodes.admin(name, "/metrics")
+    assert code == 200
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_node_acting_on_a_stale_map_is_refused(nats_cluster, tmp_path):
+    """n1 stops hearing from NATS (its connection stalls) while the shard of r moves
+    from n2 to n3. n1 still routes by its old map and forwards r's messages to n2,
+    which no longer owns that shard: n2 refuses them (fenced), stores nothing, and
+    once n1 hears again the messages go to n3 and arrive exactly once, in order."""
+    from faultproxy import FaultProxy
+    from gateway.cluster.shardmap import hrw_owner
+    from router.sharding import shard_of
+    with FaultProxy.to(nats_cluster.urls[0]) as proxy:
+        nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2", "n3"], bootstrap=["n1", "n2"])
+        try:
+            nodes.start("n1", "--cluster", proxy.url)
+            nodes.start("n2")
+            s, = nodes.users_on("n1", 1, "fs")
+            r = next(u for u in (f"fr{i}" for i in range(10_000))
+                     if nodes.owner(u) == "n2" and hrw_owner(shard_of(u, 64), ["n1", "n2", "n3"]) == "n3")
+
+            async def main():
+                loop = asyncio.get_running_loop()
+                async with nodes.client(s) as cs:
+                    await cs.send(r, "m0")
+                    await loop.run_in_executor(None, proxy.stall)
+                    await loop.run_in_executor(None, nodes.start, "n3")
+                    await loop.run_in_executor(None, _wait, "r's shard on n3",
+                                               lambda: not nodes.status("n2")["workers"]["0"]["moving"]
+                                               and nodes.owned("n3") > 0, 30)
+                    sends = [asyncio.ensure_future(cs.send(r, f"m{i}", timeout=120)) for i in range(1, 21)]
+                    await loop.run_in_executor(None, _wait, "n2 to refuse n1's stale forwards",
+                                               lambda: _counter(nodes, "n2", 'switchboard_cluster_fenced_total'
+                                                                '{kind="forwards"}') > 0, 30)
+                    await loop.run_in_executor(None, proxy.unstall)
+                    await asyncio.gather(*sends)
+                async with nodes.any_client(r) as cr:
+                    got = await _drain_in_order(cr, 21, timeout=30)
+                    assert got == [f"m{i}" for i in range(21)]
+                    with pytest.raises(asyncio.TimeoutError):
+                        await cr.recv(timeout=0.5)
+            asyncio.run(asyncio.wait_for(main(), 150))
+        finally:
+            nodes.stop_all()
