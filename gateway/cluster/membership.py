@@ -57,7 +57,8 @@ class Membership:
             self.kv = await self.js.create_key_value(KeyValueConfig(
                 bucket=self.bucket, history=1, ttl=self.ttl, replicas=self.replicas, direct=False,
                 limit_marker_ttl=self.ttl))
-        self._tasks.append(asyncio.get_running_loop().create_task(self._watch()))
+        if not self._tasks:                       # open() may be tried again (node.py: _retrying)
+            self._tasks.append(asyncio.get_running_loop().create_task(self._watch()))
         await asyncio.wait_for(self._caught_up.wait(), 10)
 
     # -- holding our lease --------------------------------------------------------------

@@ -99,7 +99,7 @@ class ClusterNode:
         replicas = 3 if len(self.nc.servers) >= 3 else 1
         self.members = Membership(self.js, cfg.cluster_name, self.name, cfg.lease_ttl, replicas)
         self.members.on_change = self._node_changed
-        await self.members.open()
+        await _retrying(self.members.open, "lease bucket")
         held = self.members.nodes.get(self.name)
         if self.me == 0 and held and self.members.alive(self.name) \
                 and held.get("dir_id") != data_dir_id(cfg.data_dir):
@@ -109,7 +109,7 @@ class ClusterNode:
         self.map = ClusterMap(self.js, cfg.cluster_name, replicas)
         self.map.on_change = self._map_changed
         bootstrap = list(cfg.bootstrap) or [self.name]
-        view = await self.map.open(cfg.cluster_shards, bootstrap)
+        view = await _retrying(lambda: self.map.open(cfg.cluster_shards, bootstrap), "shard map")
         self.shards = NodeShards(self, view.shards, self.workers, self.me)
         _log.info("event=cluster_joined node=%s worker=%d epoch=%d shards=%d owned_here=%d nats=%s",
                   self.name, self.me, view.epoch, view.shards, len(self.shards.owned_shards()),
@@ -287,6 +287,27 @@ class ClusterNode:
                 await asyncio.wait_for(self.nc.drain(), 2)
             except Exception:
                 await self.nc.close()
+
+
+async def _retrying(step, what: str, deadline: float = 120.0):
+    """A start-up step against JetStream, retried while it is not ready: a bucket
+    made a moment ago by another node may not answer yet (its R3 stream is still
+    electing a leader), and nodes started together race to make it."""
+    import nats.errors
+    import nats.js.errors
+    transient = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError,
+                 nats.js.errors.ServiceUnavailableError, asyncio.TimeoutError)
+    delay, t0 = 0.1, time.monotonic()
+    while True:
+        try:
+            return await step()
+        except transient as exc:
+            if time.monotonic() - t0 > deadline:
+                raise
+            _log.warning("event=cluster_start_retry step=%s error=%s retry_in=%.1f", what.replace(" ", "_"),
+                         log.q(repr(exc)), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 __all__ = ["ClusterNode", "LeaseLost", "NodeShards"]

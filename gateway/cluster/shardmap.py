@@ -108,7 +108,8 @@ class ClusterMap:
             except e.KeyWrongLastSequenceError:       # another node made it first
                 entry = await self.kv.get(KEY)
                 self._apply(MapView.decode(entry.revision, entry.value))
-        self._task = asyncio.get_running_loop().create_task(self._watch())
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
         return self.view
 
     def _apply(self, view: MapView) -> bool:
