@@ -107,8 +107,10 @@ def _read_frame(sock: socket.socket, timeout: float = 10.0):
 
 
 def test_redirect_to_owner(three):
-    """A HELLO at a node that does not serve the user is answered GOAWAY REDIRECT
-    naming the node that does; there the same HELLO gets WELCOME."""
+    """PROTOCOL.md section 3, GOAWAY REDIRECT, on a real cluster: a HELLO at a node
+    that does not serve the user is answered GOAWAY REDIRECT naming the node that
+    does (its listener of the same kind, TCP or WebSocket); there the same HELLO
+    gets WELCOME, and the SDK goes there at once as the same session."""
     nodes = three
     user, = nodes.users_on("n2", 1, "r")
     with socket.create_connection(nodes.address("n1")) as s:
@@ -126,6 +128,29 @@ def test_redirect_to_owner(three):
         s.sendall(_hello(nodes.token(user)))
         ftype, _flags, _body = _read_frame(s)
         assert ftype == FrameType.WELCOME
+    # WebSocket: the owner's WebSocket listener, then Close 1001
+    from wsclient import WsRaw
+    with WsRaw(nodes.host("n1"), nodes.ports["n1"][1]) as w:
+        w.upgrade()
+        w.send_proto(frames.Hello(PROTOCOL_VERSION, nodes.token(user), "main", 0, False, 0))
+        code, _, before = w.close_code()
+    assert code == 1001 and before == [frames.Goaway(GoawayCode.REDIRECT, 0,
+                                                     "%s:%d" % (nodes.host("n2"), nodes.ports["n2"][1]))]
+
+    # the SDK follows it as the same session: a SEND queued before the connect is stored there once
+    async def follow():
+        from gateway.client import Client
+        c = Client("%s:%d" % nodes.address("n1"), 0, nodes.token(user, "phone"), "phone")
+        queued = asyncio.ensure_future(c.send(user, "queued before the connect", timeout=20))
+        await asyncio.sleep(0)
+        await c.connect()
+        ack = await queued
+        assert c.address == nodes.address("n2") and c.redirects == 1
+        m = await c.recv(timeout=10)
+        assert (m.id, m.text) == (ack.id, "queued before the connect")
+        await c.close()
+    asyncio.run(asyncio.wait_for(follow(), 30))
+    assert _counter(nodes, "n1", "switchboard_redirects_total") >= 3
 
 
 def test_a_killed_node_leaves_its_shards_unavailable_and_loses_nothing(three):

@@ -60,7 +60,8 @@ MUSTS = {
         "A client MUST connect to that address next": [
             "test_s3_redirect_the_sdk_follows_it_as_the_same_session",
             "test_s3_redirect_the_third_in_a_row_is_not_followed",
-            "test_s3_redirect_is_sent_in_place_of_welcome_on_tcp_and_websocket"],
+            "test_s3_redirect_is_sent_in_place_of_welcome_on_tcp_and_websocket",
+            "test_redirect_to_owner"],
     },
     "4": {
         "A client MUST decide whether an error is fatal from the FATAL flag": [
