@@ -83,6 +83,17 @@ class LogConfig:
     #: registrations and compaction may roll into (0: only the reserve, every roll
     #: makes its segment on the loop)
     spares: int = 1
+    #: the largest record a SEND can make (about max_frame): a shard's first segment
+    #: is made big enough for four of them, so no record outgrows a young shard's segment
+    max_record: int = 0
+
+    def first_segment(self) -> int:
+        """A shard's first segment: 1 MiB (or the segment size if smaller), larger for
+        large frames (a power of two holding four of the largest record)."""
+        first = MIN_SEGMENT
+        while first < 4 * self.max_record:
+            first *= 2
+        return min(first, self.segment_size)
 
     def validate(self) -> None:
         if self.durability not in DURABILITY_MODES:
@@ -456,7 +467,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         """A shard's first segments are 1 MiB (or the segment size if smaller); each
         new one is twice the active one, up to the configured size: an idle shard
         costs little disk, a busy one soon gets full-size segments."""
-        first = min(MIN_SEGMENT, self.config.segment_size)
+        first = self.config.first_segment()
         if self.active is None:
             return first
         return min(self.config.segment_size, max(first, 2 * self.active.size))
@@ -500,7 +511,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
     def _create_fitting(self, segment_id: int, size: int, pause=lambda: None) -> Segment:
         """A segment of `size`, or on a nearly full disk the largest smaller one
         (halving down to the first segment's size) that there is room for."""
-        first = min(MIN_SEGMENT, self.config.segment_size)
+        first = self.config.first_segment()
         while True:
             try:
                 return self._create_segment(segment_id, pause, size)

@@ -228,4 +228,4 @@ class GatewayConfig:
         return LogConfig(segment_size=self.segment_size, durability=self.durability,
                          interval_ms=self.flush_interval_ms, ttl_s=self.message_ttl,
                          max_pending=self.max_pending_per_recipient, dedup_window=self.dedup_window,
-                         spares=self.log_spares)
+                         spares=self.log_spares, max_record=self.max_frame + 1024)

@@ -437,3 +437,33 @@ def test_a_node_acting_on_a_stale_map_is_refused(nats_cluster, tmp_path):
             asyncio.run(asyncio.wait_for(main(), 150))
         finally:
             nodes.stop_all()
+
+
+def test_frames_larger_than_nats_max_payload_cross_nodes(nats_cluster, tmp_path):
+    """NATS takes at most 1 MiB per message: a 3 MiB message and a group message of
+    1 MiB (its copies cross as base64 in a control frame) between nodes arrive whole."""
+    nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2", "n3"],
+                  extra=("--max-frame", str(4 << 20), "--segment-size", "16M")).start_all()
+    try:
+        a, = nodes.users_on("n1", 1, "la")
+        b, = nodes.users_on("n2", 1, "lb")
+        c, = nodes.users_on("n3", 1, "lc")
+        big = os.urandom(3 << 20)
+        mid = os.urandom(1 << 20)
+
+        async def main():
+            async with nodes.client(a) as ca, nodes.client(b) as cb, nodes.client(c) as cc:
+                await ca.send(b, big, timeout=30)
+                m = await cb.recv(timeout=30)
+                assert m.payload == big
+                await cb.ack(m)
+                await ca.group("create", "#big", members=[b, c])
+                await ca.send("#big", mid, timeout=30)
+                for cl in (cb, cc):
+                    m = await cl.recv(timeout=30)
+                    assert m.group == "#big" and m.payload == mid
+                    await cl.ack(m)
+        asyncio.run(asyncio.wait_for(main(), 90))
+        assert _counter(nodes, "n1", 'switchboard_cluster_bytes_total{direction="out"}') > len(big)
+    finally:
+        nodes.stop_all()

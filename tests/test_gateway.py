@@ -343,3 +343,17 @@ def test_s6_send_window_answers_retries_and_older_ones_without_an_id(gateway_fac
             async with gw.client("alice", device="sdk") as alice:
                 await next_is_marker(gw, alice, bob, "bob")     # and no "again" behind them
     asyncio.run(main())
+
+
+def test_a_message_near_a_large_max_frame_fits_a_new_shards_first_segment(gateway_factory):
+    """With --max-frame 4 MiB, a shard's first segment is made big enough for the
+    largest record (it was 1 MiB, and a 3 MiB message got fatal INTERNAL)."""
+    gw = gateway_factory("--max-frame", str(4 << 20), "--segment-size", "16M")
+    payload = os.urandom(3 << 20)
+
+    async def main():
+        async with gw.client("bigsender") as a, gw.client("bigreceiver") as b:
+            ack = await a.send("bigreceiver", payload, timeout=30)
+            m = await b.recv(timeout=30)
+            assert (m.id, m.payload) == (ack.id, payload)
+    asyncio.run(asyncio.wait_for(main(), 60))
