@@ -68,6 +68,7 @@ class ShardMover:
         self._wake = asyncio.Event()
         self._tasks = []
         self._sub = None
+        self._exports: set[asyncio.Task] = set()
         self.draining = False
 
     async def start(self) -> None:
@@ -127,6 +128,18 @@ class ShardMover:
 
     # -- the control subject ----------------------------------------------------------
     async def _on_ctl(self, msg) -> None:
+        """Imports are handled in order, here (NATS runs a subscription's callbacks one
+        at a time); an export runs as its own task, so this worker takes a copy in
+        while it sends one out (two nodes moving shards to each other must not wait
+        on each other's subscription)."""
+        if msg.data.startswith(b'{"cmd": "out"'):
+            task = asyncio.get_running_loop().create_task(self._serve(msg))
+            self._exports.add(task)               # held: a task nobody references may be collected
+            task.add_done_callback(self._exports.discard)
+        else:
+            await self._serve(msg)
+
+    async def _serve(self, msg) -> None:
         head, _, body = bytes(msg.data).partition(b"\n")
         try:
             req = json.loads(head)
