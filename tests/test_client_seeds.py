@@ -41,22 +41,22 @@ def tcp_addr(gw) -> str:
 # -- seed lists -------------------------------------------------------------------------------
 
 def test_seed_lists_parse_hosts_ports_and_ipv6():
-    assert parse_seeds("127.0.0.1", 7400) == [("127.0.0.1", 7400)]
-    assert parse_seeds("h1,h2:7500, [::1]:7401,[fe80::1],::1", 7400) == [
-        ("h1", 7400), ("h2", 7500), ("::1", 7401), ("fe80::1", 7400), ("::1", 7400)]
+    assert parse_seeds("127.0.0.1", 9400) == [("127.0.0.1", 9400)]
+    assert parse_seeds("h1,h2:7500, [::1]:9401,[fe80::1],::1", 9400) == [
+        ("h1", 9400), ("h2", 7500), ("::1", 9401), ("fe80::1", 9400), ("::1", 9400)]
     assert parse_seeds(["a", "b:1", ("c", 2)], 9) == [("a", 9), ("b", 1), ("c", 2)]
-    assert [format_address(a) for a in parse_seeds("[::1]:7400,h:1", 0)] == ["[::1]:7400", "h:1"]
+    assert [format_address(a) for a in parse_seeds("[::1]:9400,h:1", 0)] == ["[::1]:9400", "h:1"]
 
 
 @pytest.mark.parametrize("entry, says", [
     ("h1,,h2", "empty gateway address"), ("h1:", "the port must be a number"), ("h1:x", "the port must be a number"),
-    ("h1:70000", "the port must be a number"), ("[::1", "no ']'"), ("[::1]7400", "may follow ']'"),
+    ("h1:70000", "the port must be a number"), ("[::1", "no ']'"), ("[::1]9400", "may follow ']'"),
     ("[nope]:1", "not an IPv6 address"), ("::g", "in brackets"), ("a b:1", "not a host name")])
 def test_bad_seed_entries_are_one_clear_error(entry, says):
     with pytest.raises(ValueError, match=says) as ei:
-        Client(entry, 7400)
+        Client(entry, 1)
     assert "\n" not in str(ei.value) and "HOST[:PORT]" in str(ei.value)
-    r = subprocess.run([SWITCHBOARD, "send", "--token", "t", "--to", "bob", "hi", "--host", entry],
+    r = subprocess.run([SWITCHBOARD, "send", "--token", "t", "--to", "bob", "hi", "--host", entry, "--port", "1"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -67,7 +67,7 @@ def test_bad_seed_entries_are_one_clear_error(entry, says):
 @sync
 async def test_sdk_skips_a_dead_seed(gateway_proc, dead_port):
     gw = gateway_proc
-    async with Client(f"127.0.0.1:{dead_port},{tcp_addr(gw)}", 7400, gw.token("alice"), "phone") as c:
+    async with Client(f"127.0.0.1:{dead_port},{tcp_addr(gw)}", 1, gw.token("alice"), "phone") as c:
         assert c.address == (gw.host, gw.port)
         ack = await c.send("alice", "to myself", timeout=10)
         m = await c.recv(timeout=10)
@@ -145,17 +145,17 @@ def test_s3_redirect_is_sent_in_place_of_welcome_on_tcp_and_websocket(gateway_pr
     pipelined behind the HELLO is not served."""
     gw = gateway_proc
     r = redirector(gw)
-    r.send_to("10.1.2.3:7400", "[2001:db8::7]:7401")
+    r.send_to("10.1.2.3:9400", "[2001:db8::7]:9401")
     hello = encode(F.Hello(PROTOCOL_VERSION, gw.token("alice"), "phone", 0, False, 0))
     with Raw(r) as c:
         c.send(hello + encode(F.Ping(7)))
         frames, closed = c.until_eof()
-    assert closed and frames == [F.Goaway(GoawayCode.REDIRECT, 0, "10.1.2.3:7400")], frames
+    assert closed and frames == [F.Goaway(GoawayCode.REDIRECT, 0, "10.1.2.3:9400")], frames
     with WsRaw(r.host, r.ws_port) as w:
         w.upgrade()
         w.send_proto(F.Hello(PROTOCOL_VERSION, gw.token("alice"), "phone", 0, False, 0))
         code, _, before = w.close_code()
-    assert code == 1001 and before == [F.Goaway(GoawayCode.REDIRECT, 0, "[2001:db8::7]:7401")], (code, before)
+    assert code == 1001 and before == [F.Goaway(GoawayCode.REDIRECT, 0, "[2001:db8::7]:9401")], (code, before)
     with Raw(r) as c:                            # a bad token is refused as always, not redirected
         c.send(encode(F.Hello(PROTOCOL_VERSION, "sb1.bad.token", "phone", 0, False, 0)))
         frames, closed = c.until_eof()
