@@ -126,7 +126,13 @@ def segment_name(segment_id: int) -> str:
     return f"{segment_id:020d}.seg"
 
 
-def _fsync_dir(path: Path) -> None:
+def shard_dir_name(shard: int) -> str:
+    """A shard's log directory under the log root (and the name a moved shard is installed as)."""
+    return f"shard-{shard:04d}"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -494,7 +500,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             os.pwrite(fd, self._header(segment_id, nonce, size=size), 0)
             os.fsync(fd)
             os.rename(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             try:
@@ -535,10 +541,10 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             qdir = self.directory / "quarantine"
             qdir.mkdir(exist_ok=True)
             os.rename(path, qdir / path.name)
-            _fsync_dir(qdir)
+            fsync_dir(qdir)
         else:
             os.unlink(path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     # -- recovery -------------------------------------------------------------------
     def open(self) -> RecoveryReport:
@@ -637,7 +643,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             qdir = self.directory / "quarantine"
             qdir.mkdir(exist_ok=True)
             os.rename(path, qdir / path.name)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             report.bad_headers.append(path.name)
             _log.error("event=bad_segment_file file=%s reason=%s action=quarantined", path.name, q(reason))
             return None
@@ -1123,7 +1129,7 @@ class ShardedLog(_Committed):
         self._opened = False
 
     def _dir(self, shard: int) -> Path:
-        return self.root / f"shard-{shard:04d}"
+        return self.root / shard_dir_name(shard)
 
     def _new_log(self, shard: int) -> AppendLog:
         if shard in self.moving:
@@ -1233,7 +1239,7 @@ class ShardedLog(_Committed):
             _log.warning("event=shard_leftover_removed dir=%s why=%s", path,
                          "import_not_finished" if kind == "incoming" else "tombstone")
             shutil.rmtree(path, ignore_errors=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
 
     # -- shards moving between nodes -----------------------------------------------------
     def quiesce(self, shard: int):
@@ -1339,11 +1345,11 @@ class ShardedLog(_Committed):
         tomb = self.root / f"{path.name}.tomb-{secrets.token_hex(4)}"
         try:
             os.rename(path, tomb)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         finally:
             lock.release()
         shutil.rmtree(tomb)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self.moving.pop(shard, None)
         _log.info("event=shard_dropped shard=%d", shard)
 

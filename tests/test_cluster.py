@@ -2,6 +2,7 @@
 gateway nodes, each with its own 127.0.0.x address and data dir, talking to each
 other only through NATS (docs/cluster.md)."""
 import asyncio
+import contextlib
 import os
 import re
 import socket
@@ -361,42 +362,48 @@ def test_a_nats_server_killed_under_load(nats_cluster, tmp_path):
         nodes.stop_all()
 
 
+@contextlib.contextmanager
+def _n2_behind_a_proxy(nats, tmp_path):
+    """Three nodes; n2 reaches NATS only through a fault proxy (tests/faultproxy.py)."""
+    from faultproxy import FaultProxy
+    with FaultProxy.to(nats.urls[0]) as proxy:
+        nodes = Nodes(tmp_path, nats.url, ["n1", "n2", "n3"])
+        try:
+            nodes.start("n1")
+            nodes.start("n2", "--cluster", proxy.url)
+            nodes.start("n3")
+            yield nodes, proxy
+        finally:
+            nodes.stop_all()
+
+
 def test_a_node_without_nats_for_10_s(nats_cluster, tmp_path):
     """n2's only way to NATS is cut for 10 s: its lease runs out (the others see it
     gone and answer its users' senders UNAVAILABLE), its /readyz is 503; once the
     connection is back it takes its lease again and serves; the stream from n1 to
     n2's user loses and doubles nothing."""
-    from faultproxy import FaultProxy
-    first = nats_cluster.urls[0]
-    with FaultProxy.to(first) as proxy:
-        nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2", "n3"])
-        try:
-            nodes.start("n1")
-            nodes.start("n2", "--cluster", proxy.url)
-            nodes.start("n3")
-            a, = nodes.users_on("n1", 1, "pa")
-            b, = nodes.users_on("n2", 1, "pb")
+    with _n2_behind_a_proxy(nats_cluster, tmp_path) as (nodes, proxy):
+        a, = nodes.users_on("n1", 1, "pa")
+        b, = nodes.users_on("n2", 1, "pb")
 
-            def fault():
-                t0 = time.monotonic()
-                proxy.cut()
-                _wait("n1 to see n2 gone", lambda: not nodes.status("n1")["workers"]["0"]["nodes"].get("n2", {})
-                      .get("alive", False), 30)
-                _wait("n2 /readyz 503", lambda: nodes.admin("n2", "/readyz")[0] == 503, 30)
-                code, why = nodes.admin("n2", "/readyz")
-                assert "NATS" in why, why
-                while time.monotonic() - t0 < 10:
-                    time.sleep(0.2)                      # the fault lasts 10 s
-                proxy.restore()
-                _wait("n2 ready again", lambda: nodes.admin("n2", "/readyz")[0] == 200, 30)
-            got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault), 180))
-            assert got == [f"m{i}" for i in range(600)]
-            text = nodes.procs["n2"].text
-            assert "event=nats_disconnected" in text and "event=nats_reconnected" in text
-            assert "event=lease_reclaimed" in text or "event=lease_renew_failed" in text
-            assert "event=node_gone node=n2" in nodes.procs["n1"].text
-        finally:
-            nodes.stop_all()
+        def fault():
+            t0 = time.monotonic()
+            proxy.cut()
+            _wait("n1 to see n2 gone", lambda: not nodes.status("n1")["workers"]["0"]["nodes"].get("n2", {})
+                  .get("alive", False), 30)
+            _wait("n2 /readyz 503", lambda: nodes.admin("n2", "/readyz")[0] == 503, 30)
+            code, why = nodes.admin("n2", "/readyz")
+            assert "NATS" in why, why
+            while time.monotonic() - t0 < 10:
+                time.sleep(0.2)                      # the fault lasts 10 s
+            proxy.restore()
+            _wait("n2 ready again", lambda: nodes.admin("n2", "/readyz")[0] == 200, 30)
+        got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault), 180))
+        assert got == [f"m{i}" for i in range(600)]
+        text = nodes.procs["n2"].text
+        assert "event=nats_disconnected" in text and "event=nats_reconnected" in text
+        assert "event=lease_reclaimed" in text or "event=lease_renew_failed" in text
+        assert "event=node_gone node=n2" in nodes.procs["n1"].text
 
 
 def _counter(nodes, name: str, series: str) -> float:
@@ -485,27 +492,19 @@ def test_a_node_cut_by_nats_as_a_slow_consumer(nats_factory, tmp_path):
     messages to n2's user: nats-server finds n2 a slow consumer and closes its
     connection; n2 reconnects once it reads again, and the stream loses and
     doubles nothing."""
-    from faultproxy import FaultProxy
     nats = nats_factory(3, extra_config='write_deadline: "1s"\nmax_pending: 2MB')
-    with FaultProxy.to(nats.urls[0]) as proxy:
-        nodes = Nodes(tmp_path, nats.url, ["n1", "n2", "n3"])
-        try:
-            nodes.start("n1")
-            nodes.start("n2", "--cluster", proxy.url)
-            nodes.start("n3")
-            a, = nodes.users_on("n1", 1, "sa")
-            b, = nodes.users_on("n2", 1, "sb")
+    with _n2_behind_a_proxy(nats, tmp_path) as (nodes, proxy):
+        a, = nodes.users_on("n1", 1, "sa")
+        b, = nodes.users_on("n2", 1, "sb")
 
-            def fault():
-                proxy.stall()
-                _wait("nats-server to cut n2 as a slow consumer",
-                      lambda: "event=nats_disconnected" in nodes.procs["n2"].text, 90)
-                proxy.unstall()
-                # the resent backlog may exceed the tiny max_pending again: cut and back, until it drains
-                _wait("n2 ready again", lambda: nodes.admin("n2", "/readyz")[0] == 200, 120)
-            got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault, count=300, pad=32 << 10, window=200),
-                                           300))
-            assert got == [f"m{i}" for i in range(300)]
-            assert nats.monitor(0, "/varz").get("slow_consumers", 0) > 0     # the server cut it, not a ping
-        finally:
-            nodes.stop_all()
+        def fault():
+            proxy.stall()
+            _wait("nats-server to cut n2 as a slow consumer",
+                  lambda: "event=nats_disconnected" in nodes.procs["n2"].text, 90)
+            proxy.unstall()
+            # the resent backlog may exceed the tiny max_pending again: cut and back, until it drains
+            _wait("n2 ready again", lambda: nodes.admin("n2", "/readyz")[0] == 200, 120)
+        got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault, count=300, pad=32 << 10, window=200),
+                                       300))
+        assert got == [f"m{i}" for i in range(300)]
+        assert nats.monitor(0, "/varz").get("slow_consumers", 0) > 0     # the server cut it, not a ping

@@ -34,6 +34,7 @@ import json
 import random
 import time
 
+from _core.log import shard_dir_name
 from _core.protocol import GoawayCode
 
 from .. import log
@@ -206,7 +207,7 @@ class ShardMover:
         dest = ctl_subject(self.cluster, to, s % info.get("workers", 1))
         await self._request(dest, {"cmd": "in-begin", "shard": s, "from": self.node.name, "epoch": epoch})
         try:
-            for chunk in export_shard(store._dir(s), CHUNK):
+            for chunk in export_shard(store.root / shard_dir_name(s), CHUNK):
                 await self._request(dest, {"cmd": "in-chunk", "shard": s}, chunk)
                 self.bytes_out += len(chunk)
             await self._request(dest, {"cmd": "in-finish", "shard": s})

@@ -36,7 +36,7 @@ from pathlib import Path
 import xxhash
 
 from _core.dirlock import DirLock
-from _core.log import HEADER, HEADER_SIZE, MAGIC as SEGMENT_MAGIC
+from _core.log import HEADER, HEADER_SIZE, MAGIC as SEGMENT_MAGIC, fsync_dir, shard_dir_name
 
 MAGIC = b"SBSC"
 VERSION = 1
@@ -53,18 +53,6 @@ _SHARD_DIR = re.compile(r"^shard-([0-9]{4,})$")
 
 class ShardCopyError(ValueError):
     """A chunk or a finished import does not match what was sent: nothing is installed."""
-
-
-def shard_dir_name(shard: int) -> str:
-    return f"shard-{shard:04d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unused_spare(fd: int, size: int) -> bool:
@@ -142,7 +130,7 @@ class ShardImport:
             shutil.rmtree(self.incoming)     # a dead import's
         self.incoming.mkdir()
         self._lock = DirLock(self.incoming).acquire()
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self.files: list | None = None       # the manifest's entries
         self._fds: list = []
         self._hashes: list = []
@@ -260,23 +248,23 @@ class ShardImport:
                                      f"{f['xxh3_128']}: a chunk was corrupted")
             os.fsync(fd)
         self._close_files()
-        _fsync_dir(self.incoming)
+        fsync_dir(self.incoming)
         tomb = None
         if self.final.exists():
             stale = DirLock(self.final).acquire()
             tomb = self.root / f"{self.final.name}.tomb-{secrets.token_hex(4)}"
             try:
                 os.rename(self.final, tomb)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             finally:
                 stale.release()
         os.rename(self.incoming, self.final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._done = True
         self._lock.release()                 # its file is shard-NNNN/LOCK now: adopt() takes it
         if tomb is not None:
             shutil.rmtree(tomb)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         return self.final
 
     def abort(self) -> None:
@@ -287,7 +275,7 @@ class ShardImport:
         self._close_files()
         self._lock.release()
         shutil.rmtree(self.incoming, ignore_errors=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _close_files(self) -> None:
         fds, self._fds = self._fds, []
