@@ -1,5 +1,6 @@
 """`switchboard stats` (a live terminal view of /metrics) and `switchboard drain`
 (POST /drain): clients of the admin listener (gateway/admin.py)."""
+import http.client
 import json
 import sys
 import time
@@ -20,7 +21,8 @@ def fetch(host: str, port: int, path: str, method: str = "GET", timeout: float =
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-    except (OSError, urllib.error.URLError) as exc:
+    except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
+        # HTTPException: the listener closed mid-answer (a gateway exiting at the end of a drain)
         reason = getattr(exc, "reason", exc)
         raise AdminError(f"cannot reach the admin listener at {host}:{port}: {getattr(reason, 'strerror', None) or reason}") from None
 
