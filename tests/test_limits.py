@@ -268,5 +268,8 @@ def test_garbage_flood_and_slowloris_do_not_starve_chat(gateway_factory):
     print(f"\nchat round trip p99: {p_base * 1000:.2f} ms alone, {p_under * 1000:.2f} ms under attack "
           f"(median {statistics.median(base) * 1000:.2f} / {statistics.median(under) * 1000:.2f} ms)")
     assert p_under < 20 * p_base + 0.25, (p_base, p_under)
+    deadline = time.monotonic() + 15          # the server's log reaches us through a reader thread
+    while "code=HELLO_TIMEOUT" not in gw.text and time.monotonic() < deadline:
+        time.sleep(0.05)
     text = gw.text
     assert "event=conn_closed" in text and "code=HELLO_TIMEOUT" in text   # slowloris cut at the hello timeout
