@@ -508,3 +508,101 @@ def test_a_node_cut_by_nats_as_a_slow_consumer(nats_factory, tmp_path):
                                        300))
         assert got == [f"m{i}" for i in range(300)]
         assert nats.monitor(0, "/varz").get("slow_consumers", 0) > 0     # the server cut it, not a ping
+
+
+def _stream_replicas(nats, stream: str) -> int:
+    for account in nats.monitor(0, "jsz?streams=true&config=true").get("account_details") or []:
+        for s in account.get("stream_detail") or []:
+            if s["name"] == stream:
+                return s["config"]["num_replicas"]
+    raise AssertionError(f"no stream {stream}")
+
+
+def _lead(nats, stream: str, server: int, timeout: float = 20.0) -> None:
+    """Make nats-server `server` the leader of `stream` (a JetStream stepdown naming it)."""
+    import json
+
+    import nats as nats_py
+    name = nats.server_name(server)
+
+    def leaders() -> set:
+        """Each server's view of the stream's leader (they agree once it settled)."""
+        seen = set()
+        for i in range(nats.size):
+            for account in nats.monitor(i, "jsz?streams=true").get("account_details") or []:
+                for s in account.get("stream_detail") or []:
+                    if s["name"] == stream:
+                        seen.add((s.get("cluster") or {}).get("leader"))
+        return seen
+
+    async def stepdown():
+        nc = await nats_py.connect(nats.urls[server])
+        try:
+            deadline = time.monotonic() + timeout
+            while leaders() != {name}:
+                assert time.monotonic() < deadline, f"{name} never became the leader of {stream}: {leaders()}"
+                with contextlib.suppress(Exception):      # "already leader", or no leader yet: look again
+                    await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}",
+                                     json.dumps({"placement": {"preferred": name}}).encode(), timeout=5)
+                settle = time.monotonic() + 3
+                while leaders() != {name} and time.monotonic() < settle:
+                    await asyncio.sleep(0.05)
+        finally:
+            await nc.close()
+    asyncio.run(stepdown())
+
+
+def test_a_nats_server_cut_off_from_its_routes(tmp_path):
+    """A partition between the NATS servers, not a dead one: the server n1 uses, which
+    also leads the lease and map buckets, loses every route for 10 s while n1 stays
+    connected to it. n1 can no longer renew its lease, so it stops serving (/readyz 503)
+    and the others see it gone; the two other servers elect new leaders and n2 and n3
+    keep serving their own users; when the routes come back n1 takes its lease again.
+    The stream from n2's user to n1's user loses and doubles nothing."""
+    from conftest import _nats_server_or_skip
+    from natspartition import PartitionableNats
+    _nats_server_or_skip()
+    nats = PartitionableNats(tmp_path / "nats").start()
+    nodes = Nodes(tmp_path, nats.url, ["n1", "n2", "n3"])
+    try:
+        nodes.start("n1", "--cluster", nats.urls[0])
+        nodes.start("n2", "--cluster", f"{nats.urls[1]},{nats.urls[2]}")
+        nodes.start("n3", "--cluster", f"{nats.urls[2]},{nats.urls[1]}")
+        for stream in ("KV_switchboard_nodes", "KV_switchboard_map"):
+            # n1, which made them, was given one NATS URL: the buckets are replicated all the same
+            assert _stream_replicas(nats, stream) == 3
+            _lead(nats, stream, 0)
+        a, a2 = nodes.users_on("n2", 2, "ra")
+        b, = nodes.users_on("n1", 1, "rb")
+        c, = nodes.users_on("n3", 1, "rc")
+
+        async def while_cut():
+            """n3's user to n2's other user: the majority side serves through the partition."""
+            async with nodes.any_client(a2) as rc, nodes.any_client(c) as sc:
+                await sc.send(a2, "during the partition", timeout=60)
+                m = await rc.recv(timeout=60)
+                await rc.ack(m)
+                return m.text
+
+        def fault():
+            t0 = time.monotonic()
+            nats.isolate(0)
+            _wait("n1 /readyz 503", lambda: nodes.admin("n1", "/readyz")[0] == 503, 30)
+            _wait("n2 to see n1 gone", lambda: not nodes.status("n2")["workers"]["0"]["nodes"].get("n1", {})
+                  .get("alive", False), 30)
+            assert asyncio.run(asyncio.wait_for(while_cut(), 90)) == "during the partition"
+            assert nodes.admin("n1", "/readyz")[0] == 503           # still cut off: still not serving
+            while time.monotonic() - t0 < 10:
+                time.sleep(0.2)                                     # the partition lasts 10 s
+            nats.heal()
+            _wait("n1 ready again", lambda: nodes.admin("n1", "/readyz")[0] == 200, 60)
+        got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault), 240))
+        assert got == [f"m{i}" for i in range(600)]
+        text = nodes.procs["n1"].text
+        assert "event=lease_renew_failed" in text and "event=lease_reclaimed" in text
+        assert text.count("event=lease_renew_failed") <= 2          # ~10 failures a second apart: bounded lines
+        assert "event=node_gone node=n1" in nodes.procs["n2"].text
+        assert "event=nats_disconnected" not in text                # a partition, not a lost connection
+    finally:
+        nodes.stop_all()
+        nats.stop_all()

@@ -19,8 +19,10 @@ import os
 import time
 
 from .. import log
+from .buckets import open_bucket
 
 _log = log.get("switchboard.cluster")
+RENEW_LOG_EVERY = 30        # while renewals keep failing (NATS away): a log line per 30 of them
 
 
 def _errors():
@@ -33,8 +35,8 @@ class LeaseLost(Exception):
 
 
 class Membership:
-    def __init__(self, js, cluster: str, node: str, ttl: float, replicas: int):
-        self.js, self.cluster, self.node, self.ttl, self.replicas = js, cluster, node, ttl, replicas
+    def __init__(self, js, cluster: str, node: str, ttl: float):
+        self.js, self.cluster, self.node, self.ttl = js, cluster, node, ttl
         self.bucket = f"{cluster}_nodes"
         self.kv = None
         self.nodes: dict[str, dict] = {}        # node -> its lease value
@@ -49,14 +51,8 @@ class Membership:
         self._caught_up = asyncio.Event()
 
     async def open(self) -> None:
-        e = _errors()
-        try:
-            self.kv = await self.js.key_value(self.bucket)
-        except e.BucketNotFoundError:
-            from nats.js.api import KeyValueConfig
-            self.kv = await self.js.create_key_value(KeyValueConfig(
-                bucket=self.bucket, history=1, ttl=self.ttl, replicas=self.replicas, direct=False,
-                limit_marker_ttl=self.ttl))
+        self.kv = await open_bucket(self.js, self.bucket, history=1, ttl=self.ttl, direct=False,
+                                    limit_marker_ttl=self.ttl)
         if not self._tasks:                       # open() may be tried again (node.py: _retrying)
             self._tasks.append(asyncio.get_running_loop().create_task(self._watch()))
         await asyncio.wait_for(self._caught_up.wait(), 10)
@@ -103,15 +99,27 @@ class Membership:
         self.renewals += 1
 
     async def _renew(self) -> None:
+        """Until the lease is lost to another process: every failure (NATS unreachable, a
+        bucket without a leader, a reclaim that failed half way) is logged and tried again
+        a third of a lease later; lease_ok_until runs out meanwhile, and with it serving."""
         e = _errors()
+        failures = 0
         while not self.lost:
             await asyncio.sleep(self.ttl / 3)
             try:
-                await self._renew_once()
-            except e.KeyWrongLastSequenceError:
-                await self._reclaim()
-            except Exception as exc:          # NATS unreachable: retried; lease_ok_until runs out meanwhile
-                _log.warning("event=lease_renew_failed node=%s error=%s", self.node, log.q(repr(exc)))
+                try:
+                    await self._renew_once()
+                except e.KeyWrongLastSequenceError:
+                    await asyncio.wait_for(self._reclaim(), self.ttl / 3)
+            except Exception as exc:
+                failures += 1
+                if failures % RENEW_LOG_EVERY == 1:       # the first failure, then one line in every 30
+                    _log.warning("event=lease_renew_failed node=%s failures=%d error=%s", self.node, failures,
+                                 log.q(repr(exc)))
+                continue
+            if failures:
+                _log.info("event=lease_renewed node=%s after_failures=%d", self.node, failures)
+                failures = 0
 
     async def _reclaim(self) -> None:
         """Our renewal found another revision: the lease expired while we could not

@@ -212,6 +212,15 @@ class NatsCluster:
     def __exit__(self, *exc) -> None:
         self.stop_all()
 
+    # -- routes (tests/natspartition.py puts fault proxies on them) -------------------------
+    def route_addresses(self, i: int) -> list[str]:
+        """host:port of every route server i dials: every other server's cluster port."""
+        return [f"{self.host}:{p}" for j, p in enumerate(self.cluster_ports) if j != i]
+
+    def cluster_advertise(self, i: int) -> str | None:
+        """The route address server i gossips to its peers (None: its listen address)."""
+        return None
+
     # -- internals ---------------------------------------------------------------------------
     def _pick_ports(self) -> None:
         taken: set[int] = set()
@@ -240,16 +249,18 @@ class NatsCluster:
             "}",
         ]
         if self.size > 1:
-            routes = ", ".join(f'"nats-route://{self.host}:{p}"'
-                               for j, p in enumerate(self.cluster_ports) if j != i)
+            routes = ", ".join(f'"nats-route://{address}"' for address in self.route_addresses(i))
             lines += [
                 "cluster {",
                 f'  name: "{self.name}"',
                 f'  listen: "{self.host}:{self.cluster_ports[i]}"',
                 "  no_advertise: true",
                 f"  routes: [{routes}]",
-                "}",
             ]
+            advertise = self.cluster_advertise(i)
+            if advertise:
+                lines.append(f'  advertise: "{advertise}"')
+            lines.append("}")
         if self.extra_config:
             lines.append(self.extra_config)
         self.config_path(i).write_text("\n".join(lines) + "\n")

@@ -96,8 +96,7 @@ class ClusterNode:
                 delay = min(delay * 2, 5.0)
         self.connected = True
         self.js = self.nc.jetstream(timeout=5)
-        replicas = 3 if len(self.nc.servers) >= 3 else 1
-        self.members = Membership(self.js, cfg.cluster_name, self.name, cfg.lease_ttl, replicas)
+        self.members = Membership(self.js, cfg.cluster_name, self.name, cfg.lease_ttl)
         self.members.on_change = self._node_changed
         await _retrying(self.members.open, "lease bucket")
         held = self.members.nodes.get(self.name)
@@ -106,7 +105,7 @@ class ClusterNode:
             # before we subscribe to anything of that name: its traffic is not ours
             raise LeaseLost(f"node name {self.name!r} is in use by a live node at {held.get('advertise')} "
                             "(another data dir): give each node its own --node")
-        self.map = ClusterMap(self.js, cfg.cluster_name, replicas)
+        self.map = ClusterMap(self.js, cfg.cluster_name)
         self.map.on_change = self._map_changed
         bootstrap = list(cfg.bootstrap) or [self.name]
         view = await _retrying(lambda: self.map.open(cfg.cluster_shards, bootstrap), "shard map")

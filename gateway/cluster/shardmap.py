@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from .. import log
+from .buckets import open_bucket
 
 _log = log.get("switchboard.cluster")
 KEY = "map"
@@ -73,10 +74,9 @@ class MapConflict(Exception):
 
 
 class ClusterMap:
-    def __init__(self, js, cluster: str, replicas: int):
+    def __init__(self, js, cluster: str):
         self.js = js
         self.bucket = f"{cluster}_map"
-        self.replicas = replicas
         self.kv = None
         self.view: MapView | None = None
         self.on_change = None          # callable(old view, new view)
@@ -87,12 +87,7 @@ class ClusterMap:
         """The map, made on first use: shards spread over `bootstrap` by rendezvous
         hashing (all on the first node if none is named)."""
         import nats.js.errors as e
-        from nats.js.api import KeyValueConfig
-        try:
-            self.kv = await self.js.key_value(self.bucket)
-        except e.BucketNotFoundError:
-            self.kv = await self.js.create_key_value(KeyValueConfig(
-                bucket=self.bucket, history=1, replicas=self.replicas, direct=False))
+        self.kv = await open_bucket(self.js, self.bucket, history=1, direct=False)
         try:
             entry = await self.kv.get(KEY)
             self._apply(MapView.decode(entry.revision, entry.value))
