@@ -71,7 +71,9 @@ cdef class RouteCore:
     cdef LogCore _log            # the store, when it is the Cython log: appends skip Python
     cdef object _log_for
     cdef uint64_t _last_id
-    cdef uint64_t _worker_bits
+    cdef uint64_t _gen_field
+    cdef uint64_t _gen_mask
+    cdef uint64_t _seq_mask
     cdef public Py_ssize_t max_payload
     cdef public Py_ssize_t dedup_window
     cdef readonly uint64_t messages_routed

@@ -25,6 +25,8 @@ from ._producers cimport (SendState, ProducerTable, ADMIT_NEW, ADMIT_DUPLICATE, 
 from .protocol import ErrorCode, FrameType
 
 _ERROR_NAMES = {int(c): c.name for c in ErrorCode}
+#: a single gateway's ids: worker << 16 (6 bits of generator, 16 of sequence)
+WORKER_BITS = 6
 #: group copies remembered per (group, member), so a fan-out retried after a restart makes none twice
 cdef Py_ssize_t COPY_WINDOW = 4096
 
@@ -323,23 +325,39 @@ cdef class RouteCore:
         self.errors_sent = {}
         self.store = store
         self._last_id = store.last_id()
+        self.set_worker(0)
         self.max_payload = max_payload
         self.dedup_window = dedup_window
 
     cdef uint64_t _next_id(self, uint64_t now_ms):
-        # ms timestamp << 22 | worker << 16 | sequence: unique across the workers,
-        # increasing per worker, and readable as a time
-        cdef uint64_t candidate = (now_ms << 22) | (self._worker_bits << 16)
-        if candidate <= self._last_id:
-            candidate = self._last_id + 1
-            if (candidate & 0xFFFF) == 0:     # 65,536 ids in one ms: borrow the next ms
-                candidate = (((self._last_id >> 22) + 1) << 22) | (self._worker_bits << 16)
+        # ms timestamp << 22 | generator | sequence: unique across the generators (the
+        # workers; in a cluster every worker of every node), increasing per generator,
+        # readable as a time. The smallest id above the last one with our generator bits:
+        # the last id may be another generator's (raised from an adopted shard's log).
+        cdef uint64_t candidate = (now_ms << 22) | self._gen_field
+        cdef uint64_t last = self._last_id
+        if candidate <= last:
+            candidate = ((last >> 22) << 22) | self._gen_field
+            if candidate <= last:
+                if (last & self._gen_mask) == self._gen_field and (last & self._seq_mask) != self._seq_mask:
+                    candidate = last + 1
+                else:                         # the sequence of this ms is used up: borrow the next ms
+                    candidate = (((last >> 22) + 1) << 22) | self._gen_field
         self._last_id = candidate
         return candidate
 
     def set_worker(self, int worker):
-        """This process's worker index (0..63), folded into every id it makes."""
-        self._worker_bits = worker & 0x3F
+        """A single gateway: the worker index (0..63) is the generator, 16 bits of sequence."""
+        self.set_generator(worker & 0x3F, WORKER_BITS)
+
+    def set_generator(self, unsigned int generator, unsigned int bits):
+        """Ids carry `generator` in `bits` bits below the timestamp, and a sequence in the
+        22 - bits below it (gateway/cluster/idgen.py: a number claimed per cluster worker)."""
+        if not 1 <= bits <= 16 or generator >= (1u << bits):
+            raise ValueError(f"generator {generator} does not fit in {bits} bits (1..16)")
+        self._seq_mask = (1u << (22 - bits)) - 1
+        self._gen_mask = ((1u << 22) - 1) & ~self._seq_mask
+        self._gen_field = (<uint64_t>generator) << (22 - bits)
 
     cdef int route(self, SessionCore sender, uint64_t seq, const char *to, Py_ssize_t to_len,
                    const char *payload, Py_ssize_t n) except -1:

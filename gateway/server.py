@@ -104,7 +104,11 @@ class Gateway:
             store = MemoryStore(cfg.max_pending_per_recipient)
         self.router = Router(store, loop=self.loop, max_frame=cfg.max_frame, dedup_window=cfg.dedup_window,
                              max_devices=cfg.max_devices, max_group_members=cfg.max_group_members)
-        self.router.set_worker(cfg.worker_index)
+        if self.cluster is not None:        # ids unique across every worker of every node
+            from .cluster.idgen import GENERATOR_BITS
+            self.router.set_generator(self.cluster.generator, GENERATOR_BITS)
+        else:
+            self.router.set_worker(cfg.worker_index)
         self.router.msg_rate, self.router.msg_burst = cfg.msg_rate, cfg.msg_burst
         self.router.backlog_chunk = cfg.out_high_water       # a long backlog goes out as the client reads it
         self._stopping = asyncio.Event()

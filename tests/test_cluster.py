@@ -107,6 +107,31 @@ def _read_frame(sock: socket.socket, timeout: float = 10.0):
     return got[0]
 
 
+def test_message_ids_are_unique_across_nodes(three):
+    """Each worker of each node makes ids with its own generator number, claimed in the
+    cluster's KV (gateway/cluster/idgen.py): two nodes can never give two entries one
+    id (before, every node's worker 0 made the same ids in the same ms). A node keeps
+    its number across a kill -9."""
+    nodes = three
+    gens = {name: nodes.status(name)["workers"]["0"]["id_generator"] for name in nodes.names}
+    assert len(set(gens.values())) == 3, gens
+    users = {name: nodes.users_on(name, 1, "gid")[0] for name in nodes.names}
+
+    async def ids():
+        got = {}
+        async with nodes.any_client("gid-sender") as sc:
+            for name, user in users.items():
+                got[name] = [(await sc.send(user, f"to {name} {i}", timeout=30)).id for i in range(20)]
+        return got
+    got = asyncio.run(asyncio.wait_for(ids(), 120))
+    for name, made in got.items():
+        assert made == sorted(made) and {(i >> 10) & 0xFFF for i in made} == {gens[name]}, (name, gens)
+    assert len({i for made in got.values() for i in made}) == 60
+    nodes.kill("n2")
+    nodes.start("n2")
+    assert nodes.status("n2")["workers"]["0"]["id_generator"] == gens["n2"]
+
+
 def test_redirect_to_owner(three):
     """PROTOCOL.md section 3, GOAWAY REDIRECT, on a real cluster: a HELLO at a node
     that does not serve the user is answered GOAWAY REDIRECT naming the node that
@@ -492,6 +517,8 @@ def test_a_node_cut_by_nats_as_a_slow_consumer(nats_factory, tmp_path):
     messages to n2's user: nats-server finds n2 a slow consumer and closes its
     connection; n2 reconnects once it reads again, and the stream loses and
     doubles nothing."""
+    # 256 x 60 KiB in flight: past the loopback socket buffers (~4-6 MiB) and max_pending within
+    # a second, well before n2's own ping check (3 unanswered pings 2 s apart) would cut it first
     nats = nats_factory(3, extra_config='write_deadline: "1s"\nmax_pending: 2MB')
     with _n2_behind_a_proxy(nats, tmp_path) as (nodes, proxy):
         a, = nodes.users_on("n1", 1, "sa")
@@ -504,7 +531,7 @@ def test_a_node_cut_by_nats_as_a_slow_consumer(nats_factory, tmp_path):
             proxy.unstall()
             # the resent backlog may exceed the tiny max_pending again: cut and back, until it drains
             _wait("n2 ready again", lambda: nodes.admin("n2", "/readyz")[0] == 200, 120)
-        got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault, count=300, pad=32 << 10, window=200),
+        got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault, count=300, pad=60 << 10, window=256),
                                        300))
         assert got == [f"m{i}" for i in range(300)]
         assert nats.monitor(0, "/varz").get("slow_consumers", 0) > 0     # the server cut it, not a ping

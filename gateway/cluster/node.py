@@ -18,6 +18,7 @@ from router.sharding import ShardMap
 
 from .. import log
 from . import config as ccfg
+from .idgen import claim_generator
 from .membership import LeaseLost, Membership, data_dir_id
 from .natsbus import REMOTE_BASE, NatsBus
 from .shardmap import ClusterMap
@@ -63,6 +64,7 @@ class ClusterNode:
         self.map: ClusterMap | None = None
         self.bus: NatsBus | None = None
         self.shards: NodeShards | None = None
+        self.generator: int | None = None   # this worker's message-id generator (idgen.py)
         self.connected = False
         self.disconnects = 0
         self._tasks = []
@@ -110,6 +112,8 @@ class ClusterNode:
         bootstrap = list(cfg.bootstrap) or [self.name]
         view = await _retrying(lambda: self.map.open(cfg.cluster_shards, bootstrap), "shard map")
         self.shards = NodeShards(self, view.shards, self.workers, self.me)
+        self.generator = await _retrying(lambda: claim_generator(self.js, cfg.cluster_name, self.name, self.me),
+                                         "message-id generator")
         _log.info("event=cluster_joined node=%s worker=%d epoch=%d shards=%d owned_here=%d nats=%s",
                   self.name, self.me, view.epoch, view.shards, len(self.shards.owned_shards()),
                   self.nc.connected_url.netloc if self.nc.connected_url else "?")
@@ -262,7 +266,8 @@ class ClusterNode:
 
     def status(self) -> dict:
         view = self.map.view
-        return {"node": self.name, "worker": self.me, "epoch": view.epoch, "shards": view.shards,
+        return {"node": self.name, "worker": self.me, "id_generator": self.generator,
+                "epoch": view.epoch, "shards": view.shards,
                 "connected": self.connected, "serving": self.serving(), "disconnects": self.disconnects,
                 "lease_renewals": self.members.renewals if self.me == 0 else None,
                 "nodes": {n: dict(i, alive=self.members.alive(n)) for n, i in self.members.nodes.items()},
