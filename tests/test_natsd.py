@@ -27,6 +27,11 @@ async def connect(url: str, **kw):
     return await nats.connect(url, connect_timeout=2, max_reconnect_attempts=5, reconnect_time_wait=0.2, **kw)
 
 
+#: a JetStream leader lost: the others elect one after 4-9 s (nats-server's raft election
+#: timeout), longer on a loaded machine
+ELECTION = 30.0
+
+
 async def eventually(check, timeout: float = 10.0, what: str = "condition"):
     """Await `check()` until it returns a true value (retrying on NATS errors), bounded."""
     deadline = time.monotonic() + timeout
@@ -260,12 +265,12 @@ def test_kv_survives_killing_the_stream_leader_and_the_server_rejoins(nats_clust
 
         survivor = await connect(c.urls[(victim + 1) % 3])
         js = survivor.jetstream(timeout=2)
-        kv = await eventually(lambda: js.key_value("map"), what="the bucket with one server dead")
-        rev = await eventually(lambda: kv.put("shard.1", b"during"), what="a put with one server dead")
+        kv = await eventually(lambda: js.key_value("map"), ELECTION, what="the bucket with one server dead")
+        rev = await eventually(lambda: kv.put("shard.1", b"during"), ELECTION, what="a put with one server dead")
         assert (await kv.get("shard.1")).value == b"during"
         for k in range(20):
             await kv.put(f"shard.{k + 2}", b"during")
-        info = await eventually(lambda: js.stream_info("KV_map"), what="stream info")
+        info = await eventually(lambda: js.stream_info("KV_map"), ELECTION, what="stream info")
         assert info.cluster.leader not in (None, leader)
 
         c.restart(victim)
@@ -278,7 +283,7 @@ def test_kv_survives_killing_the_stream_leader_and_the_server_rejoins(nats_clust
                 return True
             p = peers.get(leader)
             return p is not None and p.current and not p.lag
-        await eventually(caught_up, what=f"{leader} current again")
+        await eventually(caught_up, ELECTION, what=f"{leader} current again")
         entry = await (await back.jetstream().key_value("map")).get("shard.1")
         assert (entry.revision, entry.value) == (rev, b"during")
         await back.close()
