@@ -1113,12 +1113,13 @@ cdef class LogCore:
         """What recovery learns from `seg` besides the inbox index, consumed records
         included: ("send", sender key, producer, seq, recipient) for every original
         SEND (MESSAGE_P, flags 0: the producer table) and ("copy", member, device,
-        msg_id, ts, origin, group, sender, sender_device) for every member's group
-        copy (the copy dedup). Only records recovery found valid (up to `seg.end`)."""
-        cdef Py_ssize_t pos = SEGMENT_HEADER_SIZE, q
+        msg_id, ts, origin, group, sender, sender_device, live) for every member's
+        group copy (the copy dedup; `live`: this record is the one its inbox holds).
+        Only records recovery found valid (up to `seg.end`)."""
+        cdef Py_ssize_t pos = SEGMENT_HEADER_SIZE, q, i
         cdef uint32_t length
         cdef const unsigned char *r
-        cdef MsgView m
+        cdef MsgView m, lm
         out = []
         if seg.base == NULL:
             raise StoreError("the log is closed", ErrorCode.INTERNAL)
@@ -1139,7 +1140,9 @@ cdef class LogCore:
                     out.append(("copy", _text(m.recipient, m.recipient_len),
                                 _text(m.recipient_device, m.recipient_device_len), m.msg_id, m.ts, m.client_id,
                                 _text(m.conversation, m.conversation_len), _text(m.sender, m.sender_len),
-                                _text(m.sender_device, m.sender_device_len)))
+                                _text(m.sender_device, m.sender_device_len),
+                                self._live_inbox(r, length, (seg.segment_id << 32) | <uint64_t>pos, &lm, &i)
+                                is not None))
             pos += _align(length)
         return out
 
