@@ -13,12 +13,16 @@ hash mod N names. Why it is built this way:
   where it belongs.
 - Producer state (PROTOCOL.md section 6) lives in each shard of a device's
   recipients, and a child must answer as its parent would for the SENDs that
-  can still reach it, which are retries to its own recipients. A SEND's record
-  names its recipient, so an answer proven by a record goes to that
-  recipient's child, and so does the highest seq stored there. A checkpoint
-  (written when records were deleted) proves answers and a highest seq with no
-  recipient: a device with one gets its producer, highest seq and those
-  answers in every child. Each child gets its state as a checkpoint record.
+  can still reach it: retries to its own recipients. A SEND's record names its
+  recipient, so an answer a record proves goes to that recipient's child only
+  (the answers are not multiplied). But deleted records (consumed segments)
+  leave seqs whose recipient nobody knows, proven by a checkpoint or only by the
+  highest seq: once a parent has deleted any, every child gets each device's
+  producer and highest seq (a retry of any of those seqs is still a duplicate,
+  an older producer still fenced) and the answers no record proves. A parent
+  that never deleted a message record gives a device's state only to the
+  children its records went to. Each child gets its state as a checkpoint
+  record (the same META record a segment deletion writes).
 - Consumed messages are not copied, but two things they prove are: a member's
   group copy (a fan-out resumed after the restart must not copy it again) is
   carried as a consumed record with no payload, and ids: every child's first
@@ -53,7 +57,7 @@ from pathlib import Path
 from _core._producers import encode_checkpoint
 from _core.dirlock import DirLock
 from _core.errors import DataDirInUse
-from _core.log import PRODUCER_META, AppendLog, LogConfig, fsync_dir, shard_dir_name
+from _core.log import HEADER, PRODUCER_META, AppendLog, LogConfig, fsync_dir, shard_dir_name
 from router.sharding import HASH, LAYOUT_FILE, LAYOUT_VERSION, RESHARD_MARK, SEED, shard_of, write_layout
 from router.store import GROUP, inbox_key
 
@@ -389,9 +393,11 @@ class Reshard:
                 out["devices"] += key.startswith("d\x00")
                 out["groups"] += key.startswith("g\x00")
             # producer state, as checkpoints (the module's docstring says why where)
+            checkpointed = {key[len(PRODUCER_META):] for key in meta if key.startswith(PRODUCER_META)}
+            segs = parent.segments          # the oldest one's id floor is 0 if no message was ever before it
+            all_kept = not segs or HEADER.unpack_from(segs[0].header())[6] == 0
             for c, key, value in facts.checkpoints(parent.producers, [k + self.frm * j for j in range(n // self.frm)],
-                                                   {key[len(PRODUCER_META):] for key in meta
-                                                    if key.startswith(PRODUCER_META)}):
+                                                   checkpointed, all_kept):
                 child(c).meta_put(PRODUCER_META + key, value)
                 out["records"] += 1
                 out["producers"] += 1
@@ -482,18 +488,23 @@ class _Facts:
                                                                      sdev))
         self._copies = [t for k3, t in dead_copies.items() if k3 not in live_copies]
 
-    def checkpoints(self, table, children: list, checkpointed: set):
-        """(child, device key, checkpoint) for every device with a sequence in the parent: its
-        answers proven by a record go to that record's recipient's child, with the highest seq
-        stored there; a device whose state a checkpoint proves (records of it were deleted:
-        where they went is unknown) gets producer, highest seq and those answers in every child."""
+    def checkpoints(self, table, children: list, checkpointed: set, all_kept: bool):
+        """(child, device key, checkpoint) for every device with a sequence in the parent.
+        Answers a record proves go to its recipient's child, the others to every child.
+        While every record the parent ever stored is still there (`all_kept`: no segment
+        holding a message was deleted) and no checkpoint speaks for the device, the
+        records say where each of its seqs went: a child gets its state only if it has
+        records of the device, with the highest seq stored there. Otherwise a retry of any
+        seq up to the parent's highest may come to any child (the deleted records' recipients
+        are unknown): every child gets the producer and that highest seq, so it is refused
+        as a duplicate (and the older producer fenced) as the parent would."""
         for key in table.keys():
             st = table.get(key)
             answers = [a for a in st.entries() if a[1]]       # msg_id 0: refused for good, never durable
-            if key in checkpointed or any((key, a[0]) not in self.child_of for a in answers):
-                targets = dict.fromkeys(children, st.high)
-            else:
+            if all_kept and key not in checkpointed and all((key, a[0]) in self.child_of for a in answers):
                 targets = self.high_in.get(key, {})
+            else:
+                targets = dict.fromkeys(children, st.high)
             for c, high in targets.items():
                 mine = [a for a in answers if self.child_of.get((key, a[0]), c) == c]
                 yield c, key, encode_checkpoint(st.producer, high, mine)
