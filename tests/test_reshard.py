@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from _core import frames as F
+from _core.codec import encode
 from _core.log import PRODUCER_META, AppendLog, LogConfig, ShardedLog
 from _core.protocol import GroupOp
 from conftest import ROOT, start_gateway
@@ -232,3 +233,204 @@ def test_a_fan_out_resumed_after_the_split_copies_nothing_twice(tmp_path):
         finally:
             st.close()
     asyncio.run(after())
+
+
+# -- a real gateway, stopped, resharded, started again ----------------------------------------
+
+RESHARD_ARGS = ("--segment-size", "256K")         # tests: small first segments for 1,024 shards
+SERVE_ARGS = ("--segment-size", "256K", "--log-spares", "0", "--msg-rate", "0")
+
+RECIPIENTS = [f"r{i}" for i in range(200)]
+TWO_DEVICES = RECIPIENTS[:20]                     # phone and laptop
+READERS = RECIPIENTS[:50]                         # their phones read everything before the stop
+MEMBERS = [f"m{i}" for i in range(10)]
+PER = 3                                           # messages from alice's bot to each recipient
+
+
+def _devices(user: str) -> list[str]:
+    return ["phone", "laptop"] if user in TWO_DEVICES else ["phone"]
+
+
+def _sends() -> list[tuple[int, str, bytes]]:
+    """(seq, recipient, payload) of every SEND of alice's bot, in seq order."""
+    out = []
+    for j in range(PER):
+        for u in RECIPIENTS:
+            out.append((len(out) + 1, u, f"{u}-{j}".encode()))
+    return out
+
+
+def populate(gw) -> dict:
+    """A single gateway's life before the split; returns what must survive it."""
+    async def main():
+        for u in RECIPIENTS + MEMBERS + ["alice", "dave"]:
+            for dev in (_devices(u) if u in RECIPIENTS else ["phone"]):
+                async with gw.client(u, dev):
+                    pass                                            # registered devices, offline
+        async with gw.client("carol", "phone") as c:
+            await c.set_privacy(hide_last_seen=True)
+            await c.ping()
+        async with gw.client("bob", "phone") as b:
+            await b.group("create", "#team", name="Team", members=MEMBERS)
+            group_acks = [await b.send("#team", f"g{i}") for i in (1, 2)]
+        for m in MEMBERS[:5]:                                       # half the members read theirs
+            async with gw.client(m, "phone") as c:
+                got = [await c.recv(timeout=10) for _ in range(2)]
+                assert [x.text for x in got] == ["g1", "g2"]
+                await c.ack(*got)
+                await c.ping()
+        async with gw.client("erin", "phone") as e:
+            await e.subscribe("dave", "carol")
+            seen = {p.user: p for p in [await e.recv_presence(timeout=10) for _ in range(2)]}
+        return group_acks, seen
+    group_acks, seen = asyncio.run(main())
+    # alice's bot: a producer whose SENDs are all ACKed (pipelined, over a raw socket)
+    with Raw(gw, timeout=20) as r:
+        welcome = r.hello(gw.token("alice"), device="bot", send_only=True)
+        sends = _sends()
+        r.send(b"".join(encode(F.Send(seq, to, payload)) for seq, to, payload in sends))
+        acks = {}
+        while len(acks) < len(sends):
+            a = r.frame()
+            assert isinstance(a, F.Ack), a
+            acks[a.seq] = (a.msg_id, a.timestamp_ms)
+    # some recipients' phones read everything: their messages are consumed (receipts for alice)
+    async def read():
+        for u in READERS:
+            async with gw.client(u, "phone") as c:
+                got = [await c.recv(timeout=10) for _ in range(PER)]
+                assert [x.text for x in got] == [f"{u}-{j}" for j in range(PER)]
+                await c.ack(*got)
+                await c.ping()
+    asyncio.run(read())
+    assert seen["carol"].last_seen_ms == 0 and seen["dave"].last_seen_ms > 0
+    return {"producer": welcome.producer, "acks": acks, "group": [a.id for a in group_acks],
+            "dave_seen": seen["dave"].last_seen_ms}
+
+
+async def _inbox(gw, user: str, device: str, n: int, timeout: float = 20.0) -> list:
+    """A fresh session of (user, device): its first n messages; then nothing else is waiting
+    (a PONG follows every backlog entry). Nothing is acknowledged."""
+    async with gw.client(user, device) as c:
+        got = []
+        for _ in range(n):
+            try:
+                got.append(await c.recv(timeout=timeout))
+            except asyncio.TimeoutError:
+                raise AssertionError(f"{user}/{device}: {len(got)} of {n} messages: "
+                                     f"{[m.text for m in got]}") from None
+        await c.ping()
+        with pytest.raises(asyncio.TimeoutError):
+            got.append(await c.recv(timeout=0.05))
+        return got
+
+
+async def _gather(coros, at_once: int = 40) -> list:
+    out = []
+    for i in range(0, len(coros), at_once):
+        out += await asyncio.gather(*coros[i:i + at_once])
+    return out
+
+
+def check_after(gw, before: dict, new_seq: bool = True) -> None:
+    """Everything `populate` left is there after the split, exactly once and in order;
+    a retry of ACKed SENDs gets the original ACKs; the next seq is accepted; the group works."""
+    acks, sends = before["acks"], _sends()
+    with Raw(gw, timeout=20) as r:
+        assert r.hello(gw.token("alice"), device="bot", send_only=True,
+                       producer=before["producer"]).producer == before["producer"]
+        # the newest seqs (a client resends only its unanswered ones, at most the send window)
+        # get their original ACKs; older ones are still known as stored (msg_id 0 past the window)
+        n = len(sends)
+        retry = [1, 2, n - 250, 2 * len(RECIPIENTS) + 31, n - 100, n - 1, n]      # (the 4th: to r30, read)
+        assert sends[retry[3] - 1][1] == "r30" and "r30" in READERS and "r30" not in TWO_DEVICES
+        r.send(b"".join(encode(F.Send(*sends[s - 1])) for s in retry))
+        answers = {a.seq: (a.msg_id, a.timestamp_ms) for a in (r.frame() for _ in retry)}
+        assert {s: answers[s] for s in retry[2:]} == {s: acks[s] for s in retry[2:]}
+        assert all(answers[s] in (acks[s], (0, 0)) for s in retry[:2]), answers
+        if new_seq:
+            nxt = len(sends) + 1
+            r.send(encode(F.Send(nxt, "r0", b"after the split")))
+            a = r.frame()
+            assert isinstance(a, F.Ack) and a.seq == nxt and a.msg_id > max(i for i, _ in acks.values())
+
+    expected = {}
+    by_user = {}
+    for seq, to, payload in sends:
+        by_user.setdefault(to, []).append((acks[seq][0], payload.decode()))
+    for u in RECIPIENTS:
+        for dev in _devices(u):
+            want = [] if (u in READERS and dev == "phone") else list(by_user[u])
+            if u == "r0" and new_seq:
+                want.append((None, "after the split"))
+            expected[(u, dev)] = want
+
+    async def main():
+        keys = sorted(expected)
+        got = await _gather([_inbox(gw, u, dev, len(expected[(u, dev)])) for u, dev in keys])
+        for key, msgs in zip(keys, got):
+            assert [(m.id if i is not None else None, m.text) for m, (i, _) in zip(msgs, expected[key])] \
+                == expected[key], key
+            assert all(a.id < b.id for a, b in zip(msgs, msgs[1:])), key      # in id order
+        # alice's phone: a mirror of every SEND once, and the DELIVERED receipts of what was read
+        async with gw.client("alice", "phone") as c:
+            mirrors = [await c.recv(timeout=20) for _ in range(len(sends) + new_seq)]
+            # (in the order they were made: the recipients' workers ACKed in their own order)
+            assert sorted((m.origin_id, m.peer, m.text) for m in mirrors[:len(sends)]) == \
+                sorted((acks[s][0], to, payload.decode()) for s, to, payload in sends)
+            assert all(a.id < b.id for a, b in zip(mirrors, mirrors[1:]))
+            receipts = [await c.recv_receipt(timeout=20) for _ in range(len(READERS) * PER)]
+            read_ids = {acks[s][0] for s, to, _ in sends if to in READERS}
+            assert {(x.msg_id, x.by, x.by_device, x.kind) for x in receipts} == \
+                {(i, to, "phone", "delivered") for s, to, _ in sends if to in READERS for i in [acks[s][0]]}
+            assert len({x.msg_id for x in receipts}) == len(read_ids)
+        # last seen and privacy
+        async with gw.client("erin", "phone") as e:
+            await e.subscribe("dave", "carol")
+            seen = {p.user: p for p in [await e.recv_presence(timeout=10) for _ in range(2)]}
+            assert seen["dave"].last_seen_ms == before["dave_seen"] and seen["carol"].last_seen_ms == 0
+        # the group: the unread copies, then a new message to everyone
+        async with gw.client("bob", "phone") as b:
+            info = await b.group("info", "#team")
+            assert set(info["members"]) == {"bob", *MEMBERS} and info["name"] == "Team"
+            await b.send("#team", "g3")
+        got = await _gather([_inbox(gw, m, "phone", 1 if m in MEMBERS[:5] else 3) for m in MEMBERS])
+        for m, msgs in zip(MEMBERS, got):
+            assert [x.text for x in msgs] == (["g3"] if m in MEMBERS[:5] else ["g1", "g2", "g3"]), m
+            assert all(x.group == "#team" for x in msgs)
+            assert [x.origin_id for x in msgs[:-1]] == ([] if m in MEMBERS[:5] else before["group"])
+    asyncio.run(asyncio.wait_for(main(), 240))
+
+
+def test_a_gateway_resharded_to_1024_keeps_everything(tmp_path):
+    data = tmp_path / "data"
+    gw = start_gateway(data, "--workers", "2", *SERVE_ARGS)
+    try:
+        before = populate(gw)
+    finally:
+        assert gw.stop() == 0
+    layout = json.loads((data / "layout.json").read_text())
+    assert layout["shards"] == OLD
+    files = sorted(p.relative_to(data) for p in data.rglob("*"))
+
+    dry = reshard(data, "--shards", str(NEW), "--dry-run", *RESHARD_ARGS)
+    assert "dry run" in dry.stdout and sorted(p.relative_to(data) for p in data.rglob("*")) == files
+    r = reshard(data, "--shards", str(NEW), "--json", *RESHARD_ARGS)
+    summary = json.loads(r.stdout)
+    phases = [line.split(":")[0] for line in r.stderr.splitlines()]
+    assert phases == ["reshard", "split", "commit", "swap"], r.stderr
+    unread = sum(len(_devices(u)) * PER for u in RECIPIENTS) - len(READERS) * PER
+    assert summary["shards_in"] == OLD and summary["shards_out"] == NEW
+    assert summary["messages"] >= unread and summary["devices"] >= 230 and summary["groups"] == 1
+    assert json.loads((data / "layout.json").read_text())["shards"] == NEW
+    assert not (data / "reshard.tmp").exists()
+    names = {p.name for p in (data / "log").iterdir()}
+    assert names and all(int(n[len("shard-"):]) < NEW for n in names) and any(int(n[6:]) >= OLD for n in names)
+    again = reshard(data, "--shards", str(NEW))
+    assert "nothing to do" in again.stdout
+
+    gw = start_gateway(data, "--workers", "3", *SERVE_ARGS, timeout=60)
+    try:
+        check_after(gw, before)
+    finally:
+        assert gw.stop() == 0
