@@ -241,6 +241,7 @@ class Reshard:
             LogConfig(segment_size=self.segment_size).validate()
         except ValueError as exc:
             raise ReshardError(f"--segment-size: {exc}") from None
+        _read_layout(self.data)         # no layout.json: refused before anything is made (a LOCK file)
         lock = DirLock(self.data)
         try:
             held = lock.try_acquire()

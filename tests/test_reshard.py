@@ -434,3 +434,61 @@ def test_a_gateway_resharded_to_1024_keeps_everything(tmp_path):
         check_after(gw, before)
     finally:
         assert gw.stop() == 0
+
+
+def _tree(root: Path) -> dict:
+    """Every file under `root`: its bytes' digest (of a LOCK file only that it is there: the
+    pid in it is a note for error messages, written by whoever takes the lock)."""
+    import xxhash
+    return {str(p.relative_to(root)): "" if p.name == "LOCK" else xxhash.xxh3_64_hexdigest(p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _refused(r: subprocess.CompletedProcess, *words: str) -> str:
+    assert r.returncode == 1 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    line = r.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line and line.startswith("switchboard reshard: "), r.stderr
+    for w in words:
+        assert w in line, line
+    return line
+
+
+def test_refusals_leave_the_data_dir_untouched(tmp_path):
+    data = tmp_path / "data"
+    gw = start_gateway(data, "--workers", "1", *SERVE_ARGS)
+    try:
+        async def main():
+            async with gw.client("alice", "phone") as a:
+                for i in range(20):
+                    await a.send(f"bob{i}", f"hi {i}")
+        asyncio.run(main())
+        # the gateway holds the data dir
+        _refused(reshard(data, "--shards", str(NEW), check=False), "in use by a gateway", f"pid {gw.proc.pid}",
+                 "stop it first")
+        assert not (data / "reshard.tmp").exists()
+        assert json.loads((data / "layout.json").read_text())["shards"] == OLD
+    finally:
+        assert gw.stop() == 0
+    before = _tree(data)
+    for n, words in ((1000, ("not a power of two",)), (96, ("not a power of two",)),
+                     (32, ("fewer than", "64 shards", "merged")), (131072, ("must be from 1 to 65536",))):
+        _refused(reshard(data, "--shards", str(n), check=False), *words)
+    assert _tree(data) == before
+    # a worker of a gateway that is going away still holds a shard
+    from _core.dirlock import DirLock
+    held = DirLock(next((data / "log").iterdir())).acquire()
+    try:
+        _refused(reshard(data, "--shards", str(NEW), check=False), "in use by another process", str(os.getpid()))
+    finally:
+        held.release()
+    assert _tree(data) == before
+    # not a data dir
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _refused(reshard(empty, "--shards", str(NEW), check=False), "has no layout.json")
+    assert list(empty.iterdir()) == []
+    _refused(reshard(tmp_path / "nowhere", "--shards", str(NEW), check=False), "no data dir")
+    # the count it has: nothing to do
+    r = reshard(data, "--shards", str(OLD))
+    assert "nothing to do" in r.stdout and r.stderr == ""
+    assert _tree(data) == before
