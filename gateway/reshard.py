@@ -39,7 +39,9 @@ hash mod N names. Why it is built this way:
   layout.json without the mark, reshard.tmp removed), which
   `finish_committed` completes from any point: a rerun and a gateway's start
   both call it. So a kill -9 at any moment leaves the old data dir as it was
-  (before the commit) or the new one (after it).
+  (before the commit) or the new one (after it). A gateway started on the old
+  data dir before the commit removes the unfinished split (`settle`): its
+  copies would be stale once the old shards change.
 - Offline: the gateway's DATA_DIR/LOCK and every shard's lock are held from
   start to end; a gateway running on the dir, or a worker still holding a shard,
   is a refusal before anything is written.
@@ -143,6 +145,21 @@ def finish_committed(data_dir) -> bool:
         shutil.rmtree(tmp)
         fsync_dir(data)
     return True
+
+
+def settle(data_dir) -> str | None:
+    """At a gateway's start (its supervisor, holding DATA_DIR/LOCK): a reshard past
+    its commit is finished ("finished"); a split that never committed is removed
+    ("abandoned": the old shards are in use again, so its copies of them would go
+    stale; the next reshard starts over). None: there was neither."""
+    if finish_committed(data_dir):
+        return "finished"
+    tmp = Path(data_dir) / TMP
+    if tmp.exists():
+        shutil.rmtree(tmp)
+        fsync_dir(Path(data_dir))
+        return "abandoned"
+    return None
 
 
 def _keep_quarantined(data: Path, old: Path) -> None:

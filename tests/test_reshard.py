@@ -492,3 +492,203 @@ def test_refusals_leave_the_data_dir_untouched(tmp_path):
     r = reshard(data, "--shards", str(OLD))
     assert "nothing to do" in r.stdout and r.stderr == ""
     assert _tree(data) == before
+
+
+# -- kill -9 at any moment: the old data dir or the new one ---------------------------------------
+
+def contents(data: Path) -> tuple[int, dict, dict]:
+    """(shard count, every inbox's entries, state) of a stopped data dir, read with the log's
+    recovery: inbox (user, device) -> [(msg_id, ts, sender, device, payload, ref, flags,
+    conversation)]; state: group and privacy records, and which devices are registered."""
+    shards = json.loads((data / "layout.json").read_text())["shards"]
+    inboxes, state = {}, {}
+    for d in sorted((data / "log").glob("shard-*")):
+        s = int(d.name[len("shard-"):])
+        if not any(d.glob("*.seg")):
+            continue
+        lg = AppendLog(d, LogConfig(max_pending=1 << 30))
+        lg.open()
+        try:
+            for key in lg.recipients():
+                user, _, dev = key.partition("\x00")
+                assert shard_of(user, shards) == s, (key, s)
+                rows = [lg.message_at(loc) for _, loc in lg.inbox_entries(key)]
+                inboxes[(user, dev)] = [(r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows]
+            for key in lg.meta_keys(""):
+                if key.startswith(("g\x00", "p\x00")):
+                    state[key] = lg.meta_get(key)
+                elif key.startswith("d\x00"):
+                    state[key] = "registered"
+        finally:
+            lg.close()
+    return shards, inboxes, state
+
+
+def build_data_dir(data: Path, users: int = 1500, messages: int = 30_000, size: int = 300) -> None:
+    """A single gateway's data dir, made by its stack in this process (faster than over
+    sockets): devices, messages (some read), a group, privacy."""
+    async def main():
+        st = Stack(data)
+        try:
+            names = [f"k{i}" for i in range(users)]
+            for u in names[:users // 3]:
+                Peer(st, u, "phone").leave()
+            for u in names[:50]:
+                Peer(st, u, "laptop").leave()
+            senders = [Peer(st, f"ks{i}", "dev") for i in range(10)]
+            seqs = [0] * len(senders)
+            for i in range(messages):
+                j = i % len(senders)
+                seqs[j] += 1
+                senders[j].feed(F.Send(seqs[j], names[(i * 7) % users], os.urandom(size)))
+                if i % 2000 == 1999 or i == messages - 1:
+                    for p, n in zip(senders, seqs):
+                        await p.answers(F.Ack, n)
+            for u in names[:40]:                  # some read theirs
+                r = Peer(st, u, "phone")
+                await r.until(lambda fs: st.log.pending_count(u, "phone") == sum(isinstance(f, F.Deliver) for f in fs))
+                r.feed(F.Received(tuple(f.msg_id for f in r.frames if isinstance(f, F.Deliver))))
+                r.leave()
+            admin = senders[0]
+            admin.feed(F.Group(1, GroupOp.CREATE, "#kteam", json.dumps({"members": names[:30]})))
+            await admin.answers(F.GroupInfo, 1)
+            admin.feed(F.Send(seqs[0] + 1, "#kteam", b"to the team"))
+            await admin.answer_to(seqs[0] + 1)
+            privacy = Peer(st, names[5], "phone")
+            privacy.feed(F.Privacy(True))
+            await _until(lambda: st.log.meta_get_for(names[5], f"p\x00{names[5]}") is not None, "privacy")
+            privacy.leave()
+        finally:
+            st.close()
+    asyncio.run(main())
+
+
+def _same(data: Path, expected: tuple, shards: int) -> None:
+    got = contents(data)
+    assert got[0] == shards
+    assert got[1] == expected[1]
+    assert got[2] == expected[2]
+
+
+def _sample_via_gateway(data: Path, expected: tuple, users: list) -> None:
+    """A real gateway on the dir (it finishes a committed reshard first): the sampled
+    users' devices get exactly their stored messages, in order (nothing acknowledged)."""
+    gw = start_gateway(data, "--workers", "2", *SERVE_ARGS, timeout=60)
+    try:
+        async def main():
+            keys = [k for k in sorted(expected[1]) if k[0] in users and k[1]]
+            got = await _gather([_inbox(gw, u, dev, len(expected[1][(u, dev)])) for u, dev in keys])
+            for key, msgs in zip(keys, got):
+                assert [(m.id, m.payload) for m in msgs] == [(r[0], r[4]) for r in expected[1][key]], key
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        assert gw.stop() == 0
+    return gw.text
+
+
+def test_kill_9_at_random_moments_leaves_the_old_or_the_new_data_dir(tmp_path):
+    pristine = tmp_path / "pristine"
+    build_data_dir(pristine)
+    expected = contents(pristine)
+    assert expected[0] == OLD and sum(map(len, expected[1].values())) > 25_000
+    sample = [f"k{i}" for i in range(0, 1500, 37)] + ["k0", "k45"]      # (k0-k39 read theirs)
+    # one run to time it
+    data = tmp_path / "timed"
+    import shutil
+    shutil.copytree(pristine, data)
+    t0 = time.monotonic()
+    reshard(data, "--shards", str(NEW), *RESHARD_ARGS)
+    duration = time.monotonic() - t0
+    _same(data, expected, NEW)
+    rng = random.Random(int(os.environ.get("SWITCHBOARD_TEST_SEED", "20240")))
+    outcomes = []
+    for i in range(8):
+        data = tmp_path / f"kill{i}"
+        shutil.copytree(pristine, data)
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "reshard", "--data-dir", str(data), "--shards",
+                                 str(NEW), *RESHARD_ARGS], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        if i < 6:
+            delay = rng.uniform(0.2, 1.0) * duration       # a random moment of its run (mostly the split)
+            try:
+                proc.wait(delay)
+            except subprocess.TimeoutExpired:
+                pass
+        else:                                              # as soon as it committed: in its renames
+            deadline = time.monotonic() + 60
+            while b'"shards": 1024' not in (data / "layout.json").read_bytes() and proc.poll() is None:
+                assert time.monotonic() < deadline, "no commit"
+            delay = -1.0
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        layout = json.loads((data / "layout.json").read_text())
+        outcomes.append((round(delay, 2), proc.returncode, layout["shards"], "reshard" in layout))
+        # the gateway works on what the kill left: the old shards, or the new ones (a committed
+        # reshard's renames finished at its start)
+        text = _sample_via_gateway(data, expected, sample)
+        now = json.loads((data / "layout.json").read_text())["shards"]
+        assert now == layout["shards"] and not (data / "reshard.tmp").exists(), (outcomes[-1], text[-2000:])
+        _same(data, expected, now)
+        # and a rerun ends with the new ones
+        r = reshard(data, "--shards", str(NEW), *RESHARD_ARGS)
+        assert ("nothing to do" in r.stdout) == (now == NEW), r.stdout
+        _same(data, expected, NEW)
+    print("kill outcomes (delay s, exit, shards, mark):", outcomes, "full run", round(duration, 2), "s")
+    assert sum(o[1] == -signal.SIGKILL for o in outcomes) >= 6, outcomes
+
+
+def test_each_state_a_kill_can_leave_is_settled_by_the_gateway_or_a_rerun(tmp_path):
+    """The states between the phases, made with the phases themselves (Reshard.check,
+    split, commit) and left as a kill leaves them: an uncommitted split (a gateway's start
+    removes it: its copies would go stale), a commit with no rename done, and a commit
+    with the first rename done (the gateway's start, or a rerun, finishes it)."""
+    import shutil
+    pristine = tmp_path / "pristine"
+    build_data_dir(pristine, users=300, messages=3000)
+    expected = contents(pristine)
+
+    def stopped_after(data: Path, phase: str) -> None:
+        job = Reshard(data, NEW, segment_size=256 << 10, say=lambda line: None)
+        try:
+            assert job.check()
+            job.split()
+            if phase == "commit":
+                job.commit()
+        finally:
+            job.close()                  # what the kernel does for a killed process: the locks go
+
+    data = tmp_path / "uncommitted"
+    shutil.copytree(pristine, data)
+    stopped_after(data, "split")
+    assert (data / "reshard.tmp" / "done").is_dir() and json.loads((data / "layout.json").read_text())["shards"] == OLD
+    text = _sample_via_gateway(data, expected, ["k1", "k77", "k200"])
+    assert "event=reshard_abandoned" in text and not (data / "reshard.tmp").exists()
+    _same(data, expected, OLD)
+
+    data = tmp_path / "committed"
+    shutil.copytree(pristine, data)
+    stopped_after(data, "commit")
+    assert "reshard" in json.loads((data / "layout.json").read_text())
+    text = _sample_via_gateway(data, expected, ["k1", "k77", "k200"])
+    assert "event=reshard_finished" in text and not (data / "reshard.tmp").exists()
+    _same(data, expected, NEW)
+
+    data = tmp_path / "half-renamed"
+    shutil.copytree(pristine, data)
+    stopped_after(data, "commit")
+    os.rename(data / "log", data / "reshard.tmp" / "old-log")       # the first of the two renames
+    r = reshard(data, "--shards", str(NEW))
+    assert "finish: completed the reshard to 1024 shards" in r.stdout and "nothing to do" in r.stdout, r.stdout
+    assert json.loads((data / "layout.json").read_text()) == {"version": 1, "hash": "xxh3_64", "seed": 0,
+                                                                 "shards": NEW}
+    _same(data, expected, NEW)
+
+    # a rerun after an uncommitted split resumes it: only the parents not marked done are split again
+    data = tmp_path / "resumed"
+    shutil.copytree(pristine, data)
+    stopped_after(data, "split")
+    for marker in sorted((data / "reshard.tmp" / "done").iterdir())[OLD // 2:]:
+        marker.unlink()                                             # as if killed half-way
+    r = reshard(data, "--shards", str(NEW), *RESHARD_ARGS)
+    assert f"({OLD // 2} shards done by an earlier run)" in r.stdout, r.stdout
+    _same(data, expected, NEW)
