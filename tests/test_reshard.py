@@ -309,8 +309,8 @@ def populate(gw) -> dict:
 
 
 async def _inbox(gw, user: str, device: str, n: int, timeout: float = 20.0) -> list:
-    """A fresh session of (user, device): its first n messages; then nothing else is waiting
-    (a PONG follows every backlog entry). Nothing is acknowledged."""
+    """A fresh session of (user, device) (`gw.client`): its first n messages; then nothing
+    else is waiting (a PONG follows every backlog entry). Nothing is acknowledged."""
     async with gw.client(user, device) as c:
         got = []
         for _ in range(n):
@@ -692,3 +692,79 @@ def test_each_state_a_kill_can_leave_is_settled_by_the_gateway_or_a_rerun(tmp_pa
     r = reshard(data, "--shards", str(NEW), *RESHARD_ARGS)
     assert f"({OLD // 2} shards done by an earlier run)" in r.stdout, r.stdout
     _same(data, expected, NEW)
+
+
+# -- into a cluster --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_resharded_data_dir_starts_a_1024_shard_cluster_and_a_joining_node_takes_its_share(
+        nats_cluster, tmp_path):
+    """docs/cluster.md, Carrying a data dir over: a single gateway's data dir split to
+    1,024 shards starts a cluster as its first node (it owns every shard); a second node
+    joins and takes its share, with the messages, devices and producer state of those
+    shards: every unread message reaches its device exactly once, in order, wherever
+    its shard now is, and a retry of an ACKed SEND gets its original ACK there."""
+    from types import SimpleNamespace
+
+    from clusternodes import Nodes
+    from gateway.cluster.shardmap import hrw_owner
+    nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2"], shards=NEW, bootstrap=["n1"],
+                  extra=("--segment-size", "256K", "--log-spares", "0", "--msg-rate", "0"))
+    users = [f"c{i}" for i in range(80)]
+    readers = users[:10]
+    gw = start_gateway(nodes.dir("n1"), "--workers", "2", *SERVE_ARGS)     # one gateway, 64 shards
+    try:
+        async def before():
+            for u in users:
+                async with gw.client(u, "phone"):
+                    pass
+            async with gw.client("cbot", "main", send_only=True) as bot:
+                acks = [await bot.send(u, f"{u}-{j}") for j in range(3) for u in users]
+            for u in readers:
+                async with gw.client(u, "phone") as c:
+                    await c.ack(*[await c.recv(timeout=10) for _ in range(3)])
+                    await c.ping()
+            return bot.producer, acks
+        producer, acks = asyncio.run(before())
+    finally:
+        assert gw.stop() == 0
+    reshard(nodes.dir("n1"), "--shards", str(NEW), *RESHARD_ARGS)
+    try:
+        nodes.start("n1")
+        assert nodes.owned("n1") == NEW
+        nodes.start("n2")
+        deadline = time.monotonic() + 240
+        while not (nodes.owned("n2") == sum(hrw_owner(s, ["n1", "n2"]) == "n2" for s in range(NEW))
+                   and not nodes.status("n1")["workers"]["0"]["moving"]):
+            assert time.monotonic() < deadline, nodes.status("n1")["workers"]["0"]
+            time.sleep(0.2)
+        moved = [u for u in users if hrw_owner(shard_of(u, NEW), ["n1", "n2"]) == "n2"]
+        assert len(moved) >= 20, moved
+        want = {u: [(a.id, f"{u}-{j}") for j, a in enumerate(acks[i::len(users)])] for i, u in enumerate(users)}
+
+        async def after():
+            # the bot retries its newest SENDs at the node of its own shard: original ACKs
+            host, port = nodes.address(hrw_owner(shard_of("cbot", NEW), ["n1", "n2"]))
+            with Raw(SimpleNamespace(host=host, port=port), timeout=20) as r:
+                assert r.hello(nodes.token("cbot", "main"), device="main", send_only=True,
+                               producer=producer).producer == producer
+                retry = list(range(len(acks) - 20, len(acks) + 1))
+                r.send(b"".join(encode(F.Send(s, users[(s - 1) % len(users)],
+                                              f"{users[(s - 1) % len(users)]}-{(s - 1) // len(users)}".encode()))
+                                for s in retry))
+                got = {}
+                while len(got) < len(retry):
+                    f = r.frame()
+                    assert isinstance(f, F.Ack), f
+                    got[f.seq] = f.msg_id
+                assert got == {s: acks[s - 1].id for s in retry}
+            got = await _gather([_inbox(SimpleNamespace(client=nodes.any_client), u, "phone",
+                                        0 if u in readers else 3) for u in users])
+            for u, msgs in zip(users, got):
+                assert [(m.id, m.text) for m in msgs] == ([] if u in readers else want[u]), u
+        asyncio.run(asyncio.wait_for(after(), 180))
+        for name in ("n1", "n2"):
+            assert "event=reshard" not in nodes.procs[name].text
+        assert "event=shard_adopted" in nodes.procs["n2"].text
+    finally:
+        nodes.stop_all()
