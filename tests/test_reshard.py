@@ -488,6 +488,13 @@ def test_refusals_leave_the_data_dir_untouched(tmp_path):
     _refused(reshard(empty, "--shards", str(NEW), check=False), "has no layout.json")
     assert list(empty.iterdir()) == []
     _refused(reshard(tmp_path / "nowhere", "--shards", str(NEW), check=False), "no data dir")
+    # a node of a 1,024-shard cluster is refused this data dir with the command that splits it
+    from router.sharding import LayoutError
+    with pytest.raises(LayoutError, match=f"split them first with `switchboard reshard --data-dir {data} "
+                                          f"--shards {NEW}`"):
+        check_layout(data, NEW)
+    with pytest.raises(LayoutError, match="can only be split into a power-of-two multiple"):
+        check_layout(data, 32)
     # the count it has: nothing to do
     r = reshard(data, "--shards", str(OLD))
     assert "nothing to do" in r.stdout and r.stderr == ""
@@ -728,8 +735,10 @@ def test_a_resharded_data_dir_starts_a_1024_shard_cluster_and_a_joining_node_tak
         producer, acks = asyncio.run(before())
     finally:
         assert gw.stop() == 0
-    reshard(nodes.dir("n1"), "--shards", str(NEW), *RESHARD_ARGS)
     try:
+        with pytest.raises(RuntimeError, match=f"--shards {NEW}`"):      # 64 shards in a 1,024-shard cluster
+            nodes.start("n1")
+        reshard(nodes.dir("n1"), "--shards", str(NEW), *RESHARD_ARGS)
         nodes.start("n1")
         assert nodes.owned("n1") == NEW
         nodes.start("n2")
