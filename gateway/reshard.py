@@ -138,6 +138,9 @@ def finish_committed(data_dir) -> bool:
         os.rename(new, log)
         fsync_dir(data)
         fsync_dir(tmp)
+    if not log.exists():                 # the new shards are gone: never remove the old ones then
+        raise ReshardError(f"{data}: layout.json says a reshard committed, but neither {new} nor {log} "
+                           f"exists (the old shards are in {old}); look at them before starting a gateway here")
     _keep_quarantined(data, old)
     layout.pop(RESHARD_MARK)
     write_layout(data, layout)
@@ -208,7 +211,7 @@ def _written(lg: AppendLog) -> int:
 
 
 class Reshard:
-    """One run: `Reshard(DIR, N).run()` (or the phases one by one: lock, split,
+    """One run: `Reshard(DIR, N).run()` (or the phases one by one: check, split,
     commit, finish, close). `say(line)` gets each phase's line."""
 
     def __init__(self, data_dir, shards: int, *, dry_run: bool = False, dedup_window: int = 256,
@@ -271,9 +274,11 @@ class Reshard:
         self.lock = lock
         layout = _read_layout(self.data)
         if RESHARD_MARK in layout:
-            if self.dry_run:
-                self.say(f"finish: would first finish the reshard to {layout['shards']} shards interrupted after "
-                         "its commit")
+            if self.dry_run:            # its old shards are not where a split would read them
+                self.say(f"finish: a reshard to {layout['shards']} shards was interrupted after its commit: a run "
+                         "without --dry-run (or a gateway's start) finishes it")
+                self.counts.shards_in = self.counts.shards_out = layout["shards"]
+                return False
             else:
                 finish_committed(self.data)
                 self.say(f"finish: completed the reshard to {layout['shards']} shards interrupted after its commit")
@@ -587,7 +592,8 @@ def run(args) -> int:
     mbps = c.bytes_in / 1e6 / c.seconds if c.seconds else 0.0
     if args.json:
         print(json.dumps({**asdict(c), "data_dir": str(job.data), "dry_run": args.dry_run,
-                          "done": c.shards_in != c.shards_out, "mb_per_s": round(mbps, 1)}), flush=True)
+                          "changed": c.shards_in != c.shards_out and not args.dry_run, "mb_per_s": round(mbps, 1)}),
+              flush=True)
     elif c.shards_in != c.shards_out:
         say(f"{'dry run' if args.dry_run else 'done'}: shards {c.shards_in} -> {c.shards_out}, records "
             f"{c.records:,}, messages {c.messages:,}, devices {c.devices:,}, groups {c.groups:,}, producers "

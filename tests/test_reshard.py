@@ -654,7 +654,10 @@ def test_each_state_a_kill_can_leave_is_settled_by_the_gateway_or_a_rerun(tmp_pa
     build_data_dir(pristine, users=300, messages=3000)
     expected = contents(pristine)
 
-    def stopped_after(data: Path, phase: str) -> None:
+    def left_by(name: str, phase: str) -> Path:
+        """A copy of the data dir, with the phases up to `phase` run on it, then stopped."""
+        data = tmp_path / name
+        shutil.copytree(pristine, data)
         job = Reshard(data, NEW, segment_size=256 << 10, say=lambda line: None)
         try:
             assert job.check()
@@ -663,26 +666,18 @@ def test_each_state_a_kill_can_leave_is_settled_by_the_gateway_or_a_rerun(tmp_pa
                 job.commit()
         finally:
             job.close()                  # what the kernel does for a killed process: the locks go
+        assert ("reshard" in json.loads((data / "layout.json").read_text())) == (phase == "commit")
+        assert (data / "reshard.tmp" / "done").is_dir()
+        return data
 
-    data = tmp_path / "uncommitted"
-    shutil.copytree(pristine, data)
-    stopped_after(data, "split")
-    assert (data / "reshard.tmp" / "done").is_dir() and json.loads((data / "layout.json").read_text())["shards"] == OLD
-    text = _sample_via_gateway(data, expected, ["k1", "k77", "k200"])
-    assert "event=reshard_abandoned" in text and not (data / "reshard.tmp").exists()
-    _same(data, expected, OLD)
+    for name, phase, settled, shards in (("uncommitted", "split", "abandoned", OLD),
+                                         ("committed", "commit", "finished", NEW)):
+        data = left_by(name, phase)
+        text = _sample_via_gateway(data, expected, ["k1", "k77", "k200"])
+        assert f"event=reshard_{settled}" in text and not (data / "reshard.tmp").exists()
+        _same(data, expected, shards)
 
-    data = tmp_path / "committed"
-    shutil.copytree(pristine, data)
-    stopped_after(data, "commit")
-    assert "reshard" in json.loads((data / "layout.json").read_text())
-    text = _sample_via_gateway(data, expected, ["k1", "k77", "k200"])
-    assert "event=reshard_finished" in text and not (data / "reshard.tmp").exists()
-    _same(data, expected, NEW)
-
-    data = tmp_path / "half-renamed"
-    shutil.copytree(pristine, data)
-    stopped_after(data, "commit")
+    data = left_by("half-renamed", "commit")
     os.rename(data / "log", data / "reshard.tmp" / "old-log")       # the first of the two renames
     r = reshard(data, "--shards", str(NEW))
     assert "finish: completed the reshard to 1024 shards" in r.stdout and "nothing to do" in r.stdout, r.stdout
@@ -691,9 +686,7 @@ def test_each_state_a_kill_can_leave_is_settled_by_the_gateway_or_a_rerun(tmp_pa
     _same(data, expected, NEW)
 
     # a rerun after an uncommitted split resumes it: only the parents not marked done are split again
-    data = tmp_path / "resumed"
-    shutil.copytree(pristine, data)
-    stopped_after(data, "split")
+    data = left_by("resumed", "split")
     for marker in sorted((data / "reshard.tmp" / "done").iterdir())[OLD // 2:]:
         marker.unlink()                                             # as if killed half-way
     r = reshard(data, "--shards", str(NEW), *RESHARD_ARGS)
