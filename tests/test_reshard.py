@@ -83,7 +83,7 @@ def test_every_child_answers_each_send_as_its_parent_did(tmp_path):
             for u in gone + kept[:8]:
                 Peer(st, u, "phone").leave()     # registered devices (the rest: the shared inbox)
             senders = [Peer(st, f"sender{i}", "dev") for i in range(3)]
-            sent = {}                            # (device key, producer, seq) -> (recipient, msg_id)
+            sent = {}                            # (device key, producer, seq) -> recipient
             seqs = [0] * len(senders)
 
             async def burst(recipients, n, pad):
