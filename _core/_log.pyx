@@ -1087,6 +1087,65 @@ cdef class LogCore:
             if inbox.unsorted:
                 self._sort_inbox(inbox)
 
+    # -- reading a shard whole (a tool that splits it: gateway/reshard.py) ----------------
+    def inbox_entries(self, str key):
+        """(msg_id, loc) of one inbox (a key of `recipients()`), in id order."""
+        cdef Inbox inbox = self._inbox(key, False)
+        return inbox.items() if inbox is not None else []
+
+    def message_at(self, uint64_t loc):
+        """Every field of the MESSAGE record at `loc`, in `append`'s terms: (recipient,
+        device, msg_id, ts, sender, sender_device, payload, client_id, flags,
+        conversation, producer)."""
+        cdef MsgView m
+        cdef const unsigned char *r = self._record(loc)
+        _parse_message(r, sb_load32(r), &m)
+        return (_text(m.recipient, m.recipient_len), _text(m.recipient_device, m.recipient_device_len),
+                m.msg_id, m.ts, _text(m.sender, m.sender_len), _text(m.sender_device, m.sender_device_len),
+                PyBytes_FromStringAndSize(m.payload, m.payload_len), m.client_id, m.flags,
+                _text(m.conversation, m.conversation_len), m.producer)
+
+    def record_length(self, uint64_t loc):
+        """Bytes of the record at `loc` (unpadded)."""
+        return sb_load32(self._record(loc))
+
+    def sends_and_copies(self, Segment seg):
+        """What recovery learns from `seg` besides the inbox index, consumed records
+        included: ("send", sender key, producer, seq, recipient) for every original
+        SEND (MESSAGE_P, flags 0: the producer table) and ("copy", member, device,
+        msg_id, ts, origin, group, sender, sender_device, live) for every member's
+        group copy (the copy dedup; `live`: this record is the one its inbox holds).
+        Only records recovery found valid (up to `seg.end`)."""
+        cdef Py_ssize_t pos = SEGMENT_HEADER_SIZE, q, i
+        cdef uint32_t length
+        cdef const unsigned char *r
+        cdef MsgView m, lm
+        out = []
+        if seg.base == NULL:
+            raise StoreError("the log is closed", ErrorCode.INTERNAL)
+        while pos + RECORD_HEADER_SIZE <= seg.end:
+            r = seg.base + pos
+            length = sb_load32(r)
+            if length == 0 or not seg.record_valid(pos):
+                q = seg.next_valid(pos + RECORD_ALIGN)
+                if q < 0 or q >= seg.end:
+                    break
+                pos = q
+                continue
+            if (r[8] == REC_MESSAGE or r[8] == REC_MESSAGE_P) and _parse_message(r, length, &m):
+                if m.producer and m.flags == 0:
+                    key = _text(m.sender, m.sender_len) + "\x00" + _text(m.sender_device, m.sender_device_len)
+                    out.append(("send", key, m.producer, m.client_id, _text(m.recipient, m.recipient_len)))
+                elif m.client_id and m.flags & MSG_GROUP:
+                    out.append(("copy", _text(m.recipient, m.recipient_len),
+                                _text(m.recipient_device, m.recipient_device_len), m.msg_id, m.ts, m.client_id,
+                                _text(m.conversation, m.conversation_len), _text(m.sender, m.sender_len),
+                                _text(m.sender_device, m.sender_device_len),
+                                self._live_inbox(r, length, (seg.segment_id << 32) | <uint64_t>pos, &lm, &i)
+                                is not None))
+            pos += _align(length)
+        return out
+
     # -- compaction -------------------------------------------------------------------
     cdef str _meta_key_at(self, const unsigned char *r):
         """The key of the META record `r` (its layout: see meta_put)."""

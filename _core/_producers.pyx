@@ -31,6 +31,13 @@ ADMIT = {ADMIT_NEW: "new", ADMIT_DUPLICATE: "duplicate", ADMIT_FENCED: "fenced",
          ADMIT_OUT_OF_ORDER: "out_of_order"}
 
 
+def encode_checkpoint(uint64_t producer, uint64_t high, answers):
+    """A checkpoint's bytes (what `ProducerTable.restore` reads): producer, highest
+    seq, then each (seq, msg_id, ts) answer it proves."""
+    return b"".join([struct.pack("!QQ", producer, high),
+                     *(struct.pack("!QQQ", seq, msg_id, ts) for seq, msg_id, ts in answers)])
+
+
 cdef class SendState:
     """The device's stream as its serving worker sees it."""
 
@@ -227,6 +234,10 @@ cdef class ProducerTable:
     def get(self, str key):
         return self._states.get(key)
 
+    def keys(self):
+        """Every device ("user\\0device") this shard holds a sequence for."""
+        return list(self._states)
+
     def in_segment(self, uint64_t segment):
         """Keys with an answer whose record is in `segment` or an older one: before
         that segment is deleted they need a checkpoint."""
@@ -240,17 +251,17 @@ cdef class ProducerTable:
         this checkpoint proves. Records in newer segments still prove the rest."""
         cdef ProducerState st = <ProducerState>self._states[key]
         cdef Py_ssize_t i
-        parts = [struct.pack("!QQ", st.producer, st.high)]
+        answers = []
         st.segment_low = 0
         for i in range(st.n):
             if st.ring[4 * i + 1] == 0:
                 continue                           # refused for good: not durable
             if st.ring[4 * i + 3] <= segment:
                 st.ring[4 * i + 3] = 0
-                parts.append(struct.pack("!QQQ", st.ring[4 * i], st.ring[4 * i + 1], st.ring[4 * i + 2]))
+                answers.append((st.ring[4 * i], st.ring[4 * i + 1], st.ring[4 * i + 2]))
             elif st.segment_low == 0 or st.ring[4 * i + 3] < st.segment_low:
                 st.segment_low = st.ring[4 * i + 3]
-        return b"".join(parts)
+        return encode_checkpoint(st.producer, st.high, answers)
 
     def restore(self, str key, bytes data, uint64_t segment):
         """Merge a checkpoint (recovery): the newest producer and the highest seq win."""

@@ -1038,6 +1038,13 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             "segment_failures": self.segment_failures,
         }
 
+    def raise_id_floor(self, floor: int) -> None:
+        """Ids here never go below `floor`, though no record holds it: call before the
+        first record of a log made from another's records (gateway/reshard.py); the
+        first segment's header keeps it, as every segment's header keeps the highest
+        id when it became active."""
+        self._raise_last_id(floor)
+
     def quiesce(self) -> None:
         """Stop everything that changes the files (the shard is being copied):
         maintenance (deletion, compaction, checkpoints), spare preparation,

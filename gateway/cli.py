@@ -1,4 +1,5 @@
-"""The `switchboard` command: serve, token, send, recv, chat, presence, group, bench, stats, drain, cluster.
+"""The `switchboard` command: serve, token, send, recv, chat, presence, group, bench, stats, drain, cluster,
+reshard.
 
 Client commands take --host/--port (same defaults as serve; --host may be a
 comma-separated seed list, "--host h1,h2:7500", tried in turn) and either
@@ -280,6 +281,29 @@ def build_parser() -> argparse.ArgumentParser:
     c = cverbs.add_parser("status", help="nodes, leases, shards per node, moves in progress, cross-node traffic")
     _add_admin_endpoint(c)
     c.add_argument("--json", action="store_true", help="every worker's view as JSON")
+
+    p = verbs.add_parser("reshard", help="split a stopped gateway's data dir into more shards (offline)",
+                         description="Split the shards of a data dir into N (a power-of-two multiple of their "
+                                     "count, at most 65536), with every message, device, last seen, privacy "
+                                     "setting, group and producer (dedup) state, so that it can join a cluster "
+                                     "of N shards (docs/cluster.md, Carrying a data dir over). The gateway must "
+                                     "be stopped. A kill at any moment leaves the old data dir as it was or the "
+                                     "new one complete: run it again (or start the gateway) and it finishes. "
+                                     "Prints a line per phase and a summary; exits 0 when done or when there is "
+                                     "nothing to do, 1 with one line saying why when refused or failed.")
+    p.add_argument("--data-dir", required=True, help="the gateway's data dir (holding layout.json and log/)")
+    p.add_argument("--shards", type=_positive(int), required=True, metavar="N",
+                   help="the shard count to split into: the cluster's --cluster-shards (e.g. 1024)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read every shard (recovery, as a start would) and say what would be written; write nothing")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as one JSON object on stdout (the phase lines go to stderr)")
+    p.add_argument("--dedup-window", type=_positive(int), default=GatewayConfig.dedup_window, metavar="N",
+                   help="the gateway's dedup_window setting: answers per device and shard kept for retries; "
+                        "give the value the gateway runs with if it is not the default (default %(default)s)")
+    p.add_argument("--segment-size", type=_size, default=GatewayConfig.segment_size, metavar="SIZE",
+                   help="largest segment the new shards are written in, e.g. 64M or 256K (default 64M; a new "
+                        "shard's first segment is 1 MiB, or SIZE if smaller, and they double up to SIZE)")
 
     p = verbs.add_parser("chat", help="interactive chat",
                          description="Type lines to send them; '/to USER' switches recipient; Ctrl-D quits.")
@@ -587,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
                 return run_drain(args.admin_host, args.admin_port, args.batch, args.pause, args.wait)
             except AdminError as exc:
                 raise CliError(str(exc)) from None
+        if args.verb == "reshard":
+            from .reshard import run as run_reshard
+            return run_reshard(args)
         if args.verb == "bench":
             from bench.cli import run as run_bench
             return run_bench(args)

@@ -137,7 +137,8 @@ class GatewayConfig:
     #: prefix of the cluster's KV buckets and subjects: several clusters may share one NATS
     cluster_name: str = "switchboard"
     #: virtual shards of a new cluster's shard map (a power of two, 64..65536); a data dir keeps the count
-    #: it was made with (64 for a single node: docs/cluster.md, Carrying a data dir over)
+    #: it was made with (64 for a single node); `switchboard reshard` splits it offline (docs/cluster.md,
+    #: Carrying a data dir over)
     cluster_shards: int = 1024
     #: nodes that share the shards when a new cluster's map is made (comma-separated names); empty: the first
     #: node takes every shard and the others get theirs as they join

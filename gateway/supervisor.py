@@ -102,6 +102,11 @@ class Supervisor:
                   file=sys.stderr, flush=True)
             return 1
         try:
+            from .reshard import settle
+            settled = settle(cfg.data_dir)     # a reshard killed after its commit is finished; before, removed
+            if settled is not None:
+                _log.warning("event=reshard_%s data_dir=%s why=%s", settled, cfg.data_dir,
+                             "interrupted_after_its_commit" if settled == "finished" else "never_committed")
             load_or_create_secret(cfg.data_dir)
             if not cfg.cluster:            # a node's workers check it against the cluster's map
                 check_layout(cfg.data_dir)     # a new dir: 64 shards; an old one keeps its count

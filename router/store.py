@@ -25,6 +25,7 @@ class StoredMessage(NamedTuple):
 
 MIRROR = 0x02
 RECEIPT = 0x01
+GROUP = 0x04          # a member's copy of a group message (conversation = the group, ref = its id)
 
 
 def inbox_key(user: str, device: str = "") -> str:

@@ -131,6 +131,7 @@ VERB_FLAGS = {
     "recv": ["--host", "--port", "--token", "--data-dir", "--as", "--count", "--timeout", "--device"],
     "chat": ["--host", "--port", "--token", "--data-dir", "--as", "--to", "--device"],
     "serve": ["--host", "--port", "--data-dir", "--workers", "--hello-timeout", "--max-frame"],
+    "reshard": ["--data-dir", "--shards", "--dry-run", "--json", "--dedup-window", "--segment-size"],
 }
 
 
