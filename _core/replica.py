@@ -517,7 +517,7 @@ class ReplicaLog:
             raise EpochFenced(f"epoch {epoch} is older than this replica's {self._epoch}")
         if epoch > self._epoch:
             self._epoch = epoch
-            self._write_state(durable=True)
+            self._sync(durable=True)          # the record describes only data already on disk
 
     def apply(self, batch: Batch, epoch: int) -> tuple:
         """Apply a batch of changes made at `epoch`, in order; returns position().
