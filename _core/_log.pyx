@@ -275,6 +275,8 @@ cdef class Segment:
         return self.base != NULL
 
     def header(self):
+        if self.base == NULL:
+            raise ValueError(f"segment {self.segment_id} is closed")
         return PyBytes_FromStringAndSize(<const char *>self.base, SEGMENT_HEADER_SIZE)
 
     def write_header(self, bytes header):
@@ -283,7 +285,10 @@ cdef class Segment:
         memcpy(self.base, <const char *>header, SEGMENT_HEADER_SIZE)
 
     def read(self, Py_ssize_t off, Py_ssize_t n):
-        """Raw bytes (tests and tools)."""
+        """A copy of bytes [off, off + n) (replication, tests and tools); ValueError
+        once the segment is unmapped (a deleted segment: never a read of freed memory)."""
+        if self.base == NULL:
+            raise ValueError(f"segment {self.segment_id} is closed")
         if off < 0 or n < 0 or off + n > self.size:
             raise ValueError("out of range")
         return PyBytes_FromStringAndSize(<const char *>self.base + off, n)

@@ -89,3 +89,25 @@ class LogNotOpen(RuntimeError):
     """An append log was written to (or started) before open() recovered its
     directory: a writer that has not scanned the segments would create segment
     files over the stored ones. Call open() first."""
+
+
+class ReplicaError(Exception):
+    """Replication of a shard log (_core/replica.py) cannot go on as it is."""
+
+
+class ChangeRefused(ReplicaError):
+    """A replica refused a batch of changes that does not follow what it holds (a
+    gap, bytes for an unknown segment or at another offset than its end, a segment
+    out of order): nothing of the batch was applied. Re-sync it: resume from its
+    holdings, or send a snapshot."""
+
+
+class EpochFenced(ChangeRefused):
+    """A replica refused changes of an older epoch than the highest it has seen:
+    they come from a deposed owner. Nothing was applied."""
+
+
+class ReplicaDiverged(ReplicaError):
+    """At the owner: a replica's holdings are not a prefix of this log (different
+    segments, bytes the owner does not have, a hole, or too far behind: segments
+    it lacks were deleted). Only a snapshot brings it back."""

@@ -140,6 +140,65 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def reserve_file(path: Path, size: int, pause=lambda: None, fault: str = "") -> int:
+    """Create `path` (it must not exist) as `size` bytes of real, zeroed blocks and
+    return its fd: posix_fallocate reserves them (a full disk fails here, with
+    ENOSPC, not later with SIGBUS inside a mapping), then zeros are written a chunk
+    at a time with an fdatasync each, so an ACK's fdatasync never queues behind
+    64 MiB of zeros (and they are never written back later by an fdatasync meant
+    for records). On failure nothing is left behind."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        if fault == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        os.posix_fallocate(fd, 0, size)
+        zeros = bytes(ZERO_CHUNK)
+        for off in range(0, size, ZERO_CHUNK):
+            os.pwrite(fd, zeros[:min(ZERO_CHUNK, size - off)], off)
+            os.fdatasync(fd)
+            pause()
+    except BaseException:
+        _discard(fd, path)
+        raise
+    return fd
+
+
+def install_file(fd: int, tmp: Path, final: Path, header: bytes) -> None:
+    """Give a reserved segment file (`reserve_file`) its header and its name: write
+    the header, fsync, rename `tmp` to `final`, fsync the directory. On failure the
+    fd is closed and `tmp` removed."""
+    try:
+        os.pwrite(fd, header, 0)
+        os.fsync(fd)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        _discard(fd, tmp)
+        raise
+
+
+def _discard(fd: int, path: Path) -> None:
+    os.close(fd)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def flush_files(fds: list) -> None:
+    """Make the written pages of several files durable with one device cache flush:
+    start every file's writes (they overlap on the device), wait for each, then one
+    fdatasync, on the last file, flushes the cache for all of them. Enough for files
+    whose blocks were reserved and zeroed before use (no metadata changes), plus
+    the last one, which fdatasync covers whole."""
+    for fd in fds[:-1]:
+        write_out(fd, wait=False)
+    for fd in fds[:-1]:
+        write_out(fd)
+    if fds:
+        os.fdatasync(fds[-1])
+
+
 class _Worker(threading.Thread):
     """One thread for everything that blocks: fdatasync first, then file work
     (reserving, zeroing, deleting segments), so a sync never waits long behind
@@ -269,12 +328,7 @@ class GroupCommit:
             t = time.perf_counter()
             if fault == "eio" and segs:
                 raise OSError(errno.EIO, f"Input/output error (injected) syncing {segs[0].path}")
-            for s in segs[:-1]:
-                write_out(s.fd, wait=False)      # start them all: the device works on them together
-            for s in segs[:-1]:
-                write_out(s.fd)
-            if segs:
-                os.fdatasync(segs[-1].fd)
+            flush_files([s.fd for s in segs])
             return time.perf_counter() - t
 
         self.worker.submit(sync, lambda r, e: self._synced(batch, r, e), urgent=True)
@@ -483,31 +537,9 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         size = size or self.config.segment_size
         final = self.directory / segment_name(segment_id)
         tmp = self.directory / f".{segment_name(segment_id)}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            if self._fault == "enospc":
-                raise OSError(errno.ENOSPC, "No space left on device (injected)")
-            os.posix_fallocate(fd, 0, size)       # ENOSPC surfaces here, before anything is mapped
-            zeros = bytes(ZERO_CHUNK)
-            for off in range(0, size, ZERO_CHUNK):
-                os.pwrite(fd, zeros[:min(ZERO_CHUNK, size - off)], off)
-                # a chunk at a time onto disk, so an ACK's fdatasync never queues
-                # behind 64 MiB of zeros (and the zeros are never written back later
-                # by an fdatasync meant for records)
-                os.fdatasync(fd)
-                pause()
-            nonce = secrets.randbits(64)
-            os.pwrite(fd, self._header(segment_id, nonce, size=size), 0)
-            os.fsync(fd)
-            os.rename(tmp, final)
-            fsync_dir(self.directory)
-        except BaseException:
-            os.close(fd)
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        fd = reserve_file(tmp, size, pause, self._fault)
+        nonce = secrets.randbits(64)
+        install_file(fd, tmp, final, self._header(segment_id, nonce, size=size))
         seg = Segment.map(str(final), fd, segment_id, nonce, size)
         for off in range(0, size, 8 << 20):
             seg.populate(off, 8 << 20)
@@ -803,6 +835,12 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         seg.dirty = True
         self._add_segment(seg)
         self._set_active(seg)
+
+    @property
+    def next_segment_size(self) -> int:
+        """The size of the segment the next roll installs: the first spare made ahead,
+        else the one it would make (a replica prepares its file ahead from this)."""
+        return self._spares[0].size if self._spares else self._next_size()
 
     def _no_space(self, exc: OSError) -> None:
         """A try at a segment failed: no new try before FULL_RETRY_S (or a deletion)."""

@@ -3,80 +3,28 @@ and prints what it was told is durable; the parent SIGKILLs it at a random
 point, reopens the log in-process and checks every acknowledged message is
 there exactly once and every recorded consume stuck. Many kill cycles on the
 same directory, each new child continuing where recovery left off."""
-import os
 import random
-import select
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from _core.log import AppendLog
 
-from log_child import LARGE_BATCH, config, expected_message  # noqa: E402  (tests/ is on sys.path)
+from childproc import ChildProcess  # noqa: E402  (tests/ is on sys.path)
+from log_child import LARGE_BATCH, config, expected_message  # noqa: E402
 
 CHILD = Path(__file__).resolve().parent / "log_child.py"
 ROOT = CHILD.parent.parent
 
 
-class Child:
-    """A log_child.py process; lines read with a deadline, never a blocking read."""
+class Child(ChildProcess):
+    """A log_child.py process."""
 
     def __init__(self, directory: Path, durability: str, mode: str, seed: int, iterations: int, stderr_path: Path):
-        self.stderr_path = stderr_path
-        self._stderr = open(stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(CHILD), str(directory), durability, mode, str(seed), str(iterations)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr)
-        self._buf = b""
-
-    def readline(self, timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"child sent no line in {timeout}s; stderr:\n{self.stderr()}")
-            ready, _, _ = select.select([fd], [], [], left)
-            if ready:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    raise AssertionError(f"child exited ({self.proc.wait(10)}) early; stderr:\n{self.stderr()}")
-                self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line.decode()
-
-    def kill9(self) -> tuple[int, list[str]]:
-        """SIGKILL, reap, and return the exit status and the complete lines the
-        child wrote before it died that were not read yet."""
-        os.kill(self.proc.pid, signal.SIGKILL)
-        status = self.proc.wait(timeout=10)
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            chunk = os.read(fd, 65536)          # the writer is dead: EOF comes right after the data
-            if not chunk:
-                break
-            self._buf += chunk
-        else:
-            raise AssertionError("no EOF from a dead child's stdout")
-        lines = self._buf.decode().split("\n")[:-1]   # a line cut by the kill is dropped
-        self._buf = b""
-        return status, lines
-
-    def stderr(self) -> str:
-        self._stderr.flush()
-        return self.stderr_path.read_text(errors="replace")[-4000:]
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        self.proc.stdout.close()
-        self._stderr.close()
+        super().__init__([sys.executable, str(CHILD), str(directory), durability, mode, str(seed), str(iterations)],
+                         stderr_path, ROOT)
 
 
 def recover(directory: Path, durability: str):
