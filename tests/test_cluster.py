@@ -517,9 +517,10 @@ def test_a_node_cut_by_nats_as_a_slow_consumer(nats_factory, tmp_path):
     messages to n2's user: nats-server finds n2 a slow consumer and closes its
     connection; n2 reconnects once it reads again, and the stream loses and
     doubles nothing."""
-    # 256 x 60 KiB in flight: past the loopback socket buffers (~4-6 MiB) and max_pending within
-    # a second, well before n2's own ping check (3 unanswered pings 2 s apart) would cut it first
-    nats = nats_factory(3, extra_config='write_deadline: "1s"\nmax_pending: 2MB')
+    # 256 x 60 KiB in flight fill the loopback socket buffers (~4-6 MiB) at once, so a write blocks
+    # past write_deadline well before n2's own ping check (3 unanswered pings 2 s apart) could cut it
+    # first; max_pending is large enough that the resent backlog, read at once, is not cut again
+    nats = nats_factory(3, extra_config='write_deadline: "1s"\nmax_pending: 8MB')
     with _n2_behind_a_proxy(nats, tmp_path) as (nodes, proxy):
         a, = nodes.users_on("n1", 1, "sa")
         b, = nodes.users_on("n2", 1, "sb")
