@@ -238,6 +238,12 @@ def test_a_second_node_with_a_live_nodes_name_is_refused(three, tmp_path):
     assert os.path.isdir(other)
 
 
+def _last_until(t0: float, seconds: float) -> None:
+    """A fault that began at monotonic time t0 lasts `seconds` (a duration, not a synchronisation)."""
+    while time.monotonic() - t0 < seconds:
+        time.sleep(0.2)
+
+
 def _wait(what, check, timeout: float):
     deadline = time.monotonic() + timeout
     while not check():
@@ -419,8 +425,7 @@ def test_a_node_without_nats_for_10_s(nats_cluster, tmp_path):
             _wait("n2 /readyz 503", lambda: nodes.admin("n2", "/readyz")[0] == 503, 30)
             code, why = nodes.admin("n2", "/readyz")
             assert "NATS" in why, why
-            while time.monotonic() - t0 < 10:
-                time.sleep(0.2)                      # the fault lasts 10 s
+            _last_until(t0, 10)
             proxy.restore()
             _wait("n2 ready again", lambda: nodes.admin("n2", "/readyz")[0] == 200, 30)
         got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault), 180))
@@ -620,8 +625,7 @@ def test_a_nats_server_cut_off_from_its_routes(tmp_path):
                   .get("alive", False), 30)
             assert asyncio.run(asyncio.wait_for(while_cut(), 90)) == "during the partition"
             assert nodes.admin("n1", "/readyz")[0] == 503           # still cut off: still not serving
-            while time.monotonic() - t0 < 10:
-                time.sleep(0.2)                                     # the partition lasts 10 s
+            _last_until(t0, 10)
             nats.heal()
             _wait("n1 ready again", lambda: nodes.admin("n1", "/readyz")[0] == 200, 60)
         got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault), 240))
