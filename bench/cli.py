@@ -120,8 +120,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "(sender, recipient) and the unavailability after each kill; exits 1 "
                                      "unless lost, duplicates and reorderings are all 0.")
     p.add_argument("--cycles", type=_int, default=50, help="kills (default %(default)s)")
-    p.add_argument("--kill", choices=["gateway", "worker"], default="gateway",
-                   help="what is killed (default %(default)s)")
+    p.add_argument("--kill", choices=["gateway", "worker", "node"], default="gateway",
+                   help="what is killed (default %(default)s); node: one node of a 3-node cluster with "
+                        "--replicas copies, its shards failing over")
+    p.add_argument("--replicas", type=_int, default=2, help="copies of each shard with --kill node "
+                                                             "(default %(default)s)")
+    p.add_argument("--shards", type=_int, default=64, help="the cluster's shards with --kill node "
+                                                           "(default %(default)s)")
+    p.add_argument("--lease-ttl", type=float, default=3.0, help="node lease with --kill node, seconds: the "
+                                                                 "failure detection time (default %(default)s)")
     p.add_argument("--every", type=_int, default=500, help="ACKs between kills (default %(default)s)")
     p.add_argument("--senders", type=_int, default=4, help="sending devices (default %(default)s)")
     p.add_argument("--recipients", type=_int, default=4, help="receiving users (default %(default)s)")

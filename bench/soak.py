@@ -9,6 +9,12 @@ end every ACKed message must have reached its recipient's application exactly
 once, and each (sender, recipient) pair's messages in the order sent. The
 unavailability after each kill is the time from the kill to the first ACK
 after it.
+
+`--kill node` runs a 3-node cluster with `--replicas` copies of each shard
+(bench/failover.py) and kills one node per cycle: its shards fail over to
+their replicas. The failover time is from the last ACK for a recipient of the
+killed node's shards before the kill to the first ACK for one of them after it
+(a SEND issued after the kill, so it was ACKed by the new owner).
 """
 import asyncio
 import json
@@ -89,8 +95,16 @@ class Gateway:
 async def soak(args) -> dict:
     from gateway.client import Client
     tmp = tempfile.TemporaryDirectory(prefix="sb-soak-")
-    gw = Gateway(args, tmp.name)
-    gw.start()
+    loop = asyncio.get_running_loop()
+    nodes = args.kill == "node"
+    if nodes:
+        from .failover import NODES, ClusterTarget
+        gw = await loop.run_in_executor(None, ClusterTarget, args)
+        host, port = gw.seeds, 0
+    else:
+        gw = Gateway(args, tmp.name)
+        gw.start()
+        host, port = "127.0.0.1", gw.port
     tag = os.urandom(3).hex()
     senders = [f"soak{tag}s{i}" for i in range(args.senders)]
     recipients = [f"soak{tag}r{j}" for j in range(args.recipients)]
@@ -103,11 +117,13 @@ async def soak(args) -> dict:
     victim: list[int] = []                     # the worker killed (worker mode)
     reconnects_at_kill: dict = {}
     from router.sharding import shard_of
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    affected: list[set] = []                   # node mode: recipients whose shard the killed node owned
+    last_ack: dict = {}                        # recipient -> loop time of its latest ACK
+    last_before: list[float] = []
 
     def client(user, device):
-        return Client("127.0.0.1", gw.port, gw.token(user), device, max_backoff=0.5, connect_timeout=60)
+        return Client(host, port, gw.token(user), device, max_backoff=0.5, connect_timeout=60)
 
     clients = []
 
@@ -130,7 +146,12 @@ async def soak(args) -> dict:
         issued = loop.time()
         r = await c.send(to, f"{name}:{k}", timeout=None)
         acked[(name, k)] = r.id
-        if kills and first_ack_after[-1] is None:
+        last_ack[to] = loop.time()
+        if nodes:
+            if kills and first_ack_after[-1] is None and issued > kills[-1] and (to in affected[-1]
+                                                                                 or not affected[-1]):
+                first_ack_after[-1] = loop.time()
+        elif kills and first_ack_after[-1] is None:
             # evidence the killed part serves again (not an ACK read late from the socket):
             # gateway: this client has reconnected since; worker: a SEND issued after the
             # kill to a user of that worker
@@ -161,6 +182,21 @@ async def soak(args) -> dict:
                 await asyncio.sleep(0.005)
             reconnects_at_kill.update({c: c.reconnects for c in clients})
             victim.append(cycle % args.workers)
+            if nodes:
+                name = NODES[cycle % len(NODES)]
+                owners = await loop.run_in_executor(None, gw.owners, NODES[(cycle + 1) % len(NODES)])
+                hit = {r for r in recipients if owners[shard_of(r, args.shards)] == name}
+                affected.append(hit)
+                last_before.append(max((last_ack.get(r, 0.0) for r in hit), default=loop.time()))
+                kills.append(loop.time())
+                first_ack_after.append(None)
+                await loop.run_in_executor(None, gw.kill, name)
+                while first_ack_after[-1] is None:
+                    await asyncio.sleep(0.005)
+                await loop.run_in_executor(None, gw.start, name)
+                await loop.run_in_executor(None, gw.wait_in_sync, 180)
+                print(f"\rsoak: {cycle + 1}/{args.cycles} node kills, {len(acked)} ACKed", end="", file=sys.stderr)
+                continue
             kills.append(loop.time())
             first_ack_after.append(None)
             if args.kill == "gateway":
@@ -187,13 +223,13 @@ async def soak(args) -> dict:
             t.cancel()
         failures = [repr(r) for r in await asyncio.gather(*recv_tasks, return_exceptions=True)
                     if not isinstance(r, asyncio.CancelledError)]
-        gw.kill()
+        gw.stop() if nodes else gw.kill()
         tmp.cleanup()
     print(file=sys.stderr)
     delivered = {(s, k) for (s, r), ks in seen.items() for k in ks}
     lost = [key for key in acked if key not in delivered]
     reorderings = sum(1 for ks in seen.values() for x, y in zip(ks, ks[1:]) if x > y)
-    gaps = [t - k for k, t in zip(kills, first_ack_after) if t is not None]
+    gaps = [t - k for k, t in zip(last_before if nodes else kills, first_ack_after) if t is not None]
     return {"kill": args.kill, "durability": args.durability, "workers": args.workers, "cycles": args.cycles,
             "senders": args.senders, "recipients": args.recipients, "window": args.window,
             "acked": len(acked), "delivered": sum(len(v) for v in seen.values()), "lost": len(lost),
@@ -202,7 +238,9 @@ async def soak(args) -> dict:
                             for s, k in sorted(lost)[:10]],
             "receiver_failures": failures,
             "unavailable_s": {"min": round(min(gaps), 3), "median": round(statistics.median(gaps), 3),
-                              "max": round(max(gaps), 3)} if gaps else None}
+                              "p99": round(sorted(gaps)[min(len(gaps) - 1, int(0.99 * len(gaps)))], 3),
+                              "max": round(max(gaps), 3)} if gaps else None,
+            "replicas": getattr(args, "replicas", None) if nodes else None}
 
 
 def run(args) -> int:
@@ -212,8 +250,9 @@ def run(args) -> int:
     print(f"{result['cycles']} kill -9 of the {result['kill']} ({result['durability']}, {result['workers']} workers, "
           f"{result['senders']} senders x {result['window']} in flight): {result['acked']} ACKed, "
           f"{result['delivered']} delivered, lost {result['lost']}, duplicates {result['duplicates']}, "
-          f"reorderings {result['reorderings']}; unavailable after a kill {u.get('min')}/{u.get('median')}/"
-          f"{u.get('max')} s (min/median/max); {result['seconds']} s")
+          f"reorderings {result['reorderings']}; {'failover' if args.kill == 'node' else 'unavailable after a kill'} "
+          f"{u.get('min')}/{u.get('median')}/{u.get('p99')}/{u.get('max')} s (min/median/p99/max); "
+          f"{result['seconds']} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -148,6 +148,17 @@ class GatewayConfig:
     lease_ttl: float = 6.0
     #: seconds a FWD to another node may stay unanswered before its SEND gets UNAVAILABLE (the client retries)
     cluster_timeout: float = 3.0
+    #: copies of each shard's log in a cluster, the owner's included (1-5): with 2 or more a SEND is ACKed
+    #: only once every in-sync replica holds it (under `durability`), and a replica takes the shard over
+    #: when its owner's lease expires (docs/cluster.md, Replication)
+    replicas: int = 1
+    #: with fewer live copies than `replicas`, ACK with the copies there are (a shard whose replicas are all
+    #: gone is then on one machine: losing it loses what was ACKed meanwhile); off: ACKs wait until a
+    #: replica is back or replaced and has caught up
+    degraded_writes: bool = False
+    #: seconds a replica may leave a shipment unanswered before its stream is restarted (and, with
+    #: degraded_writes, dropped from the in-sync set)
+    replica_timeout: float = 2.0
 
     def validate(self) -> None:
         if not (0 <= self.port <= 65535):

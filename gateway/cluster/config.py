@@ -66,5 +66,9 @@ def validate_cluster(cfg) -> None:
         raise ValueError(f"lease ttl must be between 1 and 300 seconds, got {cfg.lease_ttl}")
     if not (0.2 <= cfg.cluster_timeout <= 120):
         raise ValueError(f"cluster timeout must be between 0.2 and 120 seconds, got {cfg.cluster_timeout}")
+    if not (1 <= cfg.replicas <= 5):
+        raise ValueError(f"replicas must be between 1 and 5 copies, got {cfg.replicas}")
+    if not (0.2 <= cfg.replica_timeout <= 120):
+        raise ValueError(f"replica timeout must be between 0.2 and 120 seconds, got {cfg.replica_timeout}")
     if cfg.store != "log":
         raise ValueError("a cluster node needs the durable log (store = \"log\"): shards move between nodes as logs")

@@ -39,7 +39,7 @@ from _core.protocol import GoawayCode
 
 from .. import log
 from .shardcopy import ShardImport, export_shard
-from .shardmap import hrw_owner
+from .shardmap import hrw_owner, hrw_rank
 
 _log = log.get("switchboard.cluster")
 
@@ -99,6 +99,9 @@ class ShardMover:
         me = self.node.name
         store = self.gw.router.store
         router = self.gw.router
+        repl = self.node.replication
+        if repl is not None:
+            repl.map_changed(old, new)
         for s in range(new.shards):
             if old.owner[s] != new.owner[s]:
                 router.shard_owner_changed(s)     # our watchers of its users subscribe again at the new owner
@@ -106,17 +109,24 @@ class ShardMover:
                 continue
             was, now = old.owner[s] == me, new.owner[s] == me
             if now and not was:
+                taken_over = repl is not None and old.moving.get(s) != me and repl.holds_copy(s)
                 try:
+                    if taken_over:
+                        repl.install_as_log(s)      # our replica copy becomes the shard's log
                     report = store.adopt(s)
                 except Exception:
                     _log.exception("event=shard_adopt_failed shard=%d", s)
                     raise
                 router.shard_arrived(s)
                 self.shards_in += 1
-                _log.info("event=shard_adopted shard=%d epoch=%d pending=%d", s, new.epoch, report.pending)
+                _log.info("event=shard_adopted shard=%d epoch=%d pending=%d from=%s", s, new.epoch, report.pending,
+                          "replica" if taken_over else "move")
             elif was and not now:
-                if store.moving.get(s) is None:      # should not happen: we quiesce before the switch
-                    _log.error("event=shard_lost_unquiesced shard=%d epoch=%d", s, new.epoch)
+                if store.moving.get(s) is None:      # taken over by a replica (we were paused or cut off)
+                    _log.warning("event=shard_lost_unquiesced shard=%d epoch=%d new_owner=%s", s, new.epoch,
+                                 new.owner[s])
+                    router.shard_leaving(s, GoawayCode.SHUTTING_DOWN, "this user's shard is served by another node",
+                                         random.randint(100, 1000))
                     store.quiesce(s)
                 store.release(s)
                 store.drop(s)
@@ -125,6 +135,8 @@ class ShardMover:
             elif now and s in old.moving and s not in new.moving and store.moving.get(s) == "quiesced":
                 store.resume(s)
                 _log.info("event=shard_move_abandoned shard=%d epoch=%d", s, new.epoch)
+        if repl is not None:
+            repl.reconcile(new)
         self._wake.set()
 
     # -- the control subject ----------------------------------------------------------
@@ -253,6 +265,44 @@ class ShardMover:
                 out[s] = target
         return out
 
+    async def _place_replicas(self) -> bool:
+        """Each shard of ours on `replicas` - 1 other live nodes, down its rendezvous
+        order: a dead replica leaves the sets (its copy is stale once it returns: it
+        comes back as a new replica and catches up), a missing one is added as
+        catching up (the owner promotes it to in-sync once it holds everything).
+        True if the map changed."""
+        me = self.node.name
+        members = self.node.members
+        want = self.node.cfg.replicas - 1
+        live = [n for n, i in members.live_nodes().items() if not i.get("draining") and n != me]
+
+        def mutate(d):
+            changed = False
+            for s in d.shards_of(me):
+                if s in d.moving:
+                    continue
+                isr = d.replicas.get(s, [])
+                cat = d.catching.get(s, [])
+                isr2 = [n for n in isr if n != me and members.alive(n)]
+                cat2 = [n for n in cat if n != me and members.alive(n) and n not in isr2]
+                if len(isr2) + len(cat2) < want:
+                    for n in hrw_rank(s, live):
+                        if n not in isr2 and n not in cat2:
+                            cat2.append(n)
+                            if len(isr2) + len(cat2) >= want:
+                                break
+                while len(isr2) + len(cat2) > want and cat2:
+                    cat2.pop()
+                if isr2 != isr or cat2 != cat:
+                    d.replicas[s], d.catching[s] = isr2, cat2
+                    changed = True
+            return {} if changed else None
+        new = await self.node.map.change(mutate)
+        if new is not None:
+            _log.info("event=replicas_placed epoch=%d catching=%d", new.epoch,
+                      sum(len(v) for s, v in new.catching.items() if new.owner[s] == me))
+        return new is not None
+
     async def _step(self) -> None:
         me = self.node.name
         view = self.node.view
@@ -260,6 +310,8 @@ class ShardMover:
         if stale:                                # marks left by an earlier life of this node: call them off
             _log.info("event=shard_moves_cleared shards=%d", len(stale))
             await self.node.map.change(lambda d: _unmark(d, stale))
+            return
+        if self.node.cfg.replicas > 1 and await self._place_replicas():
             return
         todo = dict(list(self.plan(view).items())[:BATCH])
         if not todo:
@@ -302,6 +354,9 @@ class ShardMover:
                         del d.moving[s]
                         if s in ok and d.owner[s] == me:
                             owners[s] = to
+                            for sets in (d.replicas, d.catching):     # an owner is no replica of its shard
+                                if to in sets.get(s, ()):
+                                    sets[s] = [n for n in sets[s] if n != to]
                 return owners
             await self.node.map.change(switch)
             self.running.difference_update(todo)

@@ -72,6 +72,7 @@ class ClusterNode:
         self.on_map_change = None          # gateway/cluster/moves.py: adopt/drop shards as the map changes
         self.members_changed = None        # ... and plan moves when a node comes or goes
         self.mover = None
+        self.replication = None            # gateway/cluster/replication.py, with replicas > 1
 
     @property
     def view(self):
@@ -153,6 +154,10 @@ class ClusterNode:
     async def start_bus(self, gateway) -> None:
         from .moves import ShardMover
         await self.bus.start()
+        if self.cfg.replicas > 1:
+            from .replication import Replication
+            self.replication = Replication(gateway, self)
+            await self.replication.start()
         self.mover = ShardMover(gateway, self)
         await self.mover.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._expire_leases()))
@@ -273,13 +278,19 @@ class ClusterNode:
                 "nodes": {n: dict(i, alive=self.members.alive(n)) for n, i in self.members.nodes.items()},
                 "owners": view.counts(), "moving": {str(s): n for s, n in view.moving.items()},
                 "bus": self.bus.stats() if self.bus is not None else None,
-                "moves": self.mover.stats() if self.mover is not None else None}
+                "moves": self.mover.stats() if self.mover is not None else None,
+                "shard_owner": view.owner,
+                "replicas": {str(s): r for s, r in view.replicas.items() if r},
+                "catching": {str(s): r for s, r in view.catching.items() if r},
+                "replication": self.replication.stats() if self.replication is not None else None}
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         if self.mover is not None:
             await self.mover.close()
+        if self.replication is not None:
+            await self.replication.close()
         if self.bus is not None:
             await self.bus.close()
         if self.members is not None:

@@ -11,6 +11,13 @@ ignored, so JetStream KV's lack of read-your-writes (a get may be served by a
 replica that is behind) cannot take a node back in time; our own writes take
 effect from the revision the CAS returned.
 
+With replication (setting `replicas` > 1, gateway/cluster/replication.py)
+each shard also lists its **in-sync replicas** (`replicas[S]`: nodes holding
+every record the owner ACKed, the only ones allowed to take S over) and the
+nodes still **catching up** (`catching[S]`: streaming a snapshot, promoted to
+in-sync by the owner once they hold everything). These change without
+changing `since`: only a new owner does.
+
 One key for the whole map (a few KB at 1,024 shards) keeps every change atomic —
 a batch of shard moves is one CAS — and makes each revision exactly the previous
 one plus one, since nothing else is written to the bucket.
@@ -34,6 +41,12 @@ def hrw_owner(shard: int, nodes) -> str:
     return max(nodes, key=lambda n: xxhash.xxh3_64_intdigest(f"{n}/{shard}".encode()))
 
 
+def hrw_rank(shard: int, nodes) -> list:
+    """All `nodes` in rendezvous order for this shard (the owner's first choice first):
+    replicas are placed down this list, so a node joining moves few of them."""
+    return sorted(nodes, key=lambda n: xxhash.xxh3_64_intdigest(f"{n}/{shard}".encode()), reverse=True)
+
+
 @dataclass
 class MapView:
     epoch: int
@@ -41,23 +54,47 @@ class MapView:
     owner: list               # shard -> node name
     since: list               # shard -> epoch at which it got that owner
     moving: dict = field(default_factory=dict)    # shard -> node it is being handed to
+    replicas: dict = field(default_factory=dict)  # shard -> [node, ...] in sync (may take over), in order
+    catching: dict = field(default_factory=dict)  # shard -> [node, ...] catching up
+
+    def copy(self) -> "MapView":
+        return MapView(self.epoch, self.shards, list(self.owner), list(self.since), dict(self.moving),
+                       {s: list(v) for s, v in self.replicas.items() if v},
+                       {s: list(v) for s, v in self.catching.items() if v})
 
     def encode(self) -> bytes:
+        """Format 1 without replicas (what a cluster of R=1 always wrote), 2 with them."""
         nodes = sorted(set(self.owner) | set(self.moving.values()))
         index = {n: i for i, n in enumerate(nodes)}
-        return json.dumps({"v": 1, "shards": self.shards, "hash": "xxh3_64", "seed": 0, "nodes": nodes,
-                           "owner": [index[n] for n in self.owner], "since": self.since,
-                           "moving": {str(s): n for s, n in self.moving.items()}},
-                          separators=(",", ":")).encode()
+        d = {"v": 1, "shards": self.shards, "hash": "xxh3_64", "seed": 0, "nodes": nodes,
+             "owner": [index[n] for n in self.owner], "since": self.since,
+             "moving": {str(s): n for s, n in self.moving.items()}}
+        replicas = {str(s): v for s, v in self.replicas.items() if v}
+        catching = {str(s): v for s, v in self.catching.items() if v}
+        if replicas or catching:
+            d.update(v=2, replicas=replicas, catching=catching)
+        return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, epoch: int, raw: bytes) -> "MapView":
         d = json.loads(raw)
-        if d.get("v") != 1 or d.get("hash") != "xxh3_64" or d.get("seed") != 0:
+        if d.get("v") not in (1, 2) or d.get("hash") != "xxh3_64" or d.get("seed") != 0:
             raise ValueError(f"unknown shard map format: v={d.get('v')} hash={d.get('hash')}")
         nodes = d["nodes"]
         return cls(epoch, d["shards"], [nodes[i] for i in d["owner"]], d["since"],
-                   {int(s): n for s, n in d.get("moving", {}).items()})
+                   {int(s): n for s, n in d.get("moving", {}).items()},
+                   {int(s): list(v) for s, v in d.get("replicas", {}).items()},
+                   {int(s): list(v) for s, v in d.get("catching", {}).items()})
+
+    def copies(self, s: int) -> list[str]:
+        """Every node holding or getting shard s: owner, in-sync replicas, catching up."""
+        return [self.owner[s], *self.replicas.get(s, ()), *self.catching.get(s, ())]
+
+    def replica_shards(self, node: str) -> list[int]:
+        """Shards `node` holds a replica of (in sync or catching up)."""
+        out = {s for s, v in self.replicas.items() if node in v}
+        out.update(s for s, v in self.catching.items() if node in v)
+        return sorted(out)
 
     def shards_of(self, node: str) -> list[int]:
         return [s for s, n in enumerate(self.owner) if n == node]
@@ -144,7 +181,7 @@ class ClusterMap:
         import nats.js.errors as e
         for _ in range(attempts):
             base = self.view
-            draft = MapView(base.epoch, base.shards, list(base.owner), list(base.since), dict(base.moving))
+            draft = base.copy()
             owners = mutate(draft)
             if owners is None:
                 return None

@@ -1,0 +1,833 @@
+"""Each shard's log on R nodes: the owner streams its changes to the shard's
+replicas and ACKs a SEND only once every in-sync replica holds it; when the
+owner's lease expires the first live in-sync replica takes the shard over under
+a new epoch.
+
+Why it is built this way (docs/cluster.md, Replication):
+- Physical replication (`_core/replica.py`): a replica holds the owner's shard
+  directory byte for byte, so the idempotent-send (producer) state, CONSUMEs,
+  devices and groups travel with the messages, and a replica taking over opens
+  the copy with the ordinary recovery, exactly as after a kill -9.
+- Over NATS subjects, one per worker (`NAME.r.NODE.WORKER` in, `NAME.ra.NODE.WORKER`
+  for answers): the nodes already hold one NATS connection per worker and its
+  reconnects, and a replica stream is a few messages per group-commit round
+  (one per shard written in it), not per SEND. A direct TCP link per pair would
+  save NATS's hop but need addresses, TLS and reconnects of its own.
+- Group commit: a loop turn's ACKs wait for one round. `commit(then, arg)` takes
+  the next round's number; the round ships every shard that changed; the ACKs
+  are released, in order, once every in-sync replica of every shard that changed
+  acknowledged them (and the local fsync in `always` mode ran). In `always` mode
+  a replica fdatasyncs before it acknowledges; in `interval` mode it acknowledges
+  what is in its page cache, which survives kill -9 of any one machine's
+  processes.
+- The shard map (one CAS-ed key) is the only authority: it lists each shard's
+  in-sync replicas (`replicas`) and those catching up (`catching`). A replica
+  catching up becomes in-sync only through a CAS by the owner once it holds
+  everything; only an in-sync replica may take over, and the takeover is a CAS
+  that gives the shard a new `since` epoch. Replicas refuse changes of an older
+  epoch (ReplicaLog.fence), so a deposed owner — paused, or cut from NATS —
+  cannot collect the acknowledgements it needs: it ACKs nothing more.
+- With fewer copies than `replicas` (a replica dead and not yet replaced) a
+  shard's ACKs wait, unless `degraded_writes` is on (then the owner drops the
+  silent replica from the in-sync set by CAS before it ACKs without it).
+"""
+import asyncio
+import collections
+import errno
+import itertools
+import json
+import shutil
+import struct
+import time
+from pathlib import Path
+
+from _core import replica as rp
+from _core._routing import LinkCore
+from _core.errors import ChangeRefused, EpochFenced, ReplicaDiverged, ReplicaError
+from _core.log import fsync_dir, shard_dir_name
+
+from .. import log
+
+_log = log.get("switchboard.cluster")
+
+K_OPEN, K_SHIP, K_ACK, K_HELD, K_REFUSED, K_FENCED, K_RESET = 1, 2, 3, 4, 5, 6, 7
+_ENV = struct.Struct("!BIQQQ")            # kind, shard, epoch (the owner's since), stream generation, seq
+#: bytes of records per shipment (NATS max_payload is 1 MiB by default)
+CHUNK = 512 << 10
+#: bytes a stream may have unacknowledged before it waits
+WINDOW = 8 << 20
+OPEN_PARALLEL = 16
+SWEEP = 0.1
+_generations = itertools.count(time.time_ns())
+
+
+def host_subject(cluster: str, node: str, worker: int) -> str:
+    return f"{cluster}.r.{node}.{worker}"
+
+
+def answer_subject(cluster: str, node: str, worker: int) -> str:
+    return f"{cluster}.ra.{node}.{worker}"
+
+
+def _env(kind: int, shard: int, epoch: int, gen: int, seq: int, body: bytes = b"") -> bytes:
+    return _ENV.pack(kind, shard, epoch, gen, seq) + body
+
+
+# -- the owner's side -----------------------------------------------------------------
+
+class Stream:
+    """The owner's stream of one shard to one replica."""
+
+    def __init__(self, shard: int, node: str):
+        self.shard, self.node = shard, node
+        self.state = "new"                # new -> opening -> live; broken -> (retry) opening
+        self.gen = next(_generations)
+        self.tap: rp.LogTap | None = None
+        self.snap = None                  # a snapshot iterator being shipped
+        self.seq = 0
+        self.outstanding: collections.deque = collections.deque()   # (seq, round, nbytes, sent at)
+        self.out_bytes = 0
+        self.caught_up = False            # the last batch shipped was complete
+        #: the oldest round whose changes this replica has not acknowledged (None: none)
+        self.need_round: int | None = None
+        self.retry_at = 0.0
+        self.broken_since = 0.0
+        self.why = ""
+        self.acked = self.shipped_bytes = 0
+
+    def effective(self, current: int) -> int:
+        return current if self.need_round is None else self.need_round - 1
+
+
+class ShardStreams:
+    def __init__(self, shard: int):
+        self.shard = shard
+        self.streams: dict[str, Stream] = {}
+        self.last_pos = None              # the log's (newest segment, end) at the last round
+        self.hole_round: int | None = None    # changes made while the shard had too few copies
+
+
+class Hosted:
+    """A replica copy this worker keeps for another node's shard."""
+
+    def __init__(self, shard: int, directory: Path):
+        self.shard = shard
+        self.log = rp.ReplicaLog(directory)
+        self.gen = 0                      # the owner's stream generation it follows
+        self.owner = ""
+        self.synced = False               # applied a complete batch of this owner's stream since it opened
+        self.dirty = False
+
+
+class Replication:
+    """Per worker: the streams of the shards it owns, the replica copies it keeps
+    for other nodes, and the takeover of shards whose owner died."""
+
+    def __init__(self, gateway, node):
+        self.gw, self.node = gateway, node
+        cfg = node.cfg
+        self.cfg = cfg
+        self.cluster = cfg.cluster_name
+        self.me = node.name
+        self.worker = node.me
+        self.copies = cfg.replicas
+        self.store = gateway.router.store
+        self.root = Path(cfg.data_dir) / "replicas"
+        self.always = cfg.durability == "always"
+        self.owned: dict[int, ShardStreams] = {}
+        self.hosted: dict[int, Hosted] = {}
+        self.taking: set[int] = set()
+        self.round = 0
+        self.waiters: collections.deque = collections.deque()     # [ticket, then, arg, local done]
+        self._flush_soon = self._check_soon = False
+        self._tasks: list = []
+        self._subs: list = []
+        self._opening = asyncio.Semaphore(OPEN_PARALLEL)
+        self._promote: set = set()
+        self._demote: set = set()
+        self._lock = asyncio.Lock()       # replica applies and syncs, one at a time
+        self._acks_after_sync: list = []
+        self._out: collections.deque = collections.deque()
+        self._publisher = None
+        self._syncing = False
+        self.takeovers = self.refused = self.fenced = self.dropped_waiters = 0
+        self.last_takeover: dict = {}
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        nc = self.node.nc
+        self._subs.append(await nc.subscribe(host_subject(self.cluster, self.me, self.worker), cb=self._on_host))
+        self._subs.append(await nc.subscribe(answer_subject(self.cluster, self.me, self.worker), cb=self._on_answer))
+        self.store.committer = ReplicatedCommit(self.store.committer, self)
+        self.root.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._sweep()))
+        if not self.always:
+            self._tasks.append(loop.create_task(self._record_loop()))
+        self.reconcile(self.node.view)
+
+    async def close(self) -> None:
+        for t in (*self._tasks, self._publisher):
+            if t is not None:
+                t.cancel()
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        for h in self.hosted.values():
+            try:
+                h.log.close()
+            except Exception as exc:
+                _log.warning("event=replica_close_failed shard=%d error=%s", h.shard, log.q(repr(exc)))
+        self.hosted.clear()
+
+    def _send(self, subject: str, payload: bytes, reply: str = "") -> None:
+        """Publish in order without waiting (the publisher task writes the queue out)."""
+        self._out.append((subject, payload, reply))
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.get_running_loop().create_task(self._publish())
+
+    async def _publish(self) -> None:
+        nc = self.node.nc
+        out = self._out
+        while out:
+            subject, payload, reply = out.popleft()
+            try:
+                await nc.publish(subject, payload, reply=reply)
+            except Exception as exc:        # lost: its stream times out and opens again
+                _log.debug("event=replica_publish_failed error=%s", log.q(repr(exc)))
+
+    # -- the map ------------------------------------------------------------------------
+    def _mine(self, s: int) -> bool:
+        return s % self.node.workers == self.worker
+
+    def reconcile(self, view) -> None:
+        """Streams for the shards we own, to their replicas in the map; copies for the
+        shards we are a replica of (made when their owner opens a stream)."""
+        for s in view.shards_of(self.me):
+            if not self._mine(s) or s in self.store.moving:
+                continue
+            want = [n for n in (*view.replicas.get(s, ()), *view.catching.get(s, ())) if n != self.me]
+            ss = self.owned.get(s)
+            if ss is None:                  # every owned shard, replicas or not: too few copies hold its ACKs
+                ss = self.owned[s] = ShardStreams(s)
+            for n in list(ss.streams):
+                if n not in want:
+                    del ss.streams[n]
+            for n in want:
+                if n not in ss.streams:
+                    st = ss.streams[n] = Stream(s, n)
+                    st.need_round = self.round + 1 if ss.last_pos is not None else None
+        for s in list(self.owned):
+            if view.owner[s] != self.me:
+                del self.owned[s]
+        self.schedule_flush()
+        self.check_soon()
+
+    def map_changed(self, old, new) -> None:
+        """Before the mover adopts or drops shards: fence the copies of shards whose
+        owner changed (a deposed owner's changes are refused from now on), forget
+        replicas we no longer are, and give up ACKs a shard we lost may hold."""
+        deposed, dropped = [], 0
+        for s in range(new.shards):
+            if not self._mine(s):
+                continue
+            if old.owner[s] == self.me and new.owner[s] != self.me and s in self.owned:
+                if self.store.moving.get(s) is None:
+                    dropped += self._deposed(s)        # not handed over by a move: taken from us
+                    deposed.append(s)
+                else:
+                    del self.owned[s]
+            h = self.hosted.get(s)
+            if h is not None and new.owner[s] != self.me:
+                if self.me not in (*new.replicas.get(s, ()), *new.catching.get(s, ())):
+                    self._forget_copy(s, "no longer a replica")
+                elif new.since[s] > h.log.epoch:
+                    try:
+                        h.log.fence(new.since[s])
+                    except (EpochFenced, OSError) as exc:
+                        _log.warning("event=replica_fence_failed shard=%d error=%s", s, log.q(repr(exc)))
+                    h.synced = False
+                    h.gen = 0
+        if deposed:
+            _log.warning("event=shard_deposed shards=%d first=%d epoch=%d acks_dropped=%d why=%s", len(deposed),
+                         deposed[0], new.epoch, dropped,
+                         "another node took them over: this node may not ACK what only it holds")
+        self.reconcile(new)
+
+    def _deposed(self, s: int) -> None:
+        """Shard s has another owner now (it was taken over while we were paused or
+        cut off): ACKs waiting on it must never be written — their messages may be
+        on no replica. Their sessions are closed instead (the clients resend; the
+        shards still ours answer a resend with the original ACK)."""
+        ss = self.owned.pop(s)
+        keep_to = min(self.round, *(ss.streams[n].effective(self.round) for n in ss.streams)) if ss.streams \
+            else self.round
+        if ss.hole_round is not None:
+            keep_to = min(keep_to, ss.hole_round - 1)
+        kept = collections.deque()
+        dropped = 0
+        for w in self.waiters:
+            if w[0] <= keep_to:
+                kept.append(w)
+            else:
+                dropped += 1
+                _close_instead(w[1], w[2])
+        self.waiters = kept
+        self.dropped_waiters += dropped
+        return dropped
+
+    # -- commit: ACKs after the replicas ------------------------------------------------
+    def schedule_flush(self) -> None:
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def check_soon(self) -> None:
+        if not self._check_soon:
+            self._check_soon = True
+            asyncio.get_running_loop().call_soon(self._check)
+
+    def flush(self) -> None:
+        """One round: ship what changed in every owned shard with replicas."""
+        self._flush_soon = False
+        self.round += 1
+        rnd = self.round
+        logs = self.store.logs
+        view = self.node.view
+        for s, ss in self.owned.items():
+            lg = logs.get(s)
+            pos = None
+            if lg is not None and not lg._closed and lg.segments:
+                seg = lg.segments[-1]
+                pos = (seg.segment_id, seg.end)
+            changed = pos != ss.last_pos
+            ss.last_pos = pos
+            if changed and self._short(view, s) and ss.hole_round is None:
+                ss.hole_round = rnd
+            for st in ss.streams.values():
+                if changed and st.need_round is None:
+                    st.need_round = rnd
+                if st.state == "waiting-log" and pos is not None:
+                    st.state = "new"          # the shard's first write: ship its log from the start
+                if st.state == "new":
+                    self._open(st)
+                elif st.state == "live" and (changed or st.snap is not None or not st.caught_up):
+                    self._ship(st, lg, rnd)
+        self.check_soon()
+
+    def _short(self, view, s: int) -> bool:
+        return not self.cfg.degraded_writes and 1 + len(view.replicas.get(s, ())) < self.copies
+
+    def _ship(self, st: Stream, lg, rnd: int) -> None:
+        if lg is None or lg._closed:
+            return
+        if st.tap is None or st.tap.log is not lg:
+            self._break(st, "the shard's log was reopened")
+            return
+        try:
+            while st.out_bytes < WINDOW:
+                if st.snap is not None:
+                    batch = next(st.snap, None)
+                    if batch is None:
+                        st.snap = None
+                        continue
+                    if batch.complete:
+                        st.snap = None
+                else:
+                    batch = st.tap.changes(CHUNK)
+                    if not batch.changes:
+                        st.caught_up = True
+                        break
+                st.caught_up = batch.complete and st.snap is None
+                data = rp.encode(batch)
+                st.seq += 1
+                st.outstanding.append((st.seq, rnd, len(data), time.monotonic()))
+                st.out_bytes += len(data)
+                st.shipped_bytes += len(data)
+                self._send(self._dest(st), _env(K_SHIP, st.shard, self._epoch(st.shard),
+                                                                  st.gen, st.seq, data),
+                                             answer_subject(self.cluster, self.me, self.worker))
+                if st.caught_up:
+                    break
+        except (ReplicaError, OSError) as exc:
+            self._break(st, repr(exc))
+
+    def _epoch(self, s: int) -> int:
+        return self.node.view.since[s]
+
+    def _dest(self, st: Stream) -> str:
+        info = self.node.members.nodes.get(st.node) or {}
+        return host_subject(self.cluster, st.node, st.shard % max(1, info.get("workers", 1)))
+
+    def _break(self, st: Stream, why: str) -> None:
+        if st.state == "broken":
+            return
+        _log.warning("event=replica_stream_broken shard=%d replica=%s why=%s", st.shard, st.node, log.q(why))
+        st.state = "broken"
+        st.why = why
+        st.broken_since = time.monotonic()
+        st.retry_at = st.broken_since + 0.2
+        st.outstanding.clear()
+        st.out_bytes = 0
+        st.snap = None
+        st.tap = None
+        if st.need_round is None:
+            st.need_round = self.round + 1
+
+    def _open(self, st: Stream) -> None:
+        st.state = "opening"
+        st.gen = next(_generations)
+        asyncio.get_running_loop().create_task(self._open_stream(st))
+
+    async def _open_stream(self, st: Stream) -> None:
+        """Ask the replica what it holds, then go on from there (or snapshot)."""
+        s = st.shard
+        try:
+            async with self._opening:
+                reply = await self.node.nc.request(
+                    self._dest(st), _env(K_OPEN, s, self._epoch(s), st.gen, 0, self.me.encode()),
+                    timeout=self.cfg.replica_timeout)
+            kind, _s, _e, _g, _q = _ENV.unpack_from(reply.data)
+            body = bytes(reply.data[_ENV.size:])
+            if kind == K_FENCED:
+                self.fenced += 1
+                await self.node.map.refresh()
+                raise ReplicaError(f"fenced: {body.decode(errors='replace')}")
+            if kind != K_HELD:
+                raise ReplicaError(body.decode(errors="replace") or f"answer kind {kind}")
+            holdings = {int(sid): rp.Held(end, bytes.fromhex(header), digest)
+                        for sid, (end, header, digest) in json.loads(body).items()}
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if st.state == "opening":
+                st.state = "new"
+                self._break(st, f"open: {exc!r}")
+            return
+        ss = self.owned.get(s)
+        if ss is None or ss.streams.get(st.node) is not st or st.state != "opening":
+            return
+        lg = self.store.logs.get(s)
+        if lg is None or lg._closed:
+            # nothing stored here: the replica empties its copy (one of an older life, if any) and is in sync
+            self._send(self._dest(st), _env(K_RESET, s, self._epoch(s), st.gen, 0))
+            st.state = "waiting-log"      # nothing stored yet on either side: in sync
+            st.need_round = None
+            if st.node in self.node.view.catching.get(s, ()):
+                self._request_promotion(s, st.node)
+            self.check_soon()
+            return
+        self._start_feed(st, lg, holdings)
+
+    def _start_feed(self, st: Stream, lg, holdings: dict) -> None:
+        st.tap = rp.LogTap(lg)
+        st.snap = None
+        how = "resume"
+        if holdings:
+            try:
+                st.tap.resume(holdings)
+            except ReplicaDiverged as exc:
+                how = f"snapshot ({exc})"
+                st.snap = st.tap.snapshot(CHUNK)
+        else:
+            how = "snapshot"
+            st.snap = st.tap.snapshot(CHUNK)
+        st.state = "live"
+        st.caught_up = False
+        st.seq = 0
+        if st.need_round is None:
+            st.need_round = self.round + 1
+        _log.info("event=replica_stream_open shard=%d replica=%s how=%s", st.shard, st.node, log.q(how))
+        self.schedule_flush()
+
+    async def _on_answer(self, msg) -> None:
+        data = msg.data
+        if len(data) < _ENV.size:          # NATS's "no responders" status: the replica is gone; it times out
+            return
+        kind, s, _epoch, gen, seq = _ENV.unpack_from(data)
+        ss = self.owned.get(s)
+        if ss is None:
+            return
+        st = next((x for x in ss.streams.values() if x.gen == gen), None)
+        if st is None or st.state != "live":
+            return
+        if kind == K_ACK:
+            while st.outstanding and st.outstanding[0][0] <= seq:
+                _, _, n, _ = st.outstanding.popleft()
+                st.out_bytes -= n
+                st.acked += 1
+            if st.outstanding:
+                st.need_round = st.outstanding[0][1]
+            elif st.caught_up:
+                st.need_round = None
+                if st.node in self.node.view.catching.get(s, ()):
+                    self._request_promotion(s, st.node)
+            else:
+                self.schedule_flush()               # it waited for the window: ship the rest
+            self.check_soon()
+        else:
+            why = bytes(data[_ENV.size:]).decode(errors="replace")
+            if kind == K_FENCED:
+                self.fenced += 1
+                self.gw.loop.create_task(self.node.map.refresh())
+            else:
+                self.refused += 1
+            self._break(st, f"replica answered {'FENCED' if kind == K_FENCED else 'REFUSED'}: {why}")
+
+    def _check(self) -> None:
+        """Release, in order, the ACKs every required copy holds."""
+        self._check_soon = False
+        view = self.node.view
+        bound = self.round
+        for s, ss in self.owned.items():
+            short = self._short(view, s)
+            if not short:
+                ss.hole_round = None
+            elif ss.hole_round is not None:
+                bound = min(bound, ss.hole_round - 1)
+            for n in view.replicas.get(s, ()):
+                st = ss.streams.get(n)
+                if st is not None and st.need_round is not None:
+                    bound = min(bound, st.need_round - 1)
+        waiters = self.waiters
+        while waiters and waiters[0][3] and waiters[0][0] <= bound:
+            _, then, arg, _ = waiters.popleft()
+            then(arg)
+
+    # -- map changes the owner asks for -------------------------------------------------
+    def _request_promotion(self, s: int, node: str) -> None:
+        if (s, node) not in self._promote:
+            self._promote.add((s, node))
+            if len(self._promote) == 1:
+                self.gw.loop.create_task(self._change_sets())
+
+    async def _change_sets(self) -> None:
+        await asyncio.sleep(0.02)           # a burst of shards caught up: one CAS
+        promote, self._promote = self._promote, set()
+        demote, self._demote = self._demote, set()
+
+        def mutate(d):
+            changed = False
+            for s, n in promote:
+                if d.owner[s] == self.me and n in d.catching.get(s, ()):
+                    d.catching[s] = [x for x in d.catching[s] if x != n]
+                    d.replicas[s] = [*d.replicas.get(s, ()), n]
+                    changed = True
+            for s, n in demote:
+                if d.owner[s] == self.me and n in d.replicas.get(s, ()):
+                    d.replicas[s] = [x for x in d.replicas[s] if x != n]
+                    d.catching[s] = [*d.catching.get(s, ()), n]
+                    changed = True
+            return {} if changed else None
+        try:
+            new = await self.node.map.change(mutate)
+            if new is not None:
+                _log.info("event=replica_set_changed promoted=%d demoted=%d epoch=%d", len(promote), len(demote),
+                          new.epoch)
+        except Exception as exc:
+            _log.warning("event=replica_set_change_failed error=%s", log.q(repr(exc)))
+        self.check_soon()
+
+    # -- the replica's side -------------------------------------------------------------
+    def _copy_dir(self, s: int) -> Path:
+        return self.root / shard_dir_name(s)
+
+    async def _on_host(self, msg) -> None:
+        data = msg.data
+        if len(data) < _ENV.size:
+            return
+        kind, s, epoch, gen, seq = _ENV.unpack_from(data)
+        body = data[_ENV.size:]
+        try:
+            if kind == K_SHIP:
+                await self._apply(msg, s, epoch, gen, seq, body)
+            elif kind == K_OPEN:
+                await self._open_copy(msg, s, epoch, gen, bytes(body).decode())
+            elif kind == K_RESET:
+                h = self.hosted.get(s)
+                if h is not None and h.gen == gen:
+                    if h.log.position() != (0, 0):
+                        self._forget_copy(s, "its owner holds nothing of the shard")
+                        async with self._lock:
+                            self._copy_dir(s).mkdir(parents=True, exist_ok=True)
+                            fresh = self.hosted[s] = Hosted(s, self._copy_dir(s))
+                            fresh.log.open()
+                            fresh.log.fence(epoch)
+                            fresh.gen, fresh.owner = gen, h.owner
+                        h = fresh
+                    h.synced = True
+        except Exception as exc:
+            _log.warning("event=replica_request_failed shard=%d kind=%d error=%s", s, kind, log.q(repr(exc)))
+            if msg.reply:
+                await self.node.nc.publish(msg.reply, _env(K_REFUSED, s, epoch, gen, seq, repr(exc).encode()))
+
+    async def _refresh_if_behind(self, s: int, epoch: int, owner: str | None = None):
+        view = self.node.view
+        if view.since[s] < epoch or (owner is not None and view.owner[s] != owner):
+            view = await self.node.map.refresh()
+        return view
+
+    async def _open_copy(self, msg, s: int, epoch: int, gen: int, owner: str) -> None:
+        view = await self._refresh_if_behind(s, epoch, owner)
+        answer = None
+        if epoch < view.since[s]:
+            answer = (K_FENCED, f"shard {s} has owner {view.owner[s]} since epoch {view.since[s]}")
+        elif view.owner[s] != owner or self.me not in (*view.replicas.get(s, ()), *view.catching.get(s, ())):
+            answer = (K_REFUSED, f"{self.me} is not a replica of shard {s} owned by {owner} at epoch {view.epoch}")
+        elif s in self.taking or view.owner[s] == self.me:
+            answer = (K_FENCED, f"{self.me} is taking shard {s} over")
+        if answer is not None:
+            await self.node.nc.publish(msg.reply, _env(answer[0], s, epoch, gen, 0, answer[1].encode()))
+            return
+        async with self._lock:
+            h = self.hosted.get(s)
+            if h is None:
+                self._copy_dir(s).mkdir(parents=True, exist_ok=True)
+                h = Hosted(s, self._copy_dir(s))
+                h.log.open()
+                self.hosted[s] = h
+            try:
+                h.log.fence(epoch)
+            except EpochFenced as exc:
+                await self.node.nc.publish(msg.reply, _env(K_FENCED, s, epoch, gen, 0, str(exc).encode()))
+                return
+            h.gen, h.owner, h.synced = gen, owner, False
+            held = {str(sid): [x.end, x.header.hex(), x.digest] for sid, x in h.log.holdings().items()}
+        await self.node.nc.publish(msg.reply, _env(K_HELD, s, epoch, gen, 0, json.dumps(held).encode()))
+
+    async def _apply(self, msg, s: int, epoch: int, gen: int, seq: int, body) -> None:
+        h = self.hosted.get(s)
+        if h is None or h.gen != gen or s in self.taking:
+            self._send(msg.reply, _env(K_REFUSED, s, epoch, gen, seq,
+                                                       b"no stream of this generation here: open again"))
+            return
+        async with self._lock:
+            try:
+                batch = rp.decode(body)
+                h.log.apply(batch, epoch)
+            except EpochFenced as exc:
+                h.gen = 0
+                self._send(msg.reply, _env(K_FENCED, s, epoch, gen, seq, str(exc).encode()))
+                return
+            except ChangeRefused as exc:
+                h.gen = 0
+                self._send(msg.reply, _env(K_REFUSED, s, epoch, gen, seq, str(exc).encode()))
+                return
+            except OSError as exc:
+                # a full or failing disk: this copy goes back to what it recorded; the owner opens again
+                h.gen = 0
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                _log.error("event=replica_write_failed shard=%d full=%s error=%s", s, full, log.q(repr(exc)))
+                self._forget_copy(s, "write failed", delete=False)
+                self._send(msg.reply, _env(K_REFUSED, s, epoch, gen, seq,
+                                                           f"replica {self.me}: {exc}".encode()))
+                return
+            h.dirty = True
+            if batch.complete:
+                h.synced = True
+        ack = _env(K_ACK, s, epoch, gen, seq)
+        if self.always:
+            self._acks_after_sync.append((msg.reply, ack))
+            if not self._syncing:
+                self._syncing = True
+                self.gw.loop.create_task(self._sync_then_ack())
+        else:
+            self._send(msg.reply, ack)
+
+    async def _sync_then_ack(self) -> None:
+        """`always`: one fdatasync round for every copy written, then their ACKs."""
+        try:
+            while self._acks_after_sync:
+                acks, self._acks_after_sync = self._acks_after_sync, []
+                await self._record(True)
+                for reply, ack in acks:
+                    self._send(reply, ack)
+        finally:
+            self._syncing = False
+
+    async def _record(self, always: bool) -> None:
+        async with self._lock:
+            dirty = [h for h in self.hosted.values() if h.dirty]
+            for h in dirty:
+                h.dirty = False
+            if dirty:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, _sync_all, dirty)
+
+    async def _record_loop(self) -> None:
+        """`interval`: the copies' records follow their data every flush interval."""
+        while True:
+            await asyncio.sleep(self.cfg.flush_interval_ms / 1000)
+            try:
+                await self._record(False)
+            except Exception as exc:
+                _log.warning("event=replica_sync_failed error=%s", log.q(repr(exc)))
+
+    def _forget_copy(self, s: int, why: str, delete: bool = True) -> None:
+        h = self.hosted.pop(s, None)
+        if h is not None:
+            try:
+                h.log.close()
+            except Exception as exc:
+                _log.warning("event=replica_close_failed shard=%d error=%s", s, log.q(repr(exc)))
+        if delete:
+            shutil.rmtree(self._copy_dir(s), ignore_errors=True)
+            _log.info("event=replica_dropped shard=%d why=%s", s, log.q(why))
+
+    # -- takeover -----------------------------------------------------------------------
+    def holds_copy(self, s: int) -> bool:
+        return s in self.hosted
+
+    def install_as_log(self, s: int) -> None:
+        """The map made us the owner of a shard we kept a copy of: the copy becomes
+        the shard's log (its recovery is the ordinary one, as after a kill -9)."""
+        h = self.hosted.pop(s)
+        h.log.close()
+        src = self._copy_dir(s)
+        for leftover in (src / rp.STATE_NAME, src / "LOCK"):
+            leftover.unlink(missing_ok=True)
+        shutil.rmtree(src / rp.STAGING_NAME, ignore_errors=True)
+        dst = self.store.root / shard_dir_name(s)
+        if dst.exists():                     # an older life's log of this shard: superseded by the copy
+            tomb = dst.with_name(f"{dst.name}.tomb-takeover")
+            shutil.rmtree(tomb, ignore_errors=True)
+            dst.rename(tomb)
+            shutil.rmtree(tomb, ignore_errors=True)
+        src.rename(dst)
+        fsync_dir(self.root)
+        fsync_dir(self.store.root)
+        self.taking.discard(s)
+
+    def _takeover_candidates(self) -> dict[int, str]:
+        view = self.node.view
+        members = self.node.members
+        out = {}
+        for s, h in self.hosted.items():
+            owner = view.owner[s]
+            if owner == self.me or members.alive(owner) or s in view.moving or s in self.taking:
+                continue
+            isr = view.replicas.get(s, ())
+            live = [n for n in isr if n == self.me or members.alive(n)]
+            if live and live[0] == self.me and h.synced:
+                out[s] = owner
+        return out
+
+    async def _take_over(self) -> None:
+        if not self.node.serving():
+            return
+        todo = self._takeover_candidates()
+        if not todo:
+            return
+        self.taking.update(todo)
+        t0 = time.monotonic()
+        alive = self.node.members.alive
+
+        def mutate(d):
+            owners = {}
+            for s, was in todo.items():
+                if d.owner[s] == was and not alive(was) and self.me in d.replicas.get(s, ()) and s not in d.moving:
+                    owners[s] = self.me
+                    d.replicas[s] = [n for n in d.replicas[s] if n != self.me]
+            return owners or None
+        try:
+            new = await self.node.map.change(mutate)
+        except Exception as exc:
+            _log.warning("event=takeover_failed shards=%d error=%s", len(todo), log.q(repr(exc)))
+            new = None
+        finally:
+            self.taking.difference_update([s for s in todo if self.node.view.owner[s] != self.me])
+        if new is not None:
+            got = [s for s in todo if new.owner[s] == self.me]
+            self.takeovers += len(got)
+            self.last_takeover = {"shards": len(got), "epoch": new.epoch, "seconds": round(time.monotonic() - t0, 3),
+                                  "from": sorted(set(todo.values()))}
+            _log.warning("event=shards_taken_over count=%d from=%s epoch=%d seconds=%.3f", len(got),
+                         ",".join(sorted(set(todo.values()))), new.epoch, time.monotonic() - t0)
+
+    # -- housekeeping -------------------------------------------------------------------
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP)
+            try:
+                self._sweep_once()
+                await self._take_over()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("event=replication_sweep_failed")
+
+    def _sweep_once(self) -> None:
+        now = time.monotonic()
+        timeout = self.cfg.replica_timeout
+        view = self.node.view
+        for s, ss in self.owned.items():
+            lg = self.store.logs.get(s)
+            for st in ss.streams.values():
+                if st.state == "live" and st.outstanding and now - st.outstanding[0][3] > timeout:
+                    self._break(st, f"no answer for {timeout:g} s")
+                elif st.state == "broken" and now >= st.retry_at and self.node.members.alive(st.node):
+                    st.state = "new"
+                elif st.state == "waiting-log" and lg is not None and not lg._closed:
+                    st.state = "new"
+                if (self.cfg.degraded_writes and st.state != "live" and now - st.broken_since > timeout
+                        and st.node in view.replicas.get(s, ()) and (s, st.node) not in self._demote):
+                    self._demote.add((s, st.node))
+                    self.gw.loop.create_task(self._change_sets())
+        self.schedule_flush()
+
+    def stats(self) -> dict:
+        streams = [st for ss in self.owned.values() for st in ss.streams.values()]
+        states = collections.Counter(st.state for st in streams)
+        return {"copies": self.copies, "degraded_writes": self.cfg.degraded_writes, "round": self.round,
+                "waiting_acks": len(self.waiters), "streams": dict(states),
+                "shipped_bytes": sum(st.shipped_bytes for st in streams),
+                "replica_copies": len(self.hosted), "takeovers": self.takeovers,
+                "last_takeover": self.last_takeover, "refused": self.refused, "fenced": self.fenced,
+                "acks_dropped": self.dropped_waiters}
+
+
+def _sync_all(hosted) -> None:
+    for h in hosted:
+        h.log.sync()
+
+
+def _close_instead(then, arg) -> None:
+    """A dropped ACK batch of the router: close its sessions without writing it
+    (links to other workers stay: their FWDs time out and are retried)."""
+    if isinstance(arg, list) and arg and isinstance(arg[0], tuple):
+        then([(item[0], None, not isinstance(item[0], LinkCore)) for item in arg])
+    elif arg is None:
+        pass                                 # a quiesce barrier: the shard is gone anyway
+
+
+class ReplicatedCommit:
+    """The store's group commit with the replicas in it: `then(arg)` runs once the
+    local policy (the wrapped committer) and the replicas both hold the turn."""
+
+    def __init__(self, inner, repl: Replication):
+        self.inner, self.repl = inner, repl
+
+    def commit(self, then, arg) -> None:
+        if self.inner.failed is not None:
+            return
+        w = [self.repl.round + 1, then, arg, False]
+        self.repl.waiters.append(w)
+        self.repl.schedule_flush()
+        self.inner.commit(self._local_done, w)
+
+    def _local_done(self, w) -> None:
+        w[3] = True
+        self.repl.check_soon()
+
+    @property
+    def on_fatal(self):
+        return self.inner.on_fatal
+
+    @on_fatal.setter
+    def on_fatal(self, fn):
+        self.inner.on_fatal = fn
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
