@@ -98,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "on all three; every message checked to arrive once (docs/cluster.md).")
     _throughput_flags(p, against=None)
     p.add_argument("--shards", type=int, default=1024, help="the cluster's shard count (default 1024)")
+    p.add_argument("--replicas", default="1", help="copies of each shard, or a list to run the cluster once "
+                                                   "per value in the same run, e.g. 1,2 (default %(default)s)")
     _server_flags(p, default_workers=1)
 
     p = kinds.add_parser("compare", help="Switchboard and its peers on the same workloads, with ratios",

@@ -26,7 +26,7 @@ class ClusterUnderTest:
     """Three nodes and their NATS cluster, shaped like peers.Server for measure()."""
     dialect = "switchboard"
 
-    def __init__(self, workers: int, durability: str, shards: int):
+    def __init__(self, workers: int, durability: str, shards: int, replicas: int = 1):
         from gateway.auth import load_or_create_secret
         from gateway.cluster.natsd import NatsCluster
         self.tmp = tempfile.TemporaryDirectory(prefix="sb-cluster-bench-")
@@ -46,7 +46,8 @@ class ClusterUnderTest:
                    "--workers", str(workers), "--data-dir", str(d), "--log-level", "WARNING",
                    "--durability", durability, "--segment-size", "64M", "--max-pending", str(10**6),
                    "--msg-rate", "0", "--cluster", self.nats.url, "--node", name, "--bootstrap", ",".join(NODES),
-                   "--cluster-shards", str(shards), "--admin-port", str(self.admin[name])]
+                   "--cluster-shards", str(shards), "--admin-port", str(self.admin[name]),
+                   "--replicas", str(replicas)]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=peers.ROOT)
             m = peers._wait_line(proc, peers.READY, 120, f"node {name}")
             self.procs[name] = proc
@@ -54,6 +55,9 @@ class ClusterUnderTest:
             threading_drain(proc)
         self.host, self.port = self.addr[NODES[0]]
         self.shards = shards
+        self.replicas = replicas
+        if replicas > 1:
+            self.wait_in_sync(180)
         self.placement = "cross"
         self.name = "cluster"
 
@@ -61,6 +65,21 @@ class ClusterUnderTest:
     def client_args(self) -> list[str]:
         nodes = ",".join(f"{n}={h}:{p}" for n, (h, p) in self.addr.items())
         return ["--nodes", nodes, "--shards", str(self.shards), "--placement", self.placement]
+
+    def wait_in_sync(self, timeout: float) -> None:
+        """Measure only once every shard has its replicas in sync (a snapshot in flight costs CPU)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                host, _ = self.addr[NODES[0]]
+                with urllib.request.urlopen(f"http://{host}:{self.admin[NODES[0]]}/cluster", timeout=5) as r:
+                    w = json.loads(r.read())["workers"]["0"]
+                if not w["catching"] and len(w["replicas"]) == self.shards:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the cluster's replicas did not get in sync")
 
     def pids(self) -> list[int]:
         out = [pid for p in self.procs.values() for pid in procstat.tree(p.pid)]
@@ -77,6 +96,9 @@ class ClusterUnderTest:
                     total["bytes_out"] += float(line.split()[-1])
                 if line.startswith('switchboard_cluster_messages_total{direction="out"}'):
                     total["msgs_out"] += float(line.split()[-1])
+            with urllib.request.urlopen(f"http://{host}:{port}/cluster", timeout=5) as r:     # replica streams
+                for w in json.loads(r.read())["workers"].values():
+                    total["bytes_out"] += ((w or {}).get("replication") or {}).get("shipped_bytes", 0)
         return total
 
     def stop(self) -> None:
@@ -131,7 +153,19 @@ def run(args) -> int:
             rows.append(r)
     finally:
         single.stop()
-    cluster = ClusterUnderTest(args.workers, args.durability, args.shards)
+    for i, copies in enumerate(int(r) for r in str(args.replicas).split(",")):
+        cluster_part(args, sizes, rows, extra, copies, first=i == 0)
+    cols = COLUMNS + [("nats_bytes_per_msg", "NATS B/msg", ","), ("nats_msgs_per_msg", "NATS msgs/msg", ".3f")]
+    print(report.table(rows, cols))
+    if args.json:
+        report.write_json(args.json, {"command": " ".join(sys.argv), "results": rows, **extra})
+    return 0 if all(r["exactly_once"] and not r["errors"] for r in rows) else 1
+
+
+def cluster_part(args, sizes, rows, extra, copies: int, first: bool) -> None:
+    """The cluster's rows with `copies` copies of each shard (group fan-out and session
+    open only in the first part)."""
+    cluster = ClusterUnderTest(args.workers, args.durability, args.shards, copies)
     try:
         for placement in ("local", "cross"):
             cluster.placement = placement
@@ -139,12 +173,13 @@ def run(args) -> int:
                 before = cluster.counters()
                 r = measure(cluster, args, size)
                 after = cluster.counters()
-                r["server"] = f"cluster, {'within a node' if placement == 'local' else 'across nodes'} ({args.workers}w)"
+                r["server"] = (f"cluster R={copies}, {'within a node' if placement == 'local' else 'across nodes'} "
+                               f"({args.workers}w)")
                 sent = max(1, r["sent"])
                 r["nats_bytes_per_msg"] = round((after["bytes_out"] - before["bytes_out"]) / sent)
                 r["nats_msgs_per_msg"] = round((after["msgs_out"] - before["msgs_out"]) / sent, 3)
                 rows.append(r)
-        if args.group_size:
+        if args.group_size and first:
             cluster.placement = "cross"
             mode, pairs = args.mode, args.pairs
             args.mode, args.pairs = "group", max(1, args.pairs // args.group_size)
@@ -154,6 +189,8 @@ def run(args) -> int:
                 args.mode, args.pairs = mode, pairs
             r["server"] = f"cluster, group fan-out to {args.group_size} on 3 nodes"
             rows.append(r)
+        if not first:
+            return
         extra["nodes"] = {n: f"{h}:{p}" for n, (h, p) in cluster.addr.items()}
         extra["session_open"] = measure_open(cluster)
         o = extra["session_open"]
@@ -161,11 +198,6 @@ def run(args) -> int:
               f"{o['redirected_p50_ms']} ms (p99 {o['redirected_p99_ms']})", file=sys.stderr)
     finally:
         cluster.stop()
-    cols = COLUMNS + [("nats_bytes_per_msg", "NATS B/msg", ","), ("nats_msgs_per_msg", "NATS msgs/msg", ".3f")]
-    print(report.table(rows, cols))
-    if args.json:
-        report.write_json(args.json, {"command": " ".join(sys.argv), "results": rows, **extra})
-    return 0 if all(r["exactly_once"] and not r["errors"] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -339,6 +339,8 @@ class Replication:
                     batch = st.tap.changes(CHUNK)
                     if not batch.changes:
                         st.caught_up = True
+                        if not st.outstanding:        # everything shipped was acknowledged already
+                            self._caught_up(st)
                         break
                 st.caught_up = batch.complete and st.snap is None
                 data = rp.encode(batch)
@@ -461,9 +463,7 @@ class Replication:
             if st.outstanding:
                 st.need_round = st.outstanding[0][1]
             elif st.caught_up:
-                st.need_round = None
-                if st.node in self.node.view.catching.get(s, ()):
-                    self._request_promotion(s, st.node)
+                self._caught_up(st)
             else:
                 self.schedule_flush()               # it waited for the window: ship the rest
             self.check_soon()
@@ -475,6 +475,13 @@ class Replication:
             else:
                 self.refused += 1
             self._break(st, f"replica answered {'FENCED' if kind == K_FENCED else 'REFUSED'}: {why}")
+
+    def _caught_up(self, st: Stream) -> None:
+        """The replica holds everything the log held at the last round."""
+        st.need_round = None
+        if st.node in self.node.view.catching.get(st.shard, ()):
+            self._request_promotion(st.shard, st.node)
+        self.check_soon()
 
     def _check(self) -> None:
         """Release, in order, the ACKs every required copy holds."""
