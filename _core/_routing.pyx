@@ -17,6 +17,7 @@ from ._codec cimport (Cursor, cur_u8, cur_u64, cur_u16, cur_bytes8, cur_done, cu
                       FT_SEND, FT_RECEIVED, FT_PING, FT_PONG, FT_GOAWAY, MAX_RECEIVED_IDS,
                       SWITCHBOARD_DEBUG)
 from ._codec import encode_into
+import os
 from .errors import UnexpectedFrame, MalformedFrame, StoreError
 from .ids import id_problem, is_user_id
 from ._log cimport LogCore, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP, remember
@@ -308,7 +309,11 @@ cdef class RouteCore:
         self._send_states = {}
         self._log = store if isinstance(store, LogCore) else None
         self._pending_fwd = {}
-        self._fwd_seq = 0
+        # FWD numbers start anywhere in 2^62, not at 0: a node's answers travel over NATS,
+        # which has no connection to end with a restarted worker, so an answer to the
+        # previous life's FWD n must never match this life's FWD n (it would ACK the
+        # wrong SEND)
+        self._fwd_seq = int.from_bytes(os.urandom(8), "big") >> 2
         self._devices = {}
         self._has_devices = hasattr(store, "devices_of")
         self._control = None
@@ -436,6 +441,8 @@ cdef class RouteCore:
             key = user + "\x00" + device
         admit = table.admit(key, producer, seq, msg_id, ts)
         if admit == ADMIT_DUPLICATE:
+            if msg_id[0] == 0 and ts[0] == 0:    # rare: a retry older than the window (its ACK carries id 0)
+                _duplicate_without_answer(key, seq, producer, table.get(key), recipient)
             self.duplicates_dropped += 1
             self._refusal = "this SEND was refused before"
             return DUPLICATE
@@ -690,7 +697,7 @@ cdef class RouteCore:
                 if dev != "" and dev != sender.device:      # copy for the mirror once ACKed
                     keep = (recipient, PyBytes_FromStringAndSize(payload, n))
                     break
-        self._pending_fwd[fwd_seq] = (sender, seq, link, keep, t0)
+        self._pending_fwd[fwd_seq] = (sender, seq, link, keep, t0, recipient)
         sender.forwards_pending += 1
         link.pending += 1
         out = link.out
@@ -780,6 +787,18 @@ cdef class RouteCore:
         resends it, in order, with the same seq; the owner drops it if it had stored it)."""
         for fwd_seq in [k for k, v in self._pending_fwd.items() if (<tuple>v)[2] is link]:
             self.forward_answered(fwd_seq, ErrorCode.UNAVAILABLE, "the recipient's worker went away; retry",
+                                  0, 0, False)
+
+    def fail_forwards(self, in_shard):
+        """The shard map gave the shards `in_shard(user)` accepts another owner: every
+        SEND still waiting on the old owner for one of their users gets UNAVAILABLE
+        now, before any later SEND of its device is routed to the new owner. Else
+        seq N+1 could be stored at the new owner while N is still in flight to the
+        old one (dead, or refusing it), and N's resend would then look like a
+        retry of something stored (section 6: in order, exactly once)."""
+        for fwd_seq in [k for k, v in self._pending_fwd.items() if in_shard((<tuple>v)[5])]:
+            self.forward_answered(fwd_seq, ErrorCode.UNAVAILABLE,
+                                  "the recipient's shard changed owner while this SEND was on its way; retry",
                                   0, 0, False)
 
     cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1:
@@ -966,6 +985,13 @@ cdef class RouteCore:
     def online_users(self):
         return len(self._sessions)
 
+
+
+def _duplicate_without_answer(key, seq, producer, state, recipient):
+    import logging
+    logging.getLogger("switchboard.router").warning(
+        "event=duplicate_without_answer device=%s seq=%d producer=%d high=%d to=%s", key.replace("\x00", "/"),
+        seq, producer, state.high if state is not None else 0, recipient)
 
 
 cdef class LinkCore(SessionCore):

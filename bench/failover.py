@@ -58,6 +58,7 @@ class ClusterTarget:
                "--max-pending", str(10**6), "--msg-rate", "0", "--log-level", "INFO",
                "--cluster", self.nats.url, "--node", n, "--bootstrap", ",".join(NODES),
                "--cluster-shards", str(a.shards), "--lease-ttl", str(a.lease_ttl), "--replicas", str(a.replicas)]
+        self.lines[n].append(f"--- start {time.time():.3f}\n")
         proc = subprocess.Popen(cmd, cwd=peers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         peers._wait_line(proc, peers.READY, 120, f"node {n}")
@@ -67,6 +68,7 @@ class ClusterTarget:
                          daemon=True).start()
 
     def kill(self, n: str) -> None:
+        self.lines[n].append(f"--- kill -9 {time.time():.3f}\n")
         proc = self.procs.pop(n, None)
         if proc is None:
             return
@@ -110,5 +112,9 @@ class ClusterTarget:
     def stop(self) -> None:
         for n in list(self.procs):
             self.kill(n)
+        keep = os.environ.get("SWITCHBOARD_BENCH_NODE_LOGS")      # where to keep the nodes' logs
+        if keep:
+            for n, lines in self.lines.items():
+                Path(keep, f"{n}.log").write_text("".join(lines))
         self.nats.stop_all()
         self.tmp.cleanup()

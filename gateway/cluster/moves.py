@@ -102,8 +102,12 @@ class ShardMover:
         repl = self.node.replication
         if repl is not None:
             repl.map_changed(old, new)
+        changed = {s for s in range(new.shards) if old.owner[s] != new.owner[s]}
+        if changed:
+            shard_of = self.node.shards.shard
+            router.fail_forwards(lambda user: shard_of(user) in changed)
         for s in range(new.shards):
-            if old.owner[s] != new.owner[s]:
+            if s in changed:
                 router.shard_owner_changed(s)     # our watchers of its users subscribe again at the new owner
             if not self._mine(s):
                 continue

@@ -214,7 +214,12 @@ class Replication:
                 ss = self.owned[s] = ShardStreams(s)
             for n in list(ss.streams):
                 if n not in want:
-                    del ss.streams[n]
+                    # what it had not acknowledged yet is held by too few copies now: the shard's
+                    # ACKs from then on wait for a replica that catches up (not released by its leaving)
+                    st = ss.streams.pop(n)
+                    if st.need_round is not None:
+                        ss.hole_round = st.need_round if ss.hole_round is None else min(ss.hole_round,
+                                                                                        st.need_round)
             for n in want:
                 if n not in ss.streams:
                     st = ss.streams[n] = Stream(s, n)
