@@ -113,6 +113,7 @@ cdef class RouteCore:
                           const char *payload, Py_ssize_t n, uint64_t t0=*) except -1
     cdef int acked(self, SessionCore sender, uint64_t seq, uint64_t msg_id, uint64_t ts) except -1
     cdef SendState _send_state_of(self, SessionCore s)
+    cdef int _hold_later_seqs(self, str key, uint64_t producer, uint64_t seq, str recipient, int code) except -1
     cdef int _store_send(self, str user, str device, uint64_t producer, uint64_t seq, str recipient,
                          const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts,
                          str key=*) except -1

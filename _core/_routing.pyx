@@ -433,8 +433,10 @@ cdef class RouteCore:
         if self._log_for is not None:
             try:                                             # the one look-up of the shard per SEND
                 log = <LogCore>self._log_for(recipient)
-            except StoreError as exc:    # the shard is moving (UNAVAILABLE): retried, nothing recorded
+            except StoreError as exc:    # the shard is moving (UNAVAILABLE): retried
                 self._refusal = str(exc)
+                self._hold_later_seqs(key if key is not None else user + "\x00" + device, producer, seq,
+                                      recipient, exc.code)
                 return exc.code
         table = log.producers if log is not None else <ProducerTable>self.store.producers
         if key is None:
@@ -469,6 +471,25 @@ cdef class RouteCore:
             seg = log._active.segment_id
         table.stored(key, producer, seq, msg_id[0], ts[0], seg)
         return STORED
+
+    cdef int _hold_later_seqs(self, str key, uint64_t producer, uint64_t seq, str recipient, int code) except -1:
+        """A SEND refused before its shard's producer table saw it (a fence, a shard
+        moving): if that shard's log is here, the table holds the device's later seqs
+        (OUT_OF_ORDER) until this one comes again. Else a later seq pipelined behind
+        it, arriving once the shard serves again, would be stored first, and this
+        one's resend answered as a duplicate of something never stored."""
+        cdef ProducerTable table
+        logs = getattr(self.store, "logs", None)
+        if logs is None:
+            return 0
+        lg = logs.get(self.store.map.shard(recipient))
+        if lg is None:
+            return 0
+        table = (<LogCore>lg).producers
+        st = table.get(key)
+        if st is None or seq > st.high:          # a retry of something stored is no gap
+            table.refused(key, producer, seq, code, False)
+        return 0
 
     cdef SendState _send_state_of(self, SessionCore s):
         """The device's stream state, made at its first SEND (an idle session costs
@@ -727,6 +748,7 @@ cdef class RouteCore:
             code = link.fence(recipient)
             if code:                  # another node's FWD for a shard we do not own at its map epoch
                 self.forwards_fenced += 1
+                self._hold_later_seqs(sender + "\x00" + device, producer, seq, recipient, code)
                 start = out.begin_frame(LT_FWD_ERR, 0)
                 out.put_u64(fwd_seq)
                 out.put_u16(code)

@@ -121,6 +121,7 @@ async def soak(args) -> dict:
     affected: list[set] = []                   # node mode: recipients whose shard the killed node owned
     last_ack: dict = {}                        # recipient -> loop time of its latest ACK
     last_before: list[float] = []
+    send_errors: dict = {}
 
     def client(user, device):
         return Client(host, port, gw.token(user), device, max_backoff=0.5, connect_timeout=60)
@@ -144,7 +145,12 @@ async def soak(args) -> dict:
 
     async def one(c, name: str, k: int, to: str) -> None:
         issued = loop.time()
-        r = await c.send(to, f"{name}:{k}", timeout=None)
+        try:
+            r = await c.send(to, f"{name}:{k}", timeout=None)
+        except Exception as exc:             # refused for good: counted, never expected here
+            send_errors[type(exc).__name__ + ":" + str(exc)[:80]] = send_errors.get(
+                type(exc).__name__ + ":" + str(exc)[:80], 0) + 1
+            return
         acked[(name, k)] = r.id
         last_ack[to] = loop.time()
         if nodes:
@@ -236,7 +242,7 @@ async def soak(args) -> dict:
             "duplicates": duplicates, "reorderings": reorderings, "seconds": round(time.monotonic() - started, 1),
             "lost_sample": [f"{s}:{k} -> {recipients[k % len(recipients)]} id {acked[(s, k)]}"
                             for s, k in sorted(lost)[:10]],
-            "receiver_failures": failures,
+            "receiver_failures": failures, "send_errors": send_errors,
             "unavailable_s": {"min": round(min(gaps), 3), "median": round(statistics.median(gaps), 3),
                               "p99": round(sorted(gaps)[min(len(gaps) - 1, int(0.99 * len(gaps)))], 3),
                               "max": round(max(gaps), 3)} if gaps else None,
