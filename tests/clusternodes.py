@@ -1,11 +1,15 @@
 """Gateway nodes of a cluster for tests: each its own "machine" (a 127.0.0.x
 address and data dir), all sharing one token secret, on a real NATS."""
+import asyncio
 import json
 import os
 import shutil
+import signal
+import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from conftest import start_gateway
 
 from gateway.auth import TokenAuthority, load_or_create_secret
@@ -67,6 +71,24 @@ class Nodes:
         # kill -9 of the supervisor leaves its workers to notice the closed pipe and exit
         for pid in gw.worker_pids().values():
             _wait_gone(pid)
+
+    def kill9(self, name: str) -> None:
+        """kill -9 of the whole node: its workers, then its supervisor (kill() leaves
+        the workers to notice the closed pipe and exit on their own)."""
+        gw = self.procs[name]
+        pids = list(gw.worker_pids().values())
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        gw.proc.kill()
+        gw.proc.wait(10)
+        for pid in pids:
+            _wait_gone(pid)
+
+    def signal_all(self, name: str, sig) -> None:
+        """`sig` (SIGSTOP, SIGCONT) to every process of the node."""
+        gw = self.procs[name]
+        for pid in [*gw.worker_pids().values(), gw.proc.pid]:
+            os.kill(pid, sig)
 
     def stop_all(self) -> None:
         for gw in self.procs.values():
@@ -140,3 +162,56 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.02)
     os.kill(pid, 9)
+
+
+def wait(what, check, timeout: float = 60.0, detail=None):
+    """Poll `check()` until it is truthy (returned), or fail naming `what` (and `detail()`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}" + (f": {detail()}" if detail else ""))
+        time.sleep(0.05)
+
+
+async def paced_stream(nodes, sender: str, recipient: str, fault, count: int = 600, pad: int = 0,
+                       window: int = 1):
+    """`sender` streams `count` numbered messages to `recipient` (online throughout,
+    both with every node as a seed) while `fault()` runs in a thread after the first
+    100 are ACKed; returns what the recipient got, in order (and checks that nothing
+    more comes: nothing twice)."""
+    loop = asyncio.get_running_loop()
+    async with nodes.any_client(recipient) as rc, nodes.any_client(sender) as sc:
+        got, sent = [], [0]
+
+        async def send():
+            gate = asyncio.Semaphore(window)             # `window` SENDs in flight (the SDK keeps their order)
+
+            async def one(i):
+                try:
+                    await sc.send(recipient, f"m{i}".ljust(pad, "."), timeout=120)
+                    sent[0] += 1
+                finally:
+                    gate.release()
+            tasks = []
+            for i in range(count):
+                await gate.acquire()
+                tasks.append(asyncio.ensure_future(one(i)))
+                await asyncio.sleep(0.003)
+            await asyncio.gather(*tasks)
+
+        async def receive():
+            while len(got) < count:
+                m = await rc.recv(timeout=120)
+                got.append(m.text.rstrip("."))
+                await rc.ack(m)
+        writer, reader = asyncio.ensure_future(send()), asyncio.ensure_future(receive())
+        while sent[0] < 100:
+            await asyncio.sleep(0.01)
+        await loop.run_in_executor(None, fault)
+        await asyncio.gather(writer, reader)
+        with pytest.raises(asyncio.TimeoutError):
+            await rc.recv(timeout=0.3)                      # nothing twice
+        return got

@@ -10,11 +10,12 @@ import struct
 import time
 
 import pytest
+from clusternodes import Nodes, paced_stream
+from clusternodes import wait as _wait
 
 from _core import frames
 from _core.codec import Decoder, encode
 from _core.protocol import PROTOCOL_VERSION, FrameType, GoawayCode
-from clusternodes import Nodes
 
 pytestmark = pytest.mark.slow
 
@@ -244,14 +245,6 @@ def _last_until(t0: float, seconds: float) -> None:
         time.sleep(0.2)
 
 
-def _wait(what, check, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def test_a_node_joins_and_one_is_drained_under_load(nats_cluster, tmp_path):
     """n3 joins a 2-node cluster while clients stream messages, and takes its
     share of the shards; then n1 is drained with `switchboard drain` and hands
@@ -328,46 +321,6 @@ def test_a_node_joins_and_one_is_drained_under_load(nats_cluster, tmp_path):
         nodes.stop_all()
 
 
-async def _paced_stream(nodes, sender: str, recipient: str, fault, count: int = 600, pad: int = 0,
-                        window: int = 1):
-    """`sender` streams `count` numbered messages to `recipient` (online throughout,
-    both with every node as a seed) while `fault()` runs in a thread after the first
-    100; returns what the recipient got, in order."""
-    loop = asyncio.get_running_loop()
-    async with nodes.any_client(recipient) as rc, nodes.any_client(sender) as sc:
-        got, sent = [], [0]
-
-        async def send():
-            gate = asyncio.Semaphore(window)             # `window` SENDs in flight (the SDK keeps their order)
-
-            async def one(i):
-                try:
-                    await sc.send(recipient, f"m{i}".ljust(pad, "."), timeout=120)
-                    sent[0] += 1
-                finally:
-                    gate.release()
-            tasks = []
-            for i in range(count):
-                await gate.acquire()
-                tasks.append(asyncio.ensure_future(one(i)))
-                await asyncio.sleep(0.003)
-            await asyncio.gather(*tasks)
-
-        async def receive():
-            while len(got) < count:
-                m = await rc.recv(timeout=120)
-                got.append(m.text.rstrip("."))
-                await rc.ack(m)
-        writer, reader = asyncio.ensure_future(send()), asyncio.ensure_future(receive())
-        while sent[0] < 100:
-            await asyncio.sleep(0.01)
-        await loop.run_in_executor(None, fault)
-        await asyncio.gather(writer, reader)
-        with pytest.raises(asyncio.TimeoutError):
-            await rc.recv(timeout=0.3)                      # nothing twice
-        return got
-
-
 def test_a_nats_server_killed_under_load(nats_cluster, tmp_path):
     """The NATS server most nodes' workers use is killed mid-stream and restarted:
     they reconnect to the others by themselves; nothing ACKed is lost or doubled."""
@@ -384,7 +337,7 @@ def test_a_nats_server_killed_under_load(nats_cluster, tmp_path):
             _wait("a node to notice", lambda: any("event=nats_reconnected" in gw.text for gw in nodes.procs.values()),
                   30)
             nats_cluster.restart(victim)
-        got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault), 180))
+        got = asyncio.run(asyncio.wait_for(paced_stream(nodes, a, b, fault), 180))
         assert got == [f"m{i}" for i in range(600)]
         assert any("event=nats_disconnected" in gw.text for gw in nodes.procs.values())
         for name in nodes.names:
@@ -428,7 +381,7 @@ def test_a_node_without_nats_for_10_s(nats_cluster, tmp_path):
             _last_until(t0, 10)
             proxy.restore()
             _wait("n2 ready again", lambda: nodes.admin("n2", "/readyz")[0] == 200, 30)
-        got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault), 180))
+        got = asyncio.run(asyncio.wait_for(paced_stream(nodes, a, b, fault), 180))
         assert got == [f"m{i}" for i in range(600)]
         text = nodes.procs["n2"].text
         assert "event=nats_disconnected" in text and "event=nats_reconnected" in text
@@ -451,6 +404,7 @@ def test_a_node_acting_on_a_stale_map_is_refused(nats_cluster, tmp_path):
     which no longer owns that shard: n2 refuses them (fenced), stores nothing, and
     once n1 hears again the messages go to n3 and arrive exactly once, in order."""
     from faultproxy import FaultProxy
+
     from gateway.cluster.shardmap import hrw_owner
     from router.sharding import shard_of
     with FaultProxy.to(nats_cluster.urls[0]) as proxy:
@@ -537,7 +491,7 @@ def test_a_node_cut_by_nats_as_a_slow_consumer(nats_factory, tmp_path):
             proxy.unstall()
             # the resent backlog may exceed the tiny max_pending again: cut and back, until it drains
             _wait("n2 ready again", lambda: nodes.admin("n2", "/readyz")[0] == 200, 120)
-        got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault, count=300, pad=60 << 10, window=256),
+        got = asyncio.run(asyncio.wait_for(paced_stream(nodes, a, b, fault, count=300, pad=60 << 10, window=256),
                                        300))
         assert got == [f"m{i}" for i in range(300)]
         assert nats.monitor(0, "/varz").get("slow_consumers", 0) > 0     # the server cut it, not a ping
@@ -628,7 +582,7 @@ def test_a_nats_server_cut_off_from_its_routes(tmp_path):
             _last_until(t0, 10)
             nats.heal()
             _wait("n1 ready again", lambda: nodes.admin("n1", "/readyz")[0] == 200, 60)
-        got = asyncio.run(asyncio.wait_for(_paced_stream(nodes, a, b, fault), 240))
+        got = asyncio.run(asyncio.wait_for(paced_stream(nodes, a, b, fault), 240))
         assert got == [f"m{i}" for i in range(600)]
         text = nodes.procs["n1"].text
         assert "event=lease_renew_failed" in text and "event=lease_reclaimed" in text
