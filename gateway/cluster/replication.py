@@ -80,7 +80,9 @@ class Stream:
 
     def __init__(self, shard: int, node: str):
         self.shard, self.node = shard, node
-        self.state = "new"                # new -> opening -> live; broken -> (retry) opening
+        # new -> opening -> live, or waiting-log (neither side holds anything yet) until the
+        # shard's first write; broken (timeout, refusal) -> new again after a pause
+        self.state = "new"
         self.gen = next(_generations)
         self.tap: rp.LogTap | None = None
         self.snap = None                  # a snapshot iterator being shipped
@@ -143,7 +145,8 @@ class Replication:
         self._tasks: list = []
         self._subs: list = []
         self._opening = asyncio.Semaphore(OPEN_PARALLEL)
-        self._promote: set = set()
+        self._promote: set = set()          # (shard, node) to move from catching to in sync, by one CAS
+        self._sets_task = None
         self._demote: set = set()
         self._lock = asyncio.Lock()       # replica applies and syncs, one at a time
         self._acks_after_sync: list = []
@@ -167,7 +170,7 @@ class Replication:
         self.reconcile(self.node.view)
 
     async def close(self) -> None:
-        for t in (*self._tasks, self._publisher):
+        for t in (*self._tasks, self._publisher, self._sets_task):
             if t is not None:
                 t.cancel()
         for sub in self._subs:
@@ -410,7 +413,6 @@ class Replication:
             raise
         except Exception as exc:
             if st.state == "opening":
-                st.state = "new"
                 self._break(st, f"open: {exc!r}")
             return
         ss = self.owned.get(s)
@@ -510,15 +512,19 @@ class Replication:
 
     # -- map changes the owner asks for -------------------------------------------------
     def _request_promotion(self, s: int, node: str) -> None:
-        if (s, node) not in self._promote:
-            self._promote.add((s, node))
-            if len(self._promote) == 1:
-                self.gw.loop.create_task(self._change_sets())
+        self._promote.add((s, node))
+        self._schedule_sets()
+
+    def _schedule_sets(self) -> None:
+        if self._sets_task is None or self._sets_task.done():
+            self._sets_task = self.gw.loop.create_task(self._change_sets())
 
     async def _change_sets(self) -> None:
-        await asyncio.sleep(0.02)           # a burst of shards caught up: one CAS
-        promote, self._promote = self._promote, set()
-        demote, self._demote = self._demote, set()
+        while self._promote or self._demote:
+            await asyncio.sleep(0.02)           # a burst of shards caught up: one CAS
+            await self._change_sets_once(set(self._promote), set(self._demote))
+
+    async def _change_sets_once(self, promote: set, demote: set) -> None:
 
         def mutate(d):
             changed = False
@@ -538,8 +544,11 @@ class Replication:
             if new is not None:
                 _log.info("event=replica_set_changed promoted=%d demoted=%d epoch=%d", len(promote), len(demote),
                           new.epoch)
-        except Exception as exc:
+        except Exception as exc:              # the sweep asks again
             _log.warning("event=replica_set_change_failed error=%s", log.q(repr(exc)))
+        finally:
+            self._promote -= promote
+            self._demote -= demote
         self.check_soon()
 
     # -- the replica's side -------------------------------------------------------------
@@ -783,10 +792,13 @@ class Replication:
                     st.state = "new"
                 elif st.state == "waiting-log" and lg is not None and not lg._closed:
                     st.state = "new"
+                if (st.node in view.catching.get(s, ()) and st.state in ("live", "waiting-log")
+                        and st.need_round is None and st.caught_up | (st.state == "waiting-log")):
+                    self._request_promotion(s, st.node)     # again, if a CAS for it failed
                 if (self.cfg.degraded_writes and st.state != "live" and now - st.broken_since > timeout
                         and st.node in view.replicas.get(s, ()) and (s, st.node) not in self._demote):
                     self._demote.add((s, st.node))
-                    self.gw.loop.create_task(self._change_sets())
+                    self._schedule_sets()
         self.schedule_flush()
 
     def stats(self) -> dict:
@@ -810,8 +822,7 @@ def _close_instead(then, arg) -> None:
     (links to other workers stay: their FWDs time out and are retried)."""
     if isinstance(arg, list) and arg and isinstance(arg[0], tuple):
         then([(item[0], None, not isinstance(item[0], LinkCore)) for item in arg])
-    elif arg is None:
-        pass                                 # a quiesce barrier: the shard is gone anyway
+    # anything else is a quiesce barrier (arg None): the shard is gone anyway
 
 
 class ReplicatedCommit:
