@@ -40,6 +40,16 @@ def render(views: dict) -> str:
     lines.append(f"moves in progress: {len(moving)}" + (
         " (" + ", ".join(f"shard {s} -> {n}" for s, n in sorted(moving.items(), key=lambda x: int(x[0]))[:10])
         + (", ..." if len(moving) > 10 else "") + ")" if moving else ""))
+    repl = [v["replication"] for v in views.values() if v.get("replication")]
+    if repl:
+        in_sync, catching = first.get("replicas") or {}, first.get("catching") or {}
+        short = sum(1 for s in range(first["shards"]) if len(in_sync.get(str(s), ())) + 1 < repl[0]["copies"])
+        lines.append(f"replicas: {repl[0]['copies']} copies per shard"
+                     f"{' (degraded writes allowed)' if repl[0]['degraded_writes'] else ''}; "
+                     f"{short} shards with too few in sync, {len(catching)} catching up; this node: "
+                     f"{sum(r['replica_copies'] for r in repl)} replica copies, "
+                     f"{sum(r['waiting_acks'] for r in repl)} ACK batches waiting, "
+                     f"{sum(r['takeovers'] for r in repl)} shards taken over")
     lines.append(f"{'worker':<7} {'nats':<5} {'msgs in':>10} {'msgs out':>10} {'MB in':>8} {'MB out':>8} "
                  f"{'resets':>6} {'timeouts':>8}")
     for k in sorted(views, key=int):
