@@ -146,3 +146,4 @@ cdef class LinkCore(SessionCore):
     # map epoch: gateway/cluster/natsbus.py); None between the workers of one node
     cdef public object fence
     cdef readonly Py_ssize_t pending      # our FWDs on this link not yet answered
+    cdef readonly uint64_t generation     # bumped by discard_output: output taken before it is never written

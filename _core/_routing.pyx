@@ -954,7 +954,11 @@ cdef class RouteCore:
             s._queued = False
             if s.closed:
                 continue
-            batch.append((s, s.out.take_bytes() if s.out.length else None, s._close_after_flush))
+            if type(s) is LinkCore:      # its output may be discarded while this turn's commit runs
+                batch.append((s, s.out.take_bytes() if s.out.length else None, s._close_after_flush,
+                              (<LinkCore>s).generation))
+            else:
+                batch.append((s, s.out.take_bytes() if s.out.length else None, s._close_after_flush))
         if batch:
             self.store.commit(self._release_batch, batch)
 
@@ -963,7 +967,10 @@ cdef class RouteCore:
         for item in batch:
             s = (<tuple>item)[0]
             try:
-                s._release((<tuple>item)[1], (<tuple>item)[2])
+                if len(<tuple>item) == 4 and (<tuple>item)[3] != (<LinkCore>s).generation:
+                    s._release(None, (<tuple>item)[2])      # framed before the link's stream restarted
+                else:
+                    s._release((<tuple>item)[1], (<tuple>item)[2])
             except Exception:
                 s.closed = True     # its transport is gone; the connection's close path detaches it
 
@@ -1026,6 +1033,17 @@ cdef class LinkCore(SessionCore):
         super().__init__(core, f"#worker{peer}", "", 0, write, close)
         self.peer = peer
         self._control = control
+        self.generation = 0
+
+    def discard_output(self):
+        """The stream this link writes to restarts (a NATS stream reset): drop every
+        frame written to it and not yet sent, also those waiting for this turn's
+        commit. Their FWDs were just answered UNAVAILABLE and will be sent again;
+        sent now, on the new stream, after earlier ones the old stream lost, a
+        later seq would be stored ahead of an earlier one, whose resend would then
+        look like a retry of something stored (docs/cluster.md, Cross-node routing)."""
+        self.out.clear()
+        self.generation += 1
 
     cdef int on_frame(self, uint8_t ftype, uint8_t flags, const unsigned char *body, Py_ssize_t n) except -1:
         cdef Cursor c

@@ -19,7 +19,8 @@ reconnect can lose some. A gap in a stream's sequence, or a new incarnation, mak
 the receiver drop what it had half-read and ask for a RESET; the sender then
 answers every FWD it has waiting on that link with UNAVAILABLE (the client
 resends; the owner's producer table drops what it had stored, and answers with
-the original ACK). A FWD unanswered for `cluster_timeout` is answered the same
+the original ACK) and drops what the link wrote but has not sent yet
+(`Peer.restart_tx`). A FWD unanswered for `cluster_timeout` is answered the same
 way, so no SEND waits forever on a node that went silent.
 """
 import asyncio
@@ -83,6 +84,15 @@ class Peer:
     def _broken(self, exc=None) -> None:
         """A link's frames could not be read: start both streams afresh."""
         self.bus.reset_peer(self, "link_error")
+
+    def restart_tx(self, kind: int) -> None:
+        """Our stream `kind` to this worker starts again under a new incarnation. What
+        its link wrote and has not sent (waiting for this turn's commit, too) is
+        dropped, not sent on the new stream: a later FWD must never reach the owner
+        after an earlier one the old stream lost (that one's resend would be taken
+        for a retry of something stored). The FWDs it held are failed with the rest."""
+        self.tx[kind] = [_incarnation(), 0]
+        (self.out if kind == K_REQ else self.inc).discard_output()
 
     def fail_pending(self) -> None:
         """Every FWD we have waiting on this worker gets UNAVAILABLE (retried by its client)."""
@@ -281,13 +291,13 @@ class NatsBus:
         """The peer lost part of our stream `kind`: start it again; FWDs it may not have seen get UNAVAILABLE."""
         if kind not in (K_REQ, K_REP):
             return
-        peer.tx[kind] = [_incarnation(), 0]
+        peer.restart_tx(kind)
         if kind == K_REQ:
             peer.fail_pending()
 
     def reset_peer(self, peer: Peer, why: str) -> None:
         for kind in (K_REQ, K_REP):
-            peer.tx[kind] = [_incarnation(), 0]
+            peer.restart_tx(kind)
             peer.rx[kind] = [0, 0]
             peer.new_decoder(kind)
         peer.fail_pending()
@@ -320,7 +330,7 @@ class NatsBus:
                     self.timeouts += 1
                     _log.info("event=cluster_forward_timeout node=%s worker=%d pending=%d", peer.node,
                               peer.worker, peer.out.pending)
-                    peer.tx[K_REQ] = [_incarnation(), 0]
+                    peer.restart_tx(K_REQ)
                     peer.fail_pending()
                     peer.last_heard = now
 
