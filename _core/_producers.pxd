@@ -16,9 +16,11 @@ cdef class SendState:
     cdef public uint64_t max_seen      # highest seq accepted from this producer
     cdef public uint64_t resume_at     # a seq that failed: nothing after it is accepted before it
     cdef public bint known             # the sequence started here: gaps are detected (not after a restart)
+    cdef list _refused                 # later seqs refused while held, ascending: each must come again in turn
 
     cdef int check(self, uint64_t seq) except -1
     cdef int failed(self, uint64_t seq) except -1
+    cdef int _remember(self, uint64_t seq) except -1
 
 
 cdef class ProducerState:

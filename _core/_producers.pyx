@@ -6,8 +6,9 @@ not per message:
 
 - `SendState`, on the worker serving the device, orders its stream: once a
   seq has failed for now (UNAVAILABLE, STORAGE_FULL, ...), no later seq is
-  accepted until that one is sent again, so a device's messages are stored in
-  the order it sent them across retries. Lost when that worker restarts; the
+  accepted until that one is sent again, and each later one refused meanwhile
+  must come again in its turn, so a device's messages are stored in the order
+  it sent them across retries. Lost when that worker restarts; the
   client then resends in order anyway.
 - `ProducerTable`, one per shard store, remembers per device the highest seq
   stored in that shard and the answers of the last `window` seqs, so a retry
@@ -20,11 +21,15 @@ A shard sees only the part of a device's stream sent to its users, in order
 "seen before", and a seq refused here for now blocks the later ones here too.
 """
 import struct
+from bisect import bisect_left
 
 from cpython.mem cimport PyMem_Realloc, PyMem_Free
 from libc.string cimport memmove
 
 from ._producers cimport ADMIT_NEW, ADMIT_DUPLICATE, ADMIT_FENCED, ADMIT_OUT_OF_ORDER
+
+#: seqs a held stream remembers (a client keeps at most send_window, at most 4096, unanswered)
+cdef Py_ssize_t MAX_REMEMBERED = 4096
 
 #: answer of `ProducerTable.admit_py`: the names of the C enum
 ADMIT = {ADMIT_NEW: "new", ADMIT_DUPLICATE: "duplicate", ADMIT_FENCED: "fenced",
@@ -39,7 +44,15 @@ def encode_checkpoint(uint64_t producer, uint64_t high, answers):
 
 
 cdef class SendState:
-    """The device's stream as its serving worker sees it."""
+    """The device's stream as its serving worker sees it.
+
+    While a seq is held (`resume_at`: it failed and has not come again), every
+    later new seq is refused and remembered, and after the held one comes again
+    each remembered one is held in turn. So a resend that skips one (a client
+    that resent the SENDs it had seen refused while the refusal of another was
+    still on its way) gets OUT_OF_ORDER instead of being stored ahead of it:
+    stored ahead, the skipped seq's resend would look like a retry of a SEND
+    stored long ago (ACK with msg_id 0) and be lost."""
 
     def __init__(self, str key, uint64_t producer, bint known):
         self.key = key
@@ -47,15 +60,18 @@ cdef class SendState:
         self.max_seen = 0
         self.resume_at = 0
         self.known = known
+        self._refused = None
 
     cdef int check(self, uint64_t seq) except -1:
         """ADMIT_NEW (route it: new, or a retry the shard will recognise) or
         ADMIT_OUT_OF_ORDER (a gap, or an earlier seq failed and was not resent)."""
         if self.resume_at:
             if seq > self.resume_at:
+                if seq > self.max_seen:      # never routed: it must come again before anything later
+                    self._remember(seq)
                 return ADMIT_OUT_OF_ORDER
             if seq == self.resume_at:
-                self.resume_at = 0
+                self.resume_at = self._refused.pop(0) if self._refused else 0
         elif self.known and seq > self.max_seen + 1:
             return ADMIT_OUT_OF_ORDER
         if seq > self.max_seen:
@@ -64,12 +80,41 @@ cdef class SendState:
 
     cdef int failed(self, uint64_t seq) except -1:
         """`seq` was not stored and the client will send it again: hold the rest."""
-        if self.resume_at == 0 or seq < self.resume_at:
+        if self.resume_at == 0:
             self.resume_at = seq
+        elif seq < self.resume_at:
+            self._remember(self.resume_at)
+            self.resume_at = seq
+        elif seq > self.resume_at:
+            self._remember(seq)
         return 0
 
+    cdef int _remember(self, uint64_t seq) except -1:
+        # seqs refused while held; bounded (a client keeps at most send_window unanswered)
+        cdef Py_ssize_t i
+        if self._refused is None:
+            self._refused = []
+        i = bisect_left(self._refused, seq)
+        if (i < len(self._refused) and self._refused[i] == seq) or len(self._refused) >= MAX_REMEMBERED:
+            return 0
+        self._refused.insert(i, seq)
+        return 0
+
+    @property
+    def waiting(self):
+        """The seqs that must come again, in the order they are accepted."""
+        return ([self.resume_at] if self.resume_at else []) + list(self._refused or ())
+
+    def check_py(self, uint64_t seq):
+        """`check` from Python (tests): "new" or "out_of_order"."""
+        return ADMIT[self.check(seq)]
+
+    def failed_py(self, uint64_t seq):
+        self.failed(seq)
+
     def __repr__(self):
-        return f"<SendState producer={self.producer} max_seen={self.max_seen} resume_at={self.resume_at}>"
+        return (f"<SendState producer={self.producer} max_seen={self.max_seen} resume_at={self.resume_at} "
+                f"waiting={len(self._refused or ())}>")
 
 
 cdef class ProducerState:

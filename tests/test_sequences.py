@@ -35,6 +35,18 @@ async def _drain(gw, user: str, n: int, device: str = "main", timeout: float = 1
         return got + extra
 
 
+def _send_until_taken(r: Raw, seq: int, to: str, payload: bytes) -> F.Ack:
+    """Resend one SEND while the rate limit refuses it (one token per second)."""
+    deadline = time.monotonic() + 10
+    while True:
+        r.send(encode(F.Send(seq, to, payload)))
+        f = r.frame()
+        if isinstance(f, F.Ack):
+            return f
+        assert f.code == ErrorCode.RATE_LIMITED and time.monotonic() < deadline, f
+        time.sleep(0.3)                # the bucket refills with time; nothing to wait on
+
+
 def test_s6_fresh_producers_start_again_at_seq_1(gateway_proc):
     """A client with no state (HELLO producer 0) gets a new producer in WELCOME and
     numbers from 1 again: nothing it sends is taken for a retry of an older
@@ -82,15 +94,40 @@ def test_s6_a_refused_seq_holds_the_later_ones_until_it_is_sent_again(gateway_fa
         assert (answers[2].code, answers[2].ref) == (ErrorCode.RATE_LIMITED, 3)
         assert [(f.code, f.ref) for f in answers[3:]] == [(ErrorCode.OUT_OF_ORDER, 4), (ErrorCode.OUT_OF_ORDER, 5)]
         for seq in (3, 4, 5):                  # one token per second: resend each until it is taken
-            deadline = time.monotonic() + 10
-            while True:
-                r.send(encode(F.Send(seq, "rl-b", b"m%d" % seq)))
-                f = r.frame()
-                if isinstance(f, F.Ack):
-                    break
-                assert f.code == ErrorCode.RATE_LIMITED and time.monotonic() < deadline, f
-                time.sleep(0.3)                # the bucket refills with time; nothing to wait on
+            _send_until_taken(r, seq, "rl-b", b"m%d" % seq)
     assert [m.text for m in asyncio.run(_drain(gw, "rl-b", 5))] == ["m1", "m2", "m3", "m4", "m5"]
+
+
+def test_s6_a_resend_that_skips_a_refused_seq_is_out_of_order_after_a_restart(gateway_factory, tmp_path):
+    """PROTOCOL.md section 6, Order: every SEND refused while an earlier one was held
+    must come again, in seq order, before a later one is stored. After a server
+    restart it does not know where the stream stands (no gap check), so it remembers
+    the seqs it refused: a resend that skips one (a client that resent only the
+    refusals it had seen) gets OUT_OF_ORDER. Stored, it would make the skipped seq's
+    resend look like a retry of a SEND stored long ago (ACK with msg_id 0): lost."""
+    data = tmp_path / "d"
+    gw = gateway_factory("--msg-rate", "1", "--msg-burst", "2", data_dir=data)
+    with Raw(gw) as r:
+        producer = r.hello(gw.token("skip-a"), device="raw").producer
+        assert isinstance(_send_until_taken(r, 1, "skip-b", b"m1"), F.Ack)
+    gw.proc.send_signal(signal.SIGKILL)
+    gw.proc.wait(10)
+    gw = gateway_factory("--msg-rate", "1", "--msg-burst", "2", data_dir=data)
+    with Raw(gw) as r:                         # the same stream, which this server process never saw
+        assert r.hello(gw.token("skip-a"), device="raw", producer=producer).producer == producer
+        r.send(b"".join(encode(F.Send(s, "skip-b", b"m%d" % s)) for s in range(2, 7)))
+        answers = sorted((r.frame() for _ in range(5)), key=lambda f: f.seq if isinstance(f, F.Ack) else f.ref)
+        assert [type(f) for f in answers[:2]] == [F.Ack, F.Ack], answers
+        assert (answers[2].code, answers[2].ref) == (ErrorCode.RATE_LIMITED, 4)
+        assert [(f.code, f.ref) for f in answers[3:]] == [(ErrorCode.OUT_OF_ORDER, 5), (ErrorCode.OUT_OF_ORDER, 6)]
+        _send_until_taken(r, 4, "skip-b", b"m4")
+        r.send(encode(F.Send(6, "skip-b", b"m6")))         # skips 5, which was refused too
+        f = r.frame()
+        assert (f.code, f.ref) == (ErrorCode.OUT_OF_ORDER, 6), f
+        assert "resend from seq 5" in f.reason, f.reason
+        acks = [_send_until_taken(r, s, "skip-b", b"m%d" % s) for s in (5, 6)]
+        assert all(a.msg_id for a in acks), acks           # stored now, not "stored long ago"
+    assert [m.text for m in asyncio.run(_drain(gw, "skip-b", 6))] == ["m1", "m2", "m3", "m4", "m5", "m6"]
 
 
 def test_s6_retries_after_a_kill_9_get_their_original_acks(gateway_factory, tmp_path):
