@@ -449,11 +449,16 @@ class Client:
             self._resend_timer = asyncio.get_running_loop().call_later(delay, self._resend_refused)
 
     def _resend_refused(self) -> None:
+        """From the lowest refused SEND, every one without an answer, refused or not
+        (PROTOCOL.md section 6): a later one's refusal may still be on its way, and a
+        resend that skipped it would be stored ahead of it."""
         self._resend_timer = None
         if not self.connected:
             return                    # the reconnect resends the whole outbox
+        resending = False
         for out in self._outbox.values():
-            if out.refused:
+            resending = resending or out.refused
+            if resending:
                 out.refused = False
                 self._proto.transport.write(out.data)
 

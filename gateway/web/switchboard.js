@@ -463,7 +463,13 @@ export class Client extends EventTarget {
     this.resendTimer = setTimeout(() => {
       this.resendTimer = null;
       if (!this.connected) return;          // the reconnect resends the whole outbox
-      for (const e of this.outbox.values()) if (e.refused) { e.refused = false; this._queue(e.frame); }
+      // from the lowest refused one, every SEND on the wire without an answer, refused or not:
+      // a later one's refusal may still be on its way, and a resend that skips it stores out of order
+      let from = false;
+      for (const e of this.outbox.values()) {
+        from = from || e.refused;
+        if (from && e.sent) { e.refused = false; this._queue(e.frame); }
+      }
     }, delay);
   }
 
