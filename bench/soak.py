@@ -242,6 +242,7 @@ async def soak(args) -> dict:
             "duplicates": duplicates, "reorderings": reorderings, "seconds": round(time.monotonic() - started, 1),
             "lost_sample": [f"{s}:{k} -> {recipients[k % len(recipients)]} id {acked[(s, k)]}"
                             for s, k in sorted(lost)[:10]],
+            "lost_all": [f"{s}:{k + 1}:{recipients[k % len(recipients)]}:{acked[(s, k)]}" for s, k in sorted(lost)],
             "receiver_failures": failures, "send_errors": send_errors,
             "unavailable_s": {"min": round(min(gaps), 3), "median": round(statistics.median(gaps), 3),
                               "p99": round(sorted(gaps)[min(len(gaps) - 1, int(0.99 * len(gaps)))], 3),
