@@ -26,6 +26,16 @@ its mark on restart and clears it. The owner's copy is deleted only once the map
 — the single source of truth, changed by CAS — names the new owner, whose copy
 was durable before the switch.
 
+With replicas (`replicas` > 1) a move copies no files: it promotes a replica.
+Before step 1 the target is added to the shard's replicas as catching up (a
+copy beyond `replicas` until the switch), streams in like any replica
+(gateway/cluster/replication.py) and is promoted in sync by the owner. Only
+then is S marked moving; step 2's quiesce releases its ACKs only once every
+in-sync replica holds everything, so the target's copy is the final log; step
+3 is a check that the stream to it is idle and acknowledged; at step 4 the
+target's copy becomes its log (as at a takeover) and the old owner drops its
+own. A move of a 10 GB shard costs what a move of an empty one does.
+
 Plans are rendezvous hashing over the live nodes that are not draining: a node
 joining wins about 1/N of the shards, and only those move.
 """
@@ -71,6 +81,8 @@ class ShardMover:
         self._sub = None
         self._exports: set[asyncio.Task] = set()
         self.draining = False
+        #: moves promote an in-sync replica instead of copying the shard's files
+        self._promoting = node.cfg.replicas > 1
 
     async def start(self) -> None:
         nc = self.node.nc
@@ -113,9 +125,10 @@ class ShardMover:
                 continue
             was, now = old.owner[s] == me, new.owner[s] == me
             if now and not was:
-                taken_over = repl is not None and old.moving.get(s) != me and repl.holds_copy(s)
+                moved = old.moving.get(s) == me
+                from_copy = repl is not None and repl.holds_copy(s) and (not moved or self._promoting)
                 try:
-                    if taken_over:
+                    if from_copy:
                         repl.install_as_log(s)      # our replica copy becomes the shard's log
                     report = store.adopt(s)
                 except Exception:
@@ -124,7 +137,7 @@ class ShardMover:
                 router.shard_arrived(s)
                 self.shards_in += 1
                 _log.info("event=shard_adopted shard=%d epoch=%d pending=%d from=%s", s, new.epoch, report.pending,
-                          "replica" if taken_over else "move")
+                          ("promotion" if moved else "replica") if from_copy else "move")
             elif was and not now:
                 if store.moving.get(s) is None:      # taken over by a replica (we were paused or cut off)
                     _log.warning("event=shard_lost_unquiesced shard=%d epoch=%d new_owner=%s", s, new.epoch,
@@ -219,6 +232,9 @@ class ShardMover:
                                             random.randint(100, 1000))
             await asyncio.wait_for(answered, STEP_TIMEOUT)
             await asyncio.wait_for(store.quiesce(s), STEP_TIMEOUT)
+        if self._promoting:
+            await self.node.replication.handed_over(s, to, STEP_TIMEOUT)
+            return
         info = self.node.members.nodes.get(to) or {}
         dest = ctl_subject(self.cluster, to, s % info.get("workers", 1))
         await self._request(dest, {"cmd": "in-begin", "shard": s, "from": self.node.name, "epoch": epoch})
@@ -269,15 +285,15 @@ class ShardMover:
                 out[s] = target
         return out
 
-    async def _place_replicas(self) -> bool:
+    async def _place_replicas(self, plan: dict[int, str]) -> bool:
         """Each shard of ours on `replicas` - 1 other live nodes, down its rendezvous
         order: a dead replica leaves the sets (its copy is stale once it returns: it
         comes back as a new replica and catches up), a missing one is added as
         catching up (the owner promotes it to in-sync once it holds everything).
-        True if the map changed."""
+        A shard `plan` moves has its target among them, one copy more if need be
+        (the move promotes it). True if the map changed."""
         me = self.node.name
         members = self.node.members
-        want = self.node.cfg.replicas - 1
         live = [n for n, i in members.live_nodes().items() if not i.get("draining") and n != me]
 
         def mutate(d):
@@ -285,17 +301,23 @@ class ShardMover:
             for s in d.shards_of(me):
                 if s in d.moving:
                     continue
+                want = self.node.cfg.replicas - 1
+                target = plan.get(s)
                 isr = d.replicas.get(s, [])
                 cat = d.catching.get(s, [])
                 isr2 = [n for n in isr if n != me and members.alive(n)]
                 cat2 = [n for n in cat if n != me and members.alive(n) and n not in isr2]
+                if target is not None:
+                    want += 1                     # the target, and after the switch `replicas` - 1 others
+                    if target not in isr2 and target not in cat2:
+                        cat2.insert(0, target)
                 if len(isr2) + len(cat2) < want:
                     for n in hrw_rank(s, live):
                         if n not in isr2 and n not in cat2:
                             cat2.append(n)
                             if len(isr2) + len(cat2) >= want:
                                 break
-                while len(isr2) + len(cat2) > want and cat2:
+                while len(isr2) + len(cat2) > want and cat2 and cat2[-1] != target:
                     cat2.pop()
                 if isr2 != isr or cat2 != cat:
                     d.replicas[s], d.catching[s] = isr2, cat2
@@ -315,9 +337,12 @@ class ShardMover:
             _log.info("event=shard_moves_cleared shards=%d", len(stale))
             await self.node.map.change(lambda d: _unmark(d, stale))
             return
-        if self.node.cfg.replicas > 1 and await self._place_replicas():
-            return
-        todo = dict(list(self.plan(view).items())[:BATCH])
+        plan = self.plan(view)
+        if self._promoting:
+            if await self._place_replicas(plan):
+                return
+            plan = {s: to for s, to in plan.items() if to in view.replicas.get(s, ())}   # in sync: ready
+        todo = dict(list(plan.items())[:BATCH])
         if not todo:
             return
 

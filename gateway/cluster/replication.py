@@ -697,6 +697,32 @@ class Replication:
             shutil.rmtree(self._copy_dir(s), ignore_errors=True)
             _log.info("event=replica_dropped shard=%d why=%s", s, log.q(why))
 
+    # -- moves: promoting a replica ------------------------------------------------------
+    async def handed_over(self, s: int, node: str, timeout: float) -> None:
+        """Shard s is quiesced for a move to `node`, an in-sync replica: return once its
+        stream to `node` is live and has acknowledged the log's final position (its
+        copy then is the log), or raise. The quiesce waited for the group commit,
+        which waited for every in-sync replica: this is the check, and the wait for a
+        stream that broke meanwhile and must open again."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ss = self.owned.get(s)
+            st = ss.streams.get(node) if ss is not None else None
+            if st is None or node not in self.node.view.replicas.get(s, ()):
+                raise RuntimeError(f"{node} is no in-sync replica of shard {s}")
+            lg = self.store.logs.get(s)
+            pos = (lg.segments[-1].segment_id, lg.segments[-1].end) if lg is not None and lg.segments else None
+            if pos is None and st.state == "waiting-log":
+                return                        # never written: there is nothing to hold
+            if (st.state == "live" and st.caught_up and st.snap is None and not st.outstanding
+                    and st.need_round is None and ss.last_pos == pos):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the replica stream of shard {s} to {node} did not catch up "
+                                   f"(state {st.state}{', ' + st.why if st.why else ''})")
+            self.schedule_flush()
+            await asyncio.sleep(0.01)        # a round trip to the replica; bounded by `timeout`
+
     # -- takeover -----------------------------------------------------------------------
     def holds_copy(self, s: int) -> bool:
         return s in self.hosted
