@@ -4,7 +4,9 @@ NATS cluster; nodes are killed with SIGKILL (supervisor and workers), paused
 with SIGSTOP, and every ACKed message must reach its recipient exactly once, in
 the order its device sent it."""
 import asyncio
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,3 +195,62 @@ def test_a_replica_killed_while_catching_up_starts_over(rnodes):
                 await cb.ack(m)
             return got
     assert asyncio.run(asyncio.wait_for(drain(), 120)) == list(range(300))
+
+
+@pytest.fixture
+def n3_on_a_small_disk(tmp_path):
+    """n3's data dir on its own 64 MiB tmpfs (ENOSPC is the kernel's)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    where = tmp_path / "n3"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_replica_whose_disk_fills_hands_its_copy_to_another_node(nats_cluster, tmp_path, n3_on_a_small_disk):
+    """n3 holds the in-sync copy of b's shard (owned by n1 or n2) when its disk
+    fills: its next write to the copy fails with ENOSPC, it leaves the shard's
+    replicas and marks itself full in the map; the owner's ACKs wait until the
+    third node has caught up, and every ACKed message arrives once, in order.
+    Once there is room again n3 clears its mark."""
+    filler = n3_on_a_small_disk / "filler"
+    nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2", "n3"],
+                  extra=("--replicas", "2", "--segment-size", "1M"))
+    try:
+        nodes.start_all()
+        _wait("every shard in sync", lambda: _in_sync(nodes, "n1"))
+        w = _map(nodes, "n1")
+        b = next((u for u in (f"fd{i}" for i in range(10_000))
+                  if w["shard_owner"][shard_of(u, nodes.shards)] != "n3"
+                  and w["replicas"].get(str(shard_of(u, nodes.shards))) == ["n3"]), None)
+        assert b is not None, (w["shard_owner"], w["replicas"])
+        s = shard_of(b, nodes.shards)
+        owner = w["shard_owner"][s]
+        heir, = _others(nodes, owner, "n3")
+        a, = nodes.users_on(owner, 1, "fa")
+
+        def fill_the_disk():
+            with open(filler, "wb") as f:
+                free = shutil.disk_usage(n3_on_a_small_disk).free
+                os.posix_fallocate(f.fileno(), 0, max(free - (64 << 10), 1))
+        got = asyncio.run(asyncio.wait_for(paced_stream(nodes, a, b, fill_the_disk, count=500, pad=12_000,
+                                                        window=4), 180))
+        assert got == [f"m{i}" for i in range(500)]
+        n3 = nodes.procs["n3"].text
+        assert re.search(rf"event=replica_write_failed shard={s} full=True", n3), n3[-3000:]
+        assert "event=replica_disk_full" in n3
+        assert owner_and_replicas(nodes, owner, b) == (owner, [heir])
+        assert _map(nodes, owner)["disk_full"] == ["n3"]
+        out = subprocess.run([sys.executable, "-m", "gateway", "cluster", "status", "--admin-host",
+                              nodes.host(owner), "--admin-port", str(nodes.ports[owner][2])],
+                             capture_output=True, text=True, timeout=30)
+        assert "no room for replica copies (disk full): n3" in out.stdout, out.stdout
+        filler.unlink()
+        _wait("n3 has room again", lambda: not _map(nodes, owner)["disk_full"], 30)
+        assert "event=replica_disk_room node=n3" in nodes.procs["n3"].text
+    finally:
+        nodes.stop_all()

@@ -286,39 +286,24 @@ class ShardMover:
         return out
 
     async def _place_replicas(self, plan: dict[int, str]) -> bool:
-        """Each shard of ours on `replicas` - 1 other live nodes, down its rendezvous
-        order: a dead replica leaves the sets (its copy is stale once it returns: it
-        comes back as a new replica and catches up), a missing one is added as
-        catching up (the owner promotes it to in-sync once it holds everything).
-        A shard `plan` moves has its target among them, one copy more if need be
-        (the move promotes it). True if the map changed."""
+        """Each shard of ours on its `replicas` - 1 placement nodes (`placement`).
+        A dead replica leaves the sets (its copy is stale once it returns: it comes
+        back as a new replica and catches up). True if the map changed."""
         me = self.node.name
         members = self.node.members
         live = [n for n, i in members.live_nodes().items() if not i.get("draining") and n != me]
+        want = self.node.cfg.replicas - 1
 
         def mutate(d):
             changed = False
             for s in d.shards_of(me):
                 if s in d.moving:
                     continue
-                want = self.node.cfg.replicas - 1
-                target = plan.get(s)
                 isr = d.replicas.get(s, [])
                 cat = d.catching.get(s, [])
-                isr2 = [n for n in isr if n != me and members.alive(n)]
-                cat2 = [n for n in cat if n != me and members.alive(n) and n not in isr2]
-                if target is not None:
-                    want += 1                     # the target, and after the switch `replicas` - 1 others
-                    if target not in isr2 and target not in cat2:
-                        cat2.insert(0, target)
-                if len(isr2) + len(cat2) < want:
-                    for n in hrw_rank(s, live):
-                        if n not in isr2 and n not in cat2:
-                            cat2.append(n)
-                            if len(isr2) + len(cat2) >= want:
-                                break
-                while len(isr2) + len(cat2) > want and cat2 and cat2[-1] != target:
-                    cat2.pop()
+                isr2, cat2 = placement([n for n in isr if n != me and members.alive(n)],
+                                       [n for n in cat if n != me and members.alive(n)],
+                                       [n for n in hrw_rank(s, live) if n not in d.full], want, plan.get(s))
                 if isr2 != isr or cat2 != cat:
                     d.replicas[s], d.catching[s] = isr2, cat2
                     changed = True
@@ -434,3 +419,29 @@ def _unmark(d, shards) -> dict:
     for s in shards:
         d.moving.pop(s, None)
     return {}
+
+
+def placement(isr: list, catching: list, ranked: list, want: int, target: str | None = None):
+    """A shard's next (in-sync, catching) replica lists: its `want` replicas are the
+    first nodes of `ranked` (its rendezvous order over the live nodes that may
+    hold copies), as joins and drains move owners, so that every node holds its
+    share of copies. A node missing from them is added as catching up (the owner
+    promotes it once it holds everything); an in-sync replica outside them is
+    dropped only once every one of them is in sync (add a replica, catch up, drop
+    the old copy: never fewer in-sync copies than before); a catching node outside
+    them is dropped at once. A shard that moves to `target` keeps its in-sync
+    replicas and gets the target as one copy more until the switch (the move
+    promotes it); its new owner places its replicas after the switch.
+
+    `isr` and `catching` hold live nodes other than the owner."""
+    if target is not None:
+        ideal = [target, *[n for n in isr if n != target]]
+        ideal += [n for n in ranked if n not in ideal][:max(0, want + 1 - len(ideal))]
+        return list(isr), [n for n in ideal if n not in isr]
+    ideal = ranked[:want]
+    isr2 = list(isr)
+    cat2 = [n for n in catching if n in ideal and n not in isr2]
+    cat2 += [n for n in ideal if n not in isr2 and n not in cat2]
+    if len(ideal) >= want and all(n in isr2 for n in ideal):
+        isr2 = [n for n in isr2 if n in ideal]
+    return isr2, cat2

@@ -282,6 +282,7 @@ class ClusterNode:
                 "shard_owner": view.owner,
                 "replicas": {str(s): r for s, r in view.replicas.items() if r},
                 "catching": {str(s): r for s, r in view.catching.items() if r},
+                "disk_full": list(view.full),
                 "replication": self.replication.stats() if self.replication is not None else None}
 
     async def close(self) -> None:

@@ -148,6 +148,9 @@ class Replication:
         self._promote: set = set()          # (shard, node) to move from catching to in sync, by one CAS
         self._sets_task = None
         self._demote: set = set()
+        self._full_left: set = set()        # shards whose copy our full disk refused, to leave by one CAS
+        self._full_task = None
+        self._room_checked = 0.0
         self._lock = asyncio.Lock()       # replica applies and syncs, one at a time
         self._acks_after_sync: list = []
         self._out: collections.deque = collections.deque()
@@ -170,7 +173,7 @@ class Replication:
         self.reconcile(self.node.view)
 
     async def close(self) -> None:
-        for t in (*self._tasks, self._publisher, self._sets_task):
+        for t in (*self._tasks, self._publisher, self._sets_task, self._full_task):
             if t is not None:
                 t.cancel()
         for sub in self._subs:
@@ -585,8 +588,11 @@ class Replication:
                 await self.node.nc.publish(msg.reply, _env(K_REFUSED, s, epoch, gen, seq, repr(exc).encode()))
 
     async def _refresh_if_behind(self, s: int, epoch: int, owner: str | None = None):
+        """Our view, read again if the owner's request shows it is behind (an older
+        epoch or owner of s, or a placement that does not name us yet)."""
         view = self.node.view
-        if view.since[s] < epoch or (owner is not None and view.owner[s] != owner):
+        if view.since[s] < epoch or (owner is not None and (view.owner[s] != owner
+                                                            or self.me not in view.copies(s))):
             view = await self.node.map.refresh()
         return view
 
@@ -642,6 +648,8 @@ class Replication:
                 full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
                 _log.error("event=replica_write_failed shard=%d full=%s error=%s", s, full, log.q(repr(exc)))
                 self._forget_copy(s, "write failed", delete=False)
+                if full:
+                    self._leave_full(s)
                 self._send(msg.reply, _env(K_REFUSED, s, epoch, gen, seq,
                                                            f"replica {self.me}: {exc}".encode()))
                 return
@@ -696,6 +704,60 @@ class Replication:
         if delete:
             shutil.rmtree(self._copy_dir(s), ignore_errors=True)
             _log.info("event=replica_dropped shard=%d why=%s", s, log.q(why))
+
+    # -- a full disk ----------------------------------------------------------------------
+    def _leave_full(self, s: int) -> None:
+        """Our disk refused a write to the copy of shard s: leave its replica sets and
+        mark this node `full` in the map, by one CAS, so that the owner's placement
+        puts the copy on another node (its ACKs wait until that one is in sync)
+        rather than on a stream that is refused again every 0.2 s for ever."""
+        self._full_left.add(s)
+        if self._full_task is None or self._full_task.done():
+            self._full_task = self.gw.loop.create_task(self._mark_full())
+
+    async def _mark_full(self) -> None:
+        while self._full_left:
+            left, self._full_left = self._full_left, set()
+            me = self.me
+
+            def mutate(d):
+                changed = me not in d.full
+                if changed:
+                    d.full.append(me)
+                for s in left:
+                    if d.owner[s] != me and me in d.copies(s):
+                        d.replicas[s] = [n for n in d.replicas.get(s, ()) if n != me]
+                        d.catching[s] = [n for n in d.catching.get(s, ()) if n != me]
+                        changed = True
+                return {} if changed else None
+            try:
+                new = await self.node.map.change(mutate)
+                if new is not None:
+                    _log.error("event=replica_disk_full shards_left=%d epoch=%d why=%s", len(left), new.epoch,
+                               log.q("no room for replica copies: other nodes take them over"))
+            except Exception as exc:            # asked again at the next refused write
+                _log.warning("event=replica_disk_full_mark_failed error=%s", log.q(repr(exc)))
+
+    def _has_room(self) -> bool:
+        """Room again for copies: a few segments' worth free (the mark is cleared)."""
+        try:
+            return shutil.disk_usage(self.root).free >= 4 * self.cfg.segment_size
+        except OSError:
+            return False
+
+    async def _clear_full(self) -> None:
+        me = self.me
+
+        def mutate(d):
+            if me not in d.full:
+                return None
+            d.full.remove(me)
+            return {}
+        try:
+            if await self.node.map.change(mutate) is not None:
+                _log.info("event=replica_disk_room node=%s", me)
+        except Exception as exc:
+            _log.warning("event=replica_disk_room_failed error=%s", log.q(repr(exc)))
 
     # -- moves: promoting a replica ------------------------------------------------------
     async def handed_over(self, s: int, node: str, timeout: float) -> None:
@@ -800,6 +862,11 @@ class Replication:
             try:
                 self._sweep_once()
                 await self._take_over()
+                now = time.monotonic()
+                if self.worker == 0 and self.me in self.node.view.full and now - self._room_checked > 1.0:
+                    self._room_checked = now
+                    if self._has_room():
+                        await self._clear_full()
             except asyncio.CancelledError:
                 raise
             except Exception:

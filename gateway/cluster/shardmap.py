@@ -15,8 +15,9 @@ With replication (setting `replicas` > 1, gateway/cluster/replication.py)
 each shard also lists its **in-sync replicas** (`replicas[S]`: nodes holding
 every record the owner ACKed, the only ones allowed to take S over) and the
 nodes still **catching up** (`catching[S]`: streaming a snapshot, promoted to
-in-sync by the owner once they hold everything). These change without
-changing `since`: only a new owner does.
+in-sync by the owner once they hold everything), and the nodes whose disk
+refused a replica's write (`full`: no copy is placed on them until they have
+room again). These change without changing `since`: only a new owner does.
 
 One key for the whole map (a few KB at 1,024 shards) keeps every change atomic —
 a batch of shard moves is one CAS — and makes each revision exactly the previous
@@ -56,11 +57,12 @@ class MapView:
     moving: dict = field(default_factory=dict)    # shard -> node it is being handed to
     replicas: dict = field(default_factory=dict)  # shard -> [node, ...] in sync (may take over), in order
     catching: dict = field(default_factory=dict)  # shard -> [node, ...] catching up
+    full: list = field(default_factory=list)      # nodes whose disk refused a replica's write: no copies placed
 
     def copy(self) -> "MapView":
         return MapView(self.epoch, self.shards, list(self.owner), list(self.since), dict(self.moving),
                        {s: list(v) for s, v in self.replicas.items() if v},
-                       {s: list(v) for s, v in self.catching.items() if v})
+                       {s: list(v) for s, v in self.catching.items() if v}, list(self.full))
 
     def encode(self) -> bytes:
         """Format 1 without replicas (what a cluster of R=1 always wrote), 2 with them."""
@@ -71,8 +73,10 @@ class MapView:
              "moving": {str(s): n for s, n in self.moving.items()}}
         replicas = {str(s): v for s, v in self.replicas.items() if v}
         catching = {str(s): v for s, v in self.catching.items() if v}
-        if replicas or catching:
+        if replicas or catching or self.full:
             d.update(v=2, replicas=replicas, catching=catching)
+        if self.full:
+            d["full"] = sorted(self.full)
         return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
@@ -84,7 +88,7 @@ class MapView:
         return cls(epoch, d["shards"], [nodes[i] for i in d["owner"]], d["since"],
                    {int(s): n for s, n in d.get("moving", {}).items()},
                    {int(s): list(v) for s, v in d.get("replicas", {}).items()},
-                   {int(s): list(v) for s, v in d.get("catching", {}).items()})
+                   {int(s): list(v) for s, v in d.get("catching", {}).items()}, list(d.get("full", ())))
 
     def copies(self, s: int) -> list[str]:
         """Every node holding or getting shard s: owner, in-sync replicas, catching up."""

@@ -50,6 +50,8 @@ def render(views: dict) -> str:
                      f"{sum(r['replica_copies'] for r in repl)} replica copies, "
                      f"{sum(r['waiting_acks'] for r in repl)} ACK batches waiting, "
                      f"{sum(r['takeovers'] for r in repl)} shards taken over")
+        if first.get("disk_full"):
+            lines.append(f"no room for replica copies (disk full): {', '.join(first['disk_full'])}")
     lines.append(f"{'worker':<7} {'nats':<5} {'msgs in':>10} {'msgs out':>10} {'MB in':>8} {'MB out':>8} "
                  f"{'resets':>6} {'timeouts':>8}")
     for k in sorted(views, key=int):
