@@ -64,6 +64,7 @@ cdef class RouteCore:
     cdef dict _sessions          # user -> its SessionCore, or a list of them (several devices online)
     cdef dict _dedup_tables      # (group\0member, "") -> {origin id: (msg_id, ts)}: group copies made
     cdef dict _send_states       # "user\0device" -> SendState of this worker's devices (survives reconnects)
+    cdef dict _early_holds       # shard -> {key: (producer, seq, code, mono ns)}: refused before its log came
     cdef list _dirty
     cdef bint _flush_scheduled
     cdef object _loop
@@ -114,6 +115,7 @@ cdef class RouteCore:
     cdef int acked(self, SessionCore sender, uint64_t seq, uint64_t msg_id, uint64_t ts) except -1
     cdef SendState _send_state_of(self, SessionCore s)
     cdef int _hold_later_seqs(self, str key, uint64_t producer, uint64_t seq, str recipient, int code) except -1
+    cdef int _hold_early(self, object shard, str key, uint64_t producer, uint64_t seq, int code) except -1
     cdef int _store_send(self, str user, str device, uint64_t producer, uint64_t seq, str recipient,
                          const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts,
                          str key=*) except -1

@@ -21,7 +21,7 @@ import os
 from .errors import UnexpectedFrame, MalformedFrame, StoreError
 from .ids import id_problem, is_user_id
 from ._log cimport LogCore, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP, remember
-from ._producers cimport (SendState, ProducerTable, ADMIT_NEW, ADMIT_DUPLICATE, ADMIT_FENCED,
+from ._producers cimport (SendState, ProducerTable, ProducerState, ADMIT_NEW, ADMIT_DUPLICATE, ADMIT_FENCED,
                           ADMIT_OUT_OF_ORDER)
 from .protocol import ErrorCode, FrameType
 
@@ -30,6 +30,10 @@ _ERROR_NAMES = {int(c): c.name for c in ErrorCode}
 WORKER_BITS = 6
 #: group copies remembered per (group, member), so a fan-out retried after a restart makes none twice
 cdef Py_ssize_t COPY_WINDOW = 4096
+#: refusals remembered per shard whose log is not here yet, and for how long (a move or
+#: takeover lands within seconds; anything older is no pipelined SEND's business)
+cdef Py_ssize_t EARLY_HOLDS_MAX = 65536
+cdef uint64_t EARLY_HOLD_NS = 60_000_000_000
 
 
 cdef inline uint64_t _now_ms() noexcept:
@@ -307,6 +311,7 @@ cdef class RouteCore:
         # group copies made per member; a durable store hands back what it recovered
         self._dedup_tables = dict(getattr(store, "recovered_dedup", None) or {})
         self._send_states = {}
+        self._early_holds = {}
         self._log = store if isinstance(store, LogCore) else None
         self._pending_fwd = {}
         # FWD numbers start anywhere in 2^62, not at 0: a node's answers travel over NATS,
@@ -482,14 +487,55 @@ cdef class RouteCore:
         logs = getattr(self.store, "logs", None)
         if logs is None:
             return 0
-        lg = logs.get(self.store.map.shard(recipient))
+        shard = self.store.map.shard(recipient)
+        lg = logs.get(shard)
         if lg is None:
+            self._hold_early(shard, key, producer, seq, code)
             return 0
         table = (<LogCore>lg).producers
         st = table.get(key)
         if st is None or seq > st.high:          # a retry of something stored is no gap
             table.refused(key, producer, seq, code, False)
         return 0
+
+    cdef int _hold_early(self, object shard, str key, uint64_t producer, uint64_t seq, int code) except -1:
+        """A SEND refused for a shard whose log is not here (yet): a shard on its way
+        to this worker (a move, a takeover) may arrive before the SENDs pipelined
+        behind this one on the same link. `shard_log_arrived` makes its table hold
+        them, as if it had refused this one itself."""
+        cdef uint64_t now = _mono_ns()
+        holds = self._early_holds.get(shard)
+        if holds is None:
+            holds = self._early_holds[shard] = {}
+        elif len(<dict>holds) >= EARLY_HOLDS_MAX:
+            for k in [k for k, v in (<dict>holds).items() if now - <uint64_t>(<tuple>v)[3] > EARLY_HOLD_NS]:
+                del holds[k]
+            if len(<dict>holds) >= EARLY_HOLDS_MAX:
+                return 0
+        prev = (<dict>holds).get(key)
+        if prev is None or <uint64_t>(<tuple>prev)[0] < producer or (
+                <uint64_t>(<tuple>prev)[0] == producer and seq < <uint64_t>(<tuple>prev)[1]):
+            holds[key] = (producer, seq, code, now)
+        return 0
+
+    def shard_log_arrived(self, shard, ProducerTable table):
+        """The log of `shard` is here now: its producer table holds the later seqs of
+        every device one of whose SENDs this worker refused for it before (within
+        EARLY_HOLD_NS, and not stored since): OUT_OF_ORDER until that one comes
+        again, so a resend of it is never taken for a retry of something stored."""
+        cdef uint64_t now = _mono_ns()
+        holds = self._early_holds.pop(shard, None)
+        if not holds:
+            return 0
+        n = 0
+        for key, (producer, seq, code, at) in (<dict>holds).items():
+            if now - <uint64_t>at > EARLY_HOLD_NS:
+                continue
+            st = table.get(key)
+            if st is None or seq > (<ProducerState>st).high:
+                table.refused(key, producer, seq, code, False)
+                n += 1
+        return n
 
     cdef SendState _send_state_of(self, SessionCore s):
         """The device's stream state, made at its first SEND (an idle session costs

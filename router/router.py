@@ -280,6 +280,7 @@ class Router(RouteCore):
         if lg is not None:
             self.merge_dedup(lg.recovered_dedup)
             self.raise_last_id(lg.last_id())
+            self.shard_log_arrived(shard, lg.producers)   # SENDs refused here before it came hold their device
         self.groups.recover(None if callable(shard) else shard)
         self.shard_owner_changed(in_shard)
 

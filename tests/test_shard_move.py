@@ -428,3 +428,48 @@ def test_kill9_of_the_importing_process(tmp_path, point):
             assert not (root / "shard-0005").exists()
     finally:
         log.close()
+
+
+def test_a_send_refused_before_its_shard_arrived_holds_the_later_ones(tmp_path):
+    """A FWD reaches the shard's next owner before the shard does (its map said so
+    first) and is refused; the FWD pipelined behind it on the same link arrives once
+    the shard is there. It must not be stored ahead: it gets OUT_OF_ORDER until the
+    refused one comes again (else that one's resend would be answered as a retry of
+    something stored, with msg_id 0: lost)."""
+    async def main():
+        bob, = on_shard(shard_of("bob"), "h-user")
+        S = shard_of(bob)
+        a = Node(tmp_path / "A")
+        b = Node(tmp_path / "B", owned=set())
+        try:
+            al = Peer(a, "alice", "laptop")
+            for seq in (1, 2, 3):
+                al.feed(F.Send(seq, bob, b"m%d" % seq))
+            assert [x.seq for x in await al.answers(F.Ack, 3)] == [1, 2, 3]
+            producer = al.session.producer
+            await a.log.quiesce(S)
+            chunks = list(export_shard(a.root / f"shard-{S:04d}", CHUNK))
+            link = Link(b)
+            link.fwd(1, 4, producer, "alice", "laptop", bob, b"m4")           # before the shard is here
+            assert await link.answer() == (LT_FWD_ERR, 0, 1, ErrorCode.UNAVAILABLE)
+            imp = ShardImport(b.root, S)
+            for c in chunks:
+                imp.feed(c)
+            imp.finish()
+            a.log.release(S)
+            a.map.give(S)
+            b.log.adopt(S)
+            b.map.take(S)
+            b.router.shard_arrived(S)
+            link.fwd(2, 5, producer, "alice", "laptop", bob, b"m5")           # pipelined behind seq 4
+            assert await link.answer() == (LT_FWD_ERR, 0, 2, ErrorCode.OUT_OF_ORDER)
+            link.fwd(3, 4, producer, "alice", "laptop", bob, b"m4")           # the client resends from 4
+            link.fwd(4, 5, producer, "alice", "laptop", bob, b"m5")
+            (t4, f4, _, id4), (t5, f5, _, id5) = await link.answer(), await link.answer()
+            assert (t4, f4, t5, f5) == (LT_FWD_ACK, 0, LT_FWD_ACK, 0) and 0 < id4 < id5
+            assert [m.payload for m in b.log.pending(bob, "main")] == [b"m1", b"m2", b"m3", b"m4", b"m5"]
+        finally:
+            a.close()
+            b.close()
+
+    asyncio.run(main())
