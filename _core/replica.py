@@ -157,6 +157,21 @@ def _digest_segment(seg, length: int, start: int = 0) -> str:
     return _digest(seg.read, start, length)
 
 
+def digest_files(ranges: dict) -> dict:
+    """{segment id: xxh3_128 of [0, end)} of {segment id: (fd, end)} — fds the
+    caller dup()ed for this (a thread may run it while the loop closes the
+    originals); a file that cannot be read gives None. Closes the fds."""
+    out = {}
+    for sid, (fd, end) in ranges.items():
+        try:
+            out[sid] = digest_fd(fd, end) if os.fstat(fd).st_size >= end else None
+        except OSError:
+            out[sid] = None
+        finally:
+            os.close(fd)
+    return out
+
+
 def log_checksums(log) -> dict:
     """At the owner: {segment id: xxh3_128 of [0, end)} of every installed segment,
     to compare with ReplicaLog.checksums()."""
@@ -504,6 +519,17 @@ class ReplicaLog:
                           digest_fd(f.fd, f.end, HEADER_SIZE)
                           if digests == "all" or (digests == "newest" and sid == newest) else None)
                 for sid, f in sorted(self._files.items())}
+
+    def dup_ranges(self, wanted: dict) -> dict:
+        """{segment id: (dup'd fd, end)} for each of `wanted` ({segment id: end}) this
+        copy holds at least `end` bytes of, for digest_files() on a thread."""
+        self._require_open()
+        out = {}
+        for sid, end in wanted.items():
+            f = self._files.get(sid)
+            if f is not None and f.end >= end:
+                out[sid] = (os.dup(f.fd), end)
+        return out
 
     def checksums(self) -> dict:
         """{segment id: xxh3_128 of bytes [0, end)}, to compare with log_checksums()."""

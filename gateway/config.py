@@ -159,6 +159,9 @@ class GatewayConfig:
     #: seconds a replica may leave a shipment unanswered before its stream is restarted (and, with
     #: degraded_writes, dropped from the in-sync set)
     replica_timeout: float = 2.0
+    #: seconds between checks of one owned shard's replica copies against its log (xxh3_128 of its sealed
+    #: segments, up to 256 MiB, round-robin over the shards): a copy that differs is rebuilt. 0: off
+    replica_check_interval: float = 30.0
 
     def validate(self) -> None:
         if not (0 <= self.port <= 65535):

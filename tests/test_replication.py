@@ -254,3 +254,54 @@ def test_a_replica_whose_disk_fills_hands_its_copy_to_another_node(nats_cluster,
         assert "event=replica_disk_room node=n3" in nodes.procs["n3"].text
     finally:
         nodes.stop_all()
+
+
+def test_a_replica_copy_that_differs_from_the_log_is_rebuilt_before_it_takes_over(nats_cluster, tmp_path):
+    """A byte of a message in a sealed segment of b's shard's replica copy changes
+    on disk (a bad disk, a hand). The owner's periodic check (xxh3_128 of sealed
+    segments on both sides) finds it, takes the replica out of the in-sync set and
+    rebuilds it from a snapshot; then the owner is killed with SIGKILL, the replica
+    takes over, and b receives every message exactly as sent."""
+    nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2", "n3"],
+                  extra=("--replicas", "2", "--segment-size", "1M", "--replica-check-interval", "0.2"))
+    try:
+        nodes.start_all()
+        _wait("every shard in sync", lambda: _in_sync(nodes, "n1"))
+        b, = nodes.users_on("n2", 1, "kb")
+        a, = nodes.users_on("n1", 1, "ka")
+        s = shard_of(b, nodes.shards)
+        owner, (rep,) = owner_and_replicas(nodes, "n1", b)
+        sent = [f"{i:04d}:" + "y" * 12_000 for i in range(250)]          # ~3 MB: sealed 1 MiB segments
+
+        async def fill():
+            async with nodes.any_client(a) as ca:
+                await asyncio.gather(*(ca.send(b, text, timeout=60) for text in sent))
+        asyncio.run(asyncio.wait_for(fill(), 120))
+        copy = nodes.dir(rep) / "replicas" / f"shard-{s:04d}"
+        first = sorted(copy.glob("*.seg"))[0]
+        data = first.read_bytes()
+        at = data.index(b"0007:yyyy") + 7
+        with open(first, "r+b") as f:                       # one byte of message 7, at rest
+            f.seek(at)
+            f.write(b"z")
+        text = _wait("the check finds it", lambda: re.search(
+            rf"event=replica_checksum_mismatch shard={s} replica={rep} segments=\d+", nodes.procs[owner].text), 30)
+        assert text
+        _wait("rebuilt and in sync again", lambda: "how=\"snapshot (rebuild: checksums" in nodes.procs[owner].text
+              and owner_and_replicas(nodes, owner, b)[1] == [rep], 60,
+              lambda: owner_and_replicas(nodes, owner, b))
+        assert open(first, "rb").read()[at:at + 1] == b"y"
+        nodes.kill9(owner)
+
+        async def drain():
+            async with nodes.any_client(b) as cb:
+                got = []
+                while len(got) < len(sent):
+                    m = await cb.recv(timeout=30)
+                    got.append(m.text)
+                    await cb.ack(m)
+                return got
+        assert asyncio.run(asyncio.wait_for(drain(), 120)) == sent
+        assert re.search(rf"event=shards_taken_over count=\d+ from={owner}", nodes.procs[rep].text)
+    finally:
+        nodes.stop_all()

@@ -70,5 +70,8 @@ def validate_cluster(cfg) -> None:
         raise ValueError(f"replicas must be between 1 and 5 copies, got {cfg.replicas}")
     if not (0.2 <= cfg.replica_timeout <= 120):
         raise ValueError(f"replica timeout must be between 0.2 and 120 seconds, got {cfg.replica_timeout}")
+    if cfg.replica_check_interval and not (0.1 <= cfg.replica_check_interval <= 86400):
+        raise ValueError(f"replica check interval must be 0 (off) or 0.1 to 86400 seconds, "
+                         f"got {cfg.replica_check_interval}")
     if cfg.store != "log":
         raise ValueError("a cluster node needs the durable log (store = \"log\"): shards move between nodes as logs")

@@ -444,4 +444,7 @@ def placement(isr: list, catching: list, ranked: list, want: int, target: str | 
     cat2 += [n for n in ideal if n not in isr2 and n not in cat2]
     if len(ideal) >= want and all(n in isr2 for n in ideal):
         isr2 = [n for n in isr2 if n in ideal]
+    # in rendezvous order: the first live one takes over, where the planner wants the shard then
+    order = {n: i for i, n in enumerate(ranked)}
+    isr2.sort(key=lambda n: order.get(n, len(order)))
     return isr2, cat2

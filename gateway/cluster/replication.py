@@ -36,6 +36,7 @@ import collections
 import errno
 import itertools
 import json
+import os
 import shutil
 import struct
 import time
@@ -50,7 +51,7 @@ from .. import log
 
 _log = log.get("switchboard.cluster")
 
-K_OPEN, K_SHIP, K_ACK, K_HELD, K_REFUSED, K_FENCED, K_RESET = 1, 2, 3, 4, 5, 6, 7
+K_OPEN, K_SHIP, K_ACK, K_HELD, K_REFUSED, K_FENCED, K_RESET, K_CHECK, K_CHECKED = 1, 2, 3, 4, 5, 6, 7, 8, 9
 _ENV = struct.Struct("!BIQQQ")            # kind, shard, epoch (the owner's since), stream generation, seq
 #: bytes of records per shipment (NATS max_payload is 1 MiB by default)
 CHUNK = 512 << 10
@@ -58,6 +59,8 @@ CHUNK = 512 << 10
 WINDOW = 8 << 20
 OPEN_PARALLEL = 16
 SWEEP = 0.1
+#: bytes of sealed segments one check of a shard's copies reads on each side, at most
+CHECK_BYTES = 256 << 20
 _generations = itertools.count(time.time_ns())
 
 
@@ -96,6 +99,7 @@ class Stream:
         self.broken_since = 0.0
         self.why = ""
         self.acked = self.shipped_bytes = 0
+        self.rebuild = ""                 # why its next open must send a whole snapshot (the copy is bad)
 
     def effective(self, current: int) -> int:
         return current if self.need_round is None else self.need_round - 1
@@ -151,6 +155,10 @@ class Replication:
         self._full_left: set = set()        # shards whose copy our full disk refused, to leave by one CAS
         self._full_task = None
         self._room_checked = 0.0
+        self._check_at = time.monotonic() + cfg.replica_check_interval
+        self._checking = None             # the task comparing one shard's copies
+        self._check_cursor = -1
+        self.checks = self.check_mismatches = 0
         self._lock = asyncio.Lock()       # replica applies and syncs, one at a time
         self._acks_after_sync: list = []
         self._out: collections.deque = collections.deque()
@@ -173,7 +181,7 @@ class Replication:
         self.reconcile(self.node.view)
 
     async def close(self) -> None:
-        for t in (*self._tasks, self._publisher, self._sets_task, self._full_task):
+        for t in (*self._tasks, self._publisher, self._sets_task, self._full_task, self._checking):
             if t is not None:
                 t.cancel()
         for sub in self._subs:
@@ -437,6 +445,8 @@ class Replication:
         st.tap = rp.LogTap(lg)
         st.snap = None
         how = "resume"
+        if st.rebuild:
+            holdings, how, st.rebuild = {}, f"snapshot (rebuild: {st.rebuild})", ""
         if holdings:
             try:
                 st.tap.resume(holdings)
@@ -444,7 +454,7 @@ class Replication:
                 how = f"snapshot ({exc})"
                 st.snap = st.tap.snapshot(CHUNK)
         else:
-            how = "snapshot"
+            how = "snapshot" if how == "resume" else how
             st.snap = st.tap.snapshot(CHUNK)
         st.state = "live"
         st.caught_up = False
@@ -569,6 +579,8 @@ class Replication:
                 await self._apply(msg, s, epoch, gen, seq, body)
             elif kind == K_OPEN:
                 await self._open_copy(msg, s, epoch, gen, bytes(body).decode())
+            elif kind == K_CHECK:
+                await self._check_copy(msg, s, epoch, gen, body)
             elif kind == K_RESET:
                 h = self.hosted.get(s)
                 if h is not None and h.gen == gen:
@@ -704,6 +716,92 @@ class Replication:
         if delete:
             shutil.rmtree(self._copy_dir(s), ignore_errors=True)
             _log.info("event=replica_dropped shard=%d why=%s", s, log.q(why))
+
+    # -- comparing checksums -------------------------------------------------------------
+    async def _check_next(self) -> None:
+        """Every `replica_check_interval`: the next owned shard (round-robin) is
+        compared with each in-sync replica whose stream is live — xxh3_128 of each
+        sealed segment (up to CHECK_BYTES), read on a thread on both sides. The
+        bytes a stream ships are checked as they are applied; this finds what went
+        wrong at rest (a bad disk, a copy changed by hand) before a takeover would
+        open it."""
+        owned = sorted(self.owned)
+        if not owned:
+            return
+        later = [s for s in owned if s > self._check_cursor]
+        s = self._check_cursor = (later or owned)[0]
+        try:
+            await self._check_shard(s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:                # asked again at the next check of this shard
+            _log.warning("event=replica_check_failed shard=%d error=%s", s, log.q(repr(exc)))
+
+    async def _check_shard(self, s: int) -> None:
+        ss = self.owned.get(s)
+        lg = self.store.logs.get(s)
+        if ss is None or lg is None or lg._closed or len(lg.segments) < 2:
+            return
+        wanted, total = {}, 0
+        for seg in lg.segments[:-1]:               # sealed: their bytes no longer change
+            if total + seg.end > CHECK_BYTES and wanted:
+                break
+            wanted[seg.segment_id] = seg.end
+            total += seg.end
+        loop = asyncio.get_running_loop()
+        for node in [n for n in self.node.view.replicas.get(s, ()) if n in ss.streams]:
+            st = ss.streams[node]
+            if st.state != "live" or not st.caught_up:
+                continue
+            bad = await self._compare(s, st, wanted, loop)
+            if bad and (await self._compare(s, st, {sid: wanted[sid] for sid in bad}, loop)):
+                self._copy_bad(s, st, bad)          # twice: not a segment removed between the two reads
+
+    async def _compare(self, s: int, st: Stream, wanted: dict, loop) -> list:
+        """Segment ids whose digest differs between our log and `st`'s replica."""
+        ranges = {}
+        for sid, end in wanted.items():
+            seg = next((x for x in self.store.logs[s].segments if x.segment_id == sid), None)
+            if seg is not None:
+                try:
+                    ranges[sid] = (os.open(seg.path, os.O_RDONLY), end)
+                except OSError:
+                    pass                            # deleted meanwhile (consumed)
+        ours = await loop.run_in_executor(None, rp.digest_files, ranges)
+        reply = await self.node.nc.request(
+            self._dest(st), _env(K_CHECK, s, self._epoch(s), st.gen, 0,
+                                 json.dumps({str(k): v for k, v in wanted.items()}).encode()),
+            timeout=max(self.cfg.replica_timeout, 10.0))
+        kind = _ENV.unpack_from(reply.data)[0]
+        if kind != K_CHECKED:
+            return []                               # the stream changed meanwhile: the next check
+        theirs = {int(k): v for k, v in json.loads(bytes(reply.data[_ENV.size:])).items()}
+        self.checks += 1
+        return [sid for sid, d in ours.items() if d is not None and sid in theirs and theirs[sid] != d]
+
+    def _copy_bad(self, s: int, st: Stream, bad: list) -> None:
+        """A replica's copy differs from the log: it may not take over (out of the
+        in-sync set, by CAS; the shard's ACKs wait for in-sync copies again) and is
+        rebuilt from a whole snapshot."""
+        self.check_mismatches += 1
+        _log.error("event=replica_checksum_mismatch shard=%d replica=%s segments=%s why=%s", s, st.node,
+                   ",".join(map(str, bad)), log.q("its copy differs from the log: rebuilt from a snapshot"))
+        st.rebuild = f"checksums of segments {','.join(map(str, bad))} differed"
+        self._demote.add((s, st.node))
+        self._schedule_sets()
+        self._break(st, st.rebuild)
+
+    async def _check_copy(self, msg, s: int, epoch: int, gen: int, body) -> None:
+        """The owner asks for the digests of sealed segments of our copy of s."""
+        h = self.hosted.get(s)
+        if h is None or h.gen != gen or not msg.reply:
+            if msg.reply:
+                await self.node.nc.publish(msg.reply, _env(K_REFUSED, s, epoch, gen, 0, b"no such stream here"))
+            return
+        wanted = {int(k): v for k, v in json.loads(bytes(body)).items()}
+        digests = await asyncio.get_running_loop().run_in_executor(None, rp.digest_files, h.log.dup_ranges(wanted))
+        await self.node.nc.publish(msg.reply, _env(K_CHECKED, s, epoch, gen, 0, json.dumps(
+            {str(k): v for k, v in digests.items()}).encode()))
 
     # -- a full disk ----------------------------------------------------------------------
     def _leave_full(self, s: int) -> None:
@@ -863,6 +961,10 @@ class Replication:
                 self._sweep_once()
                 await self._take_over()
                 now = time.monotonic()
+                if (self.cfg.replica_check_interval and now >= self._check_at
+                        and (self._checking is None or self._checking.done())):
+                    self._check_at = now + self.cfg.replica_check_interval
+                    self._checking = self.gw.loop.create_task(self._check_next())
                 if self.worker == 0 and self.me in self.node.view.full and now - self._room_checked > 1.0:
                     self._room_checked = now
                     if self._has_room():
@@ -902,7 +1004,8 @@ class Replication:
                 "shipped_bytes": sum(st.shipped_bytes for st in streams),
                 "replica_copies": len(self.hosted), "takeovers": self.takeovers,
                 "last_takeover": self.last_takeover, "refused": self.refused, "fenced": self.fenced,
-                "acks_dropped": self.dropped_waiters}
+                "acks_dropped": self.dropped_waiters, "checks": self.checks,
+                "check_mismatches": self.check_mismatches}
 
 
 def _sync_all(hosted) -> None:
