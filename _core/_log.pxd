@@ -100,6 +100,7 @@ cdef class LogCore:
     cdef public uint64_t ttl_ms
     cdef public bint storage_full         # the last try to make a segment failed for lack of space
     cdef public bint reserve_ok           # content may use the active segment: a reserve spare is held (AppendLog)
+    cdef public object refuse_sends       # None, or why new SENDs to this shard are refused (UNAVAILABLE)
     cdef list _unrecorded                 # CONSUME chunks applied in memory, not yet written (no room)
     cdef readonly uint64_t appended
     cdef readonly uint64_t consumed

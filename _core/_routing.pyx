@@ -446,6 +446,14 @@ cdef class RouteCore:
         table = log.producers if log is not None else <ProducerTable>self.store.producers
         if key is None:
             key = user + "\x00" + device
+        if log is not None and log.refuse_sends is not None:
+            # too few copies and no node for another: refused, a retry of something stored too (its ACK
+            # would say R copies hold it); later seqs wait for this one, as for any refusal
+            self._refusal = <str>log.refuse_sends
+            st = table.get(key)
+            if st is None or seq > (<ProducerState>st).high:
+                table.refused(key, producer, seq, ErrorCode.UNAVAILABLE, False)
+            return ErrorCode.UNAVAILABLE
         admit = table.admit(key, producer, seq, msg_id, ts)
         if admit == ADMIT_DUPLICATE:
             if msg_id[0] == 0 and ts[0] == 0:    # rare: a retry older than the window (its ACK carries id 0)

@@ -1171,6 +1171,9 @@ class ShardedLog(_Committed):
         self._writers: dict[int, AppendLog] = {}
         #: shards moving away: "quiesced" (still readable here) or "released" (closed, unlocked)
         self.moving: dict[int, str] = {}
+        #: shard -> why new SENDs to it are refused (a cluster's replication: too few copies), set on
+        #: each of its logs as `refuse_sends`, also on one made later
+        self.refusing_sends: dict[int, str] = {}
         self._opened = False
 
     def _dir(self, shard: int) -> Path:
@@ -1194,6 +1197,7 @@ class ShardedLog(_Committed):
         for key, table in lg.recovered_dedup.items():
             self.recovered_dedup.setdefault(key, {}).update(table)
         self.logs[shard] = self._writers[shard] = lg
+        lg.refuse_sends = self.refusing_sends.get(shard)
         if self.loop is not None:
             lg.start(self.loop)
         return lg

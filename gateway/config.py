@@ -150,8 +150,9 @@ class GatewayConfig:
     cluster_timeout: float = 3.0
     #: copies of each shard's log in a cluster, the owner's included (1-5): with 2 or more a SEND is ACKed
     #: only once every in-sync replica holds it (under `durability`), and a replica takes the shard over
-    #: when its owner's lease expires (docs/cluster.md, Replication)
-    replicas: int = 1
+    #: when its owner's lease expires (docs/cluster.md, Replication); with fewer live nodes than this,
+    #: SENDs are refused (UNAVAILABLE) unless degraded_writes. 1: a dead node's shards wait for it
+    replicas: int = 2
     #: with fewer live copies than `replicas`, ACK with the copies there are (a shard whose replicas are all
     #: gone is then on one machine: losing it loses what was ACKed meanwhile); off: ACKs wait until a
     #: replica is back or replaced and has caught up

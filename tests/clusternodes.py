@@ -26,6 +26,8 @@ class Nodes:
                  bootstrap=None):
         self.root, self.nats_url, self.names = Path(root), nats_url, list(names)
         self.bootstrap = list(bootstrap or names)
+        if "--replicas" not in extra:
+            extra = ("--replicas", "1", *extra)      # the tests of one copy per shard say so (default: 2)
         self.workers, self.shards, self.extra = workers, shards, tuple(extra)
         self.procs = {}
         self.ports = {}               # name -> (tcp, ws, admin): a restart keeps them

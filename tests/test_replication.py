@@ -305,3 +305,46 @@ def test_a_replica_copy_that_differs_from_the_log_is_rebuilt_before_it_takes_ove
         assert re.search(rf"event=shards_taken_over count=\d+ from={owner}", nodes.procs[rep].text)
     finally:
         nodes.stop_all()
+
+
+def test_with_fewer_nodes_than_replicas_sends_are_refused_clearly_until_one_joins(nats_cluster, tmp_path):
+    """`replicas` is 2 by default. One node alone cannot hold two copies: a SEND
+    gets UNAVAILABLE saying why (not an ACK that never comes); once a second
+    node joins and holds the copies, the same SEND, resent, is ACKed and
+    delivered once."""
+    from _core import frames as F
+    from _core.codec import encode
+    from _core.protocol import ErrorCode
+    from rawclient import Raw
+
+    from gateway.config import GatewayConfig
+    assert GatewayConfig().replicas == 2
+    from gateway.cluster.shardmap import hrw_owner
+    nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2"], bootstrap=["n1"], extra=("--replicas", "2"))
+    alice, bob = [next(u for u in (f"{p}{i}" for i in range(1000))       # shards n1 keeps when n2 joins
+                       if hrw_owner(shard_of(u, nodes.shards), ["n1", "n2"]) == "n1") for p in ("fa", "fb")]
+    try:
+        gw = nodes.start("n1")
+        _wait("n1 says it is short", lambda: "event=replicas_short" in gw.text, 30)
+        with Raw(gw, timeout=10) as raw:
+            raw.hello(nodes.token(alice, "phone"), device="phone")
+            raw.send(encode(F.Send(1, bob, b"hello")))
+            err = raw.frame()
+            assert isinstance(err, F.Error) and (err.code, err.ref, err.fatal) == (ErrorCode.UNAVAILABLE, 1, False), err
+            assert "1 of 2 copies and there is no live node for another" in err.reason, err.reason
+            nodes.start("n2")
+            _wait("every shard in sync", lambda: _in_sync(nodes, "n1"), 60)
+            raw.send(encode(F.Send(1, bob, b"hello")))
+            ack = raw.frame()
+            assert isinstance(ack, F.Ack) and ack.seq == 1 and ack.msg_id, ack
+
+        async def receive():
+            async with nodes.any_client(bob) as cb:
+                m = await cb.recv(timeout=30)
+                await cb.ack(m)
+                with pytest.raises(asyncio.TimeoutError):
+                    await cb.recv(timeout=0.3)
+                return m.text
+        assert asyncio.run(asyncio.wait_for(receive(), 60)) == "hello"
+    finally:
+        nodes.stop_all()

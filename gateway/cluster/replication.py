@@ -111,6 +111,7 @@ class ShardStreams:
         self.streams: dict[str, Stream] = {}
         self.last_pos = None              # the log's (newest segment, end) at the last round
         self.hole_round: int | None = None    # changes made while the shard had too few copies
+        self.refusing: str | None = None      # why its SENDs are refused: too few copies, no node for another
 
 
 class Hosted:
@@ -155,6 +156,7 @@ class Replication:
         self._full_left: set = set()        # shards whose copy our full disk refused, to leave by one CAS
         self._full_task = None
         self._room_checked = 0.0
+        self._warned_hopeless = False
         self._check_at = time.monotonic() + cfg.replica_check_interval
         self._checking = None             # the task comparing one shard's copies
         self._check_cursor = -1
@@ -241,6 +243,8 @@ class Replication:
         for s in list(self.owned):
             if view.owner[s] != self.me:
                 del self.owned[s]
+                self.store.refusing_sends.pop(s, None)
+        self._refuse_where_hopeless(view)
         self.schedule_flush()
         self.check_soon()
 
@@ -323,7 +327,9 @@ class Replication:
                 pos = (seg.segment_id, seg.end)
             changed = pos != ss.last_pos
             ss.last_pos = pos
-            if changed and self._short(view, s) and ss.hole_round is None:
+            if lg is not None and lg.refuse_sends is not ss.refusing:
+                lg.refuse_sends = ss.refusing
+            if changed and ss.hole_round is None and ss.refusing is None and self._short(view, s):
                 ss.hole_round = rnd
             for st in ss.streams.values():
                 if changed and st.need_round is None:
@@ -335,6 +341,66 @@ class Replication:
                 elif st.state == "live" and (changed or st.snap is not None or not st.caught_up):
                     self._ship(st, lg, rnd)
         self.check_soon()
+
+    def _refuse_where_hopeless(self, view) -> None:
+        """A shard with fewer in-sync copies than `replicas` and no live node that
+        could hold another (too few nodes, or their disks full) refuses new SENDs
+        with UNAVAILABLE and says why, rather than storing them to ACK who knows
+        when. One that is short but has a node catching up, or one to place, waits
+        (its ACKs come once the copy is in sync: seconds)."""
+        if self.cfg.degraded_writes:
+            return
+        members = self.node.members
+        spare = {n for n, i in members.live_nodes().items()
+                 if n != self.me and not i.get("draining") and n not in view.full}
+        hopeless = 0
+        for s, ss in self.owned.items():
+            isr = view.replicas.get(s, ())
+            reason = None
+            if 1 + len(isr) < self.copies and len(spare | set(isr)) < self.copies - 1:
+                reason = (f"shard {s} has {1 + len(isr)} of {self.copies} copies and there is no live node for "
+                          f"another (fewer nodes than replicas, or their disks full): SENDs to it are refused "
+                          f"until one joins (degraded_writes would accept them with fewer copies)")
+                hopeless += 1
+            if reason is not None and ss.refusing is None:
+                self._hopeless(ss)
+            elif reason is None and ss.refusing is not None and 1 + len(isr) < self.copies:
+                ss.hole_round = self.round + 1    # short still: what is answered from now waits for the copy
+            ss.refusing = reason
+            if reason is None:
+                self.store.refusing_sends.pop(s, None)
+            else:
+                self.store.refusing_sends[s] = reason
+        if hopeless and not self._warned_hopeless:
+            _log.warning("event=replicas_short shards=%d copies=%d live_nodes=%d why=%s", hopeless, self.copies,
+                         1 + len(spare), log.q("SENDs to these shards are refused (UNAVAILABLE) until a node joins"))
+        self._warned_hopeless = bool(hopeless)
+
+    def _hopeless(self, ss: ShardStreams) -> None:
+        """Shard ss.shard has just lost every chance of another copy: ACKs waiting on
+        it would wait until a node joins, and hold every later ACK of this worker
+        (they are released in order). They are not written; their sessions are
+        closed instead, as for a deposed shard: the clients resend, the SENDs to
+        this shard are refused (UNAVAILABLE, saying why) and those to others get
+        their original ACKs. Its other writes (devices, CONSUMEs) go on with the
+        one copy until a node joins and takes a snapshot."""
+        if ss.hole_round is None:
+            return
+        keep_to = ss.hole_round - 1
+        ss.hole_round = None
+        kept = collections.deque()
+        dropped = 0
+        for w in self.waiters:
+            if w[0] <= keep_to:
+                kept.append(w)
+            else:
+                dropped += 1
+                _close_instead(w[1], w[2])
+        self.waiters = kept
+        self.dropped_waiters += dropped
+        if dropped:
+            _log.warning("event=replica_acks_dropped shard=%d batches=%d why=%s", ss.shard, dropped,
+                         log.q("no node left for a copy: their sessions are closed, the clients resend"))
 
     def _short(self, view, s: int) -> bool:
         return not self.cfg.degraded_writes and 1 + len(view.replicas.get(s, ())) < self.copies
@@ -994,6 +1060,7 @@ class Replication:
                         and st.node in view.replicas.get(s, ()) and (s, st.node) not in self._demote):
                     self._demote.add((s, st.node))
                     self._schedule_sets()
+        self._refuse_where_hopeless(view)          # nodes come and go without a map change too
         self.schedule_flush()
 
     def stats(self) -> dict:
