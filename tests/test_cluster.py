@@ -245,13 +245,17 @@ def _last_until(t0: float, seconds: float) -> None:
         time.sleep(0.2)
 
 
-def test_a_node_joins_and_one_is_drained_under_load(nats_cluster, tmp_path):
+@pytest.mark.parametrize("replicas", [1, 2], ids=["copying", "promoting"])
+def test_a_node_joins_and_one_is_drained_under_load(nats_cluster, tmp_path, replicas):
     """n3 joins a 2-node cluster while clients stream messages, and takes its
     share of the shards; then n1 is drained with `switchboard drain` and hands
     all of its shards away before it exits. Clients use every node as a seed
     and follow redirects; every ACKed message reaches its recipient exactly
-    once, in the order sent."""
-    nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2", "n3"], bootstrap=["n1", "n2"])
+    once, in the order sent. With one copy per shard a move copies the shard's
+    files; with two it promotes a replica (test_replication kills an owner in
+    the middle of a move)."""
+    nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2", "n3"], bootstrap=["n1", "n2"],
+                  extra=("--replicas", str(replicas)))
     nodes.start("n1")
     nodes.start("n2")
     pairs = [(f"js{i}", f"jr{i}") for i in range(8)]
@@ -313,8 +317,11 @@ def test_a_node_joins_and_one_is_drained_under_load(nats_cluster, tmp_path):
         n1.proc.wait(30)
         assert n1.proc.returncode == 0, n1.text[-3000:]
         assert "event=shards_handed_over" in n1.text and "complete=True" in n1.text
-        owners = nodes.status("n2")["workers"]["0"]["owners"]
-        assert set(owners) == {"n2", "n3"} and sum(owners.values()) == 64, owners
+        if replicas > 1:
+            assert "from=promotion" in nodes.procs["n2"].text + nodes.procs["n3"].text
+        owners = _wait("n2 and n3 own every shard", lambda: (lambda o: set(o) == {"n2", "n3"} and o)(
+            nodes.status("n2")["workers"]["0"]["owners"]), 30)
+        assert sum(owners.values()) == 64, owners
         for name in ("n2", "n3"):
             assert re.search(r"event=shard_adopted", nodes.procs[name].text)
     finally:

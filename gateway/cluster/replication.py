@@ -979,8 +979,8 @@ class Replication:
         out = {}
         for s, h in self.hosted.items():
             owner = view.owner[s]
-            if owner == self.me or members.alive(owner) or s in view.moving or s in self.taking:
-                continue
+            if owner == self.me or members.alive(owner) or s in self.taking:
+                continue                     # (a shard marked moving whose owner died mid-move too)
             isr = view.replicas.get(s, ())
             live = [n for n in isr if n == self.me or members.alive(n)]
             if live and live[0] == self.me and h.synced:
@@ -1000,9 +1000,11 @@ class Replication:
         def mutate(d):
             owners = {}
             for s, was in todo.items():
-                if d.owner[s] == was and not alive(was) and self.me in d.replicas.get(s, ()) and s not in d.moving:
+                if d.owner[s] == was and not alive(was) and self.me in d.replicas.get(s, ()):
                     owners[s] = self.me
                     d.replicas[s] = [n for n in d.replicas[s] if n != self.me]
+                    # its owner died mid-move (never switched): every in-sync copy holds what it ACKed
+                    d.moving.pop(s, None)
             return owners or None
         try:
             new = await self.node.map.change(mutate)
