@@ -139,6 +139,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _server_flags(p, default_workers=2)
 
 
+    p = kinds.add_parser("catchup", help="a node's copies coming back after kill -9: returning and rebuilt, MB/s",
+                         description="A 3-node cluster with --replicas copies, filled with --mb of stored "
+                                     "messages; n3 is killed with SIGKILL and started again on its data dir, "
+                                     "then on an empty one; each time from READY to every shard in sync, and "
+                                     "the bytes the replica streams shipped (bench/catchup.py).")
+    p.add_argument("--mb", type=_int, default=256, help="MB of messages stored before the kill (default %(default)s)")
+    p.add_argument("--size", type=_int, default=4000, help="payload bytes (default %(default)s)")
+    p.add_argument("--replicas", type=_int, default=2, help="copies of each shard (default %(default)s)")
+    p.add_argument("--shards", type=_int, default=64, help="the cluster's shards (default %(default)s)")
+    _server_flags(p, default_workers=1)
+
+
 def _throughput_flags(p, against) -> None:
     if against:
         p.add_argument("--against", default=against, type=_servers(ROUTING_SERVERS),
@@ -174,6 +186,9 @@ def run(args) -> int:
         if args.bench_verb == "soak":
             from . import soak
             return soak.run(args)
+        if args.bench_verb == "catchup":
+            from . import catchup
+            return catchup.run(args)
         if args.bench_verb == "cluster":
             from . import cluster
             return cluster.run(args)

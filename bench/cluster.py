@@ -98,7 +98,7 @@ class ClusterUnderTest:
                     total["msgs_out"] += float(line.split()[-1])
             with urllib.request.urlopen(f"http://{host}:{port}/cluster", timeout=5) as r:     # replica streams
                 for w in json.loads(r.read())["workers"].values():
-                    total["bytes_out"] += ((w or {}).get("replication") or {}).get("shipped_bytes", 0)
+                    total["bytes_out"] += ((w or {}).get("replication") or {}).get("shipped_bytes_total", 0)
         return total
 
     def stop(self) -> None:

@@ -167,6 +167,7 @@ class Replication:
         self._publisher = None
         self._syncing = False
         self.takeovers = self.refused = self.fenced = self.dropped_waiters = 0
+        self.shipped_total = 0            # bytes every stream of this worker shipped (streams come and go)
         self.last_takeover: dict = {}
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -433,6 +434,7 @@ class Replication:
                 st.outstanding.append((st.seq, rnd, len(data), time.monotonic()))
                 st.out_bytes += len(data)
                 st.shipped_bytes += len(data)
+                self.shipped_total += len(data)
                 self._send(self._dest(st), _env(K_SHIP, st.shard, self._epoch(st.shard),
                                                                   st.gen, st.seq, data),
                                              answer_subject(self.cluster, self.me, self.worker))
@@ -1071,6 +1073,7 @@ class Replication:
         return {"copies": self.copies, "degraded_writes": self.cfg.degraded_writes, "round": self.round,
                 "waiting_acks": len(self.waiters), "streams": dict(states),
                 "shipped_bytes": sum(st.shipped_bytes for st in streams),
+                "shipped_bytes_total": self.shipped_total,
                 "replica_copies": len(self.hosted), "takeovers": self.takeovers,
                 "last_takeover": self.last_takeover, "refused": self.refused, "fenced": self.fenced,
                 "acks_dropped": self.dropped_waiters, "checks": self.checks,
