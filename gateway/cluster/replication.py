@@ -153,6 +153,8 @@ class Replication:
         self._promote: set = set()          # (shard, node) to move from catching to in sync, by one CAS
         self._sets_task = None
         self._demote: set = set()
+        #: owned shards with a hole or a stream's unacknowledged round: the only ones _check looks at
+        self._watch: set = set()
         self._full_left: set = set()        # shards whose copy our full disk refused, to leave by one CAS
         self._full_task = None
         self._room_checked = 0.0
@@ -161,7 +163,9 @@ class Replication:
         self._checking = None             # the task comparing one shard's copies
         self._check_cursor = -1
         self.checks = self.check_mismatches = 0
-        self._lock = asyncio.Lock()       # replica applies and syncs, one at a time
+        #: per hosted shard: its copy's applies and syncs, one at a time (a sync of one copy never
+        #: holds up the applies to the others)
+        self._locks: dict[int, asyncio.Lock] = {}
         self._acks_after_sync: list = []
         self._out: collections.deque = collections.deque()
         self._publisher = None
@@ -237,10 +241,12 @@ class Replication:
                     if st.need_round is not None:
                         ss.hole_round = st.need_round if ss.hole_round is None else min(ss.hole_round,
                                                                                         st.need_round)
+                        self._watch.add(s)
             for n in want:
                 if n not in ss.streams:
                     st = ss.streams[n] = Stream(s, n)
                     st.need_round = self.round + 1 if ss.last_pos is not None else None
+                    self._watch.add(s)
         for s in list(self.owned):
             if view.owner[s] != self.me:
                 del self.owned[s]
@@ -332,9 +338,11 @@ class Replication:
                 lg.refuse_sends = ss.refusing
             if changed and ss.hole_round is None and ss.refusing is None and self._short(view, s):
                 ss.hole_round = rnd
+                self._watch.add(s)
             for st in ss.streams.values():
                 if changed and st.need_round is None:
                     st.need_round = rnd
+                    self._watch.add(s)
                 if st.state == "waiting-log" and pos is not None:
                     st.state = "new"          # the shard's first write: ship its log from the start
                 if st.state == "new":
@@ -367,6 +375,7 @@ class Replication:
                 self._hopeless(ss)
             elif reason is None and ss.refusing is not None and 1 + len(isr) < self.copies:
                 ss.hole_round = self.round + 1    # short still: what is answered from now waits for the copy
+                self._watch.add(s)
             ss.refusing = reason
             if reason is None:
                 self.store.refusing_sends.pop(s, None)
@@ -464,6 +473,7 @@ class Replication:
         st.tap = None
         if st.need_round is None:
             st.need_round = self.round + 1
+            self._watch.add(st.shard)
 
     def _open(self, st: Stream) -> None:
         st.state = "opening"
@@ -529,6 +539,7 @@ class Replication:
         st.seq = 0
         if st.need_round is None:
             st.need_round = self.round + 1
+            self._watch.add(st.shard)
         _log.info("event=replica_stream_open shard=%d replica=%s how=%s", st.shard, st.node, log.q(how))
         self.schedule_flush()
 
@@ -550,6 +561,7 @@ class Replication:
                 st.acked += 1
             if st.outstanding:
                 st.need_round = st.outstanding[0][1]
+                self._watch.add(s)
             elif st.caught_up:
                 self._caught_up(st)
             else:
@@ -576,16 +588,26 @@ class Replication:
         self._check_soon = False
         view = self.node.view
         bound = self.round
-        for s, ss in self.owned.items():
-            short = self._short(view, s)
-            if not short:
-                ss.hole_round = None
-            elif ss.hole_round is not None:
-                bound = min(bound, ss.hole_round - 1)
-            for n in view.replicas.get(s, ()):
-                st = ss.streams.get(n)
-                if st is not None and st.need_round is not None:
-                    bound = min(bound, st.need_round - 1)
+        watch = self._watch
+        for s in list(watch):                  # only shards with rounds not yet held by every copy
+            ss = self.owned.get(s)
+            if ss is None:
+                watch.discard(s)
+                continue
+            if ss.hole_round is not None:
+                if not self._short(view, s):
+                    ss.hole_round = None
+                else:
+                    bound = min(bound, ss.hole_round - 1)
+            pending = ss.hole_round is not None
+            isr = view.replicas.get(s, ())
+            for n, st in ss.streams.items():
+                if st.need_round is not None:
+                    pending = True
+                    if n in isr:
+                        bound = min(bound, st.need_round - 1)
+            if not pending:
+                watch.discard(s)
         waiters = self.waiters
         while waiters and waiters[0][3] and waiters[0][0] <= bound:
             _, then, arg, _ = waiters.popleft()
@@ -654,7 +676,7 @@ class Replication:
                 if h is not None and h.gen == gen:
                     if h.log.position() != (0, 0):
                         self._forget_copy(s, "its owner holds nothing of the shard")
-                        async with self._lock:
+                        async with self._copy_lock(s):
                             self._copy_dir(s).mkdir(parents=True, exist_ok=True)
                             fresh = self.hosted[s] = Hosted(s, self._copy_dir(s))
                             fresh.log.open()
@@ -688,7 +710,7 @@ class Replication:
         if answer is not None:
             await self.node.nc.publish(msg.reply, _env(answer[0], s, epoch, gen, 0, answer[1].encode()))
             return
-        async with self._lock:
+        async with self._copy_lock(s):
             h = self.hosted.get(s)
             if h is None:
                 self._copy_dir(s).mkdir(parents=True, exist_ok=True)
@@ -710,7 +732,7 @@ class Replication:
             self._send(msg.reply, _env(K_REFUSED, s, epoch, gen, seq,
                                                        b"no stream of this generation here: open again"))
             return
-        async with self._lock:
+        async with self._copy_lock(s):
             try:
                 batch = rp.decode(body)
                 h.log.apply(batch, epoch)
@@ -756,14 +778,40 @@ class Replication:
         finally:
             self._syncing = False
 
+    def _copy_lock(self, s: int) -> asyncio.Lock:
+        lock = self._locks.get(s)
+        if lock is None:
+            lock = self._locks[s] = asyncio.Lock()
+        return lock
+
     async def _record(self, always: bool) -> None:
-        async with self._lock:
-            dirty = [h for h in self.hosted.values() if h.dirty]
+        """Sync the copies written since the last time: their data, then their record
+        (REPLICA). `always`: all of them in one round on a thread, holding their
+        locks (the ACKs waiting for it go out after); `interval`: one at a time,
+        so an apply to a copy waits for that copy's sync at most."""
+        loop = asyncio.get_running_loop()
+        dirty = sorted((h for h in self.hosted.values() if h.dirty), key=lambda h: h.shard)
+        if not always:
+            for h in dirty:
+                async with self._copy_lock(h.shard):
+                    if self.hosted.get(h.shard) is h and h.dirty:
+                        h.dirty = False
+                        await loop.run_in_executor(None, h.log.sync)
+            return
+        locks = [self._copy_lock(h.shard) for h in dirty]
+        taken = []
+        try:
+            for lock in locks:                 # in shard order: no two rounds wait on each other
+                await lock.acquire()
+                taken.append(lock)
+            dirty = [h for h in dirty if self.hosted.get(h.shard) is h and h.dirty]
             for h in dirty:
                 h.dirty = False
             if dirty:
-                loop = asyncio.get_running_loop()
                 await loop.run_in_executor(None, _sync_all, dirty)
+        finally:
+            for lock in taken:
+                lock.release()
 
     async def _record_loop(self) -> None:
         """`interval`: the copies' records follow their data every flush interval."""
