@@ -1388,7 +1388,8 @@ class ShardedLog(_Committed):
         if shard in self.locks:
             raise ValueError(f"shard {shard} is open here: release it first")
         path = self._dir(shard)
-        if not path.exists():
+        if not path.exists():                # moved away whole (kept as a replica's copy)
+            self.moving.pop(shard, None)
             return
         lock = DirLock(path).acquire()       # nobody else may have it open
         tomb = self.root / f"{path.name}.tomb-{secrets.token_hex(4)}"

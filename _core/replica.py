@@ -172,6 +172,31 @@ def digest_files(ranges: dict) -> dict:
     return out
 
 
+def record_log_as_copy(directory, segments: list, epoch: int) -> None:
+    """Make a closed shard log directory a replica copy in place: write the REPLICA
+    record naming its segments ([(segment id, end)], the log's final ends) at
+    `epoch`, flushed with the data. A log handed over by a move is then kept as
+    the new owner's replica: its stream resumes from it instead of sending a
+    whole snapshot back. The caller renames the directory among its copies."""
+    d = Path(directory)
+    (d / "LOCK").unlink(missing_ok=True)
+    newest = max(segments, default=(0, 0))
+    state = {"version": STATE_VERSION, "epoch": epoch, "position": list(newest),
+             "segments": [[sid, end] for sid, end in sorted(segments)], "installing": None}
+    fds = [os.open(d / segment_name(sid), os.O_RDONLY | os.O_CLOEXEC) for sid, _ in segments]
+    tmp = d / f".{STATE_NAME}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        _pwrite_all(fd, json.dumps(state).encode(), 0)
+        flush_files([*fds, fd])
+    finally:
+        os.close(fd)
+        for x in fds:
+            os.close(x)
+    os.rename(tmp, d / STATE_NAME)
+    fsync_dir(d)
+
+
 def log_checksums(log) -> dict:
     """At the owner: {segment id: xxh3_128 of [0, end)} of every installed segment,
     to compare with ReplicaLog.checksums()."""

@@ -77,7 +77,10 @@ def _catch_up(cluster, victim: str, wipe: bool) -> dict:
                 and all(victim not in r for r in w["replicas"].values())):
             break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the cluster did not recover from the kill of {victim}")
+            short = sorted(int(k) for k in range(cluster.args.shards) if not w["replicas"].get(str(k)))
+            raise RuntimeError(f"the cluster did not recover from the kill of {victim}: owners "
+                               f"{sorted(set(w['shard_owner']))}, catching {w['catching']}, shards without an "
+                               f"in-sync replica {short[:20]}")
         time.sleep(0.1)
     if wipe:
         d = cluster.root / victim

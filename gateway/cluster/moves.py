@@ -145,8 +145,20 @@ class ShardMover:
                     router.shard_leaving(s, GoawayCode.SHUTTING_DOWN, "this user's shard is served by another node",
                                          random.randint(100, 1000))
                     store.quiesce(s)
-                store.release(s)
-                store.drop(s)
+                kept = False
+                if (self._promoting and repl is not None and store.moving.get(s) == "quiesced"
+                        and self.node.name in new.catching.get(s, ())):
+                    lg = store.logs.get(s)
+                    segments = [(seg.segment_id, seg.end) for seg in lg.segments] if lg is not None else []
+                    store.release(s)
+                    try:
+                        repl.keep_log_as_copy(s, segments, new.since[s], new.owner[s])
+                        kept = True
+                    except Exception as exc:      # dropped instead: the new owner sends a snapshot
+                        _log.warning("event=replica_keep_log_failed shard=%d error=%s", s, log.q(repr(exc)))
+                else:
+                    store.release(s)
+                store.drop(s)                        # (a kept log is no longer there: only forgotten)
                 self.shards_out += 1
                 _log.info("event=shard_handed_over shard=%d to=%s epoch=%d", s, new.owner[s], new.epoch)
             elif now and s in old.moving and s not in new.moving and store.moving.get(s) == "quiesced":
@@ -371,6 +383,10 @@ class ShardMover:
                             for sets in (d.replicas, d.catching):     # an owner is no replica of its shard
                                 if to in sets.get(s, ()):
                                     sets[s] = [n for n in sets[s] if n != to]
+                            if self._promoting and not self.draining:
+                                # our log, final at the switch, is kept as a copy: if the new owner's
+                                # placement wants us, its stream resumes from it (else we are dropped)
+                                d.catching[s] = [*d.catching.get(s, ()), me]
                 return owners
             await self.node.map.change(switch)
             self.running.difference_update(todo)

@@ -57,6 +57,10 @@ _ENV = struct.Struct("!BIQQQ")            # kind, shard, epoch (the owner's sinc
 CHUNK = 512 << 10
 #: bytes a stream may have unacknowledged before it waits
 WINDOW = 8 << 20
+#: bytes this worker's streams may have unacknowledged before a snapshot batch waits: a node that
+#: comes back empty is sent every shard at once, and 64 streams' windows would swamp it (its NATS
+#: subscription drops, streams time out and start their snapshots again)
+SNAPSHOT_BUDGET = 16 << 20
 OPEN_PARALLEL = 16
 SWEEP = 0.1
 #: bytes of sealed segments one check of a shard's copies reads on each side, at most
@@ -172,6 +176,9 @@ class Replication:
         self._syncing = False
         self.takeovers = self.refused = self.fenced = self.dropped_waiters = 0
         self.shipped_total = 0            # bytes every stream of this worker shipped (streams come and go)
+        #: bytes shipped and not yet acknowledged, over every stream (made exact again by each sweep)
+        self.inflight = 0
+        self._snap_waiting = False
         self.last_takeover: dict = {}
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -424,6 +431,9 @@ class Replication:
         try:
             while st.out_bytes < WINDOW:
                 if st.snap is not None:
+                    if self.inflight >= SNAPSHOT_BUDGET:
+                        self._snap_waiting = True           # an answer (or the sweep) ships the rest
+                        break
                     batch = next(st.snap, None)
                     if batch is None:
                         st.snap = None
@@ -432,7 +442,10 @@ class Replication:
                         st.snap = None
                 else:
                     batch = st.tap.changes(CHUNK)
-                    if not batch.changes:
+                    # nothing new; but a stream that opened and has shipped nothing yet ships the empty,
+                    # complete batch once: it tells the replica its copy holds everything of this
+                    # stream (synced: it may take over), an idle shard's too
+                    if not batch.changes and st.seq > 0:
                         st.caught_up = True
                         if not st.outstanding:        # everything shipped was acknowledged already
                             self._caught_up(st)
@@ -442,6 +455,7 @@ class Replication:
                 st.seq += 1
                 st.outstanding.append((st.seq, rnd, len(data), time.monotonic()))
                 st.out_bytes += len(data)
+                self.inflight += len(data)
                 st.shipped_bytes += len(data)
                 self.shipped_total += len(data)
                 self._send(self._dest(st), _env(K_SHIP, st.shard, self._epoch(st.shard),
@@ -558,7 +572,11 @@ class Replication:
             while st.outstanding and st.outstanding[0][0] <= seq:
                 _, _, n, _ = st.outstanding.popleft()
                 st.out_bytes -= n
+                self.inflight -= n
                 st.acked += 1
+            if self._snap_waiting:
+                self._snap_waiting = False
+                self.schedule_flush()
             if st.outstanding:
                 st.need_round = st.outstanding[0][1]
                 self._watch.add(s)
@@ -1023,6 +1041,27 @@ class Replication:
         fsync_dir(self.store.root)
         self.taking.discard(s)
 
+    def keep_log_as_copy(self, s: int, segments: list, epoch: int, owner: str) -> None:
+        """Our move of shard s was switched and the map keeps us as a replica
+        (catching up): the log we handed over, closed and final, becomes our copy
+        in place of a snapshot back — the new owner's log is the same bytes and
+        more, so its stream resumes from what we hold."""
+        src = self.store.root / shard_dir_name(s)
+        dst = self._copy_dir(s)
+        if s in self.hosted:
+            self._forget_copy(s, "replaced by the log we handed over")
+        shutil.rmtree(dst, ignore_errors=True)
+        rp.record_log_as_copy(src, segments, epoch)
+        src.rename(dst)
+        fsync_dir(self.store.root)
+        fsync_dir(self.root)
+        h = Hosted(s, dst)
+        h.log.open()
+        h.log.fence(epoch)
+        h.owner = owner
+        self.hosted[s] = h
+        _log.info("event=replica_kept_log shard=%d owner=%s epoch=%d", s, owner, epoch)
+
     def _takeover_candidates(self) -> dict[int, str]:
         view = self.node.view
         members = self.node.members
@@ -1096,6 +1135,8 @@ class Replication:
         now = time.monotonic()
         timeout = self.cfg.replica_timeout
         view = self.node.view
+        # streams that broke or left drop their unacknowledged bytes without telling: count again
+        self.inflight = sum(st.out_bytes for ss in self.owned.values() for st in ss.streams.values())
         for s, ss in self.owned.items():
             lg = self.store.logs.get(s)
             for st in ss.streams.values():
