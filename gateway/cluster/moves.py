@@ -139,14 +139,15 @@ class ShardMover:
                 _log.info("event=shard_adopted shard=%d epoch=%d pending=%d from=%s", s, new.epoch, report.pending,
                           ("promotion" if moved else "replica") if from_copy else "move")
             elif was and not now:
-                if store.moving.get(s) is None:      # taken over by a replica (we were paused or cut off)
+                handed = store.moving.get(s) is not None     # our move, not a takeover from us
+                if not handed:                       # taken over by a replica (we were paused or cut off)
                     _log.warning("event=shard_lost_unquiesced shard=%d epoch=%d new_owner=%s", s, new.epoch,
                                  new.owner[s])
                     router.shard_leaving(s, GoawayCode.SHUTTING_DOWN, "this user's shard is served by another node",
                                          random.randint(100, 1000))
                     store.quiesce(s)
                 kept = False
-                if (self._promoting and repl is not None and store.moving.get(s) == "quiesced"
+                if (handed and self._promoting and repl is not None and store.moving.get(s) == "quiesced"
                         and self.node.name in new.catching.get(s, ())):
                     lg = store.logs.get(s)
                     segments = [(seg.segment_id, seg.end) for seg in lg.segments] if lg is not None else []
@@ -160,7 +161,8 @@ class ShardMover:
                     store.release(s)
                 store.drop(s)                        # (a kept log is no longer there: only forgotten)
                 self.shards_out += 1
-                _log.info("event=shard_handed_over shard=%d to=%s epoch=%d", s, new.owner[s], new.epoch)
+                _log.info("event=shard_handed_over shard=%d to=%s epoch=%d kept_as_copy=%s", s, new.owner[s],
+                          new.epoch, kept)
             elif now and s in old.moving and s not in new.moving and store.moving.get(s) == "quiesced":
                 store.resume(s)
                 _log.info("event=shard_move_abandoned shard=%d epoch=%d", s, new.epoch)
