@@ -144,8 +144,8 @@ class GatewayConfig:
     #: node takes every shard and the others get theirs as they join
     bootstrap: tuple = ()
     #: seconds a node's lease lives without renewal (renewed every third of it): how long a dead node's
-    #: shards look alive
-    lease_ttl: float = 6.0
+    #: shards look alive, so with replicas the failure detection time before they fail over
+    lease_ttl: float = 5.0
     #: seconds a FWD to another node may stay unanswered before its SEND gets UNAVAILABLE (the client retries)
     cluster_timeout: float = 3.0
     #: copies of each shard's log in a cluster, the owner's included (1-5): with 2 or more a SEND is ACKed
