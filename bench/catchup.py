@@ -39,6 +39,9 @@ def _shipped(cluster) -> int:
 async def _fill(cluster, mb: int, size: int) -> int:
     """`mb` MB of `size`-byte messages from 4 senders to 64 offline recipients."""
     from gateway.client import Client
+
+    from .cli import stop_on_sigterm
+    stop_on_sigterm()
     count = (mb << 20) // size
     body = "x" * (size - 16)
     senders = [Client(cluster.seeds, 0, cluster.token(f"cu-s{i}"), "main") for i in range(4)]

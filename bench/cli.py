@@ -1,6 +1,9 @@
 """`switchboard bench ...`: the benchmark commands' flags (kept here so the
 gateway's CLI module stays about serving and messaging)."""
 import argparse
+import asyncio
+import signal
+import sys
 
 
 def _int(text: str) -> int:
@@ -171,7 +174,44 @@ def _throughput_flags(p, against) -> None:
                         "product's path); off: senders are send-only sessions (default on)")
 
 
+class Terminated(Exception):
+    """SIGTERM: the benchmark stops, and its finally blocks stop every server and
+    load process it started (nodes and nats-servers run in process groups of
+    their own, which would outlive it)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def stop_on_sigterm() -> None:
+    """Inside a benchmark's event loop: SIGTERM cancels its main task (an exception
+    raised by a signal handler in the middle of a loop callback is lost there)."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+
+    def stop():
+        global _stopped
+        _stopped = True
+        main.cancel()
+    loop.add_signal_handler(signal.SIGTERM, stop)
+
+
+_stopped = False
+
+
 def run(args) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _run(args)
+    except (Terminated, asyncio.CancelledError):
+        if isinstance(sys.exc_info()[1], asyncio.CancelledError) and not _stopped:
+            raise
+        print("switchboard bench: stopped by SIGTERM; the servers it started are stopped", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+
+
+def _run(args) -> int:
     if getattr(args, "duration", 0) > 120:
         raise SystemExit("--duration is at most 120 s")
     for size in str(getattr(args, "size", "32")).split(","):

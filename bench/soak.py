@@ -94,6 +94,9 @@ class Gateway:
 
 async def soak(args) -> dict:
     from gateway.client import Client
+
+    from .cli import stop_on_sigterm
+    stop_on_sigterm()
     tmp = tempfile.TemporaryDirectory(prefix="sb-soak-")
     loop = asyncio.get_running_loop()
     nodes = args.kill == "node"

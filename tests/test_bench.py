@@ -183,3 +183,39 @@ def test_catchup_measures_a_returning_and_a_rebuilt_node(tmp_path):
     # rebuilt from an empty data dir, n3 gets its share of the copies (about 2 of every 3 shards) in full
     assert res["runs"][1]["shipped_mb"] >= res["payload_mb"] / 3, res
     assert "MB/s" in r.stdout
+
+
+def test_a_benchmark_stopped_with_sigterm_stops_the_servers_it_started():
+    """`bench soak --kill node` runs nodes and nats-servers in process groups of
+    their own; SIGTERM to the benchmark stops them too, and says so."""
+    import os
+    import signal
+    from pathlib import Path
+
+    def leftovers():
+        out = []
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and b"sb-failover-" in (p / "cmdline").read_bytes():
+                    out.append(int(p.name))
+            except OSError:
+                pass
+        return out
+    assert leftovers() == []
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "bench", "soak", "--kill", "node", "--cycles", "50",
+                             "--every", "300", "--workers", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        seen = b""
+        while b"soak: 1/50" not in seen:                 # its cluster is up and it has killed a node once
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, seen.decode(errors="replace")
+            seen += chunk
+        assert leftovers()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, (seen + err).decode(errors="replace")
+    assert b"stopped by SIGTERM; the servers it started are stopped" in err
+    assert leftovers() == []
