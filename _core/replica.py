@@ -184,17 +184,27 @@ def record_log_as_copy(directory, segments: list, epoch: int) -> None:
     state = {"version": STATE_VERSION, "epoch": epoch, "position": list(newest),
              "segments": [[sid, end] for sid, end in sorted(segments)], "installing": None}
     fds = [os.open(d / segment_name(sid), os.O_RDONLY | os.O_CLOEXEC) for sid, _ in segments]
-    tmp = d / f".{STATE_NAME}.tmp"
+    try:
+        _write_record(d, state, fds, durable=True)
+    finally:
+        for x in fds:
+            os.close(x)
+
+
+def _write_record(directory: Path, state: dict, flush, durable: bool) -> None:
+    """Write REPLICA atomically: a temporary file flushed together with `flush`
+    (the data it describes: one cache flush for all), then renamed over it;
+    `durable` also fsyncs the directory (an epoch, a removal, an install)."""
+    tmp = directory / f".{STATE_NAME}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         _pwrite_all(fd, json.dumps(state).encode(), 0)
-        flush_files([*fds, fd])
+        flush_files([*flush, fd])
     finally:
         os.close(fd)
-        for x in fds:
-            os.close(x)
-    os.rename(tmp, d / STATE_NAME)
-    fsync_dir(d)
+    os.rename(tmp, directory / STATE_NAME)
+    if durable:
+        fsync_dir(directory)
 
 
 def log_checksums(log) -> dict:
@@ -765,21 +775,10 @@ class ReplicaLog:
             f.dirty = False
 
     def _write_state(self, durable: bool, installing: list | None = None, flush: list = ()) -> None:
-        """Write REPLICA atomically: a temporary file flushed together with `flush`
-        (the data it describes: one cache flush for all), then renamed over it;
-        `durable` also fsyncs the directory (an epoch, a removal, an install)."""
+        """This copy's REPLICA record (`_write_record`)."""
         state = {"version": STATE_VERSION, "epoch": self._epoch, "position": list(self.position()),
                  "segments": [[sid, f.end] for sid, f in sorted(self._files.items())], "installing": installing}
-        tmp = self.directory / f".{STATE_NAME}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            _pwrite_all(fd, json.dumps(state).encode(), 0)
-            flush_files([*flush, fd])
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.directory / STATE_NAME)
-        if durable:
-            fsync_dir(self.directory)
+        _write_record(self.directory, state, flush, durable)
 
     def _require_open(self) -> None:
         if self._lock is None:

@@ -403,3 +403,25 @@ def _quiet(fn, *args):
         fn(*args)
     except Exception:
         pass                     # the node was killed under it
+
+
+def test_a_two_node_cluster_that_loses_a_node_refuses_then_resumes_losing_nothing(nats_cluster, tmp_path):
+    """Two nodes, two copies: kill -9 of the one holding b's replica while a streams
+    to b. The survivor has no node for a second copy: SENDs are refused with
+    UNAVAILABLE (any ACKs it still held for the shard are dropped, their sessions
+    closed, never written on one copy) until the killed node is back and in sync.
+    Every ACKed message arrives once, in the order sent."""
+    nodes = Nodes(tmp_path, nats_cluster.url, ["n1", "n2"], extra=("--replicas", "2"))
+    try:
+        nodes.start_all()
+        _wait("every shard in sync", lambda: _in_sync(nodes, "n1"))
+        a, b = nodes.users_on("n1", 2, "tw")
+
+        def lose_and_return():
+            nodes.kill9("n2")
+            _wait("n1 short of copies", lambda: "event=replicas_short" in nodes.procs["n1"].text, 30)
+            nodes.start("n2")
+        got = asyncio.run(asyncio.wait_for(paced_stream(nodes, a, b, lose_and_return, count=400, window=4), 180))
+        assert got == [f"m{i}" for i in range(400)]
+    finally:
+        nodes.stop_all()

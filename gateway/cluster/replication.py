@@ -303,6 +303,11 @@ class Replication:
             else self.round
         if ss.hole_round is not None:
             keep_to = min(keep_to, ss.hole_round - 1)
+        return self._drop_waiters_after(keep_to)
+
+    def _drop_waiters_after(self, keep_to: int) -> int:
+        """ACK batches of rounds after `keep_to` are never written: their sessions are
+        closed instead (the clients resend). Returns how many were dropped."""
         kept = collections.deque()
         dropped = 0
         for w in self.waiters:
@@ -405,16 +410,7 @@ class Replication:
             return
         keep_to = ss.hole_round - 1
         ss.hole_round = None
-        kept = collections.deque()
-        dropped = 0
-        for w in self.waiters:
-            if w[0] <= keep_to:
-                kept.append(w)
-            else:
-                dropped += 1
-                _close_instead(w[1], w[2])
-        self.waiters = kept
-        self.dropped_waiters += dropped
+        dropped = self._drop_waiters_after(keep_to)
         if dropped:
             _log.warning("event=replica_acks_dropped shard=%d batches=%d why=%s", ss.shard, dropped,
                          log.q("no node left for a copy: their sessions are closed, the clients resend"))
