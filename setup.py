@@ -11,7 +11,7 @@ from setuptools import Extension, setup
 
 DEBUG = os.environ.get("SWITCHBOARD_DEBUG", "") not in ("", "0")
 
-MODULES = ["_codec", "_producers", "_routing", "_log", "_ws"]
+MODULES = ["_codec", "_producers", "_shards", "_routing", "_log", "_ws"]
 
 macros = [("SWITCHBOARD_DEBUG", "1" if DEBUG else "0")]
 if DEBUG:

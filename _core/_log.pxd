@@ -116,6 +116,10 @@ cdef class LogCore:
     cdef Inbox _live_inbox(self, const unsigned char *r, uint32_t length, uint64_t here, MsgView *m,
                            Py_ssize_t *index)
     cdef int make_message_room(self, Py_ssize_t records, Py_ssize_t payload_len) except -1
+    cdef int consume_wire(self, str recipient, str device, const unsigned char *ids, Py_ssize_t count,
+                          uint64_t *locs, Py_ssize_t *found) except -1
+    cdef int read_view(self, uint64_t loc, MsgView *m) except -1
+    cdef int _record_consume_ids(self, str recipient, str device, const uint64_t *ids, Py_ssize_t n) except -1
     cdef Py_ssize_t _write_message(self, const char *rp, Py_ssize_t rl, const char *rdp, Py_ssize_t rdl,
                                    uint64_t msg_id, uint64_t ts, uint64_t client_id, uint64_t producer,
                                    const char *sp, Py_ssize_t sl, const char *sdp, Py_ssize_t sdl,

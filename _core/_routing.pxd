@@ -2,6 +2,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from ._codec cimport FrameSink, WriteBuffer
 from ._log cimport LogCore
 from ._producers cimport SendState, ProducerTable
+from ._shards cimport ShardMap
 
 
 cdef class RouteCore
@@ -71,6 +72,10 @@ cdef class RouteCore:
     cdef readonly object store
     cdef LogCore _log            # the store, when it is the Cython log: appends skip Python
     cdef object _log_for
+    # the hit path of the store's log_for(user) without a Python call: its shard map and its
+    # live dict shard -> writable log (a miss, or a shard moving, takes _log_for)
+    cdef ShardMap _map
+    cdef dict _writers
     cdef uint64_t _last_id
     cdef uint64_t _gen_field
     cdef uint64_t _gen_mask
@@ -106,6 +111,7 @@ cdef class RouteCore:
     cdef object _link_to
     cdef object _owner_of
     cdef object _is_local_fn
+    cdef ShardMap _local_map     # when _is_local_fn is a ShardMap's is_local: called in C
 
     cdef uint64_t _next_id(self, uint64_t now_ms)
     cdef int route(self, SessionCore sender, uint64_t seq, const char *to, Py_ssize_t to_len,
@@ -135,6 +141,8 @@ cdef class RouteCore:
     cdef int forward_answered(self, uint64_t fwd_seq, int code, str reason, uint64_t msg_id, uint64_t ts,
                               bint duplicate) except -1
     cdef bint _is_local(self, str recipient) except -1
+    cdef LogCore _log_of(self, str user)
+    cdef int _receipt(self, str target, unsigned char kind, uint64_t ref, str by, str by_device) except -1
     cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1
     cdef int _schedule(self, SessionCore s) except -1
     cdef void _observe(self, uint64_t t0) noexcept

@@ -7,6 +7,7 @@ this module is the part that runs per message.
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.stdint cimport uint16_t
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME, CLOCK_MONOTONIC
 
@@ -20,7 +21,8 @@ from ._codec import encode_into
 import os
 from .errors import UnexpectedFrame, MalformedFrame, StoreError
 from .ids import id_problem, is_user_id
-from ._log cimport LogCore, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP, remember
+from ._log cimport LogCore, MsgView, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP, remember
+from ._shards cimport ShardMap
 from ._producers cimport (SendState, ProducerTable, ProducerState, ADMIT_NEW, ADMIT_DUPLICATE, ADMIT_FENCED,
                           ADMIT_OUT_OF_ORDER)
 from .protocol import ErrorCode, FrameType
@@ -209,7 +211,7 @@ cdef class SessionCore(FrameSink):
             if not is_user_id(peer):
                 return 0          # no user can have sent these: no receipt is stored for nobody
             for i in range(count):
-                self._core.receipt(peer, RECEIPT_READ, sb_load64(c.p + 8 * i), self.user, self.device)
+                self._core._receipt(peer, RECEIPT_READ, sb_load64(c.p + 8 * i), self.user, self.device)
             return 0
         raise UnexpectedFrame(f"{FrameType(ftype).name} is not valid after WELCOME")
 
@@ -328,6 +330,10 @@ cdef class RouteCore:
         self._owner_of = None
         self._is_local_fn = None
         self._log_for = getattr(store, "log_for", None)
+        shard_map = getattr(store, "map", None)
+        if self._log_for is not None and isinstance(shard_map, ShardMap) and hasattr(store, "writers"):
+            self._map = <ShardMap>shard_map
+            self._writers = store.writers
         self._fwd_settled = None
         self._dirty = []
         self._flush_scheduled = False
@@ -437,7 +443,7 @@ cdef class RouteCore:
         cdef int admit, code
         if self._log_for is not None:
             try:                                             # the one look-up of the shard per SEND
-                log = <LogCore>self._log_for(recipient)
+                log = self._log_of(recipient)
             except StoreError as exc:    # the shard is moving (UNAVAILABLE): retried
                 self._refusal = str(exc)
                 self._hold_later_seqs(key if key is not None else user + "\x00" + device, producer, seq,
@@ -613,7 +619,7 @@ cdef class RouteCore:
                     const char *payload, Py_ssize_t n, uint64_t producer=0) except -1:
         cdef LogCore log = self._log
         if self._log_for is not None:
-            log = <LogCore>self._log_for(recipient)
+            log = self._log_of(recipient)
         if log is not None:               # the payload's one copy: into the mapped log
             log.append_message(recipient, device, msg_id, ts, ref, sender, sender_device, conversation, flags,
                                payload, n, producer)
@@ -626,7 +632,7 @@ cdef class RouteCore:
         """All of a message's inbox records fit, or StoreError(STORAGE_FULL) before any is written."""
         cdef LogCore log = self._log
         if self._log_for is not None:
-            log = <LogCore>self._log_for(recipient)
+            log = self._log_of(recipient)
         if log is not None:
             log.make_message_room(records, n)
         return 0
@@ -703,9 +709,12 @@ cdef class RouteCore:
     def receipt(self, str target, int kind, uint64_t ref, str by, str by_device):
         """Tell `target` (all its devices) that `by` received or read message `ref`:
         stored like a message if this worker owns `target`, else forwarded."""
+        self._receipt(target, <unsigned char>kind, ref, by, by_device)
+
+    cdef int _receipt(self, str target, unsigned char k, uint64_t ref, str by, str by_device) except -1:
         cdef SessionCore s
         cdef uint64_t ts, rid
-        cdef unsigned char k = <unsigned char>kind
+        cdef int kind = k
         cdef Py_ssize_t start
         if not self._is_local(target):
             link = self._link_to(self._owner_of(target)) if self._link_to is not None else None
@@ -714,7 +723,7 @@ cdef class RouteCore:
                     self._receipt_later(target, kind, ref, by, by_device)     # retried by the router
                 else:
                     self.receipts_lost += 1
-                return
+                return 0
             out = (<LinkCore>link).out
             start = out.begin_frame(LT_RCPT, 0)
             out.put_id(target, False)
@@ -724,7 +733,7 @@ cdef class RouteCore:
             out.put_id(by_device, True)
             out.end_frame(start)
             (<LinkCore>link)._mark()
-            return
+            return 0
         ts = _now_ms()
         rid = self._next_id(ts)
         devices = self.devices_of(target)     # ("",): no registered device yet, the shared inbox keeps it
@@ -736,7 +745,7 @@ cdef class RouteCore:
                     # the target's shard is moving (refused before anything was written): later,
                     # to wherever it is then
                     self._receipt_later(target, kind, ref, by, by_device)
-                    return
+                    return 0
                 self.receipts_lost += 1
         online = self._sessions.get(target)
         if online is not None:
@@ -747,6 +756,7 @@ cdef class RouteCore:
                                         PyUnicode_AsUTF8(by_device), len(by_device.encode()), ts)
                 s._mark()
         self.receipts_sent += 1
+        return 0
 
     cdef int route_remote(self, SessionCore sender, uint64_t seq, str recipient,
                           const char *payload, Py_ssize_t n, uint64_t t0=0) except -1:
@@ -880,31 +890,46 @@ cdef class RouteCore:
     cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1:
         """A device acknowledged delivery: drop the entries from its inbox, and tell
         each message's sender it was delivered (DELIVERED receipt)."""
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, found = 0
         cdef LogCore log = self._log
-        cdef list consumed = []
+        cdef MsgView m
+        cdef uint64_t few[128]
+        cdef uint64_t *locs = few
+        cdef str sender
         if not count:
             return 0
-        id_list = [sb_load64(ids + 8 * i) for i in range(count)]
         if self._log_for is not None:
             try:
-                log = <LogCore>self._log_for(session.user)
+                log = self._log_of(session.user)
             except StoreError:
                 return 0      # the shard is moving: the entries stay, its next owner delivers them again
-        if log is not None:
-            log.consume_ids(session.user, session.device, id_list, consumed)
-            for loc in consumed:
-                flags, sender, sender_device, _conv, cid, msg_id = log.read_flags(loc)
-                if flags == 0:
-                    self.receipt(sender, RECEIPT_DELIVERED, msg_id, session.user, session.device)
-                elif flags & MSG_GROUP and sender != session.user:
-                    self.receipt(sender, RECEIPT_DELIVERED, cid, session.user, session.device)
+        if log is None:
+            id_list = [sb_load64(ids + 8 * i) for i in range(count)]
+            for e in self.store.consume_entries(session.user, id_list, session.device):
+                if e.flags == 0:
+                    self._receipt(e.sender, RECEIPT_DELIVERED, e.msg_id, session.user, session.device)
+                elif e.flags & MSG_GROUP and e.sender != session.user:
+                    self._receipt(e.sender, RECEIPT_DELIVERED, e.ref, session.user, session.device)
             return 0
-        for m in self.store.consume_entries(session.user, id_list, session.device):
-            if m.flags == 0:
-                self.receipt(m.sender, RECEIPT_DELIVERED, m.msg_id, session.user, session.device)
-            elif m.flags & MSG_GROUP and m.sender != session.user:
-                self.receipt(m.sender, RECEIPT_DELIVERED, m.ref, session.user, session.device)
+        # in C from the frame to the receipts: ids, inbox entries and records are never Python objects
+        if count > 64:
+            locs = <uint64_t *>PyMem_Malloc(16 * count)
+            if locs == NULL:
+                raise MemoryError()
+        try:
+            log.consume_wire(session.user, session.device, ids, count, locs, &found)
+            for i in range(found):
+                log.read_view(locs[i], &m)
+                if m.flags == 0:
+                    self._receipt(PyUnicode_DecodeUTF8(m.sender, m.sender_len, "replace"), RECEIPT_DELIVERED,
+                                  m.msg_id, session.user, session.device)
+                elif m.flags & MSG_GROUP:
+                    sender = PyUnicode_DecodeUTF8(m.sender, m.sender_len, "replace")
+                    if sender != session.user:
+                        self._receipt(sender, RECEIPT_DELIVERED, m.client_id, session.user, session.device)
+        finally:
+            if locs != few:
+                PyMem_Free(locs)
         return 0
 
     # -- shards moving between nodes (called by router.Router) --------------------
@@ -977,7 +1002,19 @@ cdef class RouteCore:
         return True
 
     cdef bint _is_local(self, str recipient) except -1:
+        if self._local_map is not None:
+            return self._local_map.is_local(recipient)      # cpdef: a subclass's override is called
         return self._is_local_fn is None or self._is_local_fn(recipient)
+
+    cdef LogCore _log_of(self, str user):
+        """The store's log_for(user): the log of the user's shard (StoreError if it
+        is moving or not here). Two dict look-ups in C when the shard's log is open
+        for writes, else the store's own (Python) path."""
+        if self._writers is not None:
+            lg = self._writers.get(self._map.shard_of_user(user))
+            if lg is not None:
+                return <LogCore>lg
+        return <LogCore>self._log_for(user)
 
     def set_bus(self, link_to, owner_of, is_local):
         """Route recipients on other workers' shards: `link_to(worker)` returns a
@@ -985,6 +1022,10 @@ cdef class RouteCore:
         self._link_to = link_to
         self._owner_of = owner_of
         self._is_local_fn = is_local
+        owner = getattr(is_local, "__self__", None)
+        # a ShardMap's is_local (or a subclass's override): asked in C, not through the bound method
+        self._local_map = <ShardMap>owner if isinstance(owner, ShardMap) and \
+            getattr(is_local, "__name__", "") == "is_local" else None
 
     cdef int _schedule(self, SessionCore s) except -1:
         self._dirty.append(s)
@@ -1142,7 +1183,7 @@ cdef class LinkCore(SessionCore):
             if self.fence is not None and self.fence(recipient):
                 core.receipts_fenced += 1          # not ours at the sender's map: never stored or passed on
                 return 0
-            core.receipt(recipient, kind, msg_id, sender, device)
+            core._receipt(recipient, kind, msg_id, sender, device)
             return 0
         if ftype == LT_FWD_ERR:
             cur_u64(&c, &fwd_seq)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import picologging
-from ._log import PRODUCER_META, LogCore, Segment, crc32c, crc32c_hardware, write_out
+from ._log import PRODUCER_META, LogCore, Segment, crc32c, crc32c_hardware, write_out, zero_pages
 from .dirlock import DirLock
 from .errors import LogNotOpen, StoreError
 from .logfmt import q
@@ -152,10 +152,8 @@ def reserve_file(path: Path, size: int, pause=lambda: None, fault: str = "") -> 
         if fault == "enospc":
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
         os.posix_fallocate(fd, 0, size)
-        zeros = bytes(ZERO_CHUNK)
         for off in range(0, size, ZERO_CHUNK):
-            os.pwrite(fd, zeros[:min(ZERO_CHUNK, size - off)], off)
-            os.fdatasync(fd)
+            zero_pages(fd, off, min(off + ZERO_CHUNK, size))     # page by page: small folios (see there)
             pause()
     except BaseException:
         _discard(fd, path)
@@ -540,11 +538,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         fd = reserve_file(tmp, size, pause, self._fault)
         nonce = secrets.randbits(64)
         install_file(fd, tmp, final, self._header(segment_id, nonce, size=size))
-        seg = Segment.map(str(final), fd, segment_id, nonce, size)
-        for off in range(0, size, 8 << 20):
-            seg.populate(off, 8 << 20)
-            pause()
-        return seg
+        return Segment.map(str(final), fd, segment_id, nonce, size)
 
     def _create_fitting(self, segment_id: int, size: int, pause=lambda: None) -> Segment:
         """A segment of `size`, or on a nearly full disk the largest smaller one
@@ -1260,6 +1254,12 @@ class ShardedLog(_Committed):
         for lg in self.logs.values():
             lg.start(loop)
         self.committer.start(loop)
+
+    @property
+    def writers(self) -> dict:
+        """The live dict shard -> log that writes may go to (log_for's hit path,
+        which the router reads in C; never rebound, only changed in place)."""
+        return self._writers
 
     def log_for(self, user: str) -> AppendLog:
         """The log a write for `user` goes to (made on first use); StoreError

@@ -21,8 +21,7 @@ import json
 import os
 from pathlib import Path
 
-import xxhash
-
+from _core._shards import ShardMap, shard_of     # in C: asked on every SEND and receipt
 from _core.log import fsync_dir
 
 HASH = "xxh3_64"
@@ -32,10 +31,6 @@ LAYOUT_FILE = "layout.json"
 LAYOUT_VERSION = 1
 #: layout.json key of a reshard past its commit whose renames are not all done
 RESHARD_MARK = "reshard"
-
-
-def shard_of(user: str, shards: int = DEFAULT_SHARDS) -> int:
-    return xxhash.xxh3_64_intdigest(user.encode("utf-8"), seed=SEED) % shards
 
 
 def owner_of(shard: int, workers: int) -> int:
@@ -100,65 +95,3 @@ def write_layout(data_dir, layout: dict) -> None:
         os.fsync(f.fileno())
     os.rename(tmp, path)
     fsync_dir(path.parent)
-
-
-class ShardMap:
-    """Which shard a user is on and which worker owns it, with a bounded cache
-    of recently routed users (a hash per routed message would cost more than the
-    dict lookup; 8,192 entries, not one per connected user: idle sessions would
-    pay ~40 bytes each for it).
-
-    `owned` None: this worker owns every shard s with s % workers == me (one
-    node). A set: exactly those shards (each still one with s % workers == me);
-    `take`/`give` change it as shards move between nodes. Ownership is a set
-    either way, so `is_local` costs the same (one membership test)."""
-
-    __slots__ = ("shards", "workers", "me", "_owned", "_cache", "_limit")
-
-    def __init__(self, shards: int = DEFAULT_SHARDS, workers: int = 1, me: int = 0, owned=None,
-                 cache_limit: int = 1 << 13):
-        if not (1 <= workers <= shards):
-            raise ValueError(f"workers must be between 1 and {shards} (the number of shards)")
-        self.shards, self.workers, self.me = shards, workers, me
-        self._owned: set[int] = set()
-        for s in (range(me, shards, workers) if owned is None else owned):
-            self.take(s)
-        self._cache: dict[str, int] = {}
-        self._limit = cache_limit
-
-    def shard(self, user: str) -> int:
-        s = self._cache.get(user)
-        if s is None:
-            if len(self._cache) >= self._limit:
-                self._cache.clear()
-            s = self._cache[user] = shard_of(user, self.shards)
-        return s
-
-    def owner(self, user: str) -> int:
-        return self.shard(user) % self.workers
-
-    def owner_uncached(self, user: str) -> int:
-        """For once-per-connection questions (HELLO): caching every connected
-        user would cost ~40 bytes per idle session."""
-        s = self._cache.get(user)
-        return (s if s is not None else shard_of(user, self.shards)) % self.workers
-
-    def is_local(self, user: str) -> bool:
-        return self.shard(user) in self._owned
-
-    def owns_shard(self, shard: int) -> bool:
-        return shard in self._owned
-
-    def take(self, shard: int) -> None:
-        """This worker owns `shard` from now on (a shard that moved here)."""
-        if not (0 <= shard < self.shards) or shard % self.workers != self.me:
-            raise ValueError(f"shard {shard} is not one worker {self.me} of {self.workers} can own "
-                             f"(shard % workers == worker, 0 <= shard < {self.shards})")
-        self._owned.add(shard)
-
-    def give(self, shard: int) -> None:
-        """This worker no longer owns `shard` (it moved away, or is moving)."""
-        self._owned.discard(shard)
-
-    def owned_shards(self) -> list[int]:
-        return sorted(self._owned)
