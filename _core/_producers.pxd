@@ -30,8 +30,9 @@ cdef class ProducerState:
     cdef readonly uint64_t segment_low # oldest log segment holding a remembered answer's record (0: none)
     cdef uint64_t *ring                # (seq, msg_id, ts, segment) per answer, oldest first, seq ascending;
                                        # segment 0: proven by a checkpoint, not by a record
+    cdef uint64_t *base                # the allocation `ring` points into (dropping the oldest moves ring)
     cdef Py_ssize_t n
-    cdef Py_ssize_t cap
+    cdef Py_ssize_t cap                # entries `base` has room for
 
     cdef int _reset(self, uint64_t producer) except -1
     cdef Py_ssize_t _find(self, uint64_t seq) noexcept
