@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import picologging
-from ._log import PRODUCER_META, LogCore, Segment, crc32c, crc32c_hardware, write_out, zero_pages
+from ._log import PRODUCER_META, LogCore, Segment, crc32c, crc32c_hardware, flush_files, zero_pages
 from .dirlock import DirLock
 from .errors import LogNotOpen, StoreError
 from .logfmt import q
@@ -181,20 +181,6 @@ def _discard(fd: int, path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def flush_files(fds: list) -> None:
-    """Make the written pages of several files durable with one device cache flush:
-    start every file's writes (they overlap on the device), wait for each, then one
-    fdatasync, on the last file, flushes the cache for all of them. Enough for files
-    whose blocks were reserved and zeroed before use (no metadata changes), plus
-    the last one, which fdatasync covers whole."""
-    for fd in fds[:-1]:
-        write_out(fd, wait=False)
-    for fd in fds[:-1]:
-        write_out(fd)
-    if fds:
-        os.fdatasync(fds[-1])
 
 
 class _Worker(threading.Thread):

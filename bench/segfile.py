@@ -3,6 +3,8 @@ mapped), for the disk benchmarks that compare flush paths on this machine."""
 import mmap
 import os
 
+from _core._log import zero_pages
+
 SIZE = 64 << 20
 
 
@@ -10,8 +12,6 @@ def prepared(path: str, size: int = SIZE) -> tuple[int, mmap.mmap]:
     """(fd, mapping) of a new `size`-byte file at `path`; the caller closes and unlinks it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     os.posix_fallocate(fd, 0, size)
-    zeros = bytes(1 << 20)
-    for off in range(0, size, 1 << 20):
-        os.pwrite(fd, zeros, off)
+    zero_pages(fd, 0, size)          # as the log does: page by page (small page-cache folios)
     os.fsync(fd)
     return fd, mmap.mmap(fd, size)
