@@ -126,14 +126,14 @@ cdef class RouteCore:
                          const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts,
                          str key=*) except -1
     cdef str _refusal            # why the last _store_send refused its SEND (for the ERROR)
-    cdef int _room_for(self, str recipient, Py_ssize_t records, Py_ssize_t n) except -1
+    cdef int _room_for(self, str recipient, Py_ssize_t records, Py_ssize_t n, LogCore log=*) except -1
     cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
                             const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts,
-                            uint64_t producer=*) except -1
+                            uint64_t producer=*, LogCore log=*) except -1
     cdef tuple devices_of(self, str user)
     cdef int _store(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t ref,
                     str sender, str sender_device, str conversation, uint8_t flags,
-                    const char *payload, Py_ssize_t n, uint64_t producer=*) except -1
+                    const char *payload, Py_ssize_t n, uint64_t producer=*, LogCore log=*) except -1
     cdef int mirror(self, SessionCore sender, str recipient, uint64_t origin, const char *payload,
                     Py_ssize_t n) except -1
     cdef int accept_forward(self, LinkCore link, uint64_t fwd_seq, str sender, str device, uint64_t producer,

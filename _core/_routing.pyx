@@ -480,7 +480,7 @@ cdef class RouteCore:
                 msg_id[0], ts[0] = self._group_send(user, device, seq, recipient,
                                                     PyBytes_FromStringAndSize(payload, n), producer)
             else:
-                self.append_deliver(user, device, seq, recipient, payload, n, msg_id, ts, producer)
+                self.append_deliver(user, device, seq, recipient, payload, n, msg_id, ts, producer, log)
         except StoreError as exc:
             code = exc.code
             table.refused(key, producer, seq, code, _final(code))
@@ -616,10 +616,10 @@ cdef class RouteCore:
 
     cdef int _store(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t ref,
                     str sender, str sender_device, str conversation, uint8_t flags,
-                    const char *payload, Py_ssize_t n, uint64_t producer=0) except -1:
-        cdef LogCore log = self._log
-        if self._log_for is not None:
-            log = self._log_of(recipient)
+                    const char *payload, Py_ssize_t n, uint64_t producer=0, LogCore log=None) except -1:
+        """One inbox record; `log`: the recipient's shard log if the caller has it."""
+        if log is None:
+            log = self._log_of(recipient) if self._log_for is not None else self._log
         if log is not None:               # the payload's one copy: into the mapped log
             log.append_message(recipient, device, msg_id, ts, ref, sender, sender_device, conversation, flags,
                                payload, n, producer)
@@ -628,33 +628,33 @@ cdef class RouteCore:
                               ref, device=device, flags=flags, conversation=conversation, producer=producer)
         return 0
 
-    cdef int _room_for(self, str recipient, Py_ssize_t records, Py_ssize_t n) except -1:
+    cdef int _room_for(self, str recipient, Py_ssize_t records, Py_ssize_t n, LogCore log=None) except -1:
         """All of a message's inbox records fit, or StoreError(STORAGE_FULL) before any is written."""
-        cdef LogCore log = self._log
-        if self._log_for is not None:
-            log = self._log_of(recipient)
+        if log is None:
+            log = self._log_of(recipient) if self._log_for is not None else self._log
         if log is not None:
             log.make_message_room(records, n)
         return 0
 
     cdef int append_deliver(self, str sender, str sender_device, uint64_t client_id, str recipient,
                             const char *payload, Py_ssize_t n, uint64_t *msg_id, uint64_t *ts,
-                            uint64_t producer=0) except -1:
+                            uint64_t producer=0, LogCore log=None) except -1:
         """Store in every device inbox of the recipient (this worker owns it), under
-        one message id, and push to its online devices. Raises StoreError (nothing
-        stored) on a full disk, or when no inbox of the recipient has room."""
+        one message id, and push to its online devices (`log`: the recipient's shard
+        log, if the caller looked it up). Raises StoreError (nothing stored) on a
+        full disk, or when no inbox of the recipient has room."""
         cdef SessionCore s
         cdef Py_ssize_t stored = 0
         cdef tuple devices = self.devices_of(recipient)
         if len(devices) > 1:
-            self._room_for(recipient, len(devices), n)
+            self._room_for(recipient, len(devices), n, log)
         ts[0] = _now_ms()
         msg_id[0] = self._next_id(ts[0])
         quota = None
         for dev in devices:
             try:
                 self._store(recipient, <str>dev, msg_id[0], ts[0], client_id, sender, sender_device, "", 0,
-                            payload, n, producer)
+                            payload, n, producer, log)
                 stored += 1
             except StoreError as exc:
                 if exc.code != ErrorCode.QUOTA_EXCEEDED:
@@ -737,9 +737,16 @@ cdef class RouteCore:
         ts = _now_ms()
         rid = self._next_id(ts)
         devices = self.devices_of(target)     # ("",): no registered device yet, the shared inbox keeps it
+        log = None
+        if self._log_for is not None:
+            try:
+                log = self._log_of(target)
+            except StoreError:
+                pass                          # _store looks again, and the loop below handles it
         for dev in devices:
             try:
-                self._store(target, <str>dev, rid, ts, ref, by, by_device, "", MSG_RECEIPT, <const char *>&k, 1)
+                self._store(target, <str>dev, rid, ts, ref, by, by_device, "", MSG_RECEIPT, <const char *>&k, 1, 0,
+                            log)
             except StoreError as exc:
                 if exc.code == ErrorCode.UNAVAILABLE and self._receipt_later is not None:
                     # the target's shard is moving (refused before anything was written): later,
