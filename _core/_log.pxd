@@ -129,7 +129,6 @@ cdef class LogCore:
     cdef int append_message(self, str recipient, str device, uint64_t msg_id, uint64_t ts, uint64_t client_id,
                             str sender, str sender_device, str conversation, uint8_t flags,
                             const char *payload, Py_ssize_t n, uint64_t producer=*) except -1
-    cdef int consume_ids(self, str recipient, str device, object ids, list consumed) except -1
     cdef int _record_consume(self, str recipient, str device, list removed) except -1
     cdef list _pending_locs(self, str recipient, str device)
     cdef int write_pending(self, WriteBuffer out, str recipient, str device, uint64_t now_ms,

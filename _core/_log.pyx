@@ -15,7 +15,7 @@ from libc.stdint cimport int64_t, uint16_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport qsort
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
-from posix.mman cimport mmap, munmap, madvise, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 
 from ._codec cimport sb_load16, sb_load32, sb_load64, sb_store16, sb_store32, sb_store64, FLAG_GROUP, FLAG_MIRROR
 
@@ -40,9 +40,6 @@ cdef extern from "fcntl.h" nogil:
     unsigned int SYNC_FILE_RANGE_WAIT_BEFORE
     unsigned int SYNC_FILE_RANGE_WRITE
     unsigned int SYNC_FILE_RANGE_WAIT_AFTER
-
-cdef enum:
-    MADV_POPULATE_WRITE_ = 23     # Linux 5.14+; older kernels fall back to touching pages
 
 
 sb_crc32c_setup(1)
@@ -300,23 +297,6 @@ cdef class Segment:
         seg.nonce = nonce
         seg.end = SEGMENT_HEADER_SIZE
         return seg
-
-    def populate(self, Py_ssize_t start=0, Py_ssize_t length=-1):
-        """Fault pages in ahead of use (called off the event loop) so the first
-        append to a page does not stall."""
-        cdef Py_ssize_t i, stop
-        cdef volatile unsigned char sink
-        if self.base == NULL:
-            return
-        if length < 0:
-            length = self.size - start
-        stop = min(start + length, self.size)
-        with nogil:
-            if madvise(self.base + start, stop - start, MADV_POPULATE_WRITE_) != 0:
-                i = start
-                while i < stop:
-                    sink = self.base[i]
-                    i += 4096
 
     def close(self):
         """Unmap; the caller closes the fd. Nothing may use this segment afterwards."""
@@ -745,39 +725,13 @@ cdef class LogCore:
             del self._inboxes[recipient]
         return 0
 
-    cdef int consume_ids(self, str recipient, str device, object ids, list consumed) except -1:
-        """Drop acknowledged messages from a device's inbox and the user's shared
-        inbox (recording a CONSUME per inbox); appends their locations to `consumed`
-        if given (the records stay readable until their segment is deleted)."""
-        cdef Inbox inbox
-        cdef uint64_t msg_id, loc
-        cdef Py_ssize_t i
-        for dev in ((device, "") if device else ("",)):
-            inbox = self._inbox(_ikey(recipient, dev), False)
-            if inbox is None:
-                continue
-            removed = []
-            for oid in ids:
-                msg_id = oid
-                i = inbox.find(msg_id)
-                if i >= 0:
-                    loc = inbox.take(i)
-                    self._dropped(loc)
-                    removed.append(oid)
-                    if consumed is not None:
-                        consumed.append(loc)
-            self._forget_if_empty(_ikey(recipient, dev), inbox)
-            if removed:
-                self.consumed += len(removed)
-                self._record_consume(recipient, dev, removed)
-        return 0
-
     cdef int consume_wire(self, str recipient, str device, const unsigned char *ids, Py_ssize_t count,
                           uint64_t *locs, Py_ssize_t *found) except -1:
-        """consume_ids for ids as a RECEIVED frame carries them (big-endian u64),
-        with no Python object per id: the consumed records' locations go into
-        `locs` (room for 2 * count: the device's inbox and the user's shared one),
-        their number into `found`."""
+        """Drop acknowledged messages from a device's inbox and the user's shared
+        inbox (recording a CONSUME per inbox). `ids` as a RECEIVED frame carries
+        them (big-endian u64), so no Python object is made per id; the consumed
+        records' locations go into `locs` (room for 2 * count), their number into
+        `found` (the records stay readable until their segment is deleted)."""
         cdef Inbox inbox
         cdef uint64_t msg_id, loc
         cdef Py_ssize_t i, j, removed
@@ -875,8 +829,22 @@ cdef class LogCore:
 
     def consume(self, str recipient, ids, str device=""):
         """Drop acknowledged messages (records a CONSUME); unknown ids are ignored."""
+        cdef Py_ssize_t i, n, found = 0
+        cdef bytearray wire
+        if type(ids) is not list:
+            ids = list(ids)
+        n = len(ids)
+        wire = bytearray(8 * n)
+        cdef uint64_t *locs = <uint64_t *>PyMem_Malloc(16 * n if n else 8)
+        if locs == NULL:
+            raise MemoryError()
         before = self.consumed
-        self.consume_ids(recipient, device, ids, None)
+        try:
+            for i in range(n):
+                sb_store64(<unsigned char *>(<char *>wire) + 8 * i, <uint64_t>ids[i])
+            self.consume_wire(recipient, device, <const unsigned char *>(<char *>wire), n, locs, &found)
+        finally:
+            PyMem_Free(locs)
         return self.consumed - before
 
     def consume_through(self, str recipient, uint64_t msg_id, str device=""):

@@ -1029,10 +1029,10 @@ cdef class RouteCore:
         self._link_to = link_to
         self._owner_of = owner_of
         self._is_local_fn = is_local
+        # a ShardMap's own is_local (or a subclass's override of it) is asked in C, not through
+        # the bound method; any other callable is called as given
         owner = getattr(is_local, "__self__", None)
-        # a ShardMap's is_local (or a subclass's override): asked in C, not through the bound method
-        self._local_map = <ShardMap>owner if isinstance(owner, ShardMap) and \
-            getattr(is_local, "__name__", "") == "is_local" else None
+        self._local_map = <ShardMap>owner if isinstance(owner, ShardMap) and is_local == owner.is_local else None
 
     cdef int _schedule(self, SessionCore s) except -1:
         self._dirty.append(s)
