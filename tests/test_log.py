@@ -169,6 +169,60 @@ def test_crc32c_known_vector_and_chaining():
         assert crc32c(memoryview(a + b)) == crc32c(bytearray(a + b))
 
 
+def test_producer_window_keeps_exactly_the_newest_answers_over_many_sends():
+    """The send window's oldest answer is dropped in O(1) and its room reclaimed
+    now and then (cap/8): across 5,000 in-order SENDs and a late recovery insert,
+    every seq in the newest window keeps its own answer, older ones are known
+    only as duplicates, and the window never holds more than it should."""
+    from _core._producers import ProducerTable
+    window = 256
+    table = ProducerTable(window)
+    key = "alice\x00phone"
+    for seq in range(1, 5001):
+        assert table.admit_py(key, 9, seq)[0] == "new"
+        table.stored_py(key, 9, seq, 1000 + seq, 2000 + seq, 1 + seq // 700)
+        entries = table.get(key).entries()
+        assert len(entries) == min(seq, window)
+        assert entries[0][0] == max(1, seq - window + 1) and entries[-1] == (seq, 1000 + seq, 2000 + seq)
+    for seq in range(4745, 5001):
+        assert table.admit_py(key, 9, seq) == ("duplicate", 1000 + seq, 2000 + seq)
+    for seq in (1, 2000, 4744):
+        assert table.admit_py(key, 9, seq) == ("duplicate", 0, 0)
+    assert table.admit_py(key, 9, 5001)[0] == "new"
+    assert table.get(key).memory <= 2 * window * 32       # the reclaimed room is reused, not grown into
+
+
+def test_zero_pages_and_flush_files_on_real_files(tmp_path):
+    """The log's file primitives: zeros land exactly over the range asked (also a
+    range that ends inside a page), and a failed write or sync is an OSError
+    that says why, never a silent success."""
+    from _core._log import flush_files, zero_pages
+    path = tmp_path / "seg"
+    path.write_bytes(b"\xff" * 20000)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        zero_pages(fd, 4096, 10000)
+        data = os.pread(fd, 20000, 0)
+        assert data[:4096] == b"\xff" * 4096 and data[4096:10000] == bytes(5904) and data[10000:] == b"\xff" * 10000
+        os.pwrite(fd, b"record", 100)
+        flush_files([fd])
+        flush_files([])
+    finally:
+        os.close(fd)
+    ro = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as exc:
+            zero_pages(ro, 0, 4096)
+        assert exc.value.errno == errno.EBADF
+    finally:
+        os.close(ro)
+    closed = os.open(path, os.O_RDWR)
+    os.close(closed)
+    with pytest.raises(OSError) as exc:
+        flush_files([closed, closed])
+    assert exc.value.errno == errno.EBADF
+
+
 # -- reopen -----------------------------------------------------------------------------------
 
 def test_reopen_restores_pending_payloads_last_id_and_producers(tmp_path, logs):
@@ -195,8 +249,8 @@ def test_reopen_restores_pending_payloads_last_id_and_producers(tmp_path, logs):
     gone = set(m[0] for m in sent["alice"][::2]) | set(m[0] for m in sent["bob"][::3]) \
         | set(m[0] for m in sent["carol"])
     assert log.consume("alice", [m[0] for m in sent["alice"][::2]] + [12345]) == len(sent["alice"][::2])
-    assert log.consume("bob", [m[0] for m in sent["bob"][::3]]) == len(sent["bob"][::3])
-    assert log.consume("carol", [m[0] for m in sent["carol"]]) == len(sent["carol"])
+    assert log.consume("bob", (m[0] for m in sent["bob"][::3])) == len(sent["bob"][::3])   # any iterable
+    assert log.consume("carol", {m[0] for m in sent["carol"]}) == len(sent["carol"])
     assert log.consume("nobody", [1, 2]) == 0
     assert log.consume("alice", [sent["alice"][0][0]]) == 0       # already consumed
     left = {r: [m for m in sent[r] if m[0] not in gone] for r in recipients}
