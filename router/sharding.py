@@ -24,6 +24,9 @@ from pathlib import Path
 from _core._shards import ShardMap, shard_of     # in C: asked on every SEND and receipt
 from _core.log import fsync_dir
 
+__all__ = ["ShardMap", "shard_of", "owner_of", "check_layout", "write_layout", "splits_into", "LayoutError",
+           "HASH", "SEED", "DEFAULT_SHARDS", "LAYOUT_FILE", "LAYOUT_VERSION", "RESHARD_MARK"]
+
 HASH = "xxh3_64"
 SEED = 0
 DEFAULT_SHARDS = 64

@@ -179,11 +179,12 @@ def wait(what, check, timeout: float = 60.0, detail=None):
 
 
 async def paced_stream(nodes, sender: str, recipient: str, fault, count: int = 600, pad: int = 0,
-                       window: int = 1):
+                       window: int = 1, ack_at_end: bool = False):
     """`sender` streams `count` numbered messages to `recipient` (online throughout,
     both with every node as a seed) while `fault()` runs in a thread after the first
     100 are ACKed; returns what the recipient got, in order (and checks that nothing
-    more comes: nothing twice)."""
+    more comes: nothing twice). `ack_at_end`: the recipient acknowledges only once
+    it has all of them, so no segment is consumed (and deleted) during the fault."""
     loop = asyncio.get_running_loop()
     async with nodes.any_client(recipient) as rc, nodes.any_client(sender) as sc:
         got, sent = [], [0]
@@ -205,9 +206,15 @@ async def paced_stream(nodes, sender: str, recipient: str, fault, count: int = 6
             await asyncio.gather(*tasks)
 
         async def receive():
+            held = []
             while len(got) < count:
                 m = await rc.recv(timeout=120)
                 got.append(m.text.rstrip("."))
+                if ack_at_end:
+                    held.append(m)
+                else:
+                    await rc.ack(m)
+            for m in held:
                 await rc.ack(m)
         writer, reader = asyncio.ensure_future(send()), asyncio.ensure_future(receive())
         while sent[0] < 100:
