@@ -7,9 +7,13 @@ import xxhash
 DEFAULT_SHARDS = 64
 
 
+cdef inline int _shard(str user, int shards) except -1:
+    return xxhash.xxh3_64_intdigest(user.encode("utf-8"), seed=0) % shards
+
+
 def shard_of(str user, int shards=DEFAULT_SHARDS):
     """xxh3_64(user as UTF-8, seed 0) mod shards."""
-    return xxhash.xxh3_64_intdigest(user.encode("utf-8"), seed=0) % shards
+    return _shard(user, shards)
 
 
 cdef class ShardMap:
@@ -41,7 +45,7 @@ cdef class ShardMap:
         if s is None:
             if len(self._cache) >= self._limit:
                 self._cache.clear()
-            s = self._cache[user] = xxhash.xxh3_64_intdigest(user.encode("utf-8"), seed=0) % self.shards
+            s = self._cache[user] = _shard(user, self.shards)
         return <int>s
 
     def shard(self, str user):
@@ -54,7 +58,7 @@ cdef class ShardMap:
         """For once-per-connection questions (HELLO): caching every connected
         user would cost ~40 bytes per idle session."""
         s = self._cache.get(user)
-        return (s if s is not None else shard_of(user, self.shards)) % self.workers
+        return (s if s is not None else _shard(user, self.shards)) % self.workers
 
     cpdef bint is_local(self, str user) except -1:
         return self.shard_of_user(user) in self._owned
