@@ -157,15 +157,15 @@ def test_soak_kill_9_loops_lose_duplicate_and_reorder_nothing(tmp_path, kill, du
 
 def test_soak_kill_9_of_a_cluster_node_loses_duplicates_and_reorders_nothing(tmp_path):
     """Issue 14's acceptance in small: three nodes with two copies of every shard,
-    one node killed with SIGKILL 3 times under pipelined senders (its shards fail
+    one node killed with SIGKILL twice under pipelined senders (its shards fail
     over to their replicas, it returns and catches up); every ACKed message reaches
     its recipient once, in order, and each failover is measured."""
     out = tmp_path / "soak.json"
-    r = bench("soak", "--kill", "node", "--cycles", "3", "--every", "1000", "--workers", "1", "--senders", "4",
+    r = bench("soak", "--kill", "node", "--cycles", "2", "--every", "800", "--workers", "1", "--senders", "4",
               "--recipients", "6", "--window", "16", "--replicas", "2", "--json", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())
-    assert res["cycles"] == 3 and res["acked"] >= 3000 and res["replicas"] == 2
+    assert res["cycles"] == 2 and res["acked"] >= 1600 and res["replicas"] == 2
     assert (res["lost"], res["duplicates"], res["reorderings"]) == (0, 0, 0)
     assert res["delivered"] == res["acked"]
     assert 0 < res["unavailable_s"]["min"] <= res["unavailable_s"]["max"] < 30
@@ -173,11 +173,11 @@ def test_soak_kill_9_of_a_cluster_node_loses_duplicates_and_reorders_nothing(tmp
 
 def test_catchup_measures_a_returning_and_a_rebuilt_node(tmp_path):
     out = tmp_path / "catchup.json"
-    r = bench("catchup", "--mb", "16", "--json", str(out))
+    r = bench("catchup", "--mb", "8", "--json", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())
     assert [x["case"] for x in res["runs"]] == ["returning", "rebuilt"]
-    assert res["payload_mb"] >= 16
+    assert res["payload_mb"] >= 8
     for run in res["runs"]:
         assert run["seconds"] > 0 and run["shipped_mb"] > 0 and run["mb_per_s"] > 0, run
     # rebuilt from an empty data dir, n3 gets its share of the copies (about 2 of every 3 shards) in full
