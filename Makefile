@@ -13,9 +13,12 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -q -e '.[test,dev,bench,cluster]'
 	touch $(STAMP)
 
-# Re-cythonize whatever .pyx/.pxd changed since the last build.
+# Re-cythonize whatever .pyx/.pxd changed since the last build, and byte-compile the
+# sources: where PYTHONDONTWRITEBYTECODE is set (many containers) every process start,
+# each worker and CLI call, compiled them again (0.14 s of a gateway's 0.39 s start).
 build: $(STAMP)
 	$(BIN)/python setup.py -q build_ext --inplace -j 2
+	$(BIN)/python -m compileall -q -j 2 _core router gateway bench tests examples > /dev/null
 
 # Debug build: annotate, linetrace, -O0 -g, SWITCHBOARD_DEBUG invariant checks.
 debug: $(STAMP)
