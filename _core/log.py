@@ -739,7 +739,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             return
         if self._retry_at and time.monotonic() < self._retry_at:
             raise StoreError("storage full: cannot reserve a new log segment", ErrorCode.STORAGE_FULL)
-        if stall:
+        if stall and not self._retry_at:       # (a retry on a full disk is no stall: nothing outran it)
             if self.active is None:
                 self.cold_starts += 1
             else:
