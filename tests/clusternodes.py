@@ -178,6 +178,24 @@ def wait(what, check, timeout: float = 60.0, detail=None):
         time.sleep(0.05)
 
 
+_EVENTS = ("deposed", "unquiesced", "taken_over", "adopted", "nats_", "redirect", "goaway", "session", "Error",
+           "error", "refus")
+
+
+def stream_report(nodes, rc, sc, got, acked) -> str:
+    """What a stalled stream's two ends and the nodes saw: the failure message of a
+    hang (a timeout alone says nothing about where the message stopped)."""
+    def side(c):
+        return (f"address={c.address} connected={c.connected} reconnects={c.reconnects} redirects={c.redirects} "
+                f"goaway={c.goaway!r} outbox={len(c._outbox)} seen_hwm={c._seen_hwm} acked_hwm={c._acked_hwm}")
+    lines = [f"acked={acked} received={len(got)} last={got[-3:]}", "recipient: " + side(rc), "sender: " + side(sc)]
+    for name, proc in nodes.procs.items():
+        events = [ln for ln in proc.text.splitlines() if any(e in ln for e in _EVENTS)]
+        lines.append(f"--- {name} ({len(events)} lines of interest, the last 25):")
+        lines.extend(ln[:300] for ln in events[-25:])
+    return "\n".join(lines)
+
+
 async def paced_stream(nodes, sender: str, recipient: str, fault, count: int = 600, pad: int = 0,
                        window: int = 1, ack_at_end: bool = False):
     """`sender` streams `count` numbered messages to `recipient` (online throughout,
@@ -194,7 +212,11 @@ async def paced_stream(nodes, sender: str, recipient: str, fault, count: int = 6
 
             async def one(i):
                 try:
-                    await sc.send(recipient, f"m{i}".ljust(pad, "."), timeout=120)
+                    try:
+                        await sc.send(recipient, f"m{i}".ljust(pad, "."), timeout=120)
+                    except asyncio.TimeoutError:
+                        raise AssertionError(f"m{i} got no ACK in 120 s: " + stream_report(nodes, rc, sc, got,
+                                                                                           sent[0]))
                     sent[0] += 1
                 finally:
                     gate.release()
@@ -208,7 +230,10 @@ async def paced_stream(nodes, sender: str, recipient: str, fault, count: int = 6
         async def receive():
             held = []
             while len(got) < count:
-                m = await rc.recv(timeout=120)
+                try:
+                    m = await rc.recv(timeout=120)
+                except asyncio.TimeoutError:
+                    raise AssertionError("the recipient waited 120 s: " + stream_report(nodes, rc, sc, got, sent[0]))
                 got.append(m.text.rstrip("."))
                 if ack_at_end:
                     held.append(m)
