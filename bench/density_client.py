@@ -4,13 +4,22 @@ on stdin, one JSON reply per command on stdout).
 
 A process is capped at 20,000 open files, and a source address has ~64k
 ports per destination, so the orchestrator runs many of these, each bound to
-its own 127.0.0.x address."""
+its own 127.0.0.x address.
+
+The sessions are plain non-blocking sockets on one epoll set, and the event
+loop watches only that set: an asyncio transport and protocol per session cost
+this process about 110 µs of CPU per connect, as much as the server's whole
+session open, so the benchmark measured its own client (docs/benchmarks.md,
+"Connect rate"). The frames a session writes (a greeting, a PING, a SEND, a
+RECEIVED) are a few bytes on an idle socket: one send() each."""
 import argparse
 import asyncio
 import collections
 import errno
 import json
 import os
+import random
+import select
 import socket
 import sys
 import time
@@ -23,44 +32,46 @@ from . import dialects, procstat
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 # Source ports we hand out (below the kernel's ephemeral range, so the two never meet).
 FIRST_PORT, LAST_PORT = 10_000, 32_000
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_GONE = select.EPOLLHUP | select.EPOLLERR
+_READ = 65536
+_BATCH = 4096                       # epoll events taken per poll
 
 
-class Session(asyncio.Protocol):
-    __slots__ = ("client", "transport", "pending", "ready", "user", "waiter", "index", "why", "seq")
+class Session:
+    """One connection as the dialects see it: `pending` bytes, `write()`, and the
+    on_* callbacks of its parser."""
+    __slots__ = ("client", "sock", "pending", "ready", "user", "index", "why", "seq", "deadline")
 
-    def __init__(self, client, user, index):
+    def __init__(self, client, sock, user, index, deadline):
         self.client = client
-        self.transport = None
+        self.sock = sock
         self.pending = b""
         self.ready = False
         self.user = user
         self.index = index
-        self.waiter = None
         self.why = None          # what the server said before closing (GOAWAY, ERROR)
         self.seq = 0             # SEND seqs of this session's producer (PROTOCOL.md section 6)
-
-    def connection_made(self, transport):
-        self.transport = transport
-        greeting = self.client.dialect.greeting(self.user)
-        if greeting:
-            transport.write(greeting)
-        else:
-            self.on_ready()
-
-    def data_received(self, data):
-        self.client.dialect.feed(self, data)
+        self.deadline = deadline  # for its handshake (monotonic s)
 
     def write(self, data):
-        self.transport.write(data)
+        try:
+            if self.sock.send(data) == len(data):
+                return
+            why = "send buffer full"
+        except BlockingIOError:
+            why = "send buffer full"
+        except OSError as exc:
+            why = f"{type(exc).__name__}: {os.strerror(exc.errno)}" if exc.errno else type(exc).__name__
+        self.client.lose(self, why)       # an idle session whose few bytes do not fit is stalled
 
     def on_ready(self):
         self.ready = True
-        self._wake(None)
+        self.client.opened(self)
 
     def on_failed(self, reason):
         self.why = reason
-        self._wake(reason)
-        self.transport.close()
+        self.client.lose(self, reason)
 
     def on_pong(self):
         self.client.pongs += 1
@@ -69,23 +80,13 @@ class Session(asyncio.Protocol):
     def on_message(self, tail):
         self.client.on_message(self, tail)
 
-    def _wake(self, result):
-        w, self.waiter = self.waiter, None
-        if w is not None and not w.done():
-            w.set_result(result)
-
-    def connection_lost(self, exc):
-        self._wake("closed by server before ready")
-        if self.ready:
-            self.client.lost[self.why or (type(exc).__name__ if exc else "closed by server")] += 1
-            self.client.live.pop(self.index, None)
-
 
 class Client:
     def __init__(self, args):
         self.args = args
         self.dialect = dialects.make(args.dialect, args.data_dir)
         self.live: dict[int, Session] = {}
+        self.by_fd: dict[int, Session] = {}
         self.lost = Counter()
         self.next_index = 0
         self.next_port = FIRST_PORT
@@ -94,35 +95,71 @@ class Client:
         self.due = collections.deque()  # (last PING or HELLO time, session), oldest first
         self.loop = asyncio.get_running_loop()
         self.messages = {}
+        self.epoll = select.epoll()
+        self.loop.add_reader(self.epoll.fileno(), self._events)
+        self._opening = None            # the open() in progress: [left to start, in flight, failed, done future]
 
     def user(self, i: int) -> str:
         return f"{self.args.prefix}{i}"
 
-    async def _open_one(self, failed: Counter) -> None:
-        i = self.next_index
-        self.next_index += 1
-        s = Session(self, self.user(i), i)
-        s.waiter = waiter = self.loop.create_future()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self._bind(sock)
-            sock.setblocking(False)
-            await self.loop.sock_connect(sock, (self.args.host, self.args.port))
-            await self.loop.create_connection(lambda: s, sock=sock)
-            reason = await asyncio.wait_for(waiter, self.args.timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            reason = f"{type(exc).__name__}: {os.strerror(exc.errno)}" if getattr(exc, "errno", None) \
-                else type(exc).__name__
-        if reason is None:
-            self.live[i] = s
-            self.due.append((time.monotonic(), s))
-        else:
-            failed[reason] += 1
-            if s.transport is not None:
-                s.transport.abort()
-            else:
-                sock.close()
+    # -- the epoll set ------------------------------------------------------------
+    def _events(self) -> None:
+        by_fd, dialect = self.by_fd, self.dialect
+        while True:
+            events = self.epoll.poll(0, _BATCH)
+            for fd, ev in events:
+                s = by_fd.get(fd)
+                if s is None:
+                    continue
+                if s.deadline and ev & _OUT:            # a connect finished, or failed
+                    err = s.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        self.lose(s, f"ConnectionError: {os.strerror(err)}")
+                        continue
+                    self.epoll.modify(fd, _IN)
+                    greeting = dialect.greeting(s.user)
+                    if greeting:
+                        s.write(greeting)
+                    else:
+                        s.on_ready()
+                    continue
+                try:
+                    data = s.sock.recv(_READ)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    self.lose(s, f"{type(exc).__name__}: {os.strerror(exc.errno)}")
+                    continue
+                if not data:
+                    self.lose(s, None)
+                else:
+                    dialect.feed(s, data)
+            if len(events) < _BATCH:
+                return
 
+    def opened(self, s: Session) -> None:
+        """Its handshake is done (WELCOME, first PONG, 101 Switching Protocols)."""
+        s.deadline = 0.0
+        self.live[s.index] = s
+        self.due.append((time.monotonic(), s))
+        self._finished_one(None)
+
+    def lose(self, s: Session, why) -> None:
+        """The session is closed (by the server, a failed write, a failed handshake)."""
+        if self.by_fd.pop(s.sock.fileno(), None) is None:
+            return
+        try:
+            self.epoll.unregister(s.sock)
+        except OSError:
+            pass
+        s.sock.close()
+        if s.deadline:                     # still in its handshake
+            self._finished_one(why or "closed by server before ready")
+        elif self.live.pop(s.index, None) is not None:
+            self.lost[s.why or why or "closed by server"] += 1
+        self.awaiting.discard(s)
+
+    # -- opening ------------------------------------------------------------------
     def _bind(self, sock) -> None:
         """Bind the next free source port ourselves. Letting the kernel pick one
         searches the port space per connect, and with thousands of connections
@@ -141,35 +178,81 @@ class Client:
         sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((self.args.src, 0))            # our range is used up: the kernel's search
 
+    def _start_one(self):
+        """A non-blocking connect from the next source port; the failure's reason, or None."""
+        i = self.next_index
+        self.next_index += 1
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self._bind(sock)
+            sock.setblocking(False)
+            err = sock.connect_ex(self.target)
+        except OSError as exc:
+            sock.close()
+            return f"{type(exc).__name__}: {os.strerror(exc.errno)}" if exc.errno else type(exc).__name__
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            return f"ConnectionError: {os.strerror(err)}"
+        s = Session(self, sock, self.user(i), i, time.monotonic() + self.args.timeout)
+        self.by_fd[sock.fileno()] = s
+        self.epoll.register(sock, _OUT)
+        return None
+
+    def _finished_one(self, failure) -> None:
+        op = self._opening
+        if op is None:
+            return
+        op[1] -= 1
+        if failure is not None:
+            op[2][failure] += 1
+        self._fill()
+
+    def _fill(self) -> None:
+        """Keep `concurrency` handshakes in flight until `n` were started."""
+        op = self._opening
+        while op[0] > 0 and op[1] < self.args.concurrency:
+            op[0] -= 1
+            failure = self._start_one()
+            if failure is None:
+                op[1] += 1
+            else:
+                op[2][failure] += 1
+        if op[0] == 0 and op[1] == 0 and not op[3].done():
+            op[3].set_result(None)
+
+    def _expire_handshakes(self) -> None:
+        now = time.monotonic()
+        for s in [s for s in self.by_fd.values() if s.deadline and s.deadline <= now]:
+            self.lose(s, "TimeoutError")
+
     async def open(self, n: int) -> dict:
         """Open `n` more sessions, at most `concurrency` handshakes at a time."""
         failed = Counter()
         t0 = time.perf_counter()
-        sem = asyncio.Semaphore(self.args.concurrency)
-
-        async def one():
-            async with sem:
-                await self._open_one(failed)
-
-        async def progress():
-            while True:
-                await asyncio.sleep(0.25)
-                print(json.dumps({"progress": len(self.live)}), flush=True)
-        reporter = self.loop.create_task(progress())
+        self.target = (self.args.host, self.args.port)
+        done = self.loop.create_future()
+        self._opening = [n, 0, failed, done]
+        self._fill()
         try:
-            await asyncio.gather(*(one() for _ in range(n)))
+            while not done.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), 0.25)
+                except asyncio.TimeoutError:
+                    self._expire_handshakes()
+                    print(json.dumps({"progress": len(self.live)}), flush=True)
         finally:
-            reporter.cancel()
+            self._opening = None
         return {"opened": n - sum(failed.values()), "failed": dict(failed), "secs": time.perf_counter() - t0,
                 "live": len(self.live), "lost": dict(self.lost)}
 
+    # -- idle sessions ------------------------------------------------------------
     async def ping_all(self, timeout: float) -> dict:
         """PING every live session; count answers (a dead session never answers)."""
         want = len(self.live)
         self.awaiting = set(self.live.values())
         ping = self.dialect.ping()
         for s in list(self.awaiting):
-            s.transport.write(ping)
+            s.write(ping)
         deadline = time.monotonic() + timeout
         while self.awaiting and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -189,7 +272,6 @@ class Client:
             return r
         live = list(self.live.values())
         ok, rtts, failed = 0, [], 0
-        import random
         for k in range(min(pairs, len(live) // 2)):
             a, b = random.sample(live, 2)
             tag = os.urandom(16)
@@ -213,7 +295,7 @@ class Client:
         self.awaiting = set(sample)
         t0 = time.perf_counter()
         for s in sample:
-            s.transport.write(self.dialect.ping())
+            s.write(self.dialect.ping())
         deadline = time.monotonic() + timeout
         while self.awaiting and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
@@ -236,9 +318,16 @@ class Client:
             limit = time.monotonic() - interval
             while due and due[0][0] <= limit:
                 _, s = due.popleft()
-                if s.index in self.live:                     # closed ones drop out here
-                    s.transport.write(ping)
+                if self.live.get(s.index) is s:                # closed ones drop out here
+                    s.write(ping)
                     due.append((limit + interval, s))
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.epoll.fileno())
+        for s in list(self.by_fd.values()):
+            s.sock.close()
+        self.by_fd.clear()
+        self.epoll.close()
 
 
 async def main(args) -> None:
@@ -265,8 +354,7 @@ async def main(args) -> None:
             reply = {"error": f"unknown op {op}"}
         print(json.dumps(reply), flush=True)
     keepalive.cancel()
-    for s in client.live.values():
-        s.transport.abort()
+    client.close()
 
 
 def parse(argv=None):
