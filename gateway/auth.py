@@ -97,6 +97,19 @@ class TokenAuthority:
         body = bytes([len(u)]) + u + bytes([len(d)]) + d + struct.pack("!Q", max(expiry, 0))
         return _PREFIX + _b64(body) + "." + _b64(self._mac(body))
 
+    @staticmethod
+    def claimed_user(token: str) -> str | None:
+        """The user a token names, NOT verified (None if it names none): enough to
+        choose the worker a connection goes to; that worker verifies it (grant)."""
+        if not token.startswith(_PREFIX):
+            return None
+        body_text = token[len(_PREFIX):].partition(".")[0]
+        try:
+            body = _unb64(body_text)
+            return body[1:1 + body[0]].decode("utf-8") or None
+        except (ValueError, TypeError, IndexError, UnicodeDecodeError):
+            return None
+
     def verify(self, token: str, device: str, now: float | None = None) -> tuple[str, str]:
         """(user, device) the token grants, or AuthError."""
         return self.grant(token, device, now)[:2]

@@ -7,7 +7,6 @@ through `write(bytes)` once per event-loop turn.
 """
 import asyncio
 import collections
-import dataclasses
 import itertools
 import os
 
@@ -94,8 +93,9 @@ class Router(RouteCore):
                 old.goaway(GoawayCode.REPLACED, 0, "replaced by a newer connection of this device")
                 self._unroute(old)
         if welcome is not None:
-            session.write_frame(dataclasses.replace(welcome, session_id=session.session_id, producer=producer,
-                                                    send_window=self.dedup_window))
+            session.write_frame(frames.Welcome(welcome.version, session.session_id, welcome.user, welcome.device,
+                                               welcome.max_frame, welcome.max_payload, welcome.ping_interval_ms,
+                                               welcome.server_time_ms, producer, self.dedup_window))
         if send_only:
             session.send_only = True
             self._attach_send_only(session)

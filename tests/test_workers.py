@@ -104,6 +104,39 @@ def test_handoff_carries_bytes_already_read(gateway_factory):
     assert handed > 0, gw.text
 
 
+def test_a_handed_over_hello_is_verified_by_its_owner(gateway_factory):
+    """The accepting worker hands a HELLO over on the user its token names, without
+    checking the token (the owner does): a token from another secret, a tampered
+    one and an expired one are each refused with their code, for users of both
+    workers, and the gateway serves on; the counts show hand-overs happened."""
+    import base64
+    from gateway.auth import TokenAuthority
+    from _core.protocol import ErrorCode
+    gw = gateway_factory("--workers", "2")
+    users = users_on(0, 2, 6, "vh-a") + users_on(1, 2, 6, "vh-b")
+
+    def tampered(user):
+        prefix, body, mac = gw.token(user).split(".")
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        raw = raw[:-1] + bytes([raw[-1] ^ 1])          # the expiry changed: the MAC no longer matches
+        return ".".join([prefix, base64.urlsafe_b64encode(raw).rstrip(b"=").decode(), mac])
+    cases = [(lambda u: TokenAuthority(os.urandom(32)).issue(u), ErrorCode.AUTH_FAILED, "bad token signature"),
+             (tampered, ErrorCode.AUTH_FAILED, "bad token signature"),
+             (lambda u: gw.token(u, ttl=1, now=time.time() - 100), ErrorCode.TOKEN_EXPIRED, "token expired")]
+    for user in users:
+        for make, code, reason in cases:
+            raw = Raw(gw)
+            raw.send(encode(F.Hello(2, make(user), "raw", 0)))
+            err = raw.frame()
+            assert isinstance(err, F.Error) and (err.code, err.reason) == (code, reason), (user, err)
+            raw.close()
+        raw = Raw(gw)
+        assert raw.hello(gw.token(user)).user == user
+        raw.close()
+    assert gw.stop() == 0
+    assert sum(int(n) for n in re.findall(r"handoffs_in=(\d+)", gw.text)) > 0, gw.text
+
+
 @pytest.mark.parametrize("victim", ["recipient's worker", "sender's worker"])
 def test_kill_9_of_a_worker_during_a_storm(gateway_factory, victim):
     """The supervisor restarts the worker, it recovers its shards' logs, clients
