@@ -125,6 +125,7 @@ async def soak(args) -> dict:
     last_ack: dict = {}                        # recipient -> loop time of its latest ACK
     last_before: list[float] = []
     send_errors: dict = {}
+    phase = ["connecting"]                     # what the killer waits for: named if the run times out
 
     def client(user, device):
         return Client(host, port, gw.token(user), device, max_backoff=0.5, connect_timeout=60)
@@ -187,6 +188,7 @@ async def soak(args) -> dict:
     async def killer() -> None:
         for cycle in range(args.cycles):
             target = len(acked) + args.every
+            phase[0] = f"cycle {cycle + 1}: waiting for ACK {target}"
             while len(acked) < target:
                 await asyncio.sleep(0.005)
             reconnects_at_kill.update({c: c.reconnects for c in clients})
@@ -199,10 +201,14 @@ async def soak(args) -> dict:
                 last_before.append(max((last_ack.get(r, 0.0) for r in hit), default=loop.time()))
                 kills.append(loop.time())
                 first_ack_after.append(None)
+                phase[0] = f"cycle {cycle + 1}: killing {name}"
                 await loop.run_in_executor(None, gw.kill, name)
+                phase[0] = f"cycle {cycle + 1}: waiting for an ACK to {sorted(hit) or 'anyone'} after killing {name}"
                 while first_ack_after[-1] is None:
                     await asyncio.sleep(0.005)
+                phase[0] = f"cycle {cycle + 1}: starting {name} again"
                 await loop.run_in_executor(None, gw.start, name)
+                phase[0] = f"cycle {cycle + 1}: waiting for every shard in sync"
                 await loop.run_in_executor(None, gw.wait_in_sync, 180)
                 print(f"\rsoak: {cycle + 1}/{args.cycles} node kills, {len(acked)} ACKed", end="", file=sys.stderr)
                 continue
@@ -216,15 +222,24 @@ async def soak(args) -> dict:
                 while gw.workers.get(cycle % args.workers) == old:     # the supervisor restarts it
                     await asyncio.sleep(0.005)
             print(f"\rsoak: {cycle + 1}/{args.cycles} kills, {len(acked)} ACKed", end="", file=sys.stderr)
+        phase[0] = "waiting for an ACK after the last kill"
         while first_ack_after[-1] is None:
             await asyncio.sleep(0.005)
+        phase[0] = "waiting for the senders' last ACKs"
         stop.set()
 
     started = time.monotonic()
     recv_tasks = [asyncio.ensure_future(receiver(r)) for r in recipients]
+    stuck = None
     try:
-        await asyncio.wait_for(asyncio.gather(killer(), *(sender(s) for s in senders)), args.timeout)
-        deadline = loop.time() + 60             # every ACKed message to its application
+        try:
+            await asyncio.wait_for(asyncio.gather(killer(), *(sender(s) for s in senders)), args.timeout)
+        except asyncio.TimeoutError:
+            # bounded: a run that stops making progress says where, instead of being killed from outside
+            stuck = (f"no progress in {args.timeout:g} s: {phase[0]}; {len(acked)} ACKed; senders "
+                     + ", ".join(f"{c.address}{'' if c.connected else ' (disconnected)'} outbox={len(c._outbox)} "
+                                 f"reconnects={c.reconnects}" for c in clients))
+        deadline = loop.time() + (60 if stuck is None else 5)     # every ACKed message to its application
         while sum(len(v) for v in seen.values()) < len(acked) and loop.time() < deadline:
             await asyncio.sleep(0.05)
     finally:
@@ -246,7 +261,7 @@ async def soak(args) -> dict:
             "lost_sample": [f"{s}:{k} -> {recipients[k % len(recipients)]} id {acked[(s, k)]}"
                             for s, k in sorted(lost)[:10]],
             "lost_all": [f"{s}:{k + 1}:{recipients[k % len(recipients)]}:{acked[(s, k)]}" for s, k in sorted(lost)],
-            "receiver_failures": failures, "send_errors": send_errors,
+            "receiver_failures": failures, "send_errors": send_errors, "stuck": stuck,
             "unavailable_s": {"min": round(min(gaps), 3), "median": round(statistics.median(gaps), 3),
                               "p99": round(sorted(gaps)[min(len(gaps) - 1, int(0.99 * len(gaps)))], 3),
                               "max": round(max(gaps), 3)} if gaps else None,
@@ -266,4 +281,7 @@ def run(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    if result["stuck"]:
+        print(f"soak: {result['stuck']}", file=sys.stderr)
+        return 1
     return 0 if result["lost"] == result["duplicates"] == result["reorderings"] == 0 else 1

@@ -1,6 +1,7 @@
 """`switchboard bench ...` at a small scale: the commands a user runs, with
 real servers, real client processes and their JSON results."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,9 +13,9 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def bench(*args, timeout=240):
+def bench(*args, timeout=240, env=None):
     return subprocess.run([sys.executable, "-m", "gateway", "bench", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **env} if env else None)
 
 
 def test_density_switchboard_and_peers(tmp_path):
@@ -130,7 +131,6 @@ def test_unknown_or_non_routing_servers_are_clear_errors():
 
 def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
     """nats-server missing from PATH: one line naming it, exit status 1, no traceback."""
-    import os
     env = {**os.environ, "PATH": str(tmp_path)}              # no nats-server here
     r = subprocess.run([sys.executable, "-m", "gateway", "bench", "throughput", "--against", "nats",
                         "--duration", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
@@ -161,9 +161,13 @@ def test_soak_kill_9_of_a_cluster_node_loses_duplicates_and_reorders_nothing(tmp
     over to their replicas, it returns and catches up); every ACKed message reaches
     its recipient once, in order, and each failover is measured."""
     out = tmp_path / "soak.json"
+    logs = tmp_path / "node-logs"
+    logs.mkdir()
     r = bench("soak", "--kill", "node", "--cycles", "2", "--every", "800", "--workers", "1", "--senders", "4",
-              "--recipients", "6", "--window", "16", "--replicas", "2", "--json", str(out))
-    assert r.returncode == 0, r.stdout + r.stderr
+              "--recipients", "6", "--window", "16", "--replicas", "2", "--timeout", "150", "--json", str(out),
+              env={"SWITCHBOARD_BENCH_NODE_LOGS": str(logs)})
+    assert r.returncode == 0, r.stdout + r.stderr + "".join(
+        f"\n--- {p.name} (last 40 lines)\n" + "".join(p.read_text().splitlines(True)[-40:]) for p in sorted(logs.glob("*.log")))
     res = json.loads(out.read_text())
     assert res["cycles"] == 2 and res["acked"] >= 1600 and res["replicas"] == 2
     assert (res["lost"], res["duplicates"], res["reorderings"]) == (0, 0, 0)
@@ -188,7 +192,6 @@ def test_catchup_measures_a_returning_and_a_rebuilt_node(tmp_path):
 def test_a_benchmark_stopped_with_sigterm_stops_the_servers_it_started():
     """`bench soak --kill node` runs nodes and nats-servers in process groups of
     their own; SIGTERM to the benchmark stops them too, and says so."""
-    import os
     import signal
     from pathlib import Path
 
