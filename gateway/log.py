@@ -41,8 +41,27 @@ def parse_levels(level: str, levels: str = "") -> dict:
     return out
 
 
+class _Stderr(logging.StreamHandler):
+    """stderr, where a line that cannot be written is lost, not raised: picologging
+    raises the write's OSError into the caller, so a gateway whose log reader went
+    away (a pipe to a process that exited) failed every HELLO it logged about and
+    stopped opening sessions. Lost lines are counted (`log_lines_dropped_total`)."""
+    dropped = 0
+
+    def emit(self, record):
+        try:
+            super().emit(record)
+        except OSError:
+            _Stderr.dropped += 1
+
+
+def dropped_lines() -> int:
+    """Log lines this process could not write (metrics)."""
+    return _Stderr.dropped
+
+
 def setup(level: str = "INFO", levels: str = "", worker: str = "sup") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr(sys.stderr)
     handler.setFormatter(_OneLine(FORMAT.format(worker=worker), datefmt=DATEFMT))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -41,6 +41,8 @@ COUNTERS = {
     "receipts_total": ("delivery and read receipts routed", None),
     "errors_total": ("ERROR frames and WebSocket/HTTP refusals sent, by code", "code"),
     "worker_restarts_total": ("worker processes restarted by the supervisor after dying", None),
+    "log_lines_dropped_total": ("log lines the worker could not write (its stderr is gone: the process reading "
+                                "it exited); it serves on", None),
     "cluster_messages_total": ("NATS messages to and from other nodes' workers (a loop turn's frames for one "
                                "worker are one message)", "direction"),
     "cluster_bytes_total": ("bytes of those NATS messages", "direction"),
@@ -117,6 +119,7 @@ def snapshot(gw) -> dict:
             "duplicates_total": r.duplicates_dropped,
             "handoffs_total": {"in": gw.handoffs_in, "out": gw.handoffs_out},
             "redirects_total": gw.redirects,
+            "log_lines_dropped_total": log.dropped_lines(),
             "cluster_messages_total": {"in": bus.get("msgs_in", 0), "out": bus.get("msgs_out", 0)},
             "cluster_bytes_total": {"in": bus.get("bytes_in", 0), "out": bus.get("bytes_out", 0)},
             "cluster_fenced_total": {"forwards": r.forwards_fenced, "receipts": r.receipts_fenced,

@@ -49,3 +49,57 @@ def test_levels_per_component(gateway_factory):
     assert "logger=switchboard.gateway worker=0 event=worker_ready" in text       # INFO, allowed for it
     assert "event=worker_started" not in text            # supervisor INFO: below WARNING
     assert "event=conn_closed" not in text               # conn INFO: below its ERROR
+
+
+def test_a_gateway_whose_log_reader_went_away_serves_on(tmp_path):
+    """The process reading the gateway's output exits (a pipe to `tee`, a supervisor
+    that died): log lines are lost and counted, sessions still open on both workers,
+    messages still flow, and SIGTERM still stops it. (picologging raised the write's
+    BrokenPipeError into whatever was logging: every HELLO failed, and the client saw
+    the connection close without a word.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from conftest import ADMIN, READY, ROOT
+    from gateway.auth import TokenAuthority, load_secret
+    from gateway.client import Client
+    from router.sharding import shard_of
+    from test_metrics import get, parse, value
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", "0", "--ws-port", "off",
+                             "--admin-port", "0", "--workers", "2", "--data-dir", str(tmp_path), "--log-level",
+                             "DEBUG", "--segment-size", "2M"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = ""
+        while not (READY.search(seen) and ADMIN.search(seen)):
+            line = proc.stdout.readline()
+            assert line, seen
+            seen += line
+        host, port = READY.search(seen).group(1), int(READY.search(seen).group(2))
+        admin = int(ADMIN.search(seen).group(2))
+        proc.stdout.close()                        # the reader is gone: every write now fails with EPIPE
+        auth = TokenAuthority(load_secret(tmp_path))
+        users = [f"gone{i}" for i in range(12)]
+        assert {shard_of(u) % 2 for u in users} == {0, 1}
+
+        async def main():
+            for u in users:
+                async with Client(host, port, auth.issue(u, ttl=600), "d", reconnect=False,
+                                  connect_timeout=10) as a, \
+                        Client(host, port, auth.issue(u + "x", ttl=600), "d", reconnect=False,
+                               connect_timeout=10) as b:
+                    await a.send(u + "x", "still here", timeout=10)
+                    m = await b.recv(timeout=10)
+                    assert m.text == "still here"
+                    await b.ack(m)
+        asyncio.run(asyncio.wait_for(main(), 120))
+        status, text = get(admin, "/metrics")
+        assert status == 200
+        assert value(parse(text), "log_lines_dropped_total") > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
