@@ -609,13 +609,13 @@ def test_kill_9_at_random_moments_leaves_the_old_or_the_new_data_dir(tmp_path):
     _same(data, expected, NEW)
     rng = random.Random(int(os.environ.get("SWITCHBOARD_TEST_SEED", "20240")))
     outcomes = []
-    for i in range(5):
+    for i in range(4):
         data = tmp_path / f"kill{i}"
         shutil.copytree(pristine, data)
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "reshard", "--data-dir", str(data), "--shards",
                                  str(NEW), *RESHARD_ARGS], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        if i < 4:
+        if i < 3:
             delay = rng.uniform(0.1, 0.7) * duration       # a random moment of its run (mostly the split)
             try:
                 proc.wait(delay)
@@ -642,7 +642,7 @@ def test_kill_9_at_random_moments_leaves_the_old_or_the_new_data_dir(tmp_path):
         _same(data, expected, NEW)
     print("kill outcomes (delay s, exit, shards, mark):", outcomes, "full run", round(duration, 2), "s")
     # (a run faster than the timed one may end before its moment comes: the machine is shared)
-    assert sum(o[1] == -signal.SIGKILL for o in outcomes) >= 3, outcomes
+    assert sum(o[1] == -signal.SIGKILL for o in outcomes) >= 2, outcomes
 
 
 def test_each_state_a_kill_can_leave_is_settled_by_the_gateway_or_a_rerun(tmp_path):
