@@ -139,7 +139,11 @@ class Supervisor:
         _log.info("event=supervisor_ready workers=%d listen=tcp://%s:%d ws=%d pid=%d",
                   cfg.workers, host, port, ws_port, os.getpid())
         admin = self.admin.server.server_address[:2] if self.admin is not None else None
-        print(banner(host, port, cfg.data_dir, ws_port, tls=bool(cfg.tls_cert), admin=admin), flush=True)
+        try:      # one write (print() writes its end apart when unbuffered); nobody reading is no reason to stop
+            sys.stdout.write(banner(host, port, cfg.data_dir, ws_port, tls=bool(cfg.tls_cert), admin=admin) + "\n")
+            sys.stdout.flush()
+        except OSError:
+            pass
         try:
             self._loop()
         finally:

@@ -93,7 +93,11 @@ def test_a_gateway_whose_log_reader_went_away_serves_on(tmp_path):
                     m = await b.recv(timeout=10)
                     assert m.text == "still here"
                     await b.ack(m)
-        asyncio.run(asyncio.wait_for(main(), 120))
+        try:
+            asyncio.run(asyncio.wait_for(main(), 120))
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise AssertionError(f"{exc!r}; supervisor exit status {proc.poll()}, its workers "
+                                 f"{subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True).stdout}")
         status, text = get(admin, "/metrics")
         assert status == 200
         assert value(parse(text), "log_lines_dropped_total") > 0
