@@ -367,36 +367,43 @@ def test_with_fewer_nodes_than_replicas_sends_are_refused_clearly_until_one_join
 
 
 def test_an_owner_killed_in_the_middle_of_a_move_is_taken_over(rnodes):
-    """n1 is drained while n3, the in-sync replica and the move's target for b's
-    shard, is paused: the shard is marked moving but the move cannot finish (its
-    quiesce waits for n3's acknowledgement). n1 is killed with SIGKILL there and
-    n3 woken. The move was never switched, so the map still names the dead n1
+    """n1 is drained while r, the in-sync replica of b's shard and the move's target
+    for it (n2 or n3: which node holds which copies depends on who was up when n1
+    placed them), is paused: the shard is marked moving but the move cannot finish
+    (its quiesce waits for r's acknowledgement). n1 is killed with SIGKILL there
+    and r woken. The move was never switched, so the map still names the dead n1
     with the mark: a replica takes the shard over all the same, clearing it.
     Every ACKed message arrives once, in order."""
     import threading
 
+    from gateway.cluster.shardmap import hrw_owner
     from gateway.stats import run_drain
     nodes = rnodes
     _wait("every shard in sync", lambda: _in_sync(nodes, "n1"))
     w = _map(nodes, "n1")
-    b = next(u for u in (f"mb{i}" for i in range(10_000))
-             if w["shard_owner"][shard_of(u, nodes.shards)] == "n1"
-             and w["replicas"].get(str(shard_of(u, nodes.shards))) == ["n3"])
+
+    def fits(u):
+        s = shard_of(u, nodes.shards)
+        reps = w["replicas"].get(str(s), [])
+        return w["shard_owner"][s] == "n1" and len(reps) == 1 and hrw_owner(s, ["n2", "n3"]) == reps[0]
+    b = next(u for u in (f"mb{i}" for i in range(10_000)) if fits(u))
     s = shard_of(b, nodes.shards)
-    a, = nodes.users_on("n2", 1, "ma")
+    r, = w["replicas"][str(s)]
+    other, = _others(nodes, "n1", r)
+    a, = nodes.users_on(other, 1, "ma")
 
     def kill_mid_move():
-        nodes.signal_all("n3", signal.SIGSTOP)
+        nodes.signal_all(r, signal.SIGSTOP)
         try:
             threading.Thread(target=lambda: _quiet(run_drain, nodes.host("n1"), nodes.ports["n1"][2], 50, 0.1, None),
                              daemon=True).start()
-            _wait("b's shard marked moving to n3", lambda: _map(nodes, "n1")["moving"].get(str(s)) == "n3", 20)
+            _wait(f"b's shard marked moving to {r}", lambda: _map(nodes, "n1")["moving"].get(str(s)) == r, 20)
             nodes.kill9("n1")
         finally:
-            nodes.signal_all("n3", signal.SIGCONT)
+            nodes.signal_all(r, signal.SIGCONT)
     got = asyncio.run(asyncio.wait_for(paced_stream(nodes, a, b, kill_mid_move, count=400, window=4), 180))
     assert got == [f"m{i}" for i in range(400)]
-    view = _map(nodes, "n2")
+    view = _map(nodes, other)
     assert view["shard_owner"][s] != "n1" and str(s) not in view["moving"], view["moving"]
     assert re.search(r"event=shards_taken_over count=\d+ from=n1", nodes.procs["n2"].text + nodes.procs["n3"].text)
 
