@@ -93,9 +93,12 @@ class Router(RouteCore):
                 old.goaway(GoawayCode.REPLACED, 0, "replaced by a newer connection of this device")
                 self._unroute(old)
         if welcome is not None:
-            session.write_frame(frames.Welcome(welcome.version, session.session_id, welcome.user, welcome.device,
-                                               welcome.max_frame, welcome.max_payload, welcome.ping_interval_ms,
-                                               welcome.server_time_ms, producer, self.dedup_window))
+            # built anew, not dataclasses.replace (a few µs of every session open)
+            session.write_frame(frames.Welcome(
+                version=welcome.version, session_id=session.session_id, user=welcome.user, device=welcome.device,
+                max_frame=welcome.max_frame, max_payload=welcome.max_payload,
+                ping_interval_ms=welcome.ping_interval_ms, server_time_ms=welcome.server_time_ms,
+                producer=producer, send_window=self.dedup_window))
         if send_only:
             session.send_only = True
             self._attach_send_only(session)
