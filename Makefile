@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py
 # each worker and CLI call, compiled them again (0.14 s of a gateway's 0.39 s start).
 build: $(STAMP)
 	$(BIN)/python setup.py -q build_ext --inplace -j 2
-	$(BIN)/python -m compileall -q -j 2 _core router gateway bench tests examples > /dev/null
+	$(BIN)/python -m compileall -q -j 2 _core router gateway bench tests examples
 
 # Debug build: annotate, linetrace, -O0 -g, SWITCHBOARD_DEBUG invariant checks.
 debug: $(STAMP)
