@@ -101,6 +101,34 @@ def test_s5_hello_timeout_from_accept(gw1):
             assert 0.9 <= took < 3.0, took
 
 
+def _order_cases(secret: bytes, user: str, past: int) -> list:
+    """HELLOs breaking two of the rules of section 5, rule 3, and the code each must get."""
+    return [
+        (hello("sb1.garbage", version=0), ErrorCode.UNSUPPORTED_VERSION),
+        (hello("sb1.garbage", device="two words"), ErrorCode.MALFORMED_FRAME),
+        (hello(doc_token(b"another secret 0123456789", user, "", past)), ErrorCode.AUTH_FAILED),
+        (hello(doc_token(secret, "two words", "", past)), ErrorCode.AUTH_FAILED),
+        (hello(doc_token(secret, user, "phone", past), device="laptop"), ErrorCode.TOKEN_EXPIRED),
+        (hello(doc_token(secret, user, "phone", past + 3600), device="laptop"), ErrorCode.AUTH_FAILED),
+    ]
+
+
+def test_s5_hello_checks_keep_their_order_on_two_workers(gw2):
+    """The same order when the accepting worker hands the HELLO to the user's owner
+    before the token is checked (the owner checks it): users of both workers."""
+    from router.sharding import shard_of
+    secret = load_secret(gw2.data_dir)
+    past = int(time.time()) - 60
+    users = [uid(f"order2-{i}") for i in range(40)]
+    users = [next(u for u in users if shard_of(u) % 2 == k) for k in (0, 1)]
+    for user in users:
+        for data, code in _order_cases(secret, user, past):
+            for _ in range(3):                  # either worker may accept the connection
+                with Wire(gw2) as w:
+                    w.send(data)
+                    fatal(w, code)
+
+
 def test_s5_hello_checks_run_in_the_documented_order(gw1):
     """Section 5, rule 3: version, the id rule on `device`, the token's format,
     signature and user, its expiry, its device binding, then the device limit:
@@ -109,15 +137,7 @@ def test_s5_hello_checks_run_in_the_documented_order(gw1):
     secret = load_secret(gw1.data_dir)
     past = int(time.time()) - 60
     user = uid("order")
-    cases = [
-        (hello("sb1.garbage", version=0), ErrorCode.UNSUPPORTED_VERSION),
-        (hello("sb1.garbage", device="two words"), ErrorCode.MALFORMED_FRAME),
-        (hello(doc_token(b"another secret 0123456789", user, "", past)), ErrorCode.AUTH_FAILED),
-        (hello(doc_token(secret, "two words", "", past)), ErrorCode.AUTH_FAILED),
-        (hello(doc_token(secret, user, "phone", past), device="laptop"), ErrorCode.TOKEN_EXPIRED),
-        (hello(doc_token(secret, user, "phone", past + 3600), device="laptop"), ErrorCode.AUTH_FAILED),
-    ]
-    for data, code in cases:
+    for data, code in _order_cases(secret, user, past):
         with Wire(gw1) as w:
             w.send(data)
             fatal(w, code)
