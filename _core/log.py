@@ -140,26 +140,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def reserve_file(path: Path, size: int, pause=lambda: None, fault: str = "", pages: bool = True) -> int:
+def reserve_file(path: Path, size: int, pause=lambda: None, fault: str = "") -> int:
     """Create `path` (it must not exist) as `size` bytes of real, zeroed blocks and
     return its fd: posix_fallocate reserves them (a full disk fails here, with
     ENOSPC, not later with SIGBUS inside a mapping), then zeros are written a chunk
     at a time with an fdatasync each, so an ACK's fdatasync never queues behind
     64 MiB of zeros (and they are never written back later by an fdatasync meant
-    for records). `pages`: a page per write, for small page-cache folios
-    (`zero_pages`); else one write per chunk, ~1.7x faster to make (a segment the
-    event loop waits for). On failure nothing is left behind."""
+    for records). A page per write (`zero_pages`), for small page-cache folios:
+    a sync writes back whole folios. On failure nothing is left behind."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         if fault == "enospc":
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
         os.posix_fallocate(fd, 0, size)
         for off in range(0, size, ZERO_CHUNK):
-            if pages:
-                zero_pages(fd, off, min(off + ZERO_CHUNK, size))     # page by page: small folios (see there)
-            else:
-                os.pwrite(fd, bytes(min(ZERO_CHUNK, size - off)), off)
-                os.fdatasync(fd)
+            zero_pages(fd, off, min(off + ZERO_CHUNK, size))     # page by page: small folios (see there)
             pause()
     except BaseException:
         _discard(fd, path)
@@ -522,25 +517,23 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             return first
         return min(self.config.segment_size, max(first, 2 * self.active.size))
 
-    def _create_segment(self, segment_id: int, pause=lambda: None, size: int | None = None,
-                        pages: bool = True) -> Segment:
-        """Reserve, zero-fill (`pages`: see reserve_file), header, fsync, rename,
-        fsync dir, map."""
+    def _create_segment(self, segment_id: int, pause=lambda: None, size: int | None = None) -> Segment:
+        """Reserve, zero-fill (see reserve_file), header, fsync, rename, fsync dir, map."""
         size = size or self.config.segment_size
         final = self.directory / segment_name(segment_id)
         tmp = self.directory / f".{segment_name(segment_id)}.tmp"
-        fd = reserve_file(tmp, size, pause, self._fault, pages)
+        fd = reserve_file(tmp, size, pause, self._fault)
         nonce = secrets.randbits(64)
         install_file(fd, tmp, final, self._header(segment_id, nonce, size=size))
         return Segment.map(str(final), fd, segment_id, nonce, size)
 
-    def _create_fitting(self, segment_id: int, size: int, pause=lambda: None, pages: bool = True) -> Segment:
+    def _create_fitting(self, segment_id: int, size: int, pause=lambda: None) -> Segment:
         """A segment of `size`, or on a nearly full disk the largest smaller one
         (halving down to the first segment's size) that there is room for."""
         first = self.config.first_segment()
         while True:
             try:
-                return self._create_segment(segment_id, pause, size, pages)
+                return self._create_segment(segment_id, pause, size)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or size <= first:
                     raise
@@ -750,13 +743,13 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
                     self.spares_target = grown
                     _log.warning("event=log_stall reason=no_spare_segment dir=%s spares_target=%d",
                                  self.directory, self.spares_target)
-        # A shard's cold start (its first segment and its reserve, 1 MiB each) stalls the loop for
-        # everyone on it: made in large writes, 2.6 ms faster. Their appends then fault a large
-        # folio after each sync (~8 us a page instead of ~2), at most 256 pages over their life.
-        pages = self.active is not None
+        # Page by page even on a shard's cold start (its first segment and its reserve, 1 MiB
+        # each), although large writes would make them 2.6 ms faster: a large write gets a large
+        # page-cache folio, and each sync then writes the whole folio back. In `always` mode that
+        # was a MiB per shard per round (64 shards: 25 ms rounds).
         try:
             for _ in range(n):
-                self._spares.append(self._create_fitting(self._take_id(), self._next_size(), pages=pages))
+                self._spares.append(self._create_fitting(self._take_id(), self._next_size()))
         except OSError as exc:
             self._no_space(exc)
             raise StoreError("storage full: cannot reserve a new log segment", ErrorCode.STORAGE_FULL) from None

@@ -1109,6 +1109,47 @@ def test_always_acks_only_after_a_sync_and_in_order(tmp_path, logs):
     asyncio.run(main())
 
 
+def dirtied_bytes() -> int:
+    """Bytes this process has dirtied in the page cache (/proc/self/io write_bytes:
+    Linux counts a whole folio when a write marks it dirty)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    raise AssertionError("no write_bytes in /proc/self/io")
+
+
+def test_an_always_round_writes_back_a_page_not_a_folio_of_a_young_segment(tmp_path, logs):
+    """A shard's first segments used to be zero-filled in 1 MiB writes, which gave
+    them 1 MiB page-cache folios (ext4, Linux 6.16+): every `always` round then
+    dirtied and wrote back a whole MiB per shard (64 shards: ~25 ms rounds, 11 k
+    msgs/s). Each round of one small append must dirty a page or two."""
+    nid = Ids()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        log = logs(tmp_path, cfg(durability="always"))
+        log.open()
+        log.start(loop)
+        await until(lambda: roll_ready(log), what="spares made")   # no zeroing during the rounds
+
+        async def one_round():
+            mid = nid()
+            log.append("bob", mid, mid >> 22, "s", "d", b"m" * 40)
+            synced = loop.create_future()
+            log.commit(synced.set_result, None)
+            await asyncio.wait_for(synced, 10)
+
+        await one_round()
+        before, rounds = dirtied_bytes(), 50
+        for _ in range(rounds):
+            await one_round()
+        per_round = (dirtied_bytes() - before) / rounds
+        assert 0 < per_round <= 8192, f"each round dirtied {per_round:.0f} bytes"
+        log.close()
+
+    asyncio.run(main())
+
+
 def test_never_and_interval_ack_at_once(tmp_path, logs):
     nid = Ids()
 
