@@ -7,6 +7,7 @@ Closed loop keeps `window` messages in flight per flow; open loop (--rate)
 sends at a fixed total rate. After a warm-up, a measured window; then the
 senders stop and the run waits until everything sent has been delivered."""
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -19,11 +20,14 @@ def _split(n: int, k: int) -> list[int]:
 
 
 _runs = iter(range(1, 1 << 30))
+#: this invocation's mark in user and group names: a second `bench throughput
+#: --port P` against the same gateway must not meet the first one's groups (GROUP_EXISTS)
+_INVOCATION = secrets.token_hex(3)
 
 
 def measure(server, args, size: int) -> dict:
     procs, first = [], 0
-    tag = f"t{next(_runs)}x"          # fresh users for every run against the same server
+    tag = f"t{_INVOCATION}{next(_runs)}x"     # fresh users and groups for every run against the same server
     k = min(args.clients, args.pairs)
     for n in _split(args.pairs, k):
         cmd = [sys.executable, "-m", "bench.throughput_client", "--dialect", server.dialect,
@@ -41,8 +45,11 @@ def measure(server, args, size: int) -> dict:
     try:
         for p in procs:
             line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a load process failed to set up against {server.name} "
+                                   f"(exit {p.wait()}; its error is above)")
             if not line.startswith('{"ready"'):
-                raise RuntimeError(f"a load process failed to connect to {server.name}")
+                raise RuntimeError(f"a load process against {server.name} said {line.strip()!r} instead of ready")
         pids = server.pids()
         t0 = time.perf_counter()
         for p in procs:

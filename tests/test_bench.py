@@ -97,6 +97,20 @@ def test_throughput_group_fan_out_and_open_loop(tmp_path):
     assert row["sends_per_s"] <= 400 * 1.2                   # the rate holds (plus the first tick)
 
 
+def test_throughput_group_runs_twice_against_one_running_gateway(gateway_factory, tmp_path):
+    """Each invocation names its users and groups afresh: the second one used to
+    meet the first one's groups (GROUP_EXISTS) and stop."""
+    gw = gateway_factory("--msg-rate", "0")
+    for k in range(2):
+        out = tmp_path / f"t{k}.json"
+        r = bench("throughput", "--port", str(gw.port), "--data-dir", str(gw.data_dir), "--mode", "group",
+                  "--group-size", "3", "--pairs", "2", "--duration", "0.5", "--warmup", "0.2", "--json", str(out))
+        assert r.returncode == 0, r.stdout + r.stderr
+        row = json.loads(out.read_text())["results"][0]
+        assert row["exactly_once"] and row["delivered"] == 3 * row["sent"] > 0
+    assert gw.alive()
+
+
 def test_throughput_rejects_bad_sizes():
     r = bench("throughput", "--size", "8")
     assert r.returncode != 0 and "--size must be 16..65000" in r.stderr
