@@ -143,4 +143,15 @@ cdef class LogCore:
                               dict dedup, Py_ssize_t dedup_window) except -1
 
 
-cdef int remember(dict table, object key, object value, Py_ssize_t window) except -1
+cdef class CopyWindow:
+    cdef uint64_t *ring           # the group message ids copied, ascending (oldest dropped first)
+    cdef uint64_t *base           # the allocation `ring` points into
+    cdef Py_ssize_t n
+    cdef Py_ssize_t cap
+
+    cdef Py_ssize_t _lower(self, uint64_t origin) noexcept
+    cdef bint has(self, uint64_t origin) noexcept
+    cdef int add(self, uint64_t origin, Py_ssize_t window) except -1
+
+
+cdef CopyWindow copy_window(dict copies, str group, str member)

@@ -12,7 +12,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_AsUTF8AndSize
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from libc.stdint cimport int64_t, uint16_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memmove, memset
 from libc.stdlib cimport qsort
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
@@ -253,19 +253,119 @@ cdef int write_stored(WriteBuffer out, MsgView *m) except -1:
                                 m.payload, m.payload_len, FLAG_GROUP if m.flags & MSG_GROUP else FLAG_MIRROR)
 
 
-cdef int remember(dict table, object key, object value, Py_ssize_t window) except -1:
-    """Record a client id's answer in a dedup table that keeps at least the
-    last `window` of them. Trimmed in one pass at twice the window: dropping the
-    oldest entry one at a time (del d[next(iter(d))]) scans the deleted slots
-    at the front of the dict each time, which cost 12% of a worker's CPU."""
-    cdef Py_ssize_t n
-    table[key] = value
-    n = len(table)
-    if n > 2 * window:
-        keep = list(table.items())[n - window:]
-        table.clear()
-        table.update(keep)
-    return 0
+cdef class CopyWindow:
+    """The group messages already copied to one member: their ids (the origin,
+    the group message's id), ascending, at least the newest `window` of them. A
+    sorted array of u64, not a dict of tuples: each copy made had cost a dict
+    entry, a tuple and three ints (~150 B, and the cyclic GC walked them all:
+    an eighth of a worker's CPU in group fan-out); a look-up is a binary search
+    over ids that mostly arrive in order (appends at the end)."""
+
+    def __cinit__(self):
+        self.ring = NULL
+        self.base = NULL
+        self.n = 0
+        self.cap = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.base)
+
+    cdef Py_ssize_t _lower(self, uint64_t origin) noexcept:
+        cdef Py_ssize_t lo = 0, hi = self.n, mid
+        if self.n and self.ring[self.n - 1] < origin:
+            return self.n                               # the usual case: newer than all
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.ring[mid] < origin:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    cdef bint has(self, uint64_t origin) noexcept:
+        cdef Py_ssize_t i = self._lower(origin)
+        return i < self.n and self.ring[i] == origin
+
+    cdef int add(self, uint64_t origin, Py_ssize_t window) except -1:
+        """Remember `origin`; beyond `window` ids the oldest is dropped (O(1))."""
+        cdef Py_ssize_t i = self._lower(origin), cap
+        cdef uint64_t *grown
+        if i < self.n and self.ring[i] == origin:
+            return 0
+        if (self.ring - self.base) + self.n == self.cap:        # no room after the last
+            if self.ring != self.base and self.n < self.cap // 2 + 1:
+                memmove(self.base, self.ring, self.n * sizeof(uint64_t))
+            else:
+                cap = self.cap * 2 if self.cap else 8
+                grown = <uint64_t *>PyMem_Malloc(cap * sizeof(uint64_t))
+                if grown == NULL:
+                    raise MemoryError()
+                if self.n:
+                    memcpy(grown, self.ring, self.n * sizeof(uint64_t))
+                PyMem_Free(self.base)
+                self.base = grown
+                self.cap = cap
+            self.ring = self.base
+        if i < self.n:
+            memmove(self.ring + i + 1, self.ring + i, (self.n - i) * sizeof(uint64_t))
+        self.ring[i] = origin
+        self.n += 1
+        if self.n > window:
+            self.ring += 1
+            self.n -= 1
+        return 0
+
+    def add_py(self, uint64_t origin, Py_ssize_t window):
+        self.add(origin, window)
+
+    def merge(self, CopyWindow other, Py_ssize_t window):
+        """Remember every id `other` remembers too."""
+        cdef Py_ssize_t i
+        for i in range(other.n):
+            self.add(other.ring[i], window)
+
+    def __contains__(self, uint64_t origin):
+        return self.has(origin)
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter([self.ring[i] for i in range(self.n)])
+
+    def __repr__(self):
+        return f"<CopyWindow {self.n} ids>"
+
+
+cdef CopyWindow copy_window(dict copies, str group, str member):
+    """`copies[group][member]`, made if missing: the copies made of `group`'s
+    messages to `member` (group, then member: both keys are str objects whose
+    hashes are cached, no key is built per copy)."""
+    members = copies.get(group)
+    if members is None:
+        members = copies[group] = {}
+    w = (<dict>members).get(member)
+    if w is None:
+        w = (<dict>members)[member] = CopyWindow()
+    return <CopyWindow>w
+
+
+def merge_copies(dict into, dict copies, Py_ssize_t window):
+    """Add `copies` ({group: {member: CopyWindow}}, e.g. what a shard log
+    recovered) to `into`."""
+    for group, members in copies.items():
+        for member, w in (<dict>members).items():
+            copy_window(into, group, member).merge(w, window)
+
+
+def forget_copies(dict copies, in_shard):
+    """Drop the copy windows of members `in_shard(member)` says are leaving."""
+    for group in list(copies):
+        members = <dict>copies[group]
+        for member in [m for m in members if in_shard(m)]:
+            del members[member]
+        if not members:
+            del copies[group]
 
 
 cdef class Segment:
@@ -1119,11 +1219,8 @@ cdef class LogCore:
             seg.newest_ts = m.ts
         if m.client_id and m.flags & MSG_GROUP:
             # a member's copy: deduplicated per (group, member) by the group message's id
-            key = (_text(m.conversation, m.conversation_len) + "\x00" + _text(m.recipient, m.recipient_len), "")
-            table = dedup.get(key)
-            if table is None:
-                table = dedup[key] = {}
-            remember(<dict>table, m.client_id, (m.msg_id, m.ts), dedup_window)
+            copy_window(dedup, _text(m.conversation, m.conversation_len),
+                        _text(m.recipient, m.recipient_len)).add(m.client_id, dedup_window)
         elif m.producer and m.flags == 0:
             self.producers.stored(_text(m.sender, m.sender_len) + "\x00" + _text(m.sender_device, m.sender_device_len),
                                   m.producer, m.client_id, m.msg_id, m.ts, seg.segment_id)

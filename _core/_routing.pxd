@@ -63,7 +63,7 @@ cdef enum:
 
 cdef class RouteCore:
     cdef dict _sessions          # user -> its SessionCore, or a list of them (several devices online)
-    cdef dict _dedup_tables      # (group\0member, "") -> {origin id: (msg_id, ts)}: group copies made
+    cdef dict _dedup_tables      # group -> member -> CopyWindow (_log.pyx): group copies made
     cdef dict _send_states       # "user\0device" -> SendState of this worker's devices (survives reconnects)
     cdef dict _early_holds       # shard -> {key: (producer, seq, code, mono ns)}: refused before its log came
     cdef list _dirty
@@ -141,6 +141,8 @@ cdef class RouteCore:
     cdef int forward_answered(self, uint64_t fwd_seq, int code, str reason, uint64_t msg_id, uint64_t ts,
                               bint duplicate) except -1
     cdef bint _is_local(self, str recipient) except -1
+    cdef bint _group_copy(self, str member, uint64_t origin, uint64_t ts, str sender, str sender_device,
+                          str group, bytes payload) except -1
     cdef LogCore _log_of(self, str user)
     cdef int _receipt(self, str target, unsigned char kind, uint64_t ref, str by, str by_device) except -1
     cdef int received(self, SessionCore session, const unsigned char *ids, Py_ssize_t count) except -1

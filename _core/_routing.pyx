@@ -18,10 +18,11 @@ from ._codec cimport (Cursor, cur_u8, cur_u64, cur_u16, cur_bytes8, cur_done, cu
                       FT_SEND, FT_RECEIVED, FT_PING, FT_PONG, FT_GOAWAY, MAX_RECEIVED_IDS,
                       SWITCHBOARD_DEBUG)
 from ._codec import encode_into
+from ._log import merge_copies, forget_copies
 import os
 from .errors import UnexpectedFrame, MalformedFrame, StoreError
 from .ids import id_problem, is_user_id
-from ._log cimport LogCore, MsgView, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP, remember
+from ._log cimport LogCore, MsgView, MSG_MIRROR, MSG_RECEIPT, MSG_GROUP, CopyWindow, copy_window
 from ._shards cimport ShardMap
 from ._producers cimport (SendState, ProducerTable, ProducerState, ADMIT_NEW, ADMIT_DUPLICATE, ADMIT_FENCED,
                           ADMIT_OUT_OF_ORDER)
@@ -311,7 +312,8 @@ cdef class RouteCore:
     def __init__(self, store, *, loop=None, Py_ssize_t max_payload=64512, Py_ssize_t dedup_window=4096):
         self._sessions = {}
         # group copies made per member; a durable store hands back what it recovered
-        self._dedup_tables = dict(getattr(store, "recovered_dedup", None) or {})
+        self._dedup_tables = {}
+        merge_copies(self._dedup_tables, getattr(store, "recovered_dedup", None) or {}, COPY_WINDOW)
         self._send_states = {}
         self._early_holds = {}
         self._log = store if isinstance(store, LogCore) else None
@@ -948,13 +950,11 @@ cdef class RouteCore:
             del self._send_states[key]
         for user in [u for u in self._devices if in_shard(u)]:
             del self._devices[user]
-        for key in [k for k in self._dedup_tables if in_shard(k[0].partition("\x00")[2])]:
-            del self._dedup_tables[key]
+        forget_copies(self._dedup_tables, in_shard)
 
     def merge_dedup(self, dict tables):
         """Group copies an adopted shard's log recovered (as at start)."""
-        for key, table in tables.items():
-            self._dedup_tables.setdefault(key, {}).update(table)
+        merge_copies(self._dedup_tables, tables, COPY_WINDOW)
 
     def raise_last_id(self, uint64_t floor):
         """Ids made from now on are above `floor` (an adopted shard's highest id:
@@ -972,13 +972,36 @@ cdef class RouteCore:
         """A member's copy of group message `origin` (this worker owns `member`):
         stored for each of its devices (not the one that sent it) and pushed to
         those online. Idempotent: a copy already made is not made again."""
+        return self._group_copy(member, origin, ts, sender, sender_device, group, payload)
+
+    def copy_to_members(self, members, uint64_t origin, uint64_t ts, str sender, str sender_device,
+                        str group, bytes payload, is_local=None):
+        """`store_group_copy` for each of `members` that `is_local(member)` says
+        this worker owns (None: all of them), in one C loop instead of a Python
+        call per member. Returns the members left: other workers' ones, and those
+        whose shard refused for now (StoreError: the caller retries them)."""
+        cdef list left = []
+        cdef ShardMap local_map = None
+        owner = getattr(is_local, "__self__", None)
+        if isinstance(owner, ShardMap) and is_local == owner.is_local:
+            local_map = <ShardMap>owner                     # asked in C (cpdef), as in set_bus
+        for member in members:
+            if is_local is not None and not (local_map.is_local(<str>member) if local_map is not None
+                                             else is_local(member)):
+                left.append(member)
+                continue
+            try:
+                self._group_copy(<str>member, origin, ts, sender, sender_device, group, payload)
+            except StoreError:
+                left.append(member)
+        return left
+
+    cdef bint _group_copy(self, str member, uint64_t origin, uint64_t ts, str sender, str sender_device,
+                          str group, bytes payload) except -1:
         cdef SessionCore s
         cdef uint64_t msg_id
-        key = (group + "\x00" + member, "")
-        table = self._dedup_tables.get(key)
-        if table is None:
-            table = self._dedup_tables[key] = {}
-        if origin in <dict>table:
+        cdef CopyWindow made = copy_window(self._dedup_tables, group, member)
+        if made.has(origin):
             return False
         skip = sender_device if member == sender else None
         devices = self.devices_of(member)
@@ -1005,7 +1028,7 @@ cdef class RouteCore:
                                        PyUnicode_AsUTF8(group), len(group.encode()), origin,
                                        PyBytes_AS_STRING(payload), len(payload), FLAG_GROUP)
                 s._mark()
-        remember(<dict>table, origin, (msg_id, ts), COPY_WINDOW)
+        made.add(origin, COPY_WINDOW)
         return True
 
     cdef bint _is_local(self, str recipient) except -1:

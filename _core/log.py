@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import picologging
-from ._log import PRODUCER_META, LogCore, Segment, crc32c, crc32c_hardware, flush_files, zero_pages
+from ._log import PRODUCER_META, LogCore, Segment, crc32c, crc32c_hardware, flush_files, merge_copies, zero_pages
 from .dirlock import DirLock
 from .errors import LogNotOpen, StoreError
 from .logfmt import q
@@ -1179,8 +1179,7 @@ class ShardedLog(_Committed):
                 raise
             # a shard's first use on a full disk: refused like any content, tried again next time
             raise StoreError("storage full: cannot create the shard's log", ErrorCode.STORAGE_FULL) from None
-        for key, table in lg.recovered_dedup.items():
-            self.recovered_dedup.setdefault(key, {}).update(table)
+        merge_copies(self.recovered_dedup, lg.recovered_dedup, self.config.dedup_window)
         self.logs[shard] = self._writers[shard] = lg
         lg.refuse_sends = self.refusing_sends.get(shard)
         if self.loop is not None:

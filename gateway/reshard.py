@@ -502,7 +502,7 @@ class _Facts:
                         self.child_of[(key, seq)] = c
                     continue
                 _, member, dev, msg_id, ts, origin, group, sender, sdev, live = f
-                if origin not in dedup.get((group + "\x00" + member, ""), ()):
+                if origin not in dedup.get(group, {}).get(member, ()):
                     continue                       # past the dedup window: recovery would not remember it
                 if live:
                     live_copies.add((member, group, origin))

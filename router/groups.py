@@ -233,25 +233,25 @@ class GroupService:
         msg_id, ts = self.router.new_id()
         self.router.store.append(group, msg_id, ts, sender, device, payload, seq, producer=producer)
         job = {"origin": msg_id, "ts": ts, "sender": sender, "device": device, "group": group,
-               "payload": payload, "pending": set(state["members"])}
+               "payload": payload, "pending": state["members"]}     # (the members: a set after the first run)
         self.jobs[msg_id] = job
         self._run(job)
         return msg_id, ts
 
     def _run(self, job: dict) -> None:
-        for member in list(job["pending"]):
-            if self.is_local(member) or self.bus_send is None:
-                try:
-                    self.router.store_group_copy(member, job["origin"], job["ts"], job["sender"], job["device"],
-                                                 job["group"], job["payload"])
-                except StoreError:
-                    continue              # the member's shard is full: still pending, retried
-                job["pending"].discard(member)
-            else:
-                self.bus_send(self.owner_of(member), {
-                    "t": "gcopy", "member": member, "origin": job["origin"], "ts": job["ts"],
-                    "sender": job["sender"], "device": job["device"], "group": job["group"],
-                    "payload": base64.b64encode(job["payload"]).decode()})
+        # this worker's members in one C loop; those left are other workers' members (sent a
+        # copy over the bus, confirmed by "gcopied") and members whose shard is full (retried)
+        bus = self.bus_send
+        left = self.router.copy_to_members(job["pending"], job["origin"], job["ts"], job["sender"], job["device"],
+                                           job["group"], job["payload"], None if bus is None else self.is_local)
+        job["pending"] = set(left)
+        if bus is not None:
+            for member in left:
+                if not self.is_local(member):
+                    bus(self.owner_of(member), {
+                        "t": "gcopy", "member": member, "origin": job["origin"], "ts": job["ts"],
+                        "sender": job["sender"], "device": job["device"], "group": job["group"],
+                        "payload": base64.b64encode(job["payload"]).decode()})
         self._finish_if_done(job)
         if job["pending"] and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(RETRY_S, self._retry)
@@ -290,7 +290,7 @@ class GroupService:
                     store.consume(group, [m.msg_id])
                     continue
                 job = {"origin": m.msg_id, "ts": m.timestamp_ms, "sender": m.sender, "device": m.sender_device,
-                       "group": group, "payload": m.payload, "pending": set(state["members"])}
+                       "group": group, "payload": m.payload, "pending": state["members"]}
                 self.jobs[m.msg_id] = job
                 self._run(job)
 

@@ -1150,6 +1150,41 @@ def test_an_always_round_writes_back_a_page_not_a_folio_of_a_young_segment(tmp_p
     asyncio.run(main())
 
 
+def test_group_copies_made_before_a_restart_are_not_made_again_after_it(tmp_path, logs):
+    """A resumed fan-out asks again for copies it may have made: the copies a
+    member got are read back from the log, so none is stored twice; the window
+    keeps the newest ids and the look-up holds for ids out of order."""
+    nid = Ids()
+    origins = [nid() for _ in range(40)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        log = logs(tmp_path, cfg(durability="never"))
+        log.open()
+        log.start(loop)
+        router = Router(log, loop=loop)
+        bob = router.open_session("bob", "phone", write=lambda data: None, close=lambda: None)
+        router.close_session(bob)
+        copy = lambda r, o: r.store_group_copy("bob", o, o >> 22, "alice", "laptop", "#g", b"hi")  # noqa: E731
+        made = [copy(router, o) for o in origins[::2] + origins[10:20]]       # even ids, then some again
+        assert made == [True] * 20 + [i % 2 == 1 for i in range(10, 20)]
+        log.sync()
+        log.close()
+
+        again = logs(tmp_path, cfg(durability="never"))
+        again.open()
+        again.start(loop)
+        router = Router(again, loop=loop)
+        before = set(origins[::2]) | set(origins[10:20])                  # 25 made before the restart
+        assert [copy(router, o) for o in reversed(origins)] == [o not in before for o in reversed(origins)]
+        last = nid()
+        assert copy(router, last) is True
+        assert sorted(m.ref for m in again.pending("bob", "phone")) == origins + [last]   # each once
+        again.close()
+
+    asyncio.run(main())
+
+
 def test_never_and_interval_ack_at_once(tmp_path, logs):
     nid = Ids()
 
