@@ -245,13 +245,18 @@ class GroupService:
         left = self.router.copy_to_members(job["pending"], job["origin"], job["ts"], job["sender"], job["device"],
                                            job["group"], job["payload"], None if bus is None else self.is_local)
         job["pending"] = set(left)
-        if bus is not None:
+        if bus is not None and left:
+            # one message per worker that owns some of the rest, its payload encoded once
+            by_owner: dict = {}
             for member in left:
                 if not self.is_local(member):
-                    bus(self.owner_of(member), {
-                        "t": "gcopy", "member": member, "origin": job["origin"], "ts": job["ts"],
-                        "sender": job["sender"], "device": job["device"], "group": job["group"],
-                        "payload": base64.b64encode(job["payload"]).decode()})
+                    by_owner.setdefault(self.owner_of(member), []).append(member)
+            if by_owner:
+                payload = base64.b64encode(job["payload"]).decode()
+                for owner, members in by_owner.items():
+                    bus(owner, {"t": "gcopies", "members": members, "origin": job["origin"], "ts": job["ts"],
+                                "sender": job["sender"], "device": job["device"], "group": job["group"],
+                                "payload": payload})
         self._finish_if_done(job)
         if job["pending"] and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(RETRY_S, self._retry)
@@ -327,16 +332,16 @@ class GroupService:
                             s.write_frame(frames.GroupInfo(msg["req"], page, i < len(pages) - 1))
                     else:
                         s.error(msg["code"], msg["reason"], msg["req"], False)
-        elif t == "gcopy":
-            try:
-                self.router.store_group_copy(msg["member"], msg["origin"], msg["ts"], msg["sender"], msg["device"],
-                                             msg["group"], base64.b64decode(msg["payload"]))
-            except StoreError:
-                return                    # the member's shard is full: not confirmed, the owner retries
-            self._route({"t": "gcopied", "group": msg["group"], "origin": msg["origin"], "member": msg["member"]},
-                        msg["group"])
+        elif t == "gcopies" or t == "gcopy":          # ("gcopy": one member, from an older worker)
+            members = msg["members"] if t == "gcopies" else [msg["member"]]
+            left = set(self.router.copy_to_members(members, msg["origin"], msg["ts"], msg["sender"], msg["device"],
+                                                   msg["group"], base64.b64decode(msg["payload"])))
+            done = [m for m in members if m not in left]   # the rest's shard is full: not confirmed, retried
+            if done:
+                self._route({"t": "gcopied", "group": msg["group"], "origin": msg["origin"], "members": done},
+                            msg["group"])
         elif t == "gcopied":
             job = self.jobs.get(msg["origin"])
             if job is not None:
-                job["pending"].discard(msg["member"])
+                job["pending"].difference_update(msg["members"] if "members" in msg else (msg["member"],))
                 self._finish_if_done(job)

@@ -448,6 +448,55 @@ def test_a_node_acting_on_a_stale_map_is_refused(nats_cluster, tmp_path):
             nodes.stop_all()
 
 
+def test_a_group_copy_batch_on_a_stale_map_is_obeyed_for_the_members_still_owned(nats_cluster, tmp_path):
+    """n1 owns group g and sends one copy message per node for a group message,
+    naming all of that node's members. n1 stops hearing from NATS while the shard
+    of member r moves from n2 to n3, so n1's batches for n2 still name r and k.
+    n2 refuses r's copies (fenced) and makes k's. Once n1 hears again, r's copies
+    go to n3. Each member gets every message exactly once, in order."""
+    from faultproxy import FaultProxy
+
+    from gateway.cluster.shardmap import hrw_owner
+    from router.sharding import shard_of
+    three = ["n1", "n2", "n3"]
+    after = lambda name: hrw_owner(shard_of(name, 64), three)           # noqa: E731  owner once n3 is in
+    with FaultProxy.to(nats_cluster.urls[0]) as proxy:
+        nodes = Nodes(tmp_path, nats_cluster.url, three, bootstrap=["n1", "n2"])
+        try:
+            nodes.start("n1", "--cluster", proxy.url)
+            nodes.start("n2")
+            s, = nodes.users_on("n1", 1, "gs")
+            r = next(u for u in (f"gr{i}" for i in range(10_000)) if nodes.owner(u) == "n2" and after(u) == "n3")
+            k = next(u for u in (f"gk{i}" for i in range(10_000)) if nodes.owner(u) == "n2" and after(u) == "n2")
+            g = next(x for x in (f"#g{i}" for i in range(10_000)) if nodes.owner(x) == "n1" and after(x) == "n1")
+
+            async def main():
+                loop = asyncio.get_running_loop()
+                async with nodes.client(s) as cs:
+                    await cs.group("create", g, members=[r, k])
+                    await cs.send(g, "m0")
+                    await loop.run_in_executor(None, proxy.stall)
+                    await loop.run_in_executor(None, nodes.start, "n3")
+                    await loop.run_in_executor(None, _wait, "r's shard on n3",
+                                               lambda: not nodes.status("n2")["workers"]["0"]["moving"]
+                                               and nodes.owned("n3") > 0, 30)
+                    for i in range(1, 11):
+                        await cs.send(g, f"m{i}", timeout=30)     # stored on n1: ACKed while n1 is deaf
+                    await loop.run_in_executor(None, _wait, "n2 to refuse r's copies",
+                                               lambda: _counter(nodes, "n2", 'switchboard_cluster_fenced_total'
+                                                                '{kind="controls"}') > 0, 30)
+                    await loop.run_in_executor(None, proxy.unstall)
+                for member in (k, r):
+                    async with nodes.any_client(member) as cm:
+                        got = await _drain_in_order(cm, 11, timeout=60)
+                        assert got == [f"m{i}" for i in range(11)], member
+                        with pytest.raises(asyncio.TimeoutError):
+                            await cm.recv(timeout=0.5)
+            asyncio.run(asyncio.wait_for(main(), 150))
+        finally:
+            nodes.stop_all()
+
+
 def test_frames_larger_than_nats_max_payload_cross_nodes(nats_cluster, tmp_path):
     """NATS takes at most 1 MiB per message: a 3 MiB message and a group message of
     1 MiB (its copies cross as base64 in a control frame) between nodes arrive whole."""

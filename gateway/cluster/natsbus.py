@@ -44,7 +44,7 @@ _ENV = struct.Struct("!BBHQQQB")          # magic, kind, src worker, incarnation
 #: a remote (node, worker) is the router's destination REMOTE_BASE + its index here
 REMOTE_BASE = 1 << 16
 #: whose id each control message is about: it is handled only by the node that owns that id
-CTRL_TARGET = {"gop": "group", "greply": "to", "gcopy": "member", "gcopied": "group",
+CTRL_TARGET = {"gop": "group", "greply": "to", "gcopy": "member", "gcopies": "members", "gcopied": "group",
                "sub": "user", "typing": "to", "pres": "to"}
 
 
@@ -76,7 +76,14 @@ class Peer:
             raise ValueError(f"unexpected frame 0x{ftype:02x} on a link to node {self.node}")
         msg = json.loads(body)
         target = msg.get(CTRL_TARGET.get(msg.get("t"), ""), None)
-        if target is not None and self.bus.fence(target, self.rx_epoch):
+        if isinstance(target, list):                  # several members: obey for those that are ours
+            ours = [m for m in target if not self.bus.fence(m, self.rx_epoch)]
+            if len(ours) < len(target):
+                self.bus.controls_fenced += 1         # the others' copies: their sender retries them
+                if not ours:
+                    return
+                msg = {**msg, "members": ours}
+        elif target is not None and self.bus.fence(target, self.rx_epoch):
             self.bus.controls_fenced += 1             # not ours at the sender's map: its sender retries
             return
         self.bus.router.control_message(msg)
