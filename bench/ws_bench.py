@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 HDR = struct.Struct("!IBB")
 U64 = struct.Struct("!Q")
 T_HELLO, T_WELCOME, T_SEND, T_ACK, T_DELIVER, T_RECEIVED, T_PING, T_PONG = 1, 2, 3, 4, 5, 6, 7, 8
+T_ERROR = 0x09                  # _core/protocol.py FrameType.ERROR
 KEY = base64.b64encode(b"0123456789abcdef").decode()
 
 
@@ -319,12 +320,17 @@ class Conn(asyncio.Protocol):
                 if ftype == T_WELCOME and self.welcome is None:
                     self.welcome = True
                     self.hello_done.set_result(None)
+                elif ftype == T_ERROR and self.welcome is None and not self.hello_done.done():
+                    self.hello_done.set_exception(ConnectionError(f"HELLO refused: {bytes(body)!r}"))
             if self.on_frames is not None:
                 self.on_frames(self, frames)
 
     def connection_lost(self, exc):
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"lost: {exc}"))
+        hello_done = getattr(self, "hello_done", None)
+        if hello_done is not None and not hello_done.done():     # closed before WELCOME: say so, never hang
+            hello_done.set_exception(ConnectionError(f"closed before WELCOME: {exc}"))
 
     async def login(self, token, send_only=False):
         self.hello_done = asyncio.get_running_loop().create_future()
