@@ -287,7 +287,8 @@ cdef class CopyWindow:
         return i < self.n and self.ring[i] == origin
 
     cdef int add(self, uint64_t origin, Py_ssize_t window) except -1:
-        """Remember `origin`; beyond `window` ids the oldest is dropped (O(1))."""
+        """Remember `origin`; beyond `window` ids the oldest other than `origin` is
+        dropped (O(1))."""
         cdef Py_ssize_t i = self._lower(origin), cap
         cdef uint64_t *grown
         if i < self.n and self.ring[i] == origin:
@@ -311,6 +312,10 @@ cdef class CopyWindow:
         self.ring[i] = origin
         self.n += 1
         if self.n > window:
+            if i == 0 and self.n > 1:
+                # the id just added is the oldest: keep it, drop the next one (a late retry of an
+                # old fan-out must still be recognised when it comes again)
+                self.ring[1] = self.ring[0]
             self.ring += 1
             self.n -= 1
         return 0

@@ -17,7 +17,7 @@ import picologging
 import pytest
 
 from _core._codec import Decoder, WriteBuffer, decode_body
-from _core._log import crc32c
+from _core._log import CopyWindow, crc32c
 from _core.codec import encode
 from _core.errors import StoreError
 from _core.frames import Ack, Deliver, Error, Send
@@ -1148,6 +1148,20 @@ def test_an_always_round_writes_back_a_page_not_a_folio_of_a_young_segment(tmp_p
         log.close()
 
     asyncio.run(main())
+
+
+def test_a_copy_window_keeps_the_newest_ids_and_the_one_just_added():
+    w = CopyWindow()
+    for origin in (30, 10, 50, 40, 20):              # out of order: kept sorted
+        w.add_py(origin, 4)
+    assert list(w) == [20, 30, 40, 50]               # past the window the oldest went
+    w.add_py(5, 4)                                   # a late retry of an old fan-out
+    assert 5 in w and list(w) == [5, 30, 40, 50]     # remembered: its next retry is a duplicate
+    w.add_py(40, 4)
+    assert list(w) == [5, 30, 40, 50]                # an id already there changes nothing
+    for origin in range(100, 10_100):                # in order, far past the window: steady size
+        w.add_py(origin, 4)
+    assert list(w) == [10_096, 10_097, 10_098, 10_099] and 99 not in w
 
 
 def test_group_copies_made_before_a_restart_are_not_made_again_after_it(tmp_path, logs):
