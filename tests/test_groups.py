@@ -155,24 +155,32 @@ def test_group_cli(gateway_proc):
 
 
 def test_group_copy_to_a_restarting_members_worker_is_retried(gateway_factory):
-    """The member's worker is killed -9: the group's owner has the message (ACKed)
-    and keeps offering the member's copy until the restarted worker takes it."""
+    """The members' worker is killed -9: the group's owner has the messages (ACKed)
+    and keeps offering the members' copies until the restarted worker takes them;
+    each member gets each message once, in the order it was sent."""
     import os
     import signal
     from router.sharding import shard_of
     from test_workers import users_on
     gw = gateway_factory("--workers", "2")
     group = next(f"#g{i}" for i in range(1000) if shard_of(f"#g{i}") % 2 == 0)
-    owner, member = users_on(0, 2, 1, "gr-a")[0], users_on(1, 2, 1, "gr-b")[0]
+    owner = users_on(0, 2, 1, "gr-a")[0]
+    members = users_on(1, 2, 2, "gr-b")        # both on the killed worker: one batch carries both copies
 
     async def main():
         async with gw.client(owner) as o:
-            await o.group("create", group, members=[member])
+            await o.group("create", group, members=members)
+            before = await o.send(group, "before", timeout=10)
             os.kill(gw.worker_pids()[1], signal.SIGKILL)
-            ack = await o.send(group, "while your worker restarts", timeout=10)
-        async with gw.client(member, max_backoff=0.2) as m:
-            got = await m.recv(timeout=15)
-            assert (got.group, got.origin_id, got.text) == (group, ack.id, "while your worker restarts")
-            await m.ack(got)
-            await _empty(m)
+            acks = [before] + [await o.send(group, f"while your worker restarts {i}", timeout=10) for i in range(10)]
+        texts = ["before"] + [f"while your worker restarts {i}" for i in range(10)]
+        for member in members:
+            async with gw.client(member, max_backoff=0.2) as m:
+                got = []
+                for _ in texts:
+                    msg = await m.recv(timeout=15)
+                    got.append((msg.group, msg.origin_id, msg.text))
+                    await m.ack(msg)
+                assert got == [(group, a.id, t) for a, t in zip(acks, texts)], member   # once each, in order
+                await _empty(m)
     asyncio.run(main())
