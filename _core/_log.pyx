@@ -20,6 +20,7 @@ from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAI
 from ._codec cimport sb_load16, sb_load32, sb_load64, sb_store16, sb_store32, sb_store64, FLAG_GROUP, FLAG_MIRROR
 
 from ._producers cimport ProducerTable
+from ._sorted cimport lower_bound
 from .errors import StoreError
 from .protocol import ErrorCode
 
@@ -271,16 +272,9 @@ cdef class CopyWindow:
         PyMem_Free(self.base)
 
     cdef Py_ssize_t _lower(self, uint64_t origin) noexcept:
-        cdef Py_ssize_t lo = 0, hi = self.n, mid
         if self.n and self.ring[self.n - 1] < origin:
             return self.n                               # the usual case: newer than all
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if self.ring[mid] < origin:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        return lower_bound(self.ring, 0, self.n, 1, origin)
 
     cdef bint has(self, uint64_t origin) noexcept:
         cdef Py_ssize_t i = self._lower(origin)
@@ -589,13 +583,7 @@ cdef class Inbox:
         self.tail = j
 
     cdef Py_ssize_t find(self, uint64_t msg_id) noexcept:
-        cdef Py_ssize_t lo = self.head, hi = self.tail, mid
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if self.ids[mid] < msg_id:
-                lo = mid + 1
-            else:
-                hi = mid
+        cdef Py_ssize_t lo = lower_bound(self.ids, self.head, self.tail, 1, msg_id)
         if lo < self.tail and self.ids[lo] == msg_id and self.locs[lo] != 0:
             return lo
         return -1

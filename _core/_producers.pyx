@@ -27,6 +27,7 @@ from cpython.mem cimport PyMem_Realloc, PyMem_Free
 from libc.string cimport memmove
 
 from ._producers cimport ADMIT_NEW, ADMIT_DUPLICATE, ADMIT_FENCED, ADMIT_OUT_OF_ORDER
+from ._sorted cimport lower_bound
 
 #: seqs a held stream remembers (a client keeps at most send_window, at most 4096, unanswered)
 cdef Py_ssize_t MAX_REMEMBERED = 4096
@@ -139,14 +140,7 @@ cdef class ProducerState:
         return 0
 
     cdef Py_ssize_t _find(self, uint64_t seq) noexcept:
-        cdef Py_ssize_t lo = 0, hi = self.n, mid
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if self.ring[4 * mid] < seq:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        return lower_bound(self.ring, 0, self.n, 4, seq)
 
     cdef int _insert(self, uint64_t seq, uint64_t msg_id, uint64_t ts, uint64_t segment,
                      Py_ssize_t window) except -1:
