@@ -46,6 +46,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _core.frames import Hello                    # noqa: E402  (after the path is set)
+from _core.protocol import PROTOCOL_VERSION       # noqa: E402
+from _core.pycodec import encode                  # noqa: E402
+
 HDR = struct.Struct("!IBB")
 U64 = struct.Struct("!Q")
 T_HELLO, T_WELCOME, T_SEND, T_ACK, T_DELIVER, T_RECEIVED, T_PING, T_PONG = 1, 2, 3, 4, 5, 6, 7, 8
@@ -89,8 +93,8 @@ class Router:
                 user = bytes(body[4:4 + tl])                 # the "token" is the user id here
                 state[0] = user
                 self.users[user] = send
-                w = (struct.pack("!HQ", 1, 1) + bytes([len(user)]) + user + b"\x01d"
-                     + struct.pack("!IIIQ", 65536, 64742, 30000, 0))
+                w = (struct.pack("!HQ", PROTOCOL_VERSION, 1) + bytes([len(user)]) + user + b"\x01d"
+                     + struct.pack("!IIIQQI", 65536, 64742, 30000, 0, 1, 1024))
                 out.setdefault(send, []).append(HDR.pack(len(w) + 2, T_WELCOME, 0) + w)
         return out
 
@@ -249,9 +253,8 @@ def frame(ftype, body):
 
 
 def hello(token, send_only=False):
-    t = token.encode()
-    body = struct.pack("!H", 1) + len(t).to_bytes(2, "big") + t + b"\x01d" + U64.pack(0)
-    return HDR.pack(len(body) + 2, T_HELLO, 1 if send_only else 0) + body
+    """Built by the project's own encoder, so the bench speaks the protocol the server does."""
+    return encode(Hello(PROTOCOL_VERSION, token, "d", send_only=send_only))
 
 
 class Conn(asyncio.Protocol):
@@ -441,16 +444,23 @@ async def _measure(server, duration, conns, kick, counter):
 async def phase_routed(server, duration, pairs=50, window=16):
     delivered = 0
     payload = b"x" * 32
-    state = {"running": True, "cid": 0}
+    state = {"running": True}
+
+    def sends(c, k):
+        """The next k SENDs of this sender: its producer's seqs run 1, 2, 3, ... (PROTOCOL.md section 6)."""
+        out = []
+        for _ in range(k):
+            c.seq += 1
+            out.append(frame(T_SEND, U64.pack(c.seq) + bytes([len(c.peer)]) + c.peer + payload))
+        return out
 
     def on_sender(c, frames):
         k = sum(1 for t, _ in frames if t == T_ACK)
+        errors = [bytes(b) for t, b in frames if t == T_ERROR]
+        if errors:                                   # a refused SEND would shrink the window unseen
+            state.setdefault("errors", errors)
         if k and state["running"]:
-            out = []
-            for _ in range(k):
-                state["cid"] += 1
-                out.append(frame(T_SEND, U64.pack(state["cid"]) + bytes([len(c.peer)]) + c.peer + payload))
-            c.send_each(out)
+            c.send_each(sends(c, k))
 
     def on_recipient(c, frames):
         nonlocal delivered
@@ -464,18 +474,15 @@ async def phase_routed(server, duration, pairs=50, window=16):
         await r.login(server.token(f"rcpt{i}"))
         s = await connect(server, on_sender)
         await s.login(server.token(f"send{i}"), send_only=True)     # no receipts: the libraries' router has none
-        s.peer = f"rcpt{i}".encode()
+        s.peer, s.seq = f"rcpt{i}".encode(), 0
         senders.append(s)
         recipients.append(r)
 
-    def kick(c):
-        out = []
-        for _ in range(window):
-            state["cid"] += 1
-            out.append(frame(T_SEND, U64.pack(state["cid"]) + bytes([len(c.peer)]) + c.peer + payload))
-        c.send_each(out)
     try:
-        return await _measure(server, duration, senders, kick, lambda: delivered)
+        rates = await _measure(server, duration, senders, lambda c: c.send_each(sends(c, window)), lambda: delivered)
+        if "errors" in state:
+            raise SystemExit(f"{server.target}: the server refused SENDs: {state['errors'][0]!r}")
+        return rates
     finally:
         state["running"] = False
         for c in senders + recipients:

@@ -236,3 +236,18 @@ def test_a_benchmark_stopped_with_sigterm_stops_the_servers_it_started():
     assert proc.returncode == 128 + signal.SIGTERM, (seen + err).decode(errors="replace")
     assert b"stopped by SIGTERM; the servers it started are stopped" in err
     assert leftovers() == []
+
+
+def test_ws_bench_routes_through_every_target(tmp_path):
+    """bench/ws_bench.py at a small scale: every target accepts the HELLOs and routes the
+    SENDs (it once spoke an old protocol version and waited forever for WELCOME)."""
+    r = subprocess.run([sys.executable, "bench/ws_bench.py", "--duration", "0.5", "--idle", "20",
+                        "--targets", "sb-ws,sb-tcp,websockets,picows"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    results = {d["target"]: d for d in map(json.loads, (ln for ln in r.stdout.splitlines() if ln.startswith("{")))}
+    assert set(results) == {"sb-ws", "sb-tcp", "websockets", "picows"}
+    for target, res in results.items():
+        assert res["routed"] > 0 and res["echo"] > 0, (target, res)
+        assert res["idle_bytes"] > 0, (target, res)
+    assert results["sb-ws"]["handshakes"] > 0
