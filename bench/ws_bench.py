@@ -157,7 +157,7 @@ class Server:
         self.target = target
         if target in ("sb-ws", "sb-tcp"):
             cmd = [sys.executable, "-m", "gateway", "serve", "--port", "0", "--workers", "1", "--store", "memory",
-                   "--data-dir", data_dir, "--log-level", "WARNING", "--max-pending", "1000000", "--msg-rate", "0"]
+                   "--data-dir", data_dir, "--log-level", "WARNING", "--max-pending", "1000000", "--msg-rate", "0", "--connect-rate", "0"]
         else:
             cmd = [sys.executable, __file__, "--serve", target]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
