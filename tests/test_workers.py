@@ -277,3 +277,55 @@ def test_restart_backoff_is_for_crash_loops_not_for_kill_9(gateway_factory):
 
     assert [kill_and_wait(signal.SIGKILL) for _ in range(3)] == [0.1, 0.1, 0.1]
     assert [kill_and_wait(signal.SIGABRT) for _ in range(3)] == [0.1, 0.2, 0.4]
+
+
+def test_adopted_connections_leave_no_descriptor_behind(gateway_factory):
+    """A connection handed to its owner is closed once, by the owner's transport (the
+    owner keeps no socket object of its own for it), whether the client hangs up or the
+    server replaces it: both workers' descriptor counts come back to where they were,
+    and an adopted connection carries messages meanwhile."""
+    gw = gateway_factory("--workers", "2")
+    wait_for(lambda: len(gw.worker_pids()) == 2, "two workers")
+    pids = gw.worker_pids()
+    users = users_on(0, 2, 15, "fd-a") + users_on(1, 2, 15, "fd-b")
+
+    def fds():
+        return {w: len(os.listdir(f"/proc/{p}/fd")) for w, p in pids.items()}
+
+    def open_all():
+        raws = []
+        for u in users:
+            raw = Raw(gw)
+            raw.hello(gw.token(u), "phone")
+            raws.append(raw)
+        return raws
+
+    for raw in open_all():                      # every device registered, every shard file open
+        raw.close()
+    before = None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:          # the warm-up's closes have reached both workers
+        now = fds()
+        if now == before:
+            break
+        before = now
+        time.sleep(0.2)
+    raws = open_all()
+    raws[0].send(encode(F.Send(1, users[-1], b"through adopted connections")))
+    assert isinstance(raws[0].frame(), F.Ack)
+    got = raws[-1].frame()
+    assert isinstance(got, F.Deliver) and got.payload == b"through adopted connections"
+    during = fds()
+    assert sum(during.values()) >= sum(before.values()) + len(users)
+    replacements = []
+    for raw, u in list(zip(raws, users))[::2]:  # the server closes these: a newer connection replaces each
+        new = Raw(gw)
+        new.hello(gw.token(u), "phone")
+        frames_, closed = raw.until_eof()
+        assert closed and any(isinstance(f, F.Goaway) and f.code == GoawayCode.REPLACED for f in frames_), frames_
+        replacements.append(new)
+    for raw in raws + replacements:
+        raw.close()
+    wait_for(lambda: fds() == before, f"descriptors back to {before} (now {fds()})")
+    gw.stop()
+    assert sum(int(n) for n in re.findall(r"handoffs_in=(\d+)", gw.text)) > 0, gw.text
