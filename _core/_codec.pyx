@@ -658,7 +658,7 @@ cdef class Decoder:
     no read buffer at all. Frame bodies are views valid only during the call.
     """
 
-    def __init__(self, sink, Py_ssize_t max_frame=DEFAULT_MAX_FRAME, int max_type=FT_LAST):
+    def __init__(self, sink, int max_frame=DEFAULT_MAX_FRAME, int max_type=FT_LAST):
         self.set_sink(sink)
         self.max_frame = max_frame
         self.max_type = max_type            # links between workers also carry the bus's frames

@@ -10,27 +10,29 @@ cdef class LinkCore
 
 
 cdef class SessionCore(FrameSink):
+    # A million of these on a dense gateway: the 4-byte fields are declared together
+    # (Cython keeps the order), so no padding follows each one (16 B a session).
     cdef readonly str user
     cdef readonly str device
     cdef readonly uint64_t session_id
     cdef readonly WriteBuffer out
-    cdef readonly bint closed
     cdef object _write           # callable(bytes): the transport's write
     cdef object _close           # callable(): close the transport after the last flush
     cdef object _transport       # or an object with write() and close() (the gateway's transport)
     cdef RouteCore _core
     cdef public uint64_t producer             # whose sequence this session's SEND seqs continue
-    cdef bint _fresh_producer                 # handed out in this session's WELCOME: its seqs start at 1
     cdef SendState _send         # this device's stream state; None until its first SEND
-    cdef bint _queued            # already in the core's flush list this loop turn
-    cdef bint _close_after_flush
-    cdef public bint send_only                # sends only: gets no DELIVERs, is no registered device
     cdef public Py_ssize_t forwards_pending   # SENDs forwarded to other workers, not yet answered
     cdef object _deferred_error               # a fatal ERROR waiting for those answers
     # slow consumer: while paused, live DELIVERs/RECEIPTs stay in the log only; the
     # first one skipped is remembered and the resume writes from it (docs/limits.md)
-    cdef public bint paused
     cdef public uint64_t skip_from
+    cdef public bint paused
+    cdef readonly bint closed
+    cdef bint _fresh_producer                 # handed out in this session's WELCOME: its seqs start at 1
+    cdef bint _queued            # already in the core's flush list this loop turn
+    cdef bint _close_after_flush
+    cdef public bint send_only                # sends only: gets no DELIVERs, is no registered device
     # message rate token bucket (RouteCore.msg_rate): tokens and when they were counted (ms, wraps)
     cdef float _rl_tokens
     cdef uint32_t _rl_stamp
