@@ -133,8 +133,12 @@ cdef class LogCore:
     cdef list _pending_locs(self, str recipient, str device)
     cdef int write_pending(self, WriteBuffer out, str recipient, str device, uint64_t now_ms,
                            uint64_t min_id, Py_ssize_t max_bytes, uint64_t *rest) except -1
-    cdef dict _meta               # key -> location of its latest META record
-    cdef int _meta_set(self, str key, uint64_t loc, bint tombstone) except -1
+    cdef dict _meta               # key -> location of its latest META record (other than devices')
+    cdef dict _devmeta            # user -> location of its device's record, or a tuple of them
+    cdef int _meta_set(self, str key, uint64_t loc, bint tombstone, str user=*) except -1
+    cdef object _meta_loc(self, str key)
+    cdef object _dev_swap(self, str user, str key, object loc)
+    cdef bint _record_has_key(self, uint64_t loc, str key) except -1
     cdef const unsigned char *_record(self, uint64_t loc) except NULL
     cdef int _dropped(self, uint64_t loc) except -1
     cdef int _forget_if_empty(self, str recipient, Inbox inbox) except -1

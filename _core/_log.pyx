@@ -12,7 +12,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_AsUTF8AndSize
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from libc.stdint cimport int64_t, uint16_t
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 from libc.stdlib cimport qsort
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
@@ -203,6 +203,8 @@ cdef bint _meta_view(const unsigned char *r, Py_ssize_t length, const unsigned c
     return k + 4 + vl[0] == length
 
 
+#: META key prefix of a device's registration (`_core.log._DeviceRegistry`), then "user\0device"
+DEVICE_META = "d\x00"
 #: META key prefix of a producer checkpoint (`ProducerTable.checkpoint`), then "user\0device"
 PRODUCER_META = "\x00seq\x00"
 
@@ -626,6 +628,7 @@ cdef class LogCore:
         self._inboxes = {}
         self._segments = {}
         self._meta = {}
+        self._devmeta = {}
         self.producers = ProducerTable()
         self._active = None
         self._unrecorded = []
@@ -1073,9 +1076,11 @@ cdef class LogCore:
         return self.pending_total
 
     # -- META: the latest value per key (device registry, groups, settings) -----------
-    def meta_put(self, str key, bytes value, bint use_reserve=False):
+    def meta_put(self, str key, bytes value, bint use_reserve=False, str user=None):
         """Record `value` for `key` (empty: delete it). Kept across compaction while latest.
-        `use_reserve`: state that must not fail on a full disk (a device's registration)."""
+        `use_reserve`: state that must not fail on a full disk (a device's registration).
+        `user`: for a device's key ("d\\0user\\0device"), the caller's user string,
+        which the index then shares instead of keeping a key string of its own."""
         cdef Py_ssize_t kl, off, length
         cdef const char *kp = PyUnicode_AsUTF8AndSize(key, &kl)
         cdef unsigned char *r
@@ -1097,27 +1102,75 @@ cdef class LogCore:
         sb_store32(r + 14 + kl, <uint32_t>len(value))
         memcpy(r + 18 + kl, <const char *>value, len(value))
         a.seal_record(off, length)
-        self._meta_set(key, (a.segment_id << 32) | <uint64_t>off, len(value) == 0)
+        self._meta_set(key, (a.segment_id << 32) | <uint64_t>off, len(value) == 0, user)
 
-    cdef int _meta_set(self, str key, uint64_t loc, bint tombstone) except -1:
+    # The latest record of each key is found through one of two dicts. A device's
+    # registration ("d\0user\0device", one per device ever seen: a million on a dense
+    # gateway) is found by its user, whose string the caller shares, and the record
+    # holds the rest of the key: a key string of its own was 64 B of every device.
+    cdef int _meta_set(self, str key, uint64_t loc, bint tombstone, str user=None) except -1:
         cdef Segment seg
-        prev = self._meta.pop(key, None)
+        if key.startswith(DEVICE_META):
+            if user is None:
+                user = key[len(DEVICE_META):key.find("\x00", len(DEVICE_META))]
+            prev = self._dev_swap(user, key, None if tombstone else loc)
+        else:
+            prev = self._meta.pop(key, None)
+            if not tombstone:
+                self._meta[key] = loc
         if prev is not None:
             seg = self._segments.get(<uint64_t>prev >> 32)
             if seg is not None:
                 seg.live -= 1
         if not tombstone:
-            self._meta[key] = loc
             seg = self._segments[loc >> 32]
             seg.live += 1
         return 0
+
+    cdef object _dev_swap(self, str user, str key, object loc):
+        """Put `loc` (None: nothing) in place of `key`'s record among `user`'s; the old location or None."""
+        entry = self._devmeta.get(user)
+        locs = () if entry is None else entry if type(entry) is tuple else (entry,)
+        prev = None
+        for i in range(len(locs)):
+            if self._record_has_key(locs[i], key):
+                prev = locs[i]
+                locs = locs[:i] + locs[i + 1:]
+                break
+        if loc is not None:
+            locs = locs + (loc,)
+        if not locs:
+            if entry is not None:
+                del self._devmeta[user]
+        else:
+            self._devmeta[user] = locs[0] if len(locs) == 1 else locs
+        return prev
+
+    cdef bint _record_has_key(self, uint64_t loc, str key) except -1:
+        cdef Py_ssize_t kl
+        cdef const char *kp = PyUnicode_AsUTF8AndSize(key, &kl)
+        cdef const unsigned char *r = self._record(loc)
+        return _meta_key_len(r) == kl and memcmp(r + _meta_key_off(r), kp, kl) == 0
+
+    cdef object _meta_loc(self, str key):
+        """The location of `key`'s latest record, or None."""
+        if not key.startswith(DEVICE_META):
+            return self._meta.get(key)
+        end = key.find("\x00", len(DEVICE_META))
+        entry = self._devmeta.get(key[len(DEVICE_META):end] if end >= 0 else key[len(DEVICE_META):])
+        if entry is None:
+            return None
+        for loc in (entry if type(entry) is tuple else (entry,)):
+            if self._record_has_key(loc, key):
+                return loc
+        return None
 
     def meta_get(self, str key):
         cdef const unsigned char *r
         cdef const unsigned char *kp
         cdef const unsigned char *vp
         cdef Py_ssize_t kl, vl
-        loc = self._meta.get(key)
+        loc = self._meta_loc(key)
         if loc is None:
             return None
         r = self._record(loc)
@@ -1125,7 +1178,14 @@ cdef class LogCore:
         return PyBytes_FromStringAndSize(<const char *>vp, vl)
 
     def meta_keys(self, str prefix=""):
-        return [k for k in self._meta if k.startswith(prefix)]
+        keys = [k for k in self._meta if k.startswith(prefix)]
+        if prefix.startswith(DEVICE_META) or DEVICE_META.startswith(prefix):
+            for entry in self._devmeta.values():
+                for loc in (entry if type(entry) is tuple else (entry,)):
+                    k = self._meta_key_at(self._record(loc))
+                    if k.startswith(prefix):
+                        keys.append(k)
+        return keys
 
     def recipients(self):
         return list(self._inboxes)
@@ -1374,7 +1434,7 @@ cdef class LogCore:
             here = (seg.segment_id << 32) | <uint64_t>pos
             if r[8] == REC_META or r[8] == REC_META_L:
                 key = self._meta_key_at(r)
-                if self._meta.get(key) == here:
+                if self._meta_loc(key) == here:
                     off = self._place(length, not use_reserve, use_reserve)
                     if off < 0:
                         raise StoreError("no room to compact", ErrorCode.STORAGE_FULL)
@@ -1426,7 +1486,7 @@ cdef class LogCore:
                 continue
             here = (seg.segment_id << 32) | <uint64_t>pos
             if r[8] == REC_META or r[8] == REC_META_L:
-                if self._meta.get(self._meta_key_at(r)) == here:
+                if self._meta_loc(self._meta_key_at(r)) == here:
                     total += _align(length)
             elif (r[8] == REC_MESSAGE or r[8] == REC_MESSAGE_P) and messages:
                 if self._live_inbox(r, length, here, &m, &i) is not None:

@@ -412,17 +412,17 @@ class _DeviceRegistry:
         new = devs != device if type(devs) is str else (devs is None or device not in devs)
         if not new:
             try:
-                self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now))
+                self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now), user=user)
             except StoreError:
                 pass                  # last seen stays at the previous value
             return False
-        self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now), True)
+        self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now), True, user=user)
         idx[user] = _with_device(devs, device)
         return True
 
     def touch_device(self, user: str, device: str, now: int) -> None:
         if device in self.devices_of(user):
-            self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now))
+            self.meta_put(f"d\x00{user}\x00{device}", struct.pack("!Q", now), user=user)
 
     def last_seen(self, user: str) -> int:
         seen = [self.meta_get(f"d\x00{user}\x00{d}") for d in self.devices_of(user)]

@@ -390,6 +390,61 @@ def test_compaction_moves_old_message_and_deletes_front_segment(tmp_path, logs):
     assert again.pending_count("busy") == 0
 
 
+def test_device_records_are_found_through_compaction_a_delete_and_a_reopen(tmp_path, logs):
+    """The device registry's records (indexed by user, the rest of the key read from the
+    record): one and three devices per user, re-registered until the front segment is
+    compacted away, one device's record deleted; the same devices, last-seen times and
+    keys before and after a reopen, and nothing else under the prefix."""
+    nid = Ids()
+
+    async def main():
+        log = logs(tmp_path)
+        log.open()
+        log.start(asyncio.get_running_loop())
+        first = log.active.segment_id
+        users = {f"u{i}": ["phone"] if i % 2 else ["phone", "laptop", "tablet"] for i in range(40)}
+        for user, devices in users.items():
+            for d in devices:
+                assert log.register_device(user, d, 1000)
+        assert not log.register_device("u0", "laptop", 1001)          # known: last seen moves on
+        seen = {}
+        for _ in bounded(2000, "two segments after the first"):
+            if len(log.segments) >= 3:
+                break
+            if log.active.free < 4096:
+                await until(lambda: roll_ready(log), what="spare segments")
+            mid = nid()
+            log.append("busy", mid, mid >> 22, "s", "d", b"x" * 2000)
+            log.consume("busy", [mid])
+            await asyncio.sleep(0)
+        for _ in range(50):                          # bounded: each call copies at most 2000 records
+            log.maintain()
+            if first not in [s.segment_id for s in log.segments]:
+                break
+        assert first not in [s.segment_id for s in log.segments]   # every device record was moved
+        log.meta_put("d\x00u2\x00tablet", b"")                     # u2's tablet forgotten
+        users["u2"].remove("tablet")
+        for user, devices in users.items():
+            seen[user] = log.last_seen(user)
+        log.close()
+        return users, seen
+
+    users, seen = asyncio.run(main())
+    assert seen["u0"] == 1001 and seen["u1"] == 1000
+    again = logs(tmp_path)
+    again.open()
+    want = {f"d\x00{u}\x00{d}" for u, ds in users.items() for d in ds}
+    assert set(again.meta_keys("d\x00")) == want and len(again.meta_keys("d\x00")) == len(want)
+    assert set(again.meta_keys("d\x00u1\x00")) == {"d\x00u1\x00phone"}
+    for user, devices in users.items():
+        assert sorted(again.devices_of(user)) == sorted(devices), user
+        assert again.last_seen(user) == seen[user]
+    assert again.meta_get("d\x00u2\x00tablet") is None
+    assert struct.unpack("!Q", again.meta_get("d\x00u0\x00laptop"))[0] == 1001
+    assert again.register_device("u2", "tablet", 2000) and not again.register_device("u2", "tablet", 2001)
+    again.close()
+
+
 # -- expiry -----------------------------------------------------------------------------------
 
 def test_expired_messages_are_not_delivered_or_recovered(tmp_path, logs):
