@@ -40,6 +40,9 @@ class Gateway:
         self.router = None
         self.authority = None
         self.connections: set[Connection] = set()
+        #: (websocket, handed over) -> the protocol class of such connections to this gateway
+        self._protocols = {(ws, handed): (WsConnection if ws else Connection).for_gateway(self, handed)
+                           for ws in (False, True) for handed in (False, True)}
         self.errors: Counter = Counter()
         self._server = None
         self._ws_server = None
@@ -126,17 +129,17 @@ class Gateway:
             self.tls = Reloader(cfg.tls_cert, cfg.tls_key, cfg.worker_index)
             tls = {"ssl": self.tls.context, "ssl_handshake_timeout": cfg.hello_timeout}
         if listen_sock is not None:
-            self._server = await self.loop.create_server(lambda: Connection(self), sock=listen_sock,
+            self._server = await self.loop.create_server(self._protocols[False, False], sock=listen_sock,
                                                          backlog=cfg.backlog, **tls)
         else:
             self._server = await self.loop.create_server(
-                lambda: Connection(self), cfg.host, cfg.port, backlog=cfg.backlog, reuse_address=True, **tls)
+                self._protocols[False, False], cfg.host, cfg.port, backlog=cfg.backlog, reuse_address=True, **tls)
         if ws_sock is not None:
-            self._ws_server = await self.loop.create_server(lambda: WsConnection(self), sock=ws_sock,
+            self._ws_server = await self.loop.create_server(self._protocols[True, False], sock=ws_sock,
                                                             backlog=cfg.backlog, **tls)
         elif listen_sock is None and cfg.ws_port >= 0:
             self._ws_server = await self.loop.create_server(
-                lambda: WsConnection(self), cfg.host, cfg.ws_port, backlog=cfg.backlog, reuse_address=True, **tls)
+                self._protocols[True, False], cfg.host, cfg.ws_port, backlog=cfg.backlog, reuse_address=True, **tls)
         self.limits.start()
         sock = self._server.sockets[0]
         host, port = sock.getsockname()[:2]
@@ -151,7 +154,7 @@ class Gateway:
 
     def adopt(self, fd: int, data: bytes, websocket: bool = False) -> None:
         """A connection handed over by another worker (its user is on our shards)."""
-        factory = WsConnection if websocket else Connection
+        factory = self._protocols[websocket, True]
         try:
             sock = socket.socket(fileno=fd)          # checks that it is a socket, and its family
         except OSError as exc:
@@ -170,7 +173,7 @@ class Gateway:
             else:                                    # asyncio's transports do their I/O on the object
                 sock = socket.socket(fileno=fd)
             try:
-                _, conn = await self.loop.connect_accepted_socket(lambda: factory(self, handed_off=True), sock)
+                _, conn = await self.loop.connect_accepted_socket(factory, sock)
             except OSError as exc:
                 # raised after uvloop took the fd (it closes it with the transport);
                 # before that (a bad fd) socket() above has already refused it

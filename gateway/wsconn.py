@@ -55,8 +55,8 @@ class WsConnection(Connection):
     __slots__ = ("_http", "_http_len", "ws", "writer", "_close_sent")
     WEBSOCKET = True
 
-    def __init__(self, gateway, handed_off: bool = False):
-        super().__init__(gateway, handed_off)
+    def __init__(self):
+        super().__init__()
         self._http = b""         # the start of a request split across reads; None once answered
         self._http_len = 0       # bytes of it copied to the front of _SCRATCH by get_buffer
         self.ws = None           # WsReader once upgraded
