@@ -26,22 +26,24 @@ cdef enum:
 
 
 cdef class WsReader:
+    # One per WebSocket connection: the small fields are declared together (Cython keeps
+    # the order) so the reader is a 128 B block with its GC header, not 144.
     cdef readonly Decoder inner          # gets the unmasked payload of binary messages
     cdef object _on_control              # callable(opcode, bytes): ping, pong, close (validated)
-    cdef public Py_ssize_t max_message   # bytes of one message, all its fragments together
     cdef uint64_t _remaining             # payload bytes of the current data frame not yet seen
     cdef uint64_t _message_len           # bytes of the current message so far
-    cdef unsigned char _mask[4]
-    cdef uint8_t _phase                  # mask offset of the next payload byte
-    cdef bint _in_frame
-    cdef bint _fin
-    cdef bint _in_message                # a fragmented message is open (continuations expected)
-    cdef public bint closing             # a Close was sent or received: data is read and dropped
     cdef unsigned char *_pend            # PEND_MAX bytes while a header or control frame is split; else NULL
-    cdef Py_ssize_t _pend_len
-    cdef Py_ssize_t _scratch_off
     cdef bytearray _buf                  # the scratch buffer handed out by get_buffer
     cdef bytes _rest                     # raw bytes after a stop (a hand-off takes them)
+    cdef public int max_message          # bytes of one message, all its fragments together (< 2 GiB)
+    cdef int _pend_len
+    cdef int _scratch_off
+    cdef unsigned char _mask[4]
+    cdef uint8_t _phase                  # mask offset of the next payload byte
+    cdef uint8_t _in_frame
+    cdef uint8_t _fin
+    cdef uint8_t _in_message             # a fragmented message is open (continuations expected)
+    cdef public bint closing             # a Close was sent or received: data is read and dropped
 
     cdef bint _stopped(self)
     cdef Py_ssize_t _process(self, unsigned char *buf, Py_ssize_t n, object owner) except -1
@@ -53,6 +55,8 @@ cdef class WsReader:
 
 cdef class WsWriter:
     cdef object _transport               # written with one write() per batch
+    cdef object _owner                   # its connection: close() calls owner.session_closed()
     cdef public Py_ssize_t max_message
     cdef readonly int last_type          # type of the last protocol frame written (ERROR, GOAWAY, ...)
     cdef public bint closed              # after our Close frame: drop output
+

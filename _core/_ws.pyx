@@ -64,7 +64,7 @@ cdef class WsReader:
     `take_rest()` hold everything needed to continue in another process.
     """
 
-    def __init__(self, Decoder inner, on_control, Py_ssize_t max_message):
+    def __init__(self, Decoder inner, on_control, int max_message):
         self._pend = NULL
         self.inner = inner
         self._on_control = on_control
@@ -367,70 +367,85 @@ def close_frame(int code, str reason=""):
 
 
 cdef class WsWriter:
-    """A session's `write` (holding the transport, not a bound method: one
-    object less per connection): each call becomes binary messages of whole protocol
-    frames (one message unless the batch is over `max_message`), written with
-    one transport write. Records the type of the last protocol frame so the
-    connection can pick the Close code (GOAWAY: 1001, fatal ERROR: 1008)."""
+    """A WebSocket session's transport, as the router session sees it (holding the
+    TCP transport and its connection, not two bound methods: two objects less per
+    connection): each write becomes binary messages of whole protocol frames (one
+    message unless the batch is over `max_message`), written with one transport
+    write; close() hands the goodbye to the connection, which picks the Close code
+    from the type of the last protocol frame (GOAWAY: 1001, fatal ERROR: 1008)."""
 
-    def __init__(self, transport, Py_ssize_t max_message):
+    def __init__(self, transport, Py_ssize_t max_message, owner=None):
         self._transport = transport
+        self._owner = owner
         self.max_message = max_message
         self.last_type = 0
         self.closed = False
 
+    def close(self):
+        """The router is done with the session (fatal ERROR, GOAWAY, replaced)."""
+        if self._owner is not None:
+            self._owner.session_closed()
+
+    def write(self, data):
+        _ws_write(self, data)
+
     def __call__(self, data):
-        cdef Py_buffer view
-        cdef const unsigned char *src
-        cdef Py_ssize_t n, pos, start, flen, headers = 0, out_pos = 0, msgs = 0
-        cdef Py_ssize_t limit = self.max_message
-        cdef bytes out
-        cdef unsigned char *dst
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        try:
-            src = <const unsigned char *>view.buf
-            n = view.len
-            if n == 0 or self.closed:
-                return
-            # pass 1: message boundaries (whole protocol frames, at most `limit` bytes unless one frame is larger)
+        _ws_write(self, data)
+
+
+cdef _ws_write(WsWriter w, data):
+    """WsWriter's write (a function, not a method: no method table in every writer)."""
+    cdef Py_buffer view
+    cdef const unsigned char *src
+    cdef Py_ssize_t n, pos, start, flen, headers = 0, out_pos = 0, msgs = 0
+    cdef Py_ssize_t limit = w.max_message
+    cdef bytes out
+    cdef unsigned char *dst
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        src = <const unsigned char *>view.buf
+        n = view.len
+        if n == 0 or w.closed:
+            return
+        # pass 1: message boundaries (whole protocol frames, at most `limit` bytes unless one frame is larger)
+        pos = 0
+        start = 0
+        while pos + LENGTH_SIZE + 1 <= n:
+            flen = LENGTH_SIZE + <Py_ssize_t>sb_load32(src + pos)
+            if pos + flen > n:
+                break                     # not our framing: send the rest as it is
+            w.last_type = src[pos + LENGTH_SIZE]
+            if pos > start and pos + flen - start > limit:
+                headers += _header_size(pos - start)
+                msgs += 1
+                start = pos
+            pos += flen
+        headers += _header_size(n - start)
+        if msgs == 0:
+            out = PyBytes_FromStringAndSize(NULL, headers + n)
+            dst = <unsigned char *>PyBytes_AS_STRING(out)
+            out_pos = _put_header(dst, OP_BINARY, n)
+            memcpy(dst + out_pos, src, n)
+        else:
+            out = PyBytes_FromStringAndSize(NULL, headers + n)
+            dst = <unsigned char *>PyBytes_AS_STRING(out)
             pos = 0
             start = 0
             while pos + LENGTH_SIZE + 1 <= n:
                 flen = LENGTH_SIZE + <Py_ssize_t>sb_load32(src + pos)
                 if pos + flen > n:
-                    break                     # not our framing: send the rest as it is
-                self.last_type = src[pos + LENGTH_SIZE]
+                    break
                 if pos > start and pos + flen - start > limit:
-                    headers += _header_size(pos - start)
-                    msgs += 1
+                    out_pos += _put_header(dst + out_pos, OP_BINARY, pos - start)
+                    memcpy(dst + out_pos, src + start, pos - start)
+                    out_pos += pos - start
                     start = pos
                 pos += flen
-            headers += _header_size(n - start)
-            if msgs == 0:
-                out = PyBytes_FromStringAndSize(NULL, headers + n)
-                dst = <unsigned char *>PyBytes_AS_STRING(out)
-                out_pos = _put_header(dst, OP_BINARY, n)
-                memcpy(dst + out_pos, src, n)
-            else:
-                out = PyBytes_FromStringAndSize(NULL, headers + n)
-                dst = <unsigned char *>PyBytes_AS_STRING(out)
-                pos = 0
-                start = 0
-                while pos + LENGTH_SIZE + 1 <= n:
-                    flen = LENGTH_SIZE + <Py_ssize_t>sb_load32(src + pos)
-                    if pos + flen > n:
-                        break
-                    if pos > start and pos + flen - start > limit:
-                        out_pos += _put_header(dst + out_pos, OP_BINARY, pos - start)
-                        memcpy(dst + out_pos, src + start, pos - start)
-                        out_pos += pos - start
-                        start = pos
-                    pos += flen
-                out_pos += _put_header(dst + out_pos, OP_BINARY, n - start)
-                memcpy(dst + out_pos, src + start, n - start)
-                if SWITCHBOARD_DEBUG:
-                    if out_pos + n - start != headers + n:
-                        raise AssertionError("WsWriter miscounted its output")
-        finally:
-            PyBuffer_Release(&view)
-        self._transport.write(out)
+            out_pos += _put_header(dst + out_pos, OP_BINARY, n - start)
+            memcpy(dst + out_pos, src + start, n - start)
+            if SWITCHBOARD_DEBUG:
+                if out_pos + n - start != headers + n:
+                    raise AssertionError("WsWriter miscounted its output")
+    finally:
+        PyBuffer_Release(&view)
+    w._transport.write(out)

@@ -52,21 +52,20 @@ def unpack_handoff(data: bytes) -> tuple[bytes, bytes, bytes]:
 
 
 class WsConnection(Connection):
-    __slots__ = ("_http", "_http_len", "ws", "writer", "_close_sent")
+    __slots__ = ("_http", "ws", "writer")
     WEBSOCKET = True
 
     def __init__(self):
         super().__init__()
-        self._http = b""         # the start of a request split across reads; None once answered
-        self._http_len = 0       # bytes of it copied to the front of _SCRATCH by get_buffer
+        self._http = b""         # the start of a request split across reads (copied to the front
+        #                          of _SCRATCH by get_buffer); None once answered
         self.ws = None           # WsReader once upgraded
-        self.writer = None
-        self._close_sent = False
+        self.writer = None       # WsWriter once upgraded; its `closed` once our Close frame went out
 
     def get_buffer(self, sizehint):
         if self.ws is not None:
             return self.ws.get_buffer(sizehint)
-        n = self._http_len = len(self._http or b"")
+        n = len(self._http or b"")
         _SCRATCH[:n] = self._http or b""
         return _SCRATCH_VIEW[n:]
 
@@ -90,8 +89,9 @@ class WsConnection(Connection):
     def _request(self, nbytes: int) -> None:
         if self._http is None:
             return                                   # answered already; ignore what follows
-        total = self._http_len + nbytes
-        end = request_end(_SCRATCH, total, self._http_len)
+        start = len(self._http)                      # what get_buffer put in front of the new bytes
+        total = start + nbytes
+        end = request_end(_SCRATCH, total, start)
         if end < 0:
             if total >= MAX_REQUEST:
                 self._http_done(HttpReject(431, f"request head over {MAX_REQUEST} bytes").response())
@@ -125,7 +125,7 @@ class WsConnection(Connection):
         cfg = self.gateway.config
         # the connection itself is the reader's control callback (__call__): no bound method kept
         self.ws = WsReader(self.decoder, self, cfg.pre_auth_max_frame + LENGTH_SIZE)
-        self.writer = WsWriter(self.transport, OUT_MESSAGE)
+        self.writer = WsWriter(self.transport, OUT_MESSAGE, self)
 
     def _hello_timed_out(self):
         if self.ws is None and not self.transport.is_closing():
@@ -142,9 +142,9 @@ class WsConnection(Connection):
             self.ws.max_message = self.gateway.config.max_frame + LENGTH_SIZE
 
     def session_io(self) -> dict:
-        return {"write": self.writer, "close": self._session_closed}
+        return {"transport": self.writer}
 
-    def _session_closed(self) -> None:
+    def session_closed(self) -> None:
         """The router is done with the session (fatal ERROR, GOAWAY, replaced)."""
         last = self.writer.last_type
         code = 1001 if last == FrameType.GOAWAY else 1008 if last == FrameType.ERROR else 1000
@@ -167,10 +167,8 @@ class WsConnection(Connection):
         if self.ws is not None:
             self.ws.closing = True
         self.decoder.stop()
-        if not self._close_sent and not self.transport.is_closing():
-            self._close_sent = True
-            if self.writer is not None:
-                self.writer.closed = True
+        if self.writer is not None and not self.writer.closed and not self.transport.is_closing():
+            self.writer.closed = True
             _log.info("event=ws_closed peer=%s code=%d reason=%s", log.q(self.peer), code, log.q(reason or "-"))
             self.transport.write(close_frame(code, reason))
         self.transport.close()
@@ -178,7 +176,7 @@ class WsConnection(Connection):
     def __call__(self, opcode: int, payload: bytes) -> None:
         """Ping, Pong and Close from the reader (already validated)."""
         if opcode == OP_PING:
-            if not self._close_sent and not self.transport.is_closing():
+            if not self.writer.closed and not self.transport.is_closing():
                 self.transport.write(frame(OP_PONG, payload))
         elif opcode == OP_CLOSE:
             # echo the client's status code (none if it sent none), then close
