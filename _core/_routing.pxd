@@ -15,7 +15,7 @@ cdef class SessionCore(FrameSink):
     cdef readonly str user
     cdef readonly str device
     cdef readonly uint64_t session_id
-    cdef readonly WriteBuffer out
+    cdef WriteBuffer _out        # this loop turn's output; None while there is none (`_wbuf`)
     cdef object _write           # callable(bytes): the transport's write
     cdef object _close           # callable(): close the transport after the last flush
     cdef object _transport       # or an object with write() and close() (the gateway's transport)
@@ -37,6 +37,8 @@ cdef class SessionCore(FrameSink):
     cdef float _rl_tokens
     cdef uint32_t _rl_stamp
 
+    cdef WriteBuffer _wbuf(self)
+    cdef bytes _take(self)
     cdef int _mark(self) except -1
     cdef int forward_done(self) except -1
     cdef int _release(self, bytes data, bint close) except -1

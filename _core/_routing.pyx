@@ -145,7 +145,7 @@ cdef class SessionCore(FrameSink):
         self.user = user
         self.device = device
         self.session_id = session_id
-        self.out = WriteBuffer()
+        self._out = None
         self._write = write
         self._close = close
         self._transport = transport   # instead of write/close: saves two bound methods per session
@@ -190,7 +190,7 @@ cdef class SessionCore(FrameSink):
         if ftype == FT_PING:
             cur_u64(&c, &client_id)
             cur_done(&c)
-            self.out.write_u64_frame(FT_PONG, client_id)
+            self._wbuf().write_u64_frame(FT_PONG, client_id)
             return self._mark()
         if ftype == FT_PONG:
             cur_u64(&c, &client_id)
@@ -233,6 +233,26 @@ cdef class SessionCore(FrameSink):
             self.error(code, reason, ref, True)
         return 0
 
+    cdef WriteBuffer _wbuf(self):
+        """The output buffer, made on the first write of a loop turn: an idle session
+        holds none (a buffer object per session was 48 B of each idle one)."""
+        if self._out is None:
+            self._out = WriteBuffer()
+        return self._out
+
+    cdef bytes _take(self):
+        """This turn's output as bytes (None if none); the buffer goes with it."""
+        cdef WriteBuffer out = self._out
+        if out is None:
+            return None
+        self._out = None
+        return out.take_bytes() if out.length else None
+
+    @property
+    def out(self):
+        """The output buffer, for writing into directly (then `wake()`)."""
+        return self._wbuf()
+
     cdef int _mark(self) except -1:
         if not self._queued:
             self._queued = True
@@ -241,13 +261,13 @@ cdef class SessionCore(FrameSink):
 
     def wake(self):
         """Output was written into `out` directly: flush it this loop turn."""
-        if self.out.length:
+        if self._out is not None and self._out.length:
             self._mark()
 
     def write_frame(self, frame):
         """Queue any protocol frame (a `_core.frames` object) for the next flush."""
         if not self.closed:
-            encode_into(self.out, frame)
+            encode_into(self._wbuf(), frame)
             self._mark()
 
     def error(self, int code, str reason, uint64_t ref=0, bint fatal=False):
@@ -261,7 +281,7 @@ cdef class SessionCore(FrameSink):
         if not fatal:         # counted by name for the metrics (a dict lookup: quota floods stay cheap)
             name = _ERROR_NAMES.get(code) or str(code)
             self._core.errors_sent[name] = self._core.errors_sent.get(name, 0) + 1
-        self.out.write_error(code, ref, reason, fatal)
+        self._wbuf().write_error(code, ref, reason, fatal)
         if fatal:
             self._close_after_flush = True
         self._mark()
@@ -271,13 +291,13 @@ cdef class SessionCore(FrameSink):
         if self.closed:
             return
         from . import frames
-        encode_into(self.out, frames.Goaway(code, reconnect_ms, reason))
+        encode_into(self._wbuf(), frames.Goaway(code, reconnect_ms, reason))
         self._close_after_flush = True
         self._mark()
 
     def flush(self):
         """Write what is buffered now, bypassing the store's commit (no ACKs may be pending)."""
-        self._release(self.out.take_bytes() if self.out.length else None, self._close_after_flush)
+        self._release(self._take(), self._close_after_flush)
 
     cdef int _release(self, bytes data, bint close) except -1:
         if self.closed:
@@ -300,7 +320,7 @@ cdef class SessionCore(FrameSink):
 
     @property
     def pending_output(self):
-        return self.out.length
+        return self._out.length if self._out is not None else 0
 
     def __repr__(self):
         return f"<Session {self.user}/{self.device} #{self.session_id}>"
@@ -598,7 +618,7 @@ cdef class RouteCore:
                 self._lat_sum_ns / 1e9)
 
     cdef int acked(self, SessionCore sender, uint64_t seq, uint64_t msg_id, uint64_t ts) except -1:
-        sender.out.write_ack(seq, msg_id, ts)
+        sender._wbuf().write_ack(seq, msg_id, ts)
         return sender._mark()
 
     cdef tuple devices_of(self, str user):
@@ -670,7 +690,7 @@ cdef class RouteCore:
             for s in _online(online):
                 if _defer(self, s, msg_id[0]):
                     continue
-                s.out.write_deliver(msg_id[0], ts[0], sender, sender_device, payload, n)
+                s._wbuf().write_deliver(msg_id[0], ts[0], sender, sender_device, payload, n)
                 s._mark()
                 self.messages_delivered_live += 1
         self.messages_routed += 1
@@ -702,7 +722,7 @@ cdef class RouteCore:
         if online is not None:
             for s in _online(online):
                 if s is not sender and s.device != sender.device and not _defer(self, s, msg_id):
-                    s.out.write_deliver_ex(msg_id, ts, PyUnicode_AsUTF8(sender.user), len(sender.user.encode()),
+                    s._wbuf().write_deliver_ex(msg_id, ts, PyUnicode_AsUTF8(sender.user), len(sender.user.encode()),
                                            PyUnicode_AsUTF8(sender.device), len(sender.device.encode()),
                                            PyUnicode_AsUTF8(recipient), len(recipient.encode()), origin, payload, n)
                     s._mark()
@@ -718,6 +738,7 @@ cdef class RouteCore:
         cdef uint64_t ts, rid
         cdef int kind = k
         cdef Py_ssize_t start
+        cdef WriteBuffer out
         if not self._is_local(target):
             link = self._link_to(self._owner_of(target)) if self._link_to is not None else None
             if link is None:
@@ -726,7 +747,7 @@ cdef class RouteCore:
                 else:
                     self.receipts_lost += 1
                 return 0
-            out = (<LinkCore>link).out
+            out = (<LinkCore>link)._wbuf()
             start = out.begin_frame(LT_RCPT, 0)
             out.put_id(target, False)
             out.put_u8(k)
@@ -761,7 +782,7 @@ cdef class RouteCore:
             for s in _online(online):
                 if _defer(self, s, rid):
                     continue
-                s.out.write_receipt_raw(rid, k, ref, PyUnicode_AsUTF8(by), len(by.encode()),
+                s._wbuf().write_receipt_raw(rid, k, ref, PyUnicode_AsUTF8(by), len(by.encode()),
                                         PyUnicode_AsUTF8(by_device), len(by_device.encode()), ts)
                 s._mark()
         self.receipts_sent += 1
@@ -774,6 +795,7 @@ cdef class RouteCore:
         cdef LinkCore link = None
         cdef uint64_t fwd_seq
         cdef Py_ssize_t start
+        cdef WriteBuffer out
         if self._link_to is not None:
             found = self._link_to(self._owner_of(recipient))
             if found is not None:
@@ -794,7 +816,7 @@ cdef class RouteCore:
         self._pending_fwd[fwd_seq] = (sender, seq, link, keep, t0, recipient)
         sender.forwards_pending += 1
         link.pending += 1
-        out = link.out
+        out = link._wbuf()
         start = out.begin_frame(LT_FWD, 0)
         out.put_u64(fwd_seq)
         out.put_u64(seq)
@@ -816,7 +838,7 @@ cdef class RouteCore:
         cdef Py_ssize_t start
         cdef int code = 0
         cdef int outcome
-        out = link.out
+        cdef WriteBuffer out = link._wbuf()
         if link.fence is not None:
             code = link.fence(recipient)
             if code:                  # another node's FWD for a shard we do not own at its map epoch
@@ -1023,7 +1045,7 @@ cdef class RouteCore:
             for s in _online(online):
                 if s.device == skip or _defer(self, s, msg_id):
                     continue
-                s.out.write_deliver_ex(msg_id, ts, PyUnicode_AsUTF8(sender), len(sender.encode()),
+                s._wbuf().write_deliver_ex(msg_id, ts, PyUnicode_AsUTF8(sender), len(sender.encode()),
                                        PyUnicode_AsUTF8(sender_device), len(sender_device.encode()),
                                        PyUnicode_AsUTF8(group), len(group.encode()), origin,
                                        PyBytes_AS_STRING(payload), len(payload), FLAG_GROUP)
@@ -1080,10 +1102,10 @@ cdef class RouteCore:
             if s.closed:
                 continue
             if type(s) is LinkCore:      # its output may be discarded while this turn's commit runs
-                batch.append((s, s.out.take_bytes() if s.out.length else None, s._close_after_flush,
+                batch.append((s, s._take(), s._close_after_flush,
                               (<LinkCore>s).generation))
             else:
-                batch.append((s, s.out.take_bytes() if s.out.length else None, s._close_after_flush))
+                batch.append((s, s._take(), s._close_after_flush))
         if batch:
             self.store.commit(self._release_batch, batch)
 
@@ -1167,7 +1189,7 @@ cdef class LinkCore(SessionCore):
         sent now, on the new stream, after earlier ones the old stream lost, a
         later seq would be stored ahead of an earlier one, whose resend would then
         look like a retry of something stored (docs/cluster.md, Cross-node routing)."""
-        self.out.clear()
+        self._out = None
         self.generation += 1
 
     cdef int on_frame(self, uint8_t ftype, uint8_t flags, const unsigned char *body, Py_ssize_t n) except -1:
