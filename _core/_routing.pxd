@@ -16,9 +16,7 @@ cdef class SessionCore(FrameSink):
     cdef readonly str device
     cdef readonly uint64_t session_id
     cdef WriteBuffer _out        # this loop turn's output; None while there is none (`_wbuf`)
-    cdef object _write           # callable(bytes): the transport's write
-    cdef object _close           # callable(): close the transport after the last flush
-    cdef object _transport       # or an object with write() and close() (the gateway's transport)
+    cdef object _transport       # write(bytes) and close(): the gateway's transport, or the embedder's pair
     cdef RouteCore _core
     cdef public uint64_t producer             # whose sequence this session's SEND seqs continue
     cdef SendState _send         # this device's stream state; None until its first SEND

@@ -135,6 +135,21 @@ cdef inline object _online(object online):
     return <list>online if type(online) is list else (online,)
 
 
+cdef class _WriteClose:
+    """A session's output as a `write(bytes)` and a `close()` callable, for an embedder
+    that passes those instead of a transport."""
+    cdef object _w, _c
+
+    def __init__(self, write, close):
+        self._w, self._c = write, close
+
+    def write(self, data):
+        self._w(data)
+
+    def close(self):
+        self._c()
+
+
 cdef class SessionCore(FrameSink):
     """One authenticated device as the router sees it: an output buffer and
     the transport's write/close callables. No sockets here."""
@@ -146,9 +161,9 @@ cdef class SessionCore(FrameSink):
         self.device = device
         self.session_id = session_id
         self._out = None
-        self._write = write
-        self._close = close
-        self._transport = transport   # instead of write/close: saves two bound methods per session
+        # one object with write() and close(): the transport itself (no bound methods kept
+        # per session), or the write and close callables given, wrapped once
+        self._transport = transport if transport is not None else _WriteClose(write, close)
         self.closed = False
         self._queued = False
         self._close_after_flush = False
@@ -303,16 +318,10 @@ cdef class SessionCore(FrameSink):
         if self.closed:
             return 0
         if data is not None:
-            if self._transport is not None:
-                self._transport.write(data)
-            else:
-                self._write(data)
+            self._transport.write(data)
         if close:
             self.closed = True
-            if self._transport is not None:
-                self._transport.close()
-            else:
-                self._close()
+            self._transport.close()
         return 0
 
     def _detach(self):
