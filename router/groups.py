@@ -338,8 +338,10 @@ class GroupService:
                                                    msg["group"], base64.b64decode(msg["payload"])))
             done = [m for m in members if m not in left]   # the rest's shard is full: not confirmed, retried
             if done:
-                self._route({"t": "gcopied", "group": msg["group"], "origin": msg["origin"], "members": done},
-                            msg["group"])
+                reply = {"t": "gcopied", "group": msg["group"], "origin": msg["origin"], "members": done}
+                if t == "gcopy":
+                    reply["member"] = done[0]                  # what an older owner reads
+                self._route(reply, msg["group"])
         elif t == "gcopied":
             job = self.jobs.get(msg["origin"])
             if job is not None:

@@ -7,6 +7,7 @@ consecutive frames with the MORE flag. A refused operation changes nothing,
 on any worker, in the log, after a restart.
 """
 import asyncio
+import base64
 import json
 import re
 import struct
@@ -377,3 +378,33 @@ def test_a_group_stored_as_json_by_an_older_version_still_works(gateway_factory,
             assert (await o.group("info", "#old"))["members"] == {"owner": "admin", "bob": "member",
                                                                   "carol": "member"}
     asyncio.run(after())
+
+
+def test_an_older_workers_single_member_group_copy_is_made_and_answered_in_its_format():
+    """Rolling upgrade (docs/operations.md): an older group owner sends one `gcopy` per
+    member and reads `member` in the answer. A newer worker makes the copy (the member's
+    device gets the DELIVER, flagged as a group message) and answers with both fields."""
+    from _core.pycodec import Decoder, decode_body
+    from router import MemoryStore, Router
+    out, sent = [], []
+    loop = asyncio.new_event_loop()
+    try:
+        router = Router(MemoryStore(), loop=loop)
+        router.open_session("bob", "phone", write=out.append, close=lambda: None).flush()
+        out.clear()
+        groups = router.groups
+        groups.is_local = lambda name: not name.startswith("#")     # the group's owner is elsewhere
+        groups.owner_of = lambda name: 3
+        groups.bus_send = lambda owner, msg: sent.append((owner, msg))
+        groups.control({"t": "gcopy", "member": "bob", "origin": 77, "ts": 1_700_000_000_000, "sender": "al",
+                        "device": "d", "group": "#team", "payload": base64.b64encode(b"hi team").decode()})
+        loop.run_until_complete(asyncio.sleep(0))                   # the turn's flush
+        for s in router.sessions_of("bob"):
+            s.flush()
+    finally:
+        loop.close()
+    got = []
+    Decoder(lambda t, f, b: got.append(decode_body(t, f, b)), 1 << 20).feed(b"".join(out))
+    (d,) = got
+    assert (d.sender, d.payload, d.peer, d.origin_id, d.group) == ("al", b"hi team", "#team", 77, True)
+    assert sent == [(3, {"t": "gcopied", "group": "#team", "origin": 77, "members": ["bob"], "member": "bob"})]
