@@ -149,6 +149,9 @@ cdef class _WriteClose:
     def close(self):
         self._c()
 
+    def get_protocol(self):
+        return None
+
 
 cdef class SessionCore(FrameSink):
     """One authenticated device as the router sees it: an output buffer and
@@ -267,6 +270,12 @@ cdef class SessionCore(FrameSink):
     def out(self):
         """The output buffer, for writing into directly (then `wake()`)."""
         return self._wbuf()
+
+    @property
+    def transport(self):
+        """What the session writes to and closes (the gateway's transport; its
+        get_protocol() is the connection, so the gateway keeps no set of them)."""
+        return self._transport
 
     cdef int _mark(self) except -1:
         if not self._queued:

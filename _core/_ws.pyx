@@ -389,6 +389,10 @@ cdef class WsWriter:
     def write(self, data):
         _ws_write(self, data)
 
+    def get_protocol(self):
+        """Its connection, as a transport's get_protocol() is."""
+        return self._owner
+
     def __call__(self, data):
         _ws_write(self, data)
 

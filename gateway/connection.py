@@ -62,7 +62,7 @@ class Connection(asyncio.BufferedProtocol):
         else:
             self.gateway.connects[self.WEBSOCKET] += 1
         self.gateway.open_conns[self.WEBSOCKET] += 1
-        self.gateway.connections.add(self)
+        self.gateway.opening.add(self)
         self._hello_timer = self.gateway.loop.call_later(self.gateway.config.hello_timeout,
                                                          self._hello_timed_out)
 
@@ -114,7 +114,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.session is not None:
             self.gateway.router.close_session(self.session)
         self.gateway.open_conns[self.WEBSOCKET] -= 1
-        self.gateway.connections.discard(self)
+        self.gateway.opening.discard(self)
         self.gateway.limits.release(self)
 
     def pause_writing(self):
@@ -175,6 +175,7 @@ class Connection(asyncio.BufferedProtocol):
         self.session = gw.router.open_session(user, device, **self.session_io(),
                                               resume_after=hello.resume_after, welcome=welcome,
                                               send_only=hello.send_only, producer=hello.producer)
+        gw.opening.discard(self)                 # reached through its session from now on
         self.decoder.max_frame = cfg.max_frame
         self.decoder.set_sink(self.session)
         self._expires = gw.limits.expiry(expires)
@@ -209,7 +210,7 @@ class Connection(asyncio.BufferedProtocol):
             if near is not None:
                 from .tls import relay
                 self._cancel_hello_timer()
-                gw.connections.discard(self)
+                gw.opening.discard(self)
                 gw.loop.create_task(relay(gw.loop, self.transport, near))
             else:
                 self.transport.abort()       # our descriptor only: the owner holds the connection now

@@ -89,7 +89,7 @@ class Limits:
         if a is None:
             a = self.addrs[ip] = _Addr(ip, float(cfg.connect_burst_per_ip), now)
         if not conn.handed_off:          # a hand-off was admitted by the worker that accepted it
-            if cfg.max_connections and len(self.gw.connections) >= cfg.max_connections:
+            if cfg.max_connections and self.gw.open_connections >= cfg.max_connections:
                 return self._refuse(conn, "max_connections", ErrorCode.UNAVAILABLE,
                                     f"this worker holds {cfg.max_connections} connections; retry later", ip)
             if cfg.max_connections_per_ip and a.count >= cfg.max_connections_per_ip:
@@ -225,7 +225,7 @@ class Limits:
                         self._due.discard(conn)
             if now >= self._idle_next and not self._idle_todo:
                 self._idle_next = now + self.cfg.ping_interval_ms / 1000
-                self._idle_todo = [c for c in self.gw.connections if c.session is not None]
+                self._idle_todo = [c for c in self.gw.all_connections() if c.session is not None]
                 self._expiries = {e: e for e in self._expiries if e > time.time()}
                 keep = now - (self.cfg.idle_timeout_pings + 2) * self.cfg.ping_interval_ms / 1000
                 self._tick_end = {t: end for t, end in self._tick_end.items() if end >= keep}

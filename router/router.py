@@ -195,6 +195,10 @@ class Router(RouteCore):
         """Sessions that may get answers to their requests: devices and send-only ones."""
         return self.sessions_of(user) + list(self._send_only.get(user, ()))
 
+    def every_session(self) -> list:
+        """Every open session: registered devices and send-only ones."""
+        return self.all_sessions() + [s for group in self._send_only.values() for s in group]
+
     def _queue_receipt(self, *receipt) -> None:
         """The receipt's user lives on a worker that is restarting: try again shortly
         (bounded: past 100,000 waiting, the oldest are dropped; receipts are hints)."""
