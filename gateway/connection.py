@@ -113,7 +113,8 @@ class Connection(asyncio.BufferedProtocol):
         self._cancel_hello_timer()
         if self.session is not None:
             self.gateway.router.close_session(self.session)
-        self.gateway.open_conns[self.WEBSOCKET] -= 1
+        if self._addr is not None:              # admitted (a refused one was never counted open)
+            self.gateway.open_conns[self.WEBSOCKET] -= 1
         self.gateway.opening.discard(self)
         self.gateway.limits.release(self)
 

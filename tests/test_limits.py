@@ -93,13 +93,20 @@ def test_connections_per_ip(gateway_factory):
 
 
 def test_connections_per_worker(gateway_factory):
+    """Past the limit every new connection is refused, however many were refused before
+    (a refused one was once counted as closing an open one), and /metrics counts the open."""
     gw = gateway_factory("--workers", "1", "--max-connections", "2")
     a, b = RawFrom(gw, "127.0.0.4"), RawFrom(gw, "127.0.0.5")
     a.hello(gw.token("a"))
     b.hello(gw.token("b"))
-    with RawFrom(gw, "127.0.0.6") as c:
-        refused(c, ErrorCode.UNAVAILABLE)
+    for i in range(3):
+        with RawFrom(gw, f"127.0.0.{6 + i}") as c:
+            refused(c, ErrorCode.UNAVAILABLE)
+        # a round trip on an open session: the server has run the refused one's close by then
+        a.send(encode(F.Ping(i)))
+        assert a.frame() == F.Pong(i)
     wait_for_log(gw, r"event=limit kind=max_connections count=1")
+    assert value(scrape(gw), "connections", kind="tcp") == 2
     a.close()
     b.close()
 
