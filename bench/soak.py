@@ -92,7 +92,30 @@ class Gateway:
         return TokenAuthority(load_secret(self.data_dir)).issue(user, ttl=86400)
 
 
+def _recipients(prefix: str, n: int, workers: int) -> list:
+    """`n` recipient names, the first min(n, workers) on distinct workers: after a
+    worker's kill the run waits for an ACK to one of that worker's users, so each
+    worker must have one (with random names all three landed on one worker of two
+    in 1 run of 8, and the run waited for an ACK that could not come)."""
+    from router.sharding import shard_of
+    names, taken, j = [], set(), 0
+    while len(names) < min(n, workers):
+        name = f"{prefix}{j}"
+        j += 1
+        if shard_of(name) % workers not in taken:
+            taken.add(shard_of(name) % workers)
+            names.append(name)
+    while len(names) < n:
+        name = f"{prefix}{j}"
+        j += 1
+        names.append(name)
+    return names
+
+
 async def soak(args) -> dict:
+    if args.kill == "worker" and args.recipients < args.workers:
+        raise SystemExit(f"switchboard bench soak: --kill worker needs --recipients >= --workers ({args.workers}): "
+                         "each kill waits for an ACK to a user of the killed worker")
     from gateway.client import Client
 
     from .cli import stop_on_sigterm
@@ -110,7 +133,7 @@ async def soak(args) -> dict:
         host, port = "127.0.0.1", gw.port
     tag = os.urandom(3).hex()
     senders = [f"soak{tag}s{i}" for i in range(args.senders)]
-    recipients = [f"soak{tag}r{j}" for j in range(args.recipients)]
+    recipients = _recipients(f"soak{tag}r", args.recipients, args.workers if args.kill == "worker" else 1)
     acked: dict[tuple, int] = {}               # (sender, k) -> msg id
     seen: dict[tuple, list] = {(s, r): [] for s in senders for r in recipients}
     seen_sets: dict[tuple, set] = {key: set() for key in seen}

@@ -251,3 +251,10 @@ def test_ws_bench_routes_through_every_target(tmp_path):
         assert res["routed"] > 0 and res["echo"] > 0, (target, res)
         assert res["idle_bytes"] > 0, (target, res)
     assert results["sb-ws"]["handshakes"] > 0
+
+
+def test_a_worker_soak_with_fewer_recipients_than_workers_is_a_clear_error():
+    """Each worker kill waits for an ACK to a user of that worker: a run that cannot have
+    one says so at once instead of waiting (the recipients are also spread over the workers)."""
+    r = bench("soak", "--kill", "worker", "--workers", "2", "--recipients", "1", "--cycles", "1", timeout=60)
+    assert r.returncode != 0 and "--recipients >= --workers" in r.stderr + r.stdout, r.stdout + r.stderr
