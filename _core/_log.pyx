@@ -205,6 +205,12 @@ cdef bint _meta_view(const unsigned char *r, Py_ssize_t length, const unsigned c
 
 #: META key prefix of a device's registration (`_core.log._DeviceRegistry`), then "user\0device"
 DEVICE_META = "d\x00"
+cdef inline str _device_user(str key):
+    """The user of a device key ("d\\0user\\0device"; all of the rest if it has no device)."""
+    cdef Py_ssize_t end = key.find("\x00", len(DEVICE_META))
+    return key[len(DEVICE_META):end] if end >= 0 else key[len(DEVICE_META):]
+
+
 #: META key prefix of a producer checkpoint (`ProducerTable.checkpoint`), then "user\0device"
 PRODUCER_META = "\x00seq\x00"
 
@@ -1111,9 +1117,7 @@ cdef class LogCore:
     cdef int _meta_set(self, str key, uint64_t loc, bint tombstone, str user=None) except -1:
         cdef Segment seg
         if key.startswith(DEVICE_META):
-            if user is None:
-                user = key[len(DEVICE_META):key.find("\x00", len(DEVICE_META))]
-            prev = self._dev_swap(user, key, None if tombstone else loc)
+            prev = self._dev_swap(_device_user(key) if user is None else user, key, None if tombstone else loc)
         else:
             prev = self._meta.pop(key, None)
             if not tombstone:
@@ -1156,8 +1160,7 @@ cdef class LogCore:
         """The location of `key`'s latest record, or None."""
         if not key.startswith(DEVICE_META):
             return self._meta.get(key)
-        end = key.find("\x00", len(DEVICE_META))
-        entry = self._devmeta.get(key[len(DEVICE_META):end] if end >= 0 else key[len(DEVICE_META):])
+        entry = self._devmeta.get(_device_user(key))
         if entry is None:
             return None
         for loc in (entry if type(entry) is tuple else (entry,)):

@@ -154,8 +154,8 @@ cdef class _WriteClose:
 
 
 cdef class SessionCore(FrameSink):
-    """One authenticated device as the router sees it: an output buffer and
-    the transport's write/close callables. No sockets here."""
+    """One authenticated device as the router sees it: this loop turn's output and
+    the object it is written to and closed with (a transport). No sockets here."""
 
     def __init__(self, RouteCore core, str user, str device, uint64_t session_id, write, close,
                  transport=None):

@@ -393,9 +393,6 @@ cdef class WsWriter:
         """Its connection, as a transport's get_protocol() is."""
         return self._owner
 
-    def __call__(self, data):
-        _ws_write(self, data)
-
 
 cdef _ws_write(WsWriter w, data):
     """WsWriter's write (a function, not a method: no method table in every writer)."""

@@ -154,12 +154,12 @@ class WsConnection(Connection):
         if self.writer is None:                      # no WebSocket yet: nothing to say in it
             self.transport.close()
             return
-        self.writer(data)
+        self.writer.write(data)
         self.ws_close(1008, "")
 
     def goaway_and_close(self, data: bytes) -> None:
         """GOAWAY REDIRECT in a binary message, then Close 1001 as after any GOAWAY."""
-        self.writer(data)
+        self.writer.write(data)
         self.ws_close(1001, "")
 
     def ws_close(self, code: int, reason: str) -> None:

@@ -132,7 +132,7 @@ def test_writer_cuts_messages_at_frame_boundaries():
         write = staticmethod(out.append)
     w = WsWriter(Transport(), 1000)
     frames = [encode(F.Ping(i)) for i in range(200)] + [encode(F.Send(1, "b", b"q" * 3000))]
-    w(b"".join(frames))
+    w.write(b"".join(frames))
     data, messages = out[0], []
     while data:
         assert data[0] == 0x82
