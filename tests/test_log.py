@@ -345,6 +345,29 @@ def test_rollover_and_consumed_front_segments_deleted(tmp_path, logs):
 
 # -- compaction -------------------------------------------------------------------------------
 
+async def fill_three_segments(log, nid) -> list:
+    """Append 2,000-byte messages for "busy" until the log has three segments; their ids."""
+    ids = []
+    for _ in bounded(2000, "three segments"):
+        if len(log.segments) >= 3:
+            break
+        if log.active.free < 4096:
+            await until(lambda: roll_ready(log), what="spare segments")
+        mid = nid()
+        log.append("busy", mid, mid >> 22, "s", "d", b"x" * 2000)
+        ids.append(mid)
+        await asyncio.sleep(0)
+    return ids
+
+
+def compact_away(log, segment_id: int) -> None:
+    """Compact until `segment_id` is gone (its live records moved to the active segment)."""
+    for _ in range(50):                        # bounded: each call copies at most 2000 records
+        log.maintain()
+        if segment_id not in [s.segment_id for s in log.segments]:
+            break
+    assert segment_id not in [s.segment_id for s in log.segments]
+
 def test_compaction_moves_old_message_and_deletes_front_segment(tmp_path, logs):
     nid = Ids()
     old_payload = b"the one message nobody read " * 10
@@ -356,25 +379,12 @@ def test_compaction_moves_old_message_and_deletes_front_segment(tmp_path, logs):
         old = nid()
         log.append("sleeper", old, old >> 22, "s", "d", old_payload, 99)
         first = log.active.segment_id
-        ids = []
-        for _ in bounded(2000, "three segments"):
-            if len(log.segments) >= 3:
-                break
-            if log.active.free < 4096:
-                await until(lambda: roll_ready(log), what="spare segments")
-            mid = nid()
-            log.append("busy", mid, mid >> 22, "s", "d", b"x" * 2000)
-            ids.append(mid)
-            await asyncio.sleep(0)
+        ids = await fill_three_segments(log, nid)
         assert log.consume("busy", ids) == len(ids)
         front = log.segments[0]
         assert front.segment_id == first and front.live == 1 and front.messages > 100
         front_file = tmp_path / f"{first:020d}.seg"
-        for _ in range(50):                        # bounded: each call copies at most 2000 records
-            log.maintain()
-            if first not in [s.segment_id for s in log.segments]:
-                break
-        assert first not in [s.segment_id for s in log.segments]
+        compact_away(log, first)
         await until(lambda: not front_file.exists(), what="front segment file deleted")
         (loc,) = [loc for _mid, loc in log.pending_locations("sleeper")]
         assert loc >> 32 != first
@@ -408,20 +418,8 @@ def test_device_records_are_found_through_compaction_a_delete_and_a_reopen(tmp_p
                 assert log.register_device(user, d, 1000)
         assert not log.register_device("u0", "laptop", 1001)          # known: last seen moves on
         seen = {}
-        for _ in bounded(2000, "two segments after the first"):
-            if len(log.segments) >= 3:
-                break
-            if log.active.free < 4096:
-                await until(lambda: roll_ready(log), what="spare segments")
-            mid = nid()
-            log.append("busy", mid, mid >> 22, "s", "d", b"x" * 2000)
-            log.consume("busy", [mid])
-            await asyncio.sleep(0)
-        for _ in range(50):                          # bounded: each call copies at most 2000 records
-            log.maintain()
-            if first not in [s.segment_id for s in log.segments]:
-                break
-        assert first not in [s.segment_id for s in log.segments]   # every device record was moved
+        log.consume("busy", await fill_three_segments(log, nid))
+        compact_away(log, first)                                   # every device record was moved
         log.meta_put("d\x00u2\x00tablet", b"")                     # u2's tablet forgotten
         users["u2"].remove("tablet")
         for user, devices in users.items():
