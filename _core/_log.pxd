@@ -62,6 +62,7 @@ cdef class Segment:
     cdef readonly Py_ssize_t end          # where the next record goes (8-aligned)
     cdef readonly uint64_t segment_id
     cdef readonly uint64_t nonce
+    cdef readonly uint16_t tag            # in every record of a recycled segment (0: a fresh one)
     cdef readonly int fd
     cdef public object path
     cdef public Py_ssize_t messages       # MESSAGE records held

@@ -203,6 +203,9 @@ cdef bint _meta_view(const unsigned char *r, Py_ssize_t length, const unsigned c
     return k + 4 + vl[0] == length
 
 
+#: bytes before a record's body: u32 length, u32 CRC, type, flags, u16 tag
+RECORD_HEADER = RECORD_HEADER_SIZE
+
 #: META key prefix of a device's registration (`_core.log._DeviceRegistry`), then "user\0device"
 DEVICE_META = "d\x00"
 cdef inline str _device_user(str key):
@@ -388,8 +391,10 @@ cdef class Segment:
             self.base = NULL
 
     @staticmethod
-    def map(path, int fd, uint64_t segment_id, uint64_t nonce, Py_ssize_t size):
-        """Map an existing, fully reserved segment file (never a sparse one)."""
+    def map(path, int fd, uint64_t segment_id, uint64_t nonce, Py_ssize_t size, uint16_t tag=0):
+        """Map an existing, fully reserved segment file (never a sparse one). `tag`:
+        what its records carry in their reserved u16, nonzero for a recycled file (its
+        bytes past the records are its previous use's: `stale_at`)."""
         cdef Segment seg = Segment()
         cdef void *p
         with nogil:
@@ -402,6 +407,7 @@ cdef class Segment:
         seg.path = path
         seg.segment_id = segment_id
         seg.nonce = nonce
+        seg.tag = tag
         seg.end = SEGMENT_HEADER_SIZE
         return seg
 
@@ -493,8 +499,8 @@ cdef class Segment:
         length = sb_load32(r)
         if length < RECORD_HEADER_SIZE or off + <Py_ssize_t>length > self.size:
             return False
-        if r[8] < REC_MESSAGE or r[8] > REC_META_L or r[10] != 0 or r[11] != 0:
-            return False
+        if r[8] < REC_MESSAGE or r[8] > REC_META_L or sb_load16(r + 10) != self.tag:
+            return False                 # (a recycled file's old records fail here, before any CRC)
         if r[8] == REC_MESSAGE or r[8] == REC_MESSAGE_P:
             if not _parse_message(r, length, &m):
                 return False
@@ -515,6 +521,12 @@ cdef class Segment:
     def valid_at(self, Py_ssize_t off):
         return self.record_valid(off)
 
+    def stale_at(self, Py_ssize_t off):
+        """Whether `off` holds no record of this use of a recycled file: what is
+        there (a record of its previous use, or nothing begun yet) is not tagged with
+        this use's tag. Never true of a fresh (zero-filled) segment."""
+        return self.tag != 0 and off + RECORD_HEADER_SIZE <= self.size and sb_load16(self.base + off + 10) != self.tag
+
     def next_valid(self, Py_ssize_t start):
         """The first offset at or after `start` holding a valid record, or -1."""
         cdef Py_ssize_t q = _align(start)
@@ -527,6 +539,7 @@ cdef class Segment:
 
     cdef int seal_record(self, Py_ssize_t off, Py_ssize_t length) except -1:
         # CRC first, length last: a write cut short leaves length 0 or a bad CRC.
+        sb_store16(self.base + off + 10, self.tag)
         sb_store32(self.base + off + 4, self.record_crc(off, length))
         sb_store32(self.base + off, <uint32_t>length)
         self.end = off + _align(length)
@@ -1249,6 +1262,8 @@ cdef class LogCore:
                         self._forget_if_empty(recipient, inbox)
                 pos += _align(length)
                 continue
+            if seg.tag != 0 and sb_load16(r + 10) != seg.tag:
+                break              # a recycled file: its previous use's bytes begin here, the end of ours
             if length == 0:
                 nz = seg.first_nonzero(pos)
                 if nz < 0:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import picologging
-from ._log import PRODUCER_META, LogCore, Segment, crc32c, crc32c_hardware, flush_files, merge_copies, zero_pages
+from ._log import PRODUCER_META, RECORD_HEADER, LogCore, Segment, crc32c, crc32c_hardware, flush_files, merge_copies, zero_pages
 from .dirlock import DirLock
 from .errors import LogNotOpen, StoreError
 from .logfmt import q
@@ -49,6 +49,12 @@ HEADER = struct.Struct("!8sQQQQIQ8s")       # 60 bytes, then the header's CRC32C
 # (the highest message id when the segment became active), reserved
 HEADER_SIZE = 64
 FORMAT_VERSION = 2                           # 2: per-device inboxes, conversation field, META
+#: a recycled segment file (docs/storage.md, Recycling): version 2's records, each tagged with
+#: `record_tag(nonce)` in its reserved u16, and past them the file's previous use's bytes
+RECYCLED_VERSION = 3
+#: a consumed segment a shard keeps for its next roll is deleted after this long unused (an idle
+#: shard gives its disk space back)
+RECYCLE_KEEP_S = 30.0
 ZERO_CHUNK = 1 << 20
 #: a shard's first segment (segments then double up to the configured size)
 MIN_SEGMENT = 1 << 20
@@ -65,6 +71,31 @@ LOCK_POLL_S = 0.05                           # how often a shard held by another
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def record_tag(nonce: int) -> int:
+    """The tag the records of a recycled segment with `nonce` carry (never 0, which is a fresh one's)."""
+    return (nonce >> 48) or 1
+
+
+def recycled_nonce(old_tag: int) -> int:
+    """A nonce for a file's next use whose tag differs from its previous use's: every old
+    record then fails on its tag, before its CRC is even computed."""
+    while True:
+        nonce = secrets.randbits(64)
+        if record_tag(nonce) != old_tag:
+            return nonce
+
+
+@dataclass
+class _Recyclable:
+    """A consumed segment's file kept for a shard's next roll: open, unmapped, under a
+    temporary name (a restart deletes it like any unfinished segment)."""
+    fd: int
+    path: Path
+    size: int
+    tag: int
+    kept_at: float
 
 
 @dataclass
@@ -86,6 +117,9 @@ class LogConfig:
     #: the largest record a SEND can make (about max_frame): a shard's first segment
     #: is made big enough for four of them, so no record outgrows a young shard's segment
     max_record: int = 0
+    #: a consumed front segment's file becomes the shard's next spare instead of a new
+    #: zero-filled one (docs/storage.md, Recycling); off: deleted, as before version 3
+    recycle: bool = True
 
     def first_segment(self) -> int:
         """A shard's first segment: 1 MiB (or the segment size if smaller), larger for
@@ -479,6 +513,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self._compact_pos = None
         self._expiry_cursor: list = []
         self.stalls = 0                      # rolls that had to prepare a segment on the loop
+        self.recycled = 0                    # spares made from a consumed segment's file, not zero-filled
+        self._recyclable: list = []          # [_Recyclable], at most one (guarded by _claim_lock)
         self.cold_starts = 0                 # first segments of lazy logs, made on first append
         self.last_full_error = None
         self.full_episodes = 0               # times this shard ran out of disk space
@@ -503,9 +539,9 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self._held: list = []                # spares to delete that came back while quiesced
 
     # -- files ----------------------------------------------------------------------
-    def _header(self, segment_id: int, nonce: int, id_floor: int = 0, size: int = 0) -> bytes:
-        body = HEADER.pack(MAGIC, segment_id, nonce, size or self.config.segment_size, now_ms(), FORMAT_VERSION,
-                           id_floor, b"")
+    def _header(self, segment_id: int, nonce: int, id_floor: int = 0, size: int = 0, recycled: bool = False) -> bytes:
+        body = HEADER.pack(MAGIC, segment_id, nonce, size or self.config.segment_size, now_ms(),
+                           RECYCLED_VERSION if recycled else FORMAT_VERSION, id_floor, b"")
         return body + struct.pack("!I", crc32c(body))
 
     def _next_size(self) -> int:
@@ -539,6 +575,61 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
                     raise
                 size = max(first, (size // 2) & ~4095)
 
+    def _make_segment(self, segment_id: int, size: int, pause=lambda: None) -> Segment:
+        """A new segment: a consumed one's file if one is kept (`_reuse`), else a zero-filled one."""
+        return self._reuse(segment_id, size) or self._create_fitting(segment_id, size, pause)
+
+    def _keep_for_reuse(self, seg: Segment) -> bool:
+        """Keep a consumed segment's file (unmapped, renamed to a temporary name, the
+        rename made durable as a deletion would be) for `_reuse`, unless recycling is
+        off, the log is closing, or one is kept already."""
+        if not self.config.recycle or seg.size < self.config.first_segment():
+            return False
+        with self._claim_lock:
+            if self._closed or self._recyclable:
+                return False
+            seg.close()
+            path = Path(seg.path)
+            tmp = path.with_name(f".{path.name}.tmp")
+            try:
+                os.rename(path, tmp)
+            except OSError:
+                os.close(seg.fd)
+                raise
+            self._recyclable.append(_Recyclable(seg.fd, tmp, seg.size, seg.tag, time.monotonic()))
+        fsync_dir(self.directory)
+        return True
+
+    def _reuse(self, segment_id: int, size: int) -> Segment | None:
+        """The kept file of a consumed segment (`_keep_for_reuse`) as segment
+        `segment_id`, if it is no larger than `size`: a new header (a new nonce, a new
+        record tag), fsync, rename, fsync the dir, its pages read ahead. No zeros are
+        written and no blocks allocated (docs/storage.md, Recycling). None when there is
+        none to use (or it failed: the caller makes a new one)."""
+        with self._claim_lock:
+            if not self._recyclable or self._recyclable[0].size > size:
+                return None
+            r = self._recyclable.pop()
+        nonce = recycled_nonce(r.tag)
+        final = self.directory / segment_name(segment_id)
+        try:
+            install_file(r.fd, r.path, final, self._header(segment_id, nonce, size=r.size, recycled=True))
+        except OSError as exc:                    # install_file closed and removed it
+            _log.warning("event=segment_recycle_failed error=%s action=new_segment", q(repr(exc)))
+            return None
+        os.posix_fadvise(r.fd, 0, r.size, os.POSIX_FADV_WILLNEED)   # its pages, if evicted, not read on the loop
+        self.recycled += 1
+        return Segment.map(str(final), r.fd, segment_id, nonce, r.size, record_tag(nonce))
+
+    def _drop_recyclable(self, older_than: float = 0.0) -> None:
+        """Delete the kept file (on the worker, or at close): all of them, or those kept longer than `older_than` s."""
+        now = time.monotonic()
+        with self._claim_lock:
+            gone = [r for r in self._recyclable if now - r.kept_at >= older_than]
+            self._recyclable = [r for r in self._recyclable if r not in gone]
+        for r in gone:
+            _discard(r.fd, r.path)
+
     def _close_segment(self, seg: Segment) -> None:
         seg.close()
         try:
@@ -547,7 +638,10 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             pass
 
     def _retire(self, seg: Segment, quarantine: bool) -> None:
-        """Runs on the worker: unmap, close, delete (or move aside), fsync the dir."""
+        """Runs on the worker: unmap, close, delete (or move aside, or keep its file
+        for the next roll: `_keep_for_reuse`), fsync the dir."""
+        if not quarantine and self._keep_for_reuse(seg):
+            return
         self._close_segment(seg)
         path = Path(seg.path)
         if quarantine:
@@ -594,6 +688,10 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         for i, (seg, status, regions) in enumerate(scans):
             if status == "torn" and i == data_last:
                 bad_start, bad_stop = regions[-1]
+                if seg.tag:
+                    # past a recycled file's records lie its previous use's, which can never
+                    # pass as records of this use: only the torn record's own tag is cleared
+                    bad_stop = min(bad_stop, bad_start + RECORD_HEADER)
                 seg.zero(bad_start, bad_stop)
                 seg.set_end(bad_start)
                 os.fdatasync(seg.fd)
@@ -649,7 +747,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             magic, sid, nonce, hsize, _created, version, id_floor, _ = HEADER.unpack_from(raw)
             if magic != MAGIC or struct.unpack_from("!I", raw, 60)[0] != crc32c(raw[:60]):
                 reason = "bad header"
-            elif sid != segment_id or hsize != size or version != FORMAT_VERSION:
+            elif sid != segment_id or hsize != size or version not in (FORMAT_VERSION, RECYCLED_VERSION):
                 reason = f"header says id {sid} size {hsize} version {version}"
         if reason is not None:
             os.close(fd)
@@ -661,7 +759,8 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             _log.error("event=bad_segment_file file=%s reason=%s action=quarantined", path.name, q(reason))
             return None
         self._raise_last_id(id_floor)     # ids never go backwards, even after deletions
-        return Segment.map(str(path), fd, segment_id, nonce, size)
+        return Segment.map(str(path), fd, segment_id, nonce, size,
+                           record_tag(nonce) if version == RECYCLED_VERSION else 0)
 
     # -- running --------------------------------------------------------------------
     def start(self, loop) -> None:
@@ -749,7 +848,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         # was a MiB per shard per round (64 shards: 25 ms rounds).
         try:
             for _ in range(n):
-                self._spares.append(self._create_fitting(self._take_id(), self._next_size()))
+                self._spares.append(self._make_segment(self._take_id(), self._next_size()))
         except OSError as exc:
             self._no_space(exc)
             raise StoreError("storage full: cannot reserve a new log segment", ErrorCode.STORAGE_FULL) from None
@@ -816,7 +915,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
     def _install(self, seg: Segment) -> None:
         # record the id floor in its header: when older segments are deleted,
         # this is what keeps last_id() from going backwards
-        seg.write_header(self._header(seg.segment_id, seg.nonce, self.last_id(), seg.size))
+        seg.write_header(self._header(seg.segment_id, seg.nonce, self.last_id(), seg.size, seg.tag != 0))
         seg.dirty = True
         self._add_segment(seg)
         self._set_active(seg)
@@ -897,7 +996,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
                                 self._spare_ready)
 
     def _prepare_on_worker(self, segment_id: int, size: int, pause):
-        seg = self._create_fitting(segment_id, size, pause)
+        seg = self._make_segment(segment_id, size, pause)
         with self._claim_lock:
             closed = self._closed
             if not closed:
@@ -975,6 +1074,9 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         self._write_deferred()
         if self.storage_full or len(self._spares) + self._preparing < self.spares_target:
             self._prepare_spare(retry=True)
+        kept = self._recyclable[:1]              # (a copy: the worker thread takes from the list)
+        if kept and time.monotonic() - kept[0].kept_at >= RECYCLE_KEEP_S:
+            self._worker.submit(lambda pause: self._drop_recyclable(RECYCLE_KEEP_S))
         if self.loop is not None and not self._closed:
             self._maint = self.loop.call_later(0 if more else 1.0, self.maintain)
 
@@ -1058,7 +1160,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
             "storage_full": self.storage_full, "unrecorded_consumes": self.unrecorded_consumes,
             "quarantined": sum(1 for s in segs if s.quarantined), "spares": len(self._spares),
             "full_episodes": self.full_episodes, "refused": self.refused,
-            "segment_failures": self.segment_failures,
+            "segment_failures": self.segment_failures, "recycled": self.recycled,
         }
 
     def raise_id_floor(self, floor: int) -> None:
@@ -1115,6 +1217,7 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         for seg in self._held:               # came back while quiesced
             self._retire(seg, False)
         self._held = []
+        self._drop_recyclable()
         if self._own_lock:                   # last: every file is closed and synced
             self._lock.release()
 
@@ -1477,7 +1580,8 @@ class ShardedLog(_Committed):
         per = [lg.stats() for lg in self.logs.values()]
         out = {k: sum(p[k] for p in per) for k in ("segments", "bytes", "pending", "appended", "consumed",
                                                      "expired", "stalls", "unrecorded_consumes", "quarantined",
-                                                     "spares", "full_episodes", "refused", "segment_failures")}
+                                                     "spares", "full_episodes", "refused", "segment_failures",
+                                                     "recycled")}
         out.update(shards=len(self.logs), syncs=self.committer.syncs, sync_seconds=self.committer.sync_seconds,
                    storage_full=any(p["storage_full"] for p in per),
                    shards_full=sum(1 for p in per if p["storage_full"]))

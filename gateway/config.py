@@ -81,6 +81,10 @@ class GatewayConfig:
     #: per shard: 2 + log_spares segments, 4 MiB for a new shard at the defaults (256 MiB for all 64); small
     #: disks: 0 with segment_size "256K" (512 KiB per shard, 32 MiB for 64)
     log_spares: int = 1
+    #: a consumed segment's file becomes the shard's next segment instead of a new zero-filled one (half the
+    #: disk writes, and the log's thread does not write zeros); off: deleted. Segments made so are version 3,
+    #: which releases before it do not read (docs/storage.md, Recycling)
+    log_recycle: bool = True
     #: seconds an undelivered message is kept (30 days, as WhatsApp does)
     message_ttl: float = 30 * 86400
     #: PEM certificate chain: TLS on the TCP and WebSocket listeners (with tls_key); reloaded on SIGHUP
@@ -244,4 +248,4 @@ class GatewayConfig:
         return LogConfig(segment_size=self.segment_size, durability=self.durability,
                          interval_ms=self.flush_interval_ms, ttl_s=self.message_ttl,
                          max_pending=self.max_pending_per_recipient, dedup_window=self.dedup_window,
-                         spares=self.log_spares, max_record=self.max_frame + 1024)
+                         spares=self.log_spares, max_record=self.max_frame + 1024, recycle=self.log_recycle)

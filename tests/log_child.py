@@ -36,8 +36,10 @@ LARGE_BATCH = 8
 _BLOCK = random.Random(0).randbytes(LARGE_PAYLOAD)
 
 
-def config(durability: str) -> LogConfig:
-    return LogConfig(segment_size=1 << 20, durability=durability,
+def config(durability: str, mode: str = "small") -> LogConfig:
+    """Small segments for "small": a few hundred records each, so that consumed ones are
+    deleted and their files recycled (docs/storage.md, Recycling) between the kills."""
+    return LogConfig(segment_size=256 << 10 if mode == "small" else 1 << 20, durability=durability,
                      max_pending=100_000, interval_ms=50)
 
 
@@ -59,7 +61,7 @@ def emit(line: str) -> None:
 
 async def main(directory: str, durability: str, mode: str, seed: int, iterations: int) -> None:
     loop = asyncio.get_running_loop()
-    log = AppendLog(directory, config(durability))
+    log = AppendLog(directory, config(durability, mode))
     try:
         log.open()
     except DataDirInUse as exc:

@@ -58,7 +58,7 @@ class Acks:
         assert status == -signal.SIGKILL
         for line in rest:
             self.take(line)
-        _report, pending, _last, _ = recover(directory, "never")
+        _report, pending, _last, _, _ = recover(directory, "never")
         check_messages(pending, "small")
         missing = set(self.acked) - self.tried - pending.keys()
         assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {sorted(missing)[:5]}"
@@ -193,7 +193,7 @@ def test_a_sharded_log_refuses_waits_for_and_takes_over_a_held_shard(tmp_path):
         sharded.close()
     finally:
         holder.child.cleanup()
-    _report, pending, _last, _ = recover(held_dir, "never")
+    _report, pending, _last, _, _ = recover(held_dir, "never")
     check_messages(pending, "small")
     assert recovered == len(pending)
     assert not (set(holder.acked) - holder.tried - pending.keys()), "acknowledged messages lost"

@@ -108,20 +108,23 @@ def parse_segment(path) -> tuple[dict, list]:
     zero length. Every header and record CRC is checked here too."""
     data = Path(path).read_bytes()
     magic, sid, nonce, size, created, version, _id_floor, _ = HEADER.unpack_from(data)
-    assert magic == MAGIC and size == len(data) and version == 2
+    assert magic == MAGIC and size == len(data) and version in (2, 3)
     assert struct.unpack_from("!I", data, 60)[0] == crc32c(data[:60])
+    # version 3: a recycled file; its records carry the top 16 bits of the nonce (or 1), and
+    # the first place that does not is where its previous use's bytes begin
+    tag = (nonce >> 48 or 1) if version == 3 else 0
     records = []
     pos = HEADER_SIZE
     while pos + REC.size <= len(data):
         length, crc, rtype, flags, reserved = REC.unpack_from(data, pos)
-        if length == 0:
+        if length == 0 or (version == 3 and reserved != tag):
             break
         raw = data[pos:pos + length]
-        assert rtype in (REC_MESSAGE, REC_CONSUME, 3, REC_MESSAGE_P, 5) and reserved == 0
+        assert rtype in (REC_MESSAGE, REC_CONSUME, 3, REC_MESSAGE_P, 5) and reserved == tag
         assert crc == crc32c(raw[8:], crc32c(struct.pack("!QQQ", nonce, sid, pos))), f"crc at {pos}"
         records.append((pos, length, rtype, raw))
         pos += (length + 7) & ~7
-    return {"id": sid, "nonce": nonce, "size": size, "end": pos}, records
+    return {"id": sid, "nonce": nonce, "size": size, "end": pos, "version": version}, records
 
 
 def message_fields(raw: bytes) -> tuple:
@@ -599,6 +602,161 @@ def test_torn_tail_behind_prepared_spare_is_a_torn_tail(tmp_path, logs):
     assert [m.msg_id for m in log.pending("bob")] == ids[:-1]     # holds today
     assert report.corrupt == []
     assert [(sid, start) for sid, start, _stop in report.torn_tails] == [(1, torn_at)]
+
+
+# -- recycled segments (docs/storage.md, Recycling) ---------------------------------------------
+
+async def until_recycled_active(log, nid, payload=b"x" * 2000) -> tuple[int, list]:
+    """Append messages for "busy", consuming each at once, until the active segment is one
+    made from a consumed segment's file and holds records; (inode of the first segment's
+    file, ids appended)."""
+    inode = os.stat(log.active.path).st_ino
+    ids = []
+    for i in bounded(5000, "a recycled segment in use"):
+        if log.active.tag and log.active.end > HEADER_SIZE + 8192:
+            break
+        if log.active.free < len(payload) + 512:
+            await until(lambda: roll_ready(log), what="spare segments")
+        mid = nid()
+        log.append("busy", mid, mid >> 22, "s", "d", payload)
+        ids.append(mid)
+        log.consume("busy", [mid])
+        if i % 20 == 0:
+            log.maintain()                       # deletes (keeps for reuse) consumed front segments
+        await asyncio.sleep(0)
+    return inode, ids
+
+
+def test_a_consumed_segment_becomes_the_next_spare_without_zero_filling(tmp_path, logs):
+    """The first segment's file, all consumed, comes back as a later segment: the same
+    inode, a version-3 header, its old records still past the new ones (nothing was
+    zero-filled), and a reopen serves exactly the pending messages: none of the old
+    use's comes back."""
+    nid = Ids()
+
+    async def main():
+        log = logs(tmp_path, cfg(segment_size=256 << 10))
+        log.open()
+        log.start(asyncio.get_running_loop())
+        inode, ids = await until_recycled_active(log, nid)
+        assert log.recycled >= 1 and log.stats()["recycled"] == log.recycled
+        inodes = {os.stat(s.path).st_ino: s for s in log.segments}
+        assert inode in inodes and inodes[inode].tag, "the first segment's file was not reused"
+        kept = [mid for mid in (nid() for _ in range(3))]
+        for mid in kept:
+            log.append("bob", mid, mid >> 22, "s", "d", b"still pending")
+        active = log.active
+        log.close()
+        return ids, kept, active.segment_id, Path(active.path)
+
+    ids, kept, sid, path = asyncio.run(main())
+    hdr, records = parse_segment(path)
+    assert hdr["version"] == 3 and records
+    data = path.read_bytes()
+    assert any(data[hdr["end"]:]), "the recycled file was zero-filled"
+    log = logs(tmp_path, cfg(segment_size=256 << 10))
+    report = log.open()
+    assert not report.torn_tails and not report.corrupt and not report.bad_headers
+    assert log.pending_count() == len(kept) and not log.pending("busy")
+    assert [m.msg_id for m in log.pending("bob")] == kept
+    assert {s.segment_id: s.end for s in log.segments}[sid] == hdr["end"]
+    more = nid()
+    log.append("bob", more, more >> 22, "s", "d", b"after the reopen")
+    log.close()
+    again = logs(tmp_path, cfg(segment_size=256 << 10))
+    again.open()
+    assert [m.msg_id for m in again.pending("bob")] == kept + [more]
+    assert not list(tmp_path.glob(".*.tmp")), "a kept file was left behind by close()"
+
+
+def recycled_pristine(tmp_path, logs, n: int = 40) -> tuple[Path, list]:
+    """A closed log whose active segment is a recycled file holding `n` pending messages
+    for "bob" after its consumed ones; (its path, the ids)."""
+    nid = Ids()
+
+    async def main():
+        log = logs(tmp_path, cfg(segment_size=256 << 10))
+        log.open()
+        log.start(asyncio.get_running_loop())
+        await until_recycled_active(log, nid)
+        ids = []
+        for i in range(n):
+            mid = nid()
+            log.append("bob", mid, mid >> 22, "s", "d", bytes([i]) * 300)
+            ids.append(mid)
+        path = Path(log.active.path)
+        log.close()
+        return path, ids
+
+    return asyncio.run(main())
+
+
+def test_a_torn_record_in_a_recycled_segment_is_cut_and_its_old_bytes_stay(tmp_path, logs):
+    """A torn last record (its CRC does not match) of a recycled segment: reported and
+    cut, the file's previous use's bytes after it left alone (they can never pass as
+    records), and appending resumes where the torn record was."""
+    path, ids = recycled_pristine(tmp_path, logs)
+    hdr, records = parse_segment(path)
+    off, length, _t, raw = records[-1]
+    patch(path, off + 4, bytes(b ^ 0xFF for b in raw[4:8]))
+    log = logs(tmp_path, cfg(segment_size=256 << 10))
+    report = log.open()
+    assert not report.corrupt
+    assert report.torn_tails == [(hdr["id"], off, off + 12)]
+    assert [m.msg_id for m in log.pending("bob")] == ids[:-1]
+    assert any(path.read_bytes()[off + 12:]), "the old bytes were zeroed"
+    nid = Ids(now_ms() + 1)
+    new = nid()
+    log.append("bob", new, new >> 22, "s", "d", b"after recovery")
+    assert parse_segment(path)[1][len(records) - 1][0] == off
+    log.close()
+    again = logs(tmp_path, cfg(segment_size=256 << 10))
+    report = again.open()
+    assert not report.torn_tails and not report.corrupt
+    assert [m.msg_id for m in again.pending("bob")] == ids[:-1] + [new]
+
+
+def test_a_bit_flip_in_a_recycled_segment_loses_only_that_record(tmp_path, logs):
+    """Bit rot inside a recycled segment is told from its previous use's bytes: the
+    damaged record is reported, the records after it are still served."""
+    path, ids = recycled_pristine(tmp_path, logs)
+    hdr, records = parse_segment(path)
+    bob = [(off, raw) for off, _len, rtype, raw in records if rtype == REC_MESSAGE and b"\x03bob" in raw]
+    off, raw = bob[len(bob) // 2]
+    victim = message_fields(raw)[0]
+    patch(path, off + len(raw) - 1, bytes([raw[-1] ^ 0x10]))       # a payload byte
+    log = logs(tmp_path, cfg(segment_size=256 << 10))
+    report = log.open()
+    assert [sid for sid, _regions in report.corrupt] == [hdr["id"]]
+    assert [m.msg_id for m in log.pending("bob")] == [i for i in ids if i != victim]
+
+
+def test_recycling_off_deletes_consumed_segments(tmp_path, logs):
+    nid = Ids()
+
+    async def main():
+        log = logs(tmp_path, cfg(segment_size=256 << 10, recycle=False))
+        log.open()
+        log.start(asyncio.get_running_loop())
+        first = Path(log.active.path)
+        for i in bounded(2000, "the first segment deleted"):
+            if not first.exists():
+                break
+            if log.active.free < 2512:
+                await until(lambda: roll_ready(log), what="spare segments")
+            mid = nid()
+            log.append("busy", mid, mid >> 22, "s", "d", b"x" * 2000)
+            log.consume("busy", [mid])
+            if i % 20 == 0:
+                log.maintain()
+            await asyncio.sleep(0)
+        await until(lambda: log._preparing == 0, what="spares made")
+        assert log.recycled == 0 and not any(s.tag for s in log.segments + list(log._spares))
+        assert not list(tmp_path.glob(".*.tmp")), "a consumed segment's file was kept"
+        log.close()
+
+    asyncio.run(main())
+    assert all(parse_segment(p)[0]["version"] == 2 for p in seg_files(tmp_path))
 
 
 # -- bit flips --------------------------------------------------------------------------------

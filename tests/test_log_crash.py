@@ -27,10 +27,11 @@ class Child(ChildProcess):
                          stderr_path, ROOT)
 
 
-def recover(directory: Path, durability: str):
+def recover(directory: Path, durability: str, mode: str = "small"):
     """Reopen the log in-process and check what a crash may leave: returns
-    (report, {msg_id: message fields}, last_id(), number of torn tails checked)."""
-    log = AppendLog(directory, config(durability))
+    (report, {msg_id: message fields}, last_id(), number of torn tails checked,
+    number of recycled segments)."""
+    log = AppendLog(directory, config(durability, mode))
     try:
         report = log.open()
         pending = {}
@@ -52,21 +53,28 @@ def recover(directory: Path, durability: str):
         last = max(segs)
         for sid, regions in report.corrupt:
             assert sid != last and len(regions) == 1, f"corruption from a kill: {report.corrupt}"
-            assert segs[sid].first_nonzero(regions[0][1]) == -1, f"data after a bad region: {report.corrupt}"
-        # Elsewhere the unwritten part of every segment is zero after recovery.
+            assert nothing_past(segs[sid], regions[0][1]), f"data after a bad region: {report.corrupt}"
+        # Elsewhere nothing is past the end of every segment's records after recovery.
         corrupt_ids = {sid for sid, _regions in report.corrupt}
         tails_checked = 0
         for seg in log.segments:
             if seg.segment_id not in corrupt_ids:
-                assert seg.first_nonzero(seg.end) == -1, f"bytes after the end of {seg!r}"
+                assert nothing_past(seg, seg.end), f"bytes after the end of {seg!r}"
         for sid, start, stop in report.torn_tails:
             with open(directory / f"{sid:020d}.seg", "rb") as f:
                 f.seek(start)
                 assert f.read(stop - start) == bytes(stop - start), f"torn tail {sid} {start}-{stop} not zeroed"
             tails_checked += 1
-        return report, pending, log.last_id(), tails_checked
+        return report, pending, log.last_id(), tails_checked, sum(1 for seg in log.segments if seg.tag)
     finally:
         log.close()
+
+
+def nothing_past(seg, offset: int) -> bool:
+    """Nothing of the log's after `offset`: zeros in a fresh segment; in a recycled one
+    (docs/storage.md, Recycling) its previous use's bytes may follow, but no record of
+    this use, nor a kill's remnants that could ever pass as one."""
+    return seg.next_valid(offset) == -1 if seg.tag else seg.first_nonzero(offset) == -1
 
 
 def check_messages(pending: dict, mode: str) -> None:
@@ -84,6 +92,7 @@ def test_kill9_loses_no_acked_message_and_no_recorded_consume(tmp_path, durabili
     consumed = set()           # reported CONSUMED: must never come back
     tries = 0
     kills = 0
+    recycled_seen = 0          # recoveries of a segment made from a consumed one's file
     for cycle in range(15):
         child = Child(directory, durability, "small", rng.randrange(1 << 30), 2000,
                       tmp_path / f"child{cycle}.err")
@@ -97,7 +106,7 @@ def test_kill9_loses_no_acked_message_and_no_recorded_consume(tmp_path, durabili
             ready = child.readline()
             assert ready.startswith("READY ")
             recovered_last = int(ready.split()[1])
-            kill_after = rng.randrange(1, 250)
+            kill_after = rng.randrange(1, 1200)         # long enough for segments to be recycled
             while len(acked) < kill_after:
                 take(child.readline())
             status, rest = child.kill9()
@@ -115,7 +124,8 @@ def test_kill9_loses_no_acked_message_and_no_recorded_consume(tmp_path, durabili
         expected |= set(acked)
         expected -= tried                               # tried but not confirmed: either way is fine
 
-        report, pending, last_id, _ = recover(directory, durability)
+        report, pending, last_id, _, recycled = recover(directory, durability, "small")
+        recycled_seen += recycled
         assert not report.bad_headers
         check_messages(pending, "small")
         missing = expected - pending.keys()
@@ -129,7 +139,7 @@ def test_kill9_loses_no_acked_message_and_no_recorded_consume(tmp_path, durabili
         assert last_id >= acked[-1]
         expected = set(pending)                         # the new baseline, uncertain ones resolved
         consumed |= tried - pending.keys()
-    assert kills == 15 and tries > 0 and consumed
+    assert kills == 15 and tries > 0 and consumed and recycled_seen
 
 
 @pytest.mark.parametrize("durability", ["never", "always"])
@@ -158,7 +168,7 @@ def test_kill9_mid_large_records(tmp_path, durability):
         finally:
             child.cleanup()
         expected |= set(acked)
-        report, pending, last_id, tails = recover(directory, durability)
+        report, pending, last_id, tails, _ = recover(directory, durability, "large")
         torn += tails
         corrupt += len(report.corrupt)
         assert not report.bad_headers
