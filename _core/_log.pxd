@@ -74,6 +74,7 @@ cdef class Segment:
 
     cdef uint32_t record_crc(self, Py_ssize_t off, Py_ssize_t length) noexcept nogil
     cdef bint record_valid(self, Py_ssize_t off) noexcept nogil
+    cdef bint ours_but_tag(self, Py_ssize_t off) noexcept nogil
     cdef int seal_record(self, Py_ssize_t off, Py_ssize_t length) except -1
 
 

@@ -394,7 +394,7 @@ cdef class Segment:
     def map(path, int fd, uint64_t segment_id, uint64_t nonce, Py_ssize_t size, uint16_t tag=0):
         """Map an existing, fully reserved segment file (never a sparse one). `tag`:
         what its records carry in their reserved u16, nonzero for a recycled file (its
-        bytes past the records are its previous use's: `stale_at`)."""
+        bytes past the records are its previous use's)."""
         cdef Segment seg = Segment()
         cdef void *p
         with nogil:
@@ -521,11 +521,26 @@ cdef class Segment:
     def valid_at(self, Py_ssize_t off):
         return self.record_valid(off)
 
-    def stale_at(self, Py_ssize_t off):
-        """Whether `off` holds no record of this use of a recycled file: what is
-        there (a record of its previous use, or nothing begun yet) is not tagged with
-        this use's tag. Never true of a fresh (zero-filled) segment."""
-        return self.tag != 0 and off + RECORD_HEADER_SIZE <= self.size and sb_load16(self.base + off + 10) != self.tag
+    cdef bint ours_but_tag(self, Py_ssize_t off) noexcept nogil:
+        """Whether the record at `off` would be valid with this use's tag in place of
+        the one it has: a record of this use whose tag bytes rotted, not the start
+        of the previous use's bytes (one CRC, at the one place recovery stops)."""
+        cdef const unsigned char *r = self.base + off
+        cdef uint32_t length = sb_load32(r)
+        cdef unsigned char place[24]
+        cdef unsigned char tag[2]
+        cdef uint32_t state = 0xFFFFFFFF
+        if length < RECORD_HEADER_SIZE or off + <Py_ssize_t>length > self.size:
+            return False
+        sb_store64(place, self.nonce)
+        sb_store64(place + 8, self.segment_id)
+        sb_store64(place + 16, <uint64_t>off)
+        sb_store16(tag, self.tag)
+        state = sb_crc32c_update(state, place, 24)
+        state = sb_crc32c_update(state, r + 8, 2)
+        state = sb_crc32c_update(state, tag, 2)
+        state = sb_crc32c_update(state, r + 12, length - 12)
+        return sb_load32(r + 4) == ~state
 
     def next_valid(self, Py_ssize_t start):
         """The first offset at or after `start` holding a valid record, or -1."""
@@ -1262,7 +1277,7 @@ cdef class LogCore:
                         self._forget_if_empty(recipient, inbox)
                 pos += _align(length)
                 continue
-            if seg.tag != 0 and sb_load16(r + 10) != seg.tag:
+            if seg.tag != 0 and sb_load16(r + 10) != seg.tag and not seg.ours_but_tag(pos):
                 break              # a recycled file: its previous use's bytes begin here, the end of ours
             if length == 0:
                 nz = seg.first_nonzero(pos)

@@ -617,7 +617,10 @@ class AppendLog(_Committed, _DeviceRegistry, LogCore):
         except OSError as exc:                    # install_file closed and removed it
             _log.warning("event=segment_recycle_failed error=%s action=new_segment", q(repr(exc)))
             return None
-        os.posix_fadvise(r.fd, 0, r.size, os.POSIX_FADV_WILLNEED)   # its pages, if evicted, not read on the loop
+        try:                                      # its pages, if evicted, read now rather than on the loop
+            os.posix_fadvise(r.fd, 0, r.size, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass                                  # a hint only
         self.recycled += 1
         return Segment.map(str(final), r.fd, segment_id, nonce, r.size, record_tag(nonce))
 

@@ -716,15 +716,18 @@ def test_a_torn_record_in_a_recycled_segment_is_cut_and_its_old_bytes_stay(tmp_p
     assert [m.msg_id for m in again.pending("bob")] == ids[:-1] + [new]
 
 
-def test_a_bit_flip_in_a_recycled_segment_loses_only_that_record(tmp_path, logs):
-    """Bit rot inside a recycled segment is told from its previous use's bytes: the
-    damaged record is reported, the records after it are still served."""
+@pytest.mark.parametrize("where", ["payload", "tag"])
+def test_a_bit_flip_in_a_recycled_segment_loses_only_that_record(tmp_path, logs, where):
+    """Bit rot inside a recycled segment is told from its previous use's bytes, also
+    when it hits a record's tag (which is where recovery looks for the end of this
+    use's records): the damaged record is reported, the records after it are still served."""
     path, ids = recycled_pristine(tmp_path, logs)
     hdr, records = parse_segment(path)
     bob = [(off, raw) for off, _len, rtype, raw in records if rtype == REC_MESSAGE and b"\x03bob" in raw]
     off, raw = bob[len(bob) // 2]
     victim = message_fields(raw)[0]
-    patch(path, off + len(raw) - 1, bytes([raw[-1] ^ 0x10]))       # a payload byte
+    at = off + len(raw) - 1 if where == "payload" else off + 11
+    patch(path, at, bytes([raw[at - off] ^ 0x10]))
     log = logs(tmp_path, cfg(segment_size=256 << 10))
     report = log.open()
     assert [sid for sid, _regions in report.corrupt] == [hdr["id"]]
