@@ -8,6 +8,7 @@ import time
 
 from _core import frames as F
 from _core.codec import encode
+from _core.log import HEADER
 from _core.protocol import ErrorCode
 from rawclient import Raw
 from router.sharding import shard_of
@@ -165,9 +166,17 @@ def test_s6_retries_after_a_kill_9_get_their_original_acks(gateway_factory, tmp_
         assert [m.text for m in got] == [str(s) for s in range(1, n + 1) if s % 8 == recipients.index(user)]
 
 
+def _recycled_segments(shard_dir) -> list:
+    """The shard's segment files made from a consumed segment's file (header version 3)."""
+    return [p for p in shard_dir.glob("*.seg") if HEADER.unpack_from(p.read_bytes()[:HEADER.size])[5] == 3]
+
+
 def test_s6_a_retry_after_its_segment_was_deleted_is_not_stored_again(gateway_factory, tmp_path):
     """Defect 2: the recipient consumed the message and its log segment was deleted;
-    after a restart, a late retry of it is still recognised."""
+    after a restart, a late retry of it is still recognised. The deleted segment's
+    file is recycled (docs/storage.md, Recycling) and holds later messages when the
+    worker is killed: they come back exactly once, in order, and their retries too
+    are recognised."""
     data = tmp_path / "d"
     gw = gateway_factory("--workers", "1", "--segment-size", "1M", data_dir=data)
     big = os.urandom(60_000)
@@ -186,6 +195,18 @@ def test_s6_a_retry_after_its_segment_was_deleted_is_not_stored_again(gateway_fa
     while first_segment.exists():                  # maintenance deletes consumed segments about once a second
         assert time.monotonic() < deadline, "the consumed segment was never deleted"
         time.sleep(0.1)
+    with Raw(gw, timeout=20) as r:                 # later messages roll into the recycled file
+        r.hello(gw.token("seg-a"), device="phone", producer=w.producer, send_only=True)
+        seq, after = 42, 0
+        while after < 40:                          # 40 more (2.4 MB) once it exists: past the spares before it
+            assert seq < 300, "no segment was made from the consumed one's file"
+            r.send(b"".join(encode(F.Send(s, "seg-b", s.to_bytes(4, "big") + big)) for s in range(seq, seq + 10)))
+            _acks(r, 10)
+            seq += 10
+            after += 10 if after or _recycled_segments(shard_dir) else 0
+        r.send(encode(F.Send(seq, "seg-b", b"last before the kill")))
+        last = r.frame()
+        assert isinstance(last, F.Ack)
     gw.proc.send_signal(signal.SIGKILL)
     gw.proc.wait(10)
     gw2 = gateway_factory("--workers", "1", "--segment-size", "1M", data_dir=data)
@@ -194,9 +215,14 @@ def test_s6_a_retry_after_its_segment_was_deleted_is_not_stored_again(gateway_fa
         r.send(encode(F.Send(1, "seg-b", b"the original")))
         again = r.frame()
         assert isinstance(again, F.Ack) and again == first
-        r.send(encode(F.Send(42, "seg-b", b"marker")))
+        r.send(encode(F.Send(seq, "seg-b", b"last before the kill")))     # its retry: the same answer
+        assert r.frame() == last
+        r.send(encode(F.Send(seq + 1, "seg-b", b"marker")))
         assert isinstance(r.frame(), F.Ack)
-    assert [m.text for m in asyncio.run(_drain(gw2, "seg-b", 1))] == ["marker"]
+    got = asyncio.run(_drain(gw2, "seg-b", seq - 42 + 2, timeout=20))
+    assert [m.text for m in got[-2:]] == ["last before the kill", "marker"] and len(got) == seq - 42 + 2
+    assert [int.from_bytes(m.payload[:4], "big") for m in got[:-2]] == list(range(42, seq))   # once each, in order
+    assert all(m.payload[4:] == big for m in got[:-2])
 
 
 def test_s6_pipelined_sends_stay_in_order_across_kills_of_the_recipients_worker(gateway_factory):
